@@ -1,0 +1,594 @@
+"""Top-level composition: one card's PCIe link, host side and card side.
+
+Owns the handshake and the lifetime of everything one link holds (regions,
+MMIO, eventfds, address spaces, DMA engine, message link, the listening
+socket). Built from the other transport modules; imports nothing above
+``transport``.
+
+Handshake (version 1), on the per-card Unix socket (created 0600)::
+
+    card -> host  {"type": "hello", "protocol": "mic-vop-pcie", "version": 1, "card": name|null}
+    host -> card  {"type": "offer", ..., "fds": [...names]}  + SCM_RIGHTS fds:
+                  card_ram, host_ram, mmio memfds, then the card vectors' eventfds,
+                  then the host vectors' eventfds
+    card -> host  {"type": "ready", "version": 1}
+    either side   {"type": "refuse", "reason": ..., "message": ..., "versions": [1]}
+
+Anything else (garbage, another protocol or version, missing or extra fds, a
+region that is not a sealed memfd of the announced size) is refused with a
+``refuse`` frame when possible and :class:`~transport.errors.HandshakeError`
+locally. The host keeps listening after refusing a bad peer (``refused``
+lists why); the card gives up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import stat
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+from transport.dma import DmaEngine, DmaPolicy
+from transport.errors import HandshakeError, LinkLost, RegionError
+from transport.link import DEFAULT_MAX_MESSAGE, FramedSocket, MessageLink
+from transport.mmio import Mmio, MmioLayout
+from transport.notify import NotifyPolicy
+from transport.region import PAGE_SIZE, Region
+from transport.space import CardAddressSpace, HostAddressSpace, SmptTable
+from virtio.errors import (
+    ClosedResourceError,
+    LocalProtocolError,
+    MicTimeoutError,
+    RemoteProtocolError,
+)
+
+__all__ = [
+    "PROTOCOL",
+    "PROTOCOL_VERSION",
+    "CardIdentity",
+    "PcieCard",
+    "PcieConfig",
+    "PcieHost",
+]
+
+log = logging.getLogger(__name__)
+
+#: what ``PcieHost.refused`` records for each refused peer
+RefusalError = RemoteProtocolError | LinkLost | MicTimeoutError
+
+PROTOCOL = "mic-vop-pcie"
+PROTOCOL_VERSION = 1
+_MAX_MESSAGE_CAP = 16 << 20
+_REGIONS = ("card_ram", "host_ram", "mmio")
+
+
+@dataclass(frozen=True, slots=True)
+class CardIdentity:
+    """Who the card is (sent to the card in the handshake)."""
+
+    name: str = "mic0"
+    node_id: int = 1
+    family: str = "x100"
+    stepping: str = "C0"
+
+
+@dataclass(frozen=True, slots=True)
+class PcieConfig:
+    """Sizes and limits of one card's link (chosen by the host, sent to the card)."""
+
+    card_ram_size: int = 64 << 20
+    host_ram_size: int = 64 << 20
+    layout: MmioLayout = field(default_factory=MmioLayout)
+    max_message: int = DEFAULT_MAX_MESSAGE
+    handshake_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("card_ram_size", "host_ram_size"):
+            v = getattr(self, name)
+            if v <= 0 or v % PAGE_SIZE:
+                raise ValueError(f"{name} = {v}: must be a positive multiple of 4 KiB")
+        if not 64 <= self.max_message <= _MAX_MESSAGE_CAP:
+            raise ValueError(f"max_message = {self.max_message}: must be in 64..{_MAX_MESSAGE_CAP}")
+
+
+def _json_dict(obj: Mapping[str, Any], what: str) -> dict[str, Any]:
+    try:
+        out = json.loads(json.dumps(dict(obj), allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise LocalProtocolError(f"{what} must be a JSON-able dict: {e}") from e
+    assert isinstance(out, dict)
+    return out
+
+
+def _refusal(reason: str, message: str) -> dict[str, Any]:
+    return {
+        "type": "refuse",
+        "reason": reason,
+        "message": message,
+        "versions": [PROTOCOL_VERSION],
+    }
+
+
+async def _refuse(fs: FramedSocket, reason: str, message: str) -> HandshakeError:
+    """Tell the peer why (best effort) and return the local error to raise."""
+    with contextlib.suppress(LinkLost, ClosedResourceError, OSError):
+        await fs.send_frame(_refusal(reason, message))
+    return HandshakeError(message, reason=reason)
+
+
+def _is_eventfd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return False
+
+
+def _int(d: Mapping[str, Any], key: str, lo: int = 0, hi: int = 1 << 62) -> int:
+    v = d.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise HandshakeError(f"offer field {key!r} = {v!r} is not an integer in {lo}..{hi}",
+                             reason="malformed")  # fmt: skip
+    return v
+
+
+def _dict(d: Mapping[str, Any], key: str) -> dict[str, Any]:
+    v = d.get(key)
+    if not isinstance(v, dict):
+        raise HandshakeError(f"offer field {key!r} is not an object", reason="malformed")
+    return v
+
+
+# --------------------------------------------------------------------------- host
+
+
+class PcieHost:
+    """Host side of one card's PCIe link; an async context manager.
+
+    On entry it creates the card's regions (card RAM, host RAM, MMIO + eventfds),
+    the SMPT, the aperture address space and the DMA engine, and listens on
+    ``path`` (mode 0600). All of them are usable before the card connects
+    (write the device page, open windows, set SPAD14/15, DMA into card RAM).
+    :meth:`accept` then waits for a card to complete the handshake and returns
+    the :class:`MessageLink`. One ``PcieHost`` serves one boot: to boot the card
+    again, close it and create a new one (fresh regions, as after a reset).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        card: CardIdentity | None = None,
+        config: PcieConfig | None = None,
+        boot_params: Mapping[str, Any] | None = None,
+        notify: NotifyPolicy | None = None,
+        dma: DmaPolicy | None = None,
+        enforce_windows: bool = True,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.identity = card or CardIdentity()
+        self.config = config or PcieConfig()
+        self.boot_params = _json_dict(boot_params or {}, "boot_params")
+        self._notify = notify
+        self._dma_policy = dma
+        self._enforce = enforce_windows
+        self.refused: list[RefusalError] = []
+        self._stack = contextlib.AsyncExitStack()
+        self._sock: socket.socket | None = None
+        self._sock_ino: int | None = None
+        self._link: MessageLink | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._entered = False
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------------
+    async def __aenter__(self) -> Self:
+        if self._entered:
+            raise LocalProtocolError("PcieHost can be entered once")
+        self._entered = True
+        try:
+            await self._setup()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def _setup(self) -> None:
+        cfg = self.config
+        st = self._stack
+        self.card_ram = st.enter_context(Region.create("card_ram", cfg.card_ram_size))
+        self.host_ram = st.enter_context(Region.create("host_ram", cfg.host_ram_size))
+        self.mmio = Mmio.create(cfg.layout, self._notify)
+        st.callback(self.mmio.close)
+        self.smpt = SmptTable(self.mmio.words, cfg.host_ram_size)
+        self.aperture = HostAddressSpace(
+            self.card_ram, self.host_ram, self.smpt, enforce_windows=self._enforce
+        )
+        st.callback(self.aperture.release)
+        self.dma = await st.enter_async_context(DmaEngine(self.aperture, self._dma_policy))
+        self._tg = asyncio.TaskGroup()
+        await self._tg.__aenter__()
+        self._listen()
+
+    def _listen(self) -> None:
+        p = self.path
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise LocalProtocolError(f"{p} exists and is not a socket")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(p)
+            except OSError:
+                os.unlink(p)  # stale socket of a dead host
+            else:
+                raise LocalProtocolError(f"{p}: another host is listening there")
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(p)
+            os.chmod(p, 0o600)  # before listen(): nobody can connect in between
+            self._sock_ino = os.lstat(p).st_ino
+            sock.listen(4)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+
+    async def __aexit__(
+        self,
+        et: type[BaseException] | None,
+        e: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the link, stop the DMA engine, unlink the socket, free everything (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._link is not None:
+            self._link.close()
+        if self._reader is not None:
+            self._reader.cancel()
+        if self._tg is not None:
+            tg, self._tg = self._tg, None
+            await tg.__aexit__(None, None, None)
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            with contextlib.suppress(OSError):
+                if os.lstat(self.path).st_ino == self._sock_ino:
+                    os.unlink(self.path)
+        await self._stack.aclose()
+
+    # -- the card --------------------------------------------------------------
+    @property
+    def link(self) -> MessageLink:
+        """The message link to the card (after :meth:`accept`).
+
+        Raises:
+            LocalProtocolError: no card has connected yet.
+        """
+        if self._link is None:
+            raise LocalProtocolError("no card connected yet (await accept() first)")
+        return self._link
+
+    @property
+    def card_pid(self) -> int | None:
+        return self._link.peer_pid if self._link is not None else None
+
+    async def accept(self) -> MessageLink:
+        """Wait for a card to connect and complete the handshake; returns the link.
+
+        A peer that fails the handshake is refused, recorded in ``refused``, and
+        the host keeps waiting. Use ``asyncio.timeout`` to bound the wait.
+
+        Raises:
+            LocalProtocolError: a card is already connected.
+            ClosedResourceError: the host is closed.
+        """
+        if self._link is not None:
+            raise LocalProtocolError("a card is already connected to this PcieHost")
+        if self._sock is None or self._tg is None:
+            raise ClosedResourceError("PcieHost is not open")
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(self._sock)
+            fs = FramedSocket(conn, self.config.max_message)
+            try:
+                async with asyncio.timeout(self.config.handshake_timeout):
+                    await self._handshake(fs)
+            except TimeoutError:
+                fs.close()
+                err: RefusalError = MicTimeoutError("card handshake timed out")
+                self.refused.append(err)
+                log.warning("card %s: refused a peer: %s", self.identity.name, err)
+                continue
+            except (RemoteProtocolError, LinkLost) as e:
+                fs.close()
+                self.refused.append(e)
+                log.warning("card %s: refused a peer: %s", self.identity.name, e)
+                continue
+            except BaseException:
+                fs.close()
+                raise
+            link = MessageLink(fs)
+            self._link = link
+            link.add_lost_callback(self.mmio.fail)
+            self._reader = self._tg.create_task(link.run(), name=f"{self.identity.name}-link")
+            log.info("card %s connected (pid %s)", self.identity.name, link.peer_pid)
+            return link
+
+    def _offer(self) -> dict[str, Any]:
+        cfg = self.config
+        lay = cfg.layout
+        return {
+            "type": "offer",
+            "protocol": PROTOCOL,
+            "version": PROTOCOL_VERSION,
+            "card": asdict(self.identity),
+            "regions": {
+                "card_ram": cfg.card_ram_size,
+                "host_ram": cfg.host_ram_size,
+                "mmio": lay.size,
+            },
+            "layout": asdict(lay),
+            "max_message": cfg.max_message,
+            "boot": self.boot_params,
+            "fds": [*_REGIONS]
+            + [f"card_vec{i}" for i in range(lay.card_vectors)]
+            + [f"host_vec{i}" for i in range(lay.host_vectors)],
+        }
+
+    async def _handshake(self, fs: FramedSocket) -> None:
+        hello, fds = await fs.recv_frame()
+        if fds:
+            for fd in fds:
+                os.close(fd)
+            raise await _refuse(fs, "fds", "hello must not carry fds")
+        if hello.get("type") != "hello" or hello.get("protocol") != PROTOCOL:
+            raise await _refuse(fs, "protocol", f"not a {PROTOCOL} hello: {str(hello)[:200]}")
+        version = hello.get("version")
+        if version != PROTOCOL_VERSION or isinstance(version, bool):
+            raise await _refuse(
+                fs, "version", f"version {version!r} not supported (host speaks {PROTOCOL_VERSION})"
+            )
+        want = hello.get("card")
+        if want is not None and want != self.identity.name:
+            raise await _refuse(
+                fs, "identity", f"this socket serves {self.identity.name!r}, not {want!r}"
+            )
+        fds_out = [self.card_ram.fd, self.host_ram.fd, self.mmio.region.fd, *self.mmio.eventfds]
+        await fs.send_frame(self._offer(), fds_out)
+        reply, fds = await fs.recv_frame()
+        if fds:
+            for fd in fds:
+                os.close(fd)
+            raise await _refuse(fs, "fds", "ready must not carry fds")
+        if reply.get("type") == "refuse":
+            raise HandshakeError(
+                f"card refused the offer: {reply.get('reason')}: {reply.get('message')}",
+                reason=str(reply.get("reason", "refused")),
+            )
+        if reply.get("type") != "ready" or reply.get("version") != PROTOCOL_VERSION:
+            raise await _refuse(fs, "protocol", f"expected ready, got {str(reply)[:200]}")
+
+
+# --------------------------------------------------------------------------- card
+
+
+class PcieCard:
+    """Card side of the link; an async context manager.
+
+    ``async with PcieCard.connect(path) as card:`` connects, runs the handshake
+    and maps everything. Then: ``card.card_ram`` (Region), ``card.space``
+    (card-physical address space with the SMPT windows), ``card.mmio``,
+    ``card.dma``, ``card.link``, ``card.boot_params``, ``card.identity``.
+
+    Raises on entry:
+        LinkLost: the host socket is not there / refused the connection / vanished.
+        HandshakeError: the host refused us, or its offer was malformed or incomplete.
+        MicTimeoutError: no offer within ``timeout`` seconds.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        expect_card: str | None = None,
+        notify: NotifyPolicy | None = None,
+        dma: DmaPolicy | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self.path = os.fspath(path)
+        self._expect = expect_card
+        self._notify = notify
+        self._dma_policy = dma
+        self._timeout = timeout
+        self._stack = contextlib.AsyncExitStack()
+        self._tg: asyncio.TaskGroup | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._link: MessageLink | None = None
+        self._entered = False
+        self._closed = False
+
+    @classmethod
+    def connect(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        expect_card: str | None = None,
+        notify: NotifyPolicy | None = None,
+        dma: DmaPolicy | None = None,
+        timeout: float = 10.0,
+    ) -> PcieCard:
+        """``async with PcieCard.connect(path) as card`` (same as the constructor)."""
+        return cls(path, expect_card=expect_card, notify=notify, dma=dma, timeout=timeout)
+
+    async def __aenter__(self) -> Self:
+        if self._entered:
+            raise LocalProtocolError("PcieCard can be entered once")
+        self._entered = True
+        try:
+            await self._setup()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        et: type[BaseException] | None,
+        e: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def _setup(self) -> None:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, self.path)
+        except OSError as e:
+            sock.close()
+            raise LinkLost(f"cannot reach the host at {self.path}: {e}") from e
+        fs = FramedSocket(sock, DEFAULT_MAX_MESSAGE)
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._handshake(fs)
+        except TimeoutError as e:
+            fs.close()
+            raise MicTimeoutError(f"no handshake from the host within {self._timeout} s") from e
+        except BaseException:
+            fs.close()
+            raise
+        fs.max_message = self.max_message
+        self.dma = await self._stack.enter_async_context(DmaEngine(self.space, self._dma_policy))
+        self._link = MessageLink(fs)
+        self._tg = asyncio.TaskGroup()
+        await self._tg.__aenter__()
+        self._link.add_lost_callback(self.mmio.fail)
+        self._reader = self._tg.create_task(self._link.run(), name="card-link")
+
+    async def _handshake(self, fs: FramedSocket) -> None:
+        await fs.send_frame(
+            {
+                "type": "hello",
+                "protocol": PROTOCOL,
+                "version": PROTOCOL_VERSION,
+                "card": self._expect,
+            }
+        )
+        offer, fds = await fs.recv_frame()
+        try:
+            if offer.get("type") == "refuse":
+                raise HandshakeError(
+                    f"host refused: {offer.get('reason')}: {offer.get('message')}",
+                    reason=str(offer.get("reason", "refused")),
+                )
+            self._parse_offer(offer, fds)  # consumes fds
+            fds = []
+        except HandshakeError as e:
+            for fd in fds:
+                os.close(fd)
+            if e.reason != "refused" and offer.get("type") != "refuse":
+                with contextlib.suppress(LinkLost, ClosedResourceError, OSError):
+                    await fs.send_frame(_refusal(e.reason, str(e)))
+            raise
+        await fs.send_frame({"type": "ready", "version": PROTOCOL_VERSION})
+
+    def _parse_offer(self, offer: dict[str, Any], fds: list[int]) -> None:
+        if offer.get("type") != "offer" or offer.get("protocol") != PROTOCOL:
+            raise HandshakeError(f"not a {PROTOCOL} offer: {str(offer)[:200]}", reason="protocol")
+        if offer.get("version") != PROTOCOL_VERSION:
+            raise HandshakeError(f"offer version {offer.get('version')!r} not supported",
+                                 reason="version")  # fmt: skip
+        card = _dict(offer, "card")
+        regions = _dict(offer, "regions")
+        lay = _dict(offer, "layout")
+        boot = _dict(offer, "boot")
+        try:
+            layout = MmioLayout(**{k: _int(lay, k, 1, 64) for k in MmioLayout.__dataclass_fields__})
+            ident = CardIdentity(
+                name=str(card["name"]),
+                node_id=_int(card, "node_id", 0, 1 << 16),
+                family=str(card["family"]),
+                stepping=str(card["stepping"]),
+            )
+        except (KeyError, ValueError, TypeError) as e:
+            raise HandshakeError(f"malformed offer: {e!r}", reason="malformed") from e
+        sizes = {name: _int(regions, name, PAGE_SIZE, 1 << 40) for name in _REGIONS}
+        max_message = _int(offer, "max_message", 64, _MAX_MESSAGE_CAP)
+        want = len(_REGIONS) + layout.card_vectors + layout.host_vectors
+        if len(fds) != want:
+            raise HandshakeError(f"offer carried {len(fds)} fds, expected {want}", reason="fds")
+        if self._expect is not None and ident.name != self._expect:
+            raise HandshakeError(f"host offers card {ident.name!r}, expected {self._expect!r}",
+                                 reason="identity")  # fmt: skip
+        vec_fds = fds[len(_REGIONS) :]
+        bad = [fd for fd in vec_fds if not _is_eventfd(fd)]
+        if bad:
+            raise HandshakeError(f"{len(bad)} vector fds are not eventfds", reason="fds")
+        # from here on, ownership moves fd by fd into objects the exit stack closes
+        st = self._stack
+        regs: list[Region] = []
+        for i, name in enumerate(_REGIONS):
+            try:
+                region = Region.adopt(name, fds[i], sizes[name])
+            except RegionError as e:
+                for fd in fds[i + 1 :]:
+                    os.close(fd)
+                raise HandshakeError(f"bad region: {e}", reason="region") from e
+            regs.append(region)
+            if name != "mmio":
+                st.callback(region.close)
+        card_ram, host_ram, mmio_region = regs
+        h2c = tuple(vec_fds[: layout.card_vectors])
+        c2h = tuple(vec_fds[layout.card_vectors :])
+        self.mmio = Mmio.adopt(mmio_region, layout, h2c, c2h, self._notify)  # owns them now
+        st.callback(self.mmio.close)
+        self.card_ram = card_ram
+        self._host_ram = host_ram
+        self.space = CardAddressSpace(card_ram, host_ram, self.mmio.words)
+        st.callback(self.space.release)
+        self.identity = ident
+        self.boot_params = boot
+        self.layout = layout
+        self.max_message = max_message
+        self.region_sizes = sizes
+
+    async def aclose(self) -> None:
+        """Close the link, stop DMA, unmap everything (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._link is not None:
+            self._link.close()
+        if self._reader is not None:
+            self._reader.cancel()
+        if self._tg is not None:
+            tg, self._tg = self._tg, None
+            await tg.__aexit__(None, None, None)
+        await self._stack.aclose()
+
+    @property
+    def link(self) -> MessageLink:
+        """The message link to the host."""
+        if self._link is None:
+            raise ClosedResourceError("card is not connected")
+        return self._link
