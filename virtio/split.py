@@ -240,6 +240,8 @@ class QueueState:
     ready: bool
     inflight: tuple[int, ...]
     notify_enabled: bool = True
+    #: used.idx as last published; None means "equal to next_used".
+    published_used: int | None = None
 
 
 def _views(
@@ -345,6 +347,9 @@ class DeviceQueue:
         """Forget every index and in-flight head and clear the broken latch (§2.6)."""
         self._next_avail = self._next_used = self._published_used = 0
         self._inflight = bytearray(self.size)
+        # The used ring is ours: clear flags, idx and avail_event so no stale
+        # NO_NOTIFY or index survives the reset (Linux virtqueue_reset_split).
+        self._used_h[0] = self._used_h[1] = self._used_h[2 + 4 * self.size] = 0
         self.broken = False
         self.ready = False
         self.notify_enabled = True
@@ -360,6 +365,7 @@ class DeviceQueue:
             ready=self.ready,
             inflight=tuple(i for i, f in enumerate(self._inflight) if f),
             notify_enabled=self.notify_enabled,
+            published_used=self._published_used,
         )
 
     @classmethod
@@ -375,10 +381,18 @@ class DeviceQueue:
         )
         q = cls(mem, state.layout, int(features), **kwargs)  # type: ignore[arg-type]
         in_flight = (state.next_avail - state.next_used) & 0xFFFF
-        if len(state.inflight) != in_flight or any(not 0 <= h < q.size for h in state.inflight):
+        if (
+            len(state.inflight) != in_flight
+            or len(set(state.inflight)) != len(state.inflight)
+            or any(not 0 <= h < q.size for h in state.inflight)
+        ):
             raise LocalProtocolError("inconsistent queue state: in-flight heads do not add up")
         q._next_avail = state.next_avail & 0xFFFF
-        q._next_used = q._published_used = state.next_used & 0xFFFF
+        q._next_used = state.next_used & 0xFFFF
+        pub = state.next_used if state.published_used is None else state.published_used
+        if ((state.next_used - pub) & 0xFFFF) > q.size:
+            raise LocalProtocolError("inconsistent queue state: staged completions exceed size")
+        q._published_used = pub & 0xFFFF
         for h in state.inflight:
             q._inflight[h] = 1
         q.ready = state.ready
@@ -455,9 +469,9 @@ class DeviceQueue:
     def pop_many(self, limit: int = VRING_SIZE_MAX) -> list[Chain]:
         """Up to ``limit`` chains: the batch one doorbell brought (same checks as :meth:`pop`).
 
-        Chains validated before a malformed one are still returned by the
-        error: ``RingError.__notes__`` is not used; instead they stay popped
-        and in flight, so the caller can still complete them after a reset.
+        If a chain in the batch is malformed, :class:`RingError` is raised and
+        the chains validated before it are dropped with the broken queue: the
+        device must be reset (which forgets every in-flight head) either way.
         """
         if self.broken or not self.ready:
             self._check_usable()
@@ -730,6 +744,10 @@ class DriverQueue(Generic[T]):
         bad = layout.problem()
         if bad is not None:
             raise LocalProtocolError(bad[1])
+        if indirect_max < 0:
+            raise LocalProtocolError(f"indirect_max {indirect_max} is negative")
+        # §2.7.5.3.1: no indirect table longer than the queue size
+        indirect_max = min(indirect_max, layout.size)
         self.layout = layout
         self.size = n = layout.size
         self.event_idx = bool(features & Feature.EVENT_IDX)
@@ -770,8 +788,7 @@ class DriverQueue(Generic[T]):
     def reset(self) -> None:
         """Return to the just-initialised state (after a device reset)."""
         self._desc[:] = bytes(len(self._desc))
-        self._avail_h[0] = 0
-        self._avail_h[1] = 0
+        self._avail_h[0] = self._avail_h[1] = self._avail_h[2 + self.size] = 0
         self._init_state()
 
     # -- adding ------------------------------------------------------------
@@ -798,6 +815,8 @@ class DriverQueue(Generic[T]):
         nseg = len(readable) + len(writable)
         if nseg == 0:
             raise LocalProtocolError("a chain needs at least one buffer")
+        if nseg > self.size:
+            raise LocalProtocolError(f"chain of {nseg} buffers exceeds the queue size {self.size}")
         rtotal = wtotal = 0
         for _, ln in readable:
             if ln <= 0:
@@ -900,6 +919,16 @@ class DriverQueue(Generic[T]):
         self.broken = True
         raise RingError(fault, message)
 
+    def _unpublished(self, head: int) -> bool:
+        """Is ``head`` added but not yet published (so the device cannot know it)?"""
+        ah, mask = self._avail_h, self._mask
+        i = self._published
+        while i != self._shadow:
+            if ah[2 + (i & mask)] == head:
+                return True
+            i = (i + 1) & 0xFFFF
+        return False
+
     def get_used(self) -> tuple[T, int] | None:
         """The next completed chain as ``(token, length)``, or None.
 
@@ -929,7 +958,7 @@ class DriverQueue(Generic[T]):
         if head >= self.size:
             self._fail(RingFault.USED_ID_OUT_OF_RANGE, f"used id {head} >= size {self.size}")
         token = self._tokens[head]
-        if token is None:
+        if token is None or (self._shadow != self._published and self._unpublished(head)):
             self._fail(RingFault.USED_ID_NOT_HEAD, f"used id {head} is not an outstanding head")
         assert token is not None
         self._tokens[head] = None

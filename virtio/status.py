@@ -125,6 +125,7 @@ class DeviceStatusMachine:
         if nxt is None:
             prev = self.state
             self.device_error(f"illegal status transition {event.value} from {prev.value}")
+            self.state = DevState.NEEDS_RESET  # even from RESET: only a reset clears it
             raise RemoteProtocolError(
                 f"driver moved status {event.value} from {prev.value}", reason="status"
             )
@@ -157,7 +158,9 @@ class DeviceStatusMachine:
             return 0
         if value & _S.FAILED:
             self._apply(StatusEvent.FAIL)
-            self.status = value
+            # the driver can neither set nor clear DEVICE_NEEDS_RESET
+            nr = int(_S.DEVICE_NEEDS_RESET)
+            self.status = (value & ~nr) | (self.status & nr)
             return self.status
         cur = self.status & ~int(_S.DEVICE_NEEDS_RESET)
         value &= ~int(_S.DEVICE_NEEDS_RESET)  # the driver cannot set or clear it
