@@ -1,1 +1,12 @@
-"""mic_host package."""
+"""mic_host: the host side of MIC-VOP (daemon, VOP layer, backends, micctl, client).
+
+The client library is the public face for scripts::
+
+    async with mic_host.launch(state_dir="/tmp/mic") as client:
+        card = client.card("mic0")
+        await card.wait("online")
+"""
+
+from mic_host.client import CardClient, Client, connect, launch
+
+__all__ = ["CardClient", "Client", "connect", "launch"]

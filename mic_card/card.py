@@ -1,0 +1,292 @@
+"""The card OS: boot over the PCIe link, the virtio bus, apps, heartbeats, shutdown.
+
+Owns the life of one ``mic-card`` process after the link is up: it reads the
+device page address from the scratchpads, runs the :class:`VirtioBus`, pumps
+host->card doorbells into it, answers the host's lifecycle messages (the
+COSM-like protocol below) and runs card apps (``async def main(card)``).
+
+Link messages (JSON objects on the transport control link):
+
+| direction | ``type`` | fields | meaning |
+|---|---|---|---|
+| card->host | ``online`` | ``devices`` | boot finished, devices probed |
+| card->host | ``heartbeat`` | ``uptime`` | every ``heartbeat_interval`` s |
+| card->host | ``devices`` | ``id``, ``devices`` | answer to ``devices`` |
+| card->host | ``run_result`` | ``id``, ``ok``, ``result`` or ``error`` | an app finished |
+| card->host | ``shutdown_status`` | ``status`` | halted/poweroff/restart, sent before exiting |
+| card->host | ``crashed`` | ``error`` | the card OS failed (best effort) |
+| host->card | ``shutdown`` | ``status`` (optional) | shut down in order |
+| host->card | ``devices`` | ``id`` | list the bound devices |
+| host->card | ``run`` | ``id``, ``app``, ``args`` | run ``module:function`` |
+
+Must not import ``mic_host``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import importlib
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from mic_card.bus import CardRamAllocator, VirtioBus
+from transport import PcieCard
+from virtio.errors import BrokenResourceError, LocalProtocolError, MicError
+from virtio.memory import Memory
+
+__all__ = ["Card", "CardOS", "DmesgHandler", "load_app"]
+
+log = logging.getLogger("mic_card")
+
+#: Card RAM below this is reserved (a "kernel" page nobody allocates).
+_RESERVED = 0x1000
+
+
+class DmesgHandler(logging.Handler):
+    """Keeps the card's recent log lines (``dmesg``) in a bounded buffer."""
+
+    def __init__(self, capacity: int = 2000) -> None:
+        super().__init__()
+        self.lines: collections.deque[str] = collections.deque(maxlen=capacity)
+        self._t0 = time.monotonic()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"[{record.created - self._t0 + 0.0:12.6f}] {record.getMessage()}")
+
+
+class _Platform:
+    """The bus's :class:`~mic_card.bus.CardPlatform` over a connected :class:`PcieCard`."""
+
+    def __init__(self, pc: PcieCard, dp_address: int) -> None:
+        self._pc = pc
+        self._dp = dp_address
+        self._alloc = CardRamAllocator(_RESERVED, pc.card_ram.size)
+
+    @property
+    def mem(self) -> Memory:
+        return self._pc.space
+
+    @property
+    def dp_address(self) -> int:
+        return self._dp
+
+    def card_ram_alloc(self, size: int, align: int) -> int:
+        return self._alloc.alloc(size, align)
+
+    def card_ram_free(self, addr: int) -> None:
+        self._alloc.free(addr)
+
+    def ring_host(self, db: int) -> None:
+        self._pc.mmio.doorbell(db).ring()
+
+
+class Card:
+    """What a card app sees: ``async def main(card)``.
+
+    ``card.device("vda")`` is the bound driver (a ``BlockDevice``,
+    ``ConsoleDevice``...); ``card.devices()`` lists them; ``card.memory`` is
+    the card-physical address space; ``card.alloc``/``card.free`` hand out card
+    RAM; ``card.log`` logs to the card's dmesg.
+    """
+
+    def __init__(self, os_: CardOS) -> None:
+        self._os = os_
+        self.name = os_.name
+        self.log = log
+
+    @property
+    def boot_params(self) -> dict[str, Any]:
+        return self._os.boot_params
+
+    @property
+    def memory(self) -> Memory:
+        return self._os.pcie.space
+
+    @property
+    def bus(self) -> VirtioBus:
+        return self._os.bus
+
+    def devices(self) -> list[dict[str, Any]]:
+        return self._os.bus.devices()
+
+    def device(self, name: str) -> Any:
+        """The driver bound to ``name`` (``vda``, ``hvc0``...).
+
+        Raises:
+            LocalProtocolError: no such device (or no driver bound to it).
+        """
+        return self._os.bus.driver(name)
+
+    async def wait_device(self, name: str, timeout: float = 10.0) -> Any:
+        async with asyncio.timeout(timeout):
+            await self._os.bus.wait_device(name)
+        return self._os.bus.driver(name)
+
+    def alloc(self, size: int, align: int = 64) -> int:
+        return self._os.platform.card_ram_alloc(size, align)
+
+    def free(self, addr: int) -> None:
+        self._os.platform.card_ram_free(addr)
+
+    def dmesg(self) -> list[str]:
+        return list(self._os.dmesg.lines)
+
+    @property
+    def uptime(self) -> float:
+        return time.monotonic() - self._os.started
+
+
+def load_app(spec: str) -> Callable[..., Awaitable[Any]]:
+    """Resolve ``module:function`` to an ``async def main(card, *args)``.
+
+    Raises:
+        LocalProtocolError: malformed spec, missing module or function, not async.
+    """
+    mod_name, sep, fn_name = spec.partition(":")
+    if not sep or not mod_name or not fn_name:
+        raise LocalProtocolError(f"app {spec!r}: expected module:function")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise LocalProtocolError(f"app {spec!r}: cannot import {mod_name}: {e}") from e
+    fn = getattr(mod, fn_name, None)
+    if fn is None or not inspect.iscoroutinefunction(fn):
+        raise LocalProtocolError(f"app {spec!r}: {fn_name} is not an async function")
+    return fn  # type: ignore[no-any-return]
+
+
+def _first(eg: BaseExceptionGroup[Any]) -> BaseException:
+    """The first leaf of an exception group (the error that ended the card OS)."""
+    exc: BaseException = eg
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).hex()
+    return repr(value)
+
+
+class CardOS:
+    """One booted card OS over a connected :class:`PcieCard`."""
+
+    def __init__(self, pcie: PcieCard, *, apps: tuple[str, ...] = (), dmesg: DmesgHandler) -> None:
+        self.pcie = pcie
+        self.name = pcie.identity.name
+        self.boot_params = dict(pcie.boot_params)
+        self.apps = apps
+        self.dmesg = dmesg
+        self.started = time.monotonic()
+        self.platform = _Platform(pcie, pcie.mmio.spad.device_page())
+        self.bus = VirtioBus(
+            self.platform,
+            used_in_card=bool(self.boot_params.get("used_ring_in_card", False)),
+        )
+        self.card = Card(self)
+        self.shutdown_status = "halted"
+        self._stop = asyncio.Event()
+
+    async def run(self) -> str:
+        """Boot, serve until the host asks for a shutdown; return the shutdown status.
+
+        Raises:
+            BrokenResourceError: the link to the host was lost.
+        """
+        mmio = self.pcie.mmio
+        for db in range(self.pcie.layout.h2c_doorbells):
+            mmio.route(db, 0)
+        interval = float(self.boot_params.get("heartbeat_interval", 1.0))
+        try:
+            return await self._serve(interval)
+        except* BrokenResourceError as eg:
+            raise _first(eg) from None
+        except* MicError as eg:
+            raise _first(eg) from None
+
+    async def _serve(self, interval: float) -> str:
+        link = self.pcie.link
+        async with asyncio.TaskGroup() as tg:
+            pump = tg.create_task(self._pump(), name="doorbells")
+            async with self.bus:
+                log.info("%s: %d device(s) on the bus", self.name, len(self.bus.devices()))
+                await link.send({"type": "online", "devices": self.bus.devices()})
+                hb = tg.create_task(self._heartbeat(interval), name="heartbeat")
+                msgs = tg.create_task(self._messages(tg), name="link")
+                for spec in self.apps:
+                    tg.create_task(self._run_app(None, spec, []), name=f"app {spec}")
+                await self._stop.wait()
+                log.info("%s: shutting down (%s)", self.name, self.shutdown_status)
+                hb.cancel()
+                msgs.cancel()
+            pump.cancel()
+        return self.shutdown_status
+
+    async def _pump(self) -> None:
+        vec = self.pcie.mmio.vector(0)
+        mmio = self.pcie.mmio
+        while True:
+            await vec.wait()
+            for db in sorted(mmio.ack_doorbells(0)):
+                self.bus.on_doorbell(db)
+
+    async def _heartbeat(self, interval: float) -> None:
+        while True:
+            await self.pcie.link.send({"type": "heartbeat", "uptime": self.card.uptime})
+            await asyncio.sleep(interval)
+
+    async def _messages(self, tg: asyncio.TaskGroup) -> None:
+        link = self.pcie.link
+        while True:
+            msg = await link.recv()
+            kind = msg.get("type")
+            if kind == "shutdown":
+                status = msg.get("status", "halted")
+                self.shutdown_status = (
+                    status if status in ("halted", "poweroff", "restart") else ("halted")
+                )
+                self._stop.set()
+            elif kind == "devices":
+                await link.send(
+                    {"type": "devices", "id": msg.get("id"), "devices": self.bus.devices()}
+                )
+            elif kind == "run":
+                args = msg.get("args") or []
+                tg.create_task(
+                    self._run_app(msg.get("id"), str(msg.get("app", "")), list(args)),
+                    name=f"run {msg.get('app')}",
+                )
+            else:
+                log.warning("%s: ignoring unknown message from host: %.200r", self.name, msg)
+
+    async def _run_app(self, rid: Any, spec: str, args: list[Any]) -> None:
+        """Run one app; an app's failure is reported, never fatal to the card OS."""
+        reply: dict[str, Any] = {"type": "run_result", "id": rid, "app": spec}
+        try:
+            fn = load_app(spec)
+            result = await fn(self.card, *args)
+            reply |= {"ok": True, "result": _jsonable(result)}
+            log.info("app %s finished", spec)
+        except asyncio.CancelledError:
+            raise
+        except MicError as e:
+            log.error("app %s failed: %s", spec, e)
+            reply |= {"ok": False, "error": {"type": type(e).__name__, "message": str(e)}}
+        except Exception as e:  # an app is user code: report anything it raises
+            log.exception("app %s crashed", spec)
+            reply |= {"ok": False, "error": {"type": type(e).__name__, "message": str(e)}}
+        if rid is not None:
+            with contextlib.suppress(BrokenResourceError):
+                await self.pcie.link.send(reply)

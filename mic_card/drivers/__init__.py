@@ -1,0 +1,25 @@
+"""Card virtio drivers, by device type.
+
+:data:`DRIVERS` maps a virtio device ID to the driver class
+:class:`mic_card.bus.VirtioBus` binds to it. Each class has ``FEATURES``
+(the device-specific bits it supports) and is built with the live
+:class:`mic_card.bus.CardDevice`.
+
+Must not import ``transport`` or ``mic_host``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mic_card.drivers.block import BlockDevice, BlockIOError
+from mic_card.drivers.console import ConsoleDevice
+from virtio.constants import DeviceType
+
+__all__ = ["DRIVERS", "BlockDevice", "BlockIOError", "ConsoleDevice"]
+
+#: device type -> driver class (``factory(device) -> driver``)
+DRIVERS: dict[int, Any] = {
+    int(DeviceType.BLOCK): BlockDevice,
+    int(DeviceType.CONSOLE): ConsoleDevice,
+}

@@ -1,0 +1,222 @@
+"""The asyncio face of one driver-side virtqueue, for card drivers.
+
+Owns the loop around one :class:`virtio.split.DriverQueue`: adding requests
+(waiting for room when the ring is full), publishing a burst of them with one
+``avail.idx`` store and at most one kick, resolving a future per request when
+the host interrupts, and failing every outstanding request when the device is
+removed, reset, or its used ring turns out malformed.
+
+Buffer ownership: the caller allocates the buffers (card RAM) and passes
+``release``; :meth:`DriverEndpoint.submit` either returns normally (the caller
+owns the buffers again and frees them after reading the answer) or raises /
+is cancelled, in which case ``release`` is called exactly once, as soon as the
+host can no longer touch them.
+
+Must not import ``transport`` or ``mic_host``; runs on the card's loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from virtio.errors import BrokenResourceError, LocalProtocolError, MicError, WouldBlock
+from virtio.split import DriverQueue, QueueBroken, RingError
+
+__all__ = ["DriverEndpoint", "Request"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False, slots=True)
+class Request:
+    """One outstanding chain: the future its submitter awaits, and how to free its buffers."""
+
+    future: asyncio.Future[int]
+    release: Callable[[], None] | None = None
+
+
+def _release(req: Request) -> None:
+    if req.release is not None:
+        rel, req.release = req.release, None
+        try:
+            rel()
+        except MicError as e:  # pragma: no cover - allocator misuse is a local bug
+            log.error("releasing request buffers failed: %s", e)
+
+
+class DriverEndpoint:
+    """One virtqueue of a card device, with real queue depth.
+
+    ``kick`` rings the device's c2h doorbell; the bus calls :meth:`on_interrupt`
+    when the host rings the device's h2c doorbell and :meth:`fail` when the
+    device goes away.
+    """
+
+    def __init__(
+        self,
+        queue: DriverQueue[Request],
+        kick: Callable[[], None],
+        index: int,
+        *,
+        indirect_max: int = 0,
+    ) -> None:
+        self.queue = queue
+        self.index = index
+        self.size = queue.size
+        self._kick = kick
+        self._indirect_max = indirect_max if queue.indirect else 0
+        self._outstanding: set[Request] = set()
+        self._room = asyncio.Event()
+        self._publish_handle: asyncio.Handle | None = None
+        self._exc: BrokenResourceError | None = None
+        self.submitted = 0
+        self.completed = 0
+        self.kicks = 0
+        self.interrupts = 0
+        self.errors = 0
+
+    @property
+    def broken(self) -> bool:
+        return self._exc is not None
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._outstanding)
+
+    def max_segments(self) -> int:
+        """Longest chain this queue can ever take (more would wait forever)."""
+        return max(self.size, self._indirect_max)
+
+    # -- submitting ------------------------------------------------------------
+    def submit_nowait(
+        self,
+        readable: Sequence[tuple[int, int]],
+        writable: Sequence[tuple[int, int]],
+        release: Callable[[], None] | None = None,
+    ) -> asyncio.Future[int]:
+        """Add one chain now; returns the future of its used length.
+
+        Publication (and the kick) happens at the end of this loop iteration,
+        once for every chain added in it. If this raises, ``release`` is not
+        called: the caller still owns the buffers.
+
+        Raises:
+            WouldBlock: not enough free descriptors right now.
+            BrokenResourceError: the device is gone or its ring broke.
+            LocalProtocolError: a chain no ring of this size can hold, or bad buffers.
+        """
+        if self._exc is not None:
+            raise BrokenResourceError(str(self._exc)) from self._exc
+        nseg = len(readable) + len(writable)
+        if nseg > self.max_segments():
+            raise LocalProtocolError(
+                f"chain of {nseg} buffers on a queue of {self.size} (indirect {self._indirect_max})"
+            )
+        req = Request(asyncio.get_running_loop().create_future(), release)
+        try:
+            self.queue.add(readable, writable, req)
+        except QueueBroken as e:
+            self.fail(BrokenResourceError(f"queue {self.index} broken"))
+            raise BrokenResourceError(str(e)) from e
+        self._outstanding.add(req)
+        self.submitted += 1
+        if self._publish_handle is None:
+            self._publish_handle = asyncio.get_running_loop().call_soon(self._publish)
+        return req.future
+
+    async def submit(
+        self,
+        readable: Sequence[tuple[int, int]],
+        writable: Sequence[tuple[int, int]],
+        release: Callable[[], None] | None = None,
+    ) -> int:
+        """Add one chain (waiting for room), wait for the host, return the used length.
+
+        The used length is clamped to the chain's writable size by the ring core.
+
+        Raises:
+            BrokenResourceError: the device was removed/reset or the ring broke
+                (``release`` has been called).
+            LocalProtocolError: as :meth:`submit_nowait` (``release`` called).
+        """
+        try:
+            while True:
+                try:
+                    fut = self.submit_nowait(readable, writable, release)
+                    break
+                except WouldBlock:
+                    self._room.clear()
+                    await self._room.wait()
+        except BaseException:
+            if release is not None:
+                release()
+            raise
+        return await fut
+
+    def _publish(self) -> None:
+        self._publish_handle = None
+        if self._exc is not None:
+            return
+        if self.queue.publish():
+            self.kicks += 1
+            self._kick()
+
+    def flush(self) -> None:
+        """Publish and kick now instead of at the end of the loop iteration."""
+        if self._publish_handle is not None:
+            self._publish_handle.cancel()
+            self._publish()
+
+    # -- completions ----------------------------------------------------------------
+    def on_interrupt(self) -> None:
+        """The host interrupted: resolve every completed request. Never raises."""
+        if self._exc is not None:
+            return
+        self.interrupts += 1
+        try:
+            done = self.queue.get_used_many()
+        except (RingError, QueueBroken) as e:
+            self.errors += 1
+            log.error("queue %d: host wrote a bad used ring: %s", self.index, e)
+            self.fail(BrokenResourceError(f"queue {self.index}: {e}"))
+            return
+        for req, length in done:
+            self._outstanding.discard(req)
+            self.completed += 1
+            if req.future.done():  # cancelled by its submitter: buffers are ours to free
+                _release(req)
+            else:
+                req.release = None  # the submitter owns the buffers again
+                req.future.set_result(length)
+        if done:
+            self._room.set()
+
+    def fail(self, exc: BrokenResourceError) -> None:
+        """Fail every outstanding request with ``exc`` (device gone); idempotent."""
+        if self._exc is None:
+            self._exc = exc
+        if self._publish_handle is not None:
+            self._publish_handle.cancel()
+            self._publish_handle = None
+        pending, self._outstanding = self._outstanding, set()
+        for req in pending:
+            _release(req)
+            if not req.future.done():
+                req.future.set_exception(BrokenResourceError(str(exc)))
+        self._room.set()
+
+    def stats(self) -> dict[str, int | bool]:
+        return {
+            "index": self.index,
+            "size": self.size,
+            "submitted": self.submitted,
+            "completed": self.completed,
+            "outstanding": len(self._outstanding),
+            "kicks": self.kicks,
+            "interrupts": self.interrupts,
+            "errors": self.errors,
+            "broken": self._exc is not None,
+        }

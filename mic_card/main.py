@@ -1,0 +1,83 @@
+"""``mic-card``: the card OS process (spawned by the host daemon at boot).
+
+Connects to the host's per-card control link, boots the card OS
+(:class:`mic_card.card.CardOS`) and exits with its shutdown status reported.
+Exit codes: 0 orderly shutdown, 1 the card OS crashed, 2 boot refused (bad
+link, handshake or boot parameters), 3 the link to the host was lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+
+from mic_card.card import CardOS, DmesgHandler
+from transport import PcieCard
+from transport.errors import HandshakeError, LinkLost
+from virtio.errors import BrokenResourceError, MicError, MicTimeoutError
+
+__all__ = ["main"]
+
+log = logging.getLogger("mic_card")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mic-card", description="The MIC-VOP card OS process.")
+    p.add_argument("--socket", required=True, help="the host's control link socket for this card")
+    p.add_argument("--card", default=None, help="expected card name (refuse another)")
+    p.add_argument(
+        "--app",
+        action="append",
+        default=[],
+        metavar="MODULE:FUNCTION",
+        help="run async def FUNCTION(card) at boot (repeatable)",
+    )
+    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    return p
+
+
+async def _amain(args: argparse.Namespace, dmesg: DmesgHandler) -> int:
+    try:
+        async with PcieCard.connect(args.socket, expect_card=args.card) as pc:
+            os_ = CardOS(pc, apps=tuple(args.app), dmesg=dmesg)
+            try:
+                status = await os_.run()
+                await pc.link.send({"type": "shutdown_status", "status": status})
+            except BrokenResourceError as e:
+                log.error("%s: link to the host lost: %s", os_.name, e)
+                return 3
+            except MicError as e:
+                log.error("%s: card OS crashed: %s", os_.name, e)
+                with contextlib.suppress(MicError):
+                    await pc.link.send({"type": "crashed", "error": str(e)})
+                return 1
+            log.info("%s: %s", os_.name, status)
+            return 0
+    except (HandshakeError, MicTimeoutError) as e:
+        log.error("boot refused: %s", e)
+        return 2
+    except LinkLost as e:
+        log.error("no host: %s", e)
+        return 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    dmesg = DmesgHandler()
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format=f"%(asctime)s {args.card or 'card'} %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger().addHandler(dmesg)
+    try:
+        return asyncio.run(_amain(args, dmesg))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

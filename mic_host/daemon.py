@@ -1,0 +1,254 @@
+"""``mic-host``: the host daemon (Linux: the MIC host driver + ``mpssd``).
+
+Owns the cards of its config (:class:`mic_host.card.CardManager` each), the
+control socket (``STATE_DIR/control.sock``, :mod:`mic_host.protocol`) that
+``micctl`` and the client library speak, the state-directory lock, logging
+(stderr and ``STATE_DIR/mic-host.log``) and host suspend/resume. It is the
+:class:`~mic_host.protocol.ControlHandler`: each control op lands in one of
+the methods below, and every card fault stays inside that card.
+
+Run: ``mic-host [--state-dir DIR] [--config FILE]`` or ``python -m mic_host.daemon``.
+Exit codes: 0 stopped by SIGTERM/SIGINT, 2 bad config or state directory busy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from mic_host.backends import available_backends
+from mic_host.card import CardManager
+from mic_host.config import (
+    DaemonConfig,
+    check_device_types,
+    default_config,
+    load_config,
+    resolve_state_dir,
+)
+from mic_host.lifecycle import CardState
+from mic_host.protocol import ControlServer, control_socket_path
+from virtio.errors import ConfigError, LocalProtocolError, MicError, ResourceError
+
+__all__ = ["Daemon", "main"]
+
+log = logging.getLogger("mic_host")
+
+PROTOCOL_VERSION = 1
+
+
+class Daemon:
+    """The running daemon: cards by name, plus the control-socket handler methods."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.state_dir = config.state_dir
+        self.cards = {
+            c.name: CardManager(c, state_dir=self.state_dir, node_id=i + 1)
+            for i, c in enumerate(config.cards)
+        }
+        self.suspended = False
+        self._resume: list[str] = []
+
+    def _card(self, name: str | None) -> CardManager:
+        if name is None or name not in self.cards:
+            raise LocalProtocolError(
+                f"unknown card {name!r} (cards: {', '.join(self.cards) or 'none'})"
+            )
+        return self.cards[name]
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Listen on the control socket, boot the cards marked ``boot_at_start``,
+        and run until ``stop`` is set; then shut the cards down in order.
+
+        Raises:
+            ResourceError: another daemon owns the state directory.
+        """
+        try:
+            async with ControlServer(self.state_dir, self):
+                log.info(
+                    "mic-host %d ready: state %s, control socket %s, cards %s",
+                    os.getpid(),
+                    self.state_dir,
+                    control_socket_path(self.state_dir),
+                    ", ".join(self.cards) or "none",
+                )
+                for m in self.cards.values():
+                    if m.cfg.boot_at_start:
+                        try:
+                            await m.boot()
+                        except MicError as e:
+                            log.error("%s: boot at start failed: %s", m.name, e)
+                await stop.wait()
+                log.info("stopping: shutting the cards down")
+        finally:
+            await asyncio.gather(*(m.aclose() for m in self.cards.values()))
+
+    # -- ControlHandler ----------------------------------------------------
+    async def ping(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "version": PROTOCOL_VERSION, "state_dir": str(self.state_dir)}
+
+    async def status(self, card: str | None) -> dict[str, Any]:
+        cards = [self._card(card)] if card is not None else list(self.cards.values())
+        return {"cards": [m.status() for m in cards], "suspended": self.suspended}
+
+    async def boot(self, card: str, wait: bool, timeout: float | None) -> dict[str, Any]:
+        if self.suspended:
+            raise LocalProtocolError("the host is suspended: resume first")
+        m = self._card(card)
+        await m.boot(wait=wait, timeout=timeout)
+        return {"card": m.name, "state": str(m.state)}
+
+    async def shutdown(self, card: str, wait: bool, timeout: float | None) -> dict[str, Any]:
+        m = self._card(card)
+        await m.shutdown(wait=wait, timeout=timeout)
+        return {"card": m.name, "state": str(m.state)}
+
+    async def reset(self, card: str) -> dict[str, Any]:
+        m = self._card(card)
+        await m.reset()
+        return {"card": m.name, "state": str(m.state)}
+
+    async def wait(self, card: str, state: str, timeout: float | None) -> dict[str, Any]:
+        m = self._card(card)
+        bound = timeout if timeout is not None else m.cfg.boot_timeout + m.cfg.shutdown_timeout
+        await m.wait_state(CardState(state), timeout=bound)
+        return {"card": m.name, "state": str(m.state)}
+
+    async def attach(self, card: str, type: str, options: dict[str, Any]) -> dict[str, Any]:  # noqa: A002
+        return await self._card(card).attach(type, options)
+
+    async def detach(self, card: str, device: str) -> dict[str, Any]:
+        return await self._card(card).detach(device)
+
+    async def stats(self, card: str) -> dict[str, Any]:
+        return self._card(card).stats()
+
+    async def run(self, card: str, app: str, args: list[Any]) -> dict[str, Any]:
+        return await self._card(card).run(app, args)
+
+    async def suspend(self) -> dict[str, Any]:
+        """Host PM suspend (``cosm_stop``): stop every card, remember the running ones."""
+        if self.suspended:
+            return {"suspended": True, "resume": self._resume}
+        self.suspended = True
+        self._resume = []
+        for m in self.cards.values():
+            if m.state in (CardState.ONLINE, CardState.BOOTING):
+                self._resume.append(m.name)
+                with contextlib.suppress(MicError):
+                    await m.shutdown(wait=True) if m.state is CardState.ONLINE else await m.reset()
+            if m.state not in (CardState.READY,):
+                with contextlib.suppress(MicError):
+                    await m.reset()
+        log.info("suspended; cards to boot on resume: %s", self._resume or "none")
+        return {"suspended": True, "resume": self._resume}
+
+    async def resume(self) -> dict[str, Any]:
+        """Host PM resume: boot the cards that were running at suspend."""
+        self.suspended = False
+        booted = []
+        for name in self._resume:
+            m = self.cards[name]
+            try:
+                await m.boot(wait=True)
+                booted.append(name)
+            except MicError as e:
+                log.error("%s: boot on resume failed: %s", name, e)
+        self._resume = []
+        return {"suspended": False, "booted": booted}
+
+
+class _StateLock:
+    """An flock on ``STATE_DIR/mic-host.lock``: one daemon per state directory."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "mic-host.lock"
+        self.fd = -1
+
+    def __enter__(self) -> _StateLock:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            pid = self.path.read_text().strip() or "?"
+            raise ResourceError(
+                f"{self.path.parent}: another mic-host (pid {pid}) owns this state directory"
+            ) from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+
+def _setup_logging(state_dir: Path, level: str) -> None:
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.setLevel(level.upper())
+    err = logging.StreamHandler(sys.stderr)
+    err.setFormatter(fmt)
+    filelog = logging.FileHandler(state_dir / "mic-host.log")
+    filelog.setFormatter(fmt)
+    root.addHandler(err)
+    root.addHandler(filelog)
+
+
+def load(args: argparse.Namespace) -> DaemonConfig:
+    """The config the daemon runs: ``--config FILE`` or the embedded default.
+
+    Raises:
+        ConfigError: the file is unreadable or invalid (names file, key, problem).
+    """
+    state_dir = resolve_state_dir(args.state_dir)
+    cfg = (
+        load_config(args.config, state_dir=state_dir) if args.config else default_config(state_dir)
+    )
+    check_device_types(cfg, set(available_backends()))
+    return cfg
+
+
+async def _amain(cfg: DaemonConfig) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await Daemon(cfg).serve(stop)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mic-host", description="The MIC-VOP host daemon.")
+    p.add_argument("--state-dir", default=None, help="state directory (default $MIC_STATE_DIR)")
+    p.add_argument("--config", default=None, help="TOML config (default: the embedded one)")
+    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    args = p.parse_args(argv)
+    try:
+        cfg = load(args)
+        cfg.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except (ConfigError, OSError) as e:
+        print(f"mic-host: {e}", file=sys.stderr)
+        return 2
+    try:
+        with _StateLock(cfg.state_dir):
+            _setup_logging(cfg.state_dir, args.log_level)
+            log.info("config: %s", cfg.source)
+            return asyncio.run(_amain(cfg))
+    except ResourceError as e:
+        print(f"mic-host: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

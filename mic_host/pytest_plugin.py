@@ -1,0 +1,102 @@
+"""pytest plugin ``mic_vop``: fixtures that run a real mic-host daemon for a test.
+
+Registered through the ``pytest11`` entry point, so installing ``mic-vop``
+makes these fixtures available in any project (``docs/cli.md`` has an example):
+
+- ``mic_state_dir``: a fresh state directory (short enough for a Unix socket);
+- ``mic_config``: the config the daemon starts with; ``None`` (the embedded
+  default: ``mic0`` with a console and a 64 MiB disk, booted at start).
+  Override it in a ``conftest.py`` or a test module to return TOML text or a
+  :class:`pathlib.Path`;
+- ``mic_daemon``: a :class:`~mic_host.client.Client` connected to a daemon
+  launched for the test and stopped after it;
+- ``mic_card``: the ``mic0`` :class:`~mic_host.client.CardClient`, online.
+
+The fixtures are async (pytest-asyncio, function scope). Without
+pytest-asyncio installed the plugin still loads (it must never break a
+user's pytest) and the async fixtures fail with an explanation.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from mic_host.client import CardClient, Client, launch
+from mic_host.lifecycle import CardState
+from mic_host.protocol import SOCKET_NAME
+
+__all__ = ["mic_card", "mic_config", "mic_daemon", "mic_state_dir"]
+
+#: Seconds the fixtures allow the daemon to start and the card to come online.
+STARTUP_TIMEOUT = 30.0
+ONLINE_TIMEOUT = 60.0
+#: Leave room under the 107-byte sun_path limit.
+_SOCKET_PATH_ROOM = 100
+_HAVE_PYTEST_ASYNCIO = importlib.util.find_spec("pytest_asyncio") is not None
+
+
+@pytest.fixture
+def mic_state_dir(tmp_path: Path) -> Iterator[Path]:
+    """A new, empty state directory for one test.
+
+    ``tmp_path/mic`` when its socket path fits in a Unix socket address,
+    else a short directory under the system temp dir, removed afterwards.
+    """
+    candidate = tmp_path / "mic"
+    if len(os.fsencode(candidate / SOCKET_NAME)) <= _SOCKET_PATH_ROOM:
+        candidate.mkdir(mode=0o700)
+        yield candidate
+        return
+    short = Path(tempfile.mkdtemp(prefix="mic-"))
+    try:
+        yield short
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+
+
+@pytest.fixture
+def mic_config() -> str | os.PathLike[str] | None:
+    """The daemon's config for ``mic_daemon``: None = the embedded default. Override me."""
+    return None
+
+
+if TYPE_CHECKING or _HAVE_PYTEST_ASYNCIO:
+    import pytest_asyncio
+
+    @pytest_asyncio.fixture
+    async def mic_daemon(
+        mic_state_dir: Path, mic_config: str | os.PathLike[str] | None
+    ) -> AsyncIterator[Client]:
+        """A daemon launched in ``mic_state_dir`` with ``mic_config``; stopped after the test."""
+        async with launch(mic_state_dir, mic_config, startup_timeout=STARTUP_TIMEOUT) as client:
+            yield client
+
+    @pytest_asyncio.fixture
+    async def mic_card(mic_daemon: Client) -> CardClient:
+        """Card ``mic0``, online (booted here if the config does not boot it at start)."""
+        card = mic_daemon.card("mic0")
+        if await card.state() is CardState.READY:
+            await card.boot(wait=True, timeout=ONLINE_TIMEOUT)
+        else:
+            await card.wait(CardState.ONLINE, timeout=ONLINE_TIMEOUT)
+        return card
+
+else:  # pragma: no cover - depends on the environment
+
+    @pytest.fixture
+    def mic_daemon() -> None:
+        """Needs pytest-asyncio."""
+        pytest.fail("the mic_vop fixtures need pytest-asyncio: pip install pytest-asyncio")
+
+    @pytest.fixture
+    def mic_card() -> None:
+        """Needs pytest-asyncio."""
+        pytest.fail("the mic_vop fixtures need pytest-asyncio: pip install pytest-asyncio")
