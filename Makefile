@@ -23,11 +23,21 @@ test: install
 	$(BIN)/python -m pytest --cov --cov-report= $(PYTEST_ARGS)
 	$(BIN)/coverage report --include='virtio/split.py,virtio/status.py' --fail-under=95 --show-missing
 
+# The main job: the host daemon with the embedded default config (card mic0
+# booted at start, with a console and a 64 MiB disk in the state directory).
+MIC_STATE_DIR ?= $(CURDIR)/.mic-state
+export MIC_STATE_DIR
+
 run: install
-	$(BIN)/python -m bench.ring --quick
+	@echo "mic-host: state directory $(MIC_STATE_DIR); Ctrl-C stops the daemon and its cards."
+	@echo "In another terminal:  MIC_STATE_DIR=$(MIC_STATE_DIR) $(BIN)/micctl status"
+	@echo "                      MIC_STATE_DIR=$(MIC_STATE_DIR) $(BIN)/micctl run mic0 module:function"
+	$(BIN)/mic-host --state-dir $(MIC_STATE_DIR)
 
 bench: install
 	$(BIN)/python -m bench.ring
+	$(BIN)/python -m bench.transport
+	$(BIN)/python -m bench.boot
 
 fmt: install
 	$(BIN)/ruff format .

@@ -345,6 +345,7 @@ class CardManager:
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
         with logf.open("ab") as out:
             return await asyncio.create_subprocess_exec(
+                *self.cfg.card_command,
                 sys.executable,
                 "-m",
                 "mic_card",

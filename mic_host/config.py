@@ -20,6 +20,8 @@ Schema (also in ``docs/cli.md``)::
     boot_timeout = 30.0              # booting -> online bound, else "reset_failed"
     shutdown_timeout = 10.0          # shutting_down -> ready bound before a forced reset
     used_ring_in_card = true         # let the card move used rings into card RAM
+    card_command = ["strace", "-f"]  # optional: wrap the card OS (a debugger, a tracer...);
+                                     # the daemon appends: python -m mic_card --socket S --card N
 
     [[cards.devices]]                # zero or more, in device-page order
     type = "block"                   # "block", "console", "net" or a registered backend
@@ -200,6 +202,8 @@ class CardConfig:
     shutdown_timeout: float = 10.0
     used_ring_in_card: bool = True
     devices: tuple[DeviceConfig, ...] = ()
+    #: argv prefix for the card OS process ("wrap it"); empty: run it directly
+    card_command: tuple[str, ...] = ()
 
     @property
     def index(self) -> int:
@@ -411,6 +415,7 @@ _CARD_KEYS = {
     "shutdown_timeout",
     "used_ring_in_card",
     "devices",
+    "card_command",
 }
 _DEVICE_KEYS = {"type", "name", "options"}
 _TOP_KEYS = {"version", "cards"}
@@ -513,6 +518,9 @@ def _parse_card(ctx: _Ctx, c: object, where: str) -> CardConfig:
     devices = tuple(
         _parse_device(ctx, dev, f"{where}.devices[{j}]", name) for j, dev in enumerate(raw_devices)
     )
+    cmd = c.get("card_command", [])
+    if not isinstance(cmd, list) or not all(isinstance(a, str) and a for a in cmd):
+        raise ctx.error(f"{where}.card_command", "expected an array of non-empty strings")
     seen: dict[str, int] = {}
     for j, dev in enumerate(devices):
         if dev.name is None:
@@ -534,6 +542,7 @@ def _parse_card(ctx: _Ctx, c: object, where: str) -> CardConfig:
         shutdown_timeout=_get_seconds(ctx, c, "shutdown_timeout", where, d.shutdown_timeout),
         used_ring_in_card=_get_bool(ctx, c, "used_ring_in_card", where, d.used_ring_in_card),
         devices=devices,
+        card_command=tuple(cmd),
     )
 
 
