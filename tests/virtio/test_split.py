@@ -15,6 +15,7 @@ from virtio.split import (
     Chain,
     DeviceQueue,
     DriverQueue,
+    QueueBroken,
     QueueState,
     RingError,
     RingFault,
@@ -786,3 +787,66 @@ def test_check_usable_passes_on_an_active_queue() -> None:
     p.device.reset()
     with pytest.raises(LocalProtocolError):
         p.device._check_usable()
+
+
+# -- get_used_many: the batched completion path ---------------------------------
+def _ring(size: int = 8) -> tuple[FlatMemory, DriverQueue[int], DeviceQueue]:
+    mem = FlatMemory(1 << 16)
+    layout = SplitLayout.contiguous(0, size)
+    drv: DriverQueue[int] = DriverQueue(mem, layout, 0)
+    dev = DeviceQueue(mem, layout, 0)
+    dev.activate()
+    return mem, drv, dev
+
+
+def test_get_used_many_mixes_long_chains_into_the_batch() -> None:
+    _, drv, dev = _ring()
+    drv.add([(0x8000, 8)], [], 1)
+    drv.add([(0x8000, 8)], [(0x9000, 16), (0x9100, 16)], 2)  # three descriptors
+    drv.add([], [(0x9200, 4)], 3)
+    drv.publish()
+    for c in dev.pop_many():
+        dev.add_used(c.head, c.writable_len + 100)  # lengths are clamped
+    dev.publish_used()
+    assert drv.get_used_many() == [(1, 0), (2, 32), (3, 4)]
+    assert drv.num_free == 8
+
+
+def test_get_used_many_with_unpublished_chains_pending() -> None:
+    _, drv, dev = _ring()
+    drv.add([(0x8000, 8)], [], 1)
+    drv.publish()
+    (c,) = dev.pop_many()
+    dev.push_used(c.head, 0)
+    drv.add([(0x8000, 8)], [], 2)  # added, not published
+    assert drv.get_used_many() == [(1, 0)]
+    assert drv.outstanding == 1
+
+
+def test_get_used_many_refuses_a_hostile_id_mid_batch() -> None:
+    mem, drv, dev = _ring()
+    for t in (1, 2):
+        drv.add([(0x8000, 8)], [], t)
+    drv.publish()
+    for c in dev.pop_many():
+        dev.add_used(c.head, 0)
+    dev.publish_used()
+    used = drv.layout.used
+    mem.raw()[used + 4 + 8 : used + 8 + 8] = (7).to_bytes(4, "little")  # second id: never added
+    with pytest.raises(RingError) as e:
+        drv.get_used_many()
+    assert e.value.fault is RingFault.USED_ID_NOT_HEAD
+    assert drv.broken
+    with pytest.raises(QueueBroken):
+        drv.get_used_many()
+
+
+def test_get_used_many_refuses_a_used_index_jump() -> None:
+    mem, drv, _ = _ring()
+    drv.add([(0x8000, 8)], [], 1)
+    drv.publish()
+    used = drv.layout.used
+    mem.raw()[used + 2 : used + 4] = (5).to_bytes(2, "little")
+    with pytest.raises(RingError) as e:
+        drv.get_used_many()
+    assert e.value.fault is RingFault.USED_IDX_JUMP
