@@ -38,6 +38,7 @@ bench: install
 	$(BIN)/python -m bench.ring
 	$(BIN)/python -m bench.transport
 	$(BIN)/python -m bench.boot
+	$(BIN)/python -m bench.report
 
 fmt: install
 	$(BIN)/ruff format .
