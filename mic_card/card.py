@@ -198,6 +198,7 @@ class CardOS:
         self.card = Card(self)
         self.shutdown_status = "halted"
         self._stop = asyncio.Event()
+        self._apps: set[asyncio.Task[None]] = set()
 
     async def run(self) -> str:
         """Boot, serve until the host asks for a shutdown; return the shutdown status.
@@ -226,11 +227,16 @@ class CardOS:
                 hb = tg.create_task(self._heartbeat(interval), name="heartbeat")
                 msgs = tg.create_task(self._messages(tg), name="link")
                 for spec in self.apps:
-                    tg.create_task(self._run_app(None, spec, []), name=f"app {spec}")
+                    self._start_app(tg, None, spec, [])
                 await self._stop.wait()
                 log.info("%s: shutting down (%s)", self.name, self.shutdown_status)
                 hb.cancel()
                 msgs.cancel()
+                # Shutdown stops the apps still running (an app waiting on a
+                # timer or a socket would otherwise hold the card up until the
+                # host's shutdown_timeout resets it).
+                for app in list(self._apps):
+                    app.cancel()
             pump.cancel()
         return self.shutdown_status
 
@@ -264,12 +270,14 @@ class CardOS:
                 )
             elif kind == "run":
                 args = msg.get("args") or []
-                tg.create_task(
-                    self._run_app(msg.get("id"), str(msg.get("app", "")), list(args)),
-                    name=f"run {msg.get('app')}",
-                )
+                self._start_app(tg, msg.get("id"), str(msg.get("app", "")), list(args))
             else:
                 log.warning("%s: ignoring unknown message from host: %.200r", self.name, msg)
+
+    def _start_app(self, tg: asyncio.TaskGroup, rid: Any, spec: str, args: list[Any]) -> None:
+        task = tg.create_task(self._run_app(rid, spec, args), name=f"app {spec}")
+        self._apps.add(task)
+        task.add_done_callback(self._apps.discard)
 
     async def _run_app(self, rid: Any, spec: str, args: list[Any]) -> None:
         """Run one app; an app's failure is reported, never fatal to the card OS."""

@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -44,8 +45,24 @@ __all__ = ["CardManager"]
 
 log = logging.getLogger("mic_host.card")
 
+#: AF_UNIX sun_path holds 108 bytes including the terminating NUL.
+_SUN_PATH_MAX = 107
 #: How long a lost link may precede the process exit before we call it a crash.
 _LINK_GRACE = 2.0
+
+
+def _card_devices(raw: object) -> list[dict[str, Any]]:
+    """The card's device list (``online``/``devices`` messages), keeping only
+    well-formed entries (``offset`` an int, ``name`` a string): the card is
+    untrusted, and status/stats/detach index this list.
+    """
+    if not isinstance(raw, list):
+        return []
+    return [
+        d
+        for d in raw
+        if isinstance(d, dict) and type(d.get("offset")) is int and isinstance(d.get("name"), str)
+    ]
 
 
 class _SessionOver(Exception):
@@ -217,6 +234,9 @@ class CardManager:
         """
         if self.state in (CardState.CRASHED, CardState.RESET_FAILED):
             await self.reset()
+        sock = self.state_dir / f"{self.name}.sock"
+        if len(os.fsencode(sock)) > _SUN_PATH_MAX:
+            raise LocalProtocolError(f"{self.name}: socket path {sock} too long for AF_UNIX")
         self.lifecycle.fire(CardEvent.BOOT)
         self._start_session()
         if wait:
@@ -433,9 +453,14 @@ class CardManager:
             log.error("%s: after session (%s): %s", self.name, event, e)
 
     async def _stop_process(self, proc: asyncio.subprocess.Process) -> None:
+        # The card OS runs in its own session/process group (start_new_session):
+        # kill the whole group, so what a card_command wrapper (or the card)
+        # started does not outlive the boot.
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             await proc.wait()
 
@@ -475,8 +500,7 @@ class CardManager:
         if kind == "heartbeat":
             self._last_heartbeat = time.monotonic()
         elif kind == "online":
-            devs = msg.get("devices")
-            self.card_devices = devs if isinstance(devs, list) else []
+            self.card_devices = _card_devices(msg.get("devices"))
             self._last_heartbeat = time.monotonic()
             if self.state is CardState.BOOTING:
                 self.boot_seconds = round(time.monotonic() - self._boot_started, 4)
@@ -492,9 +516,11 @@ class CardManager:
             self._reported_status = ShutdownStatus.CRASHED
         elif kind in ("devices", "run_result"):
             if kind == "devices" and isinstance(msg.get("devices"), list):
-                self.card_devices = msg["devices"]
+                self.card_devices = _card_devices(msg["devices"])
             rid = msg.get("id")
-            fut = self._replies.pop(rid, None) if isinstance(rid, int) else None
+            fut = None
+            if isinstance(rid, int) and not isinstance(rid, bool):
+                fut = self._replies.pop(rid, None)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
         else:

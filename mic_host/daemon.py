@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = load(args)
+        control_socket_path(cfg.state_dir)  # a path too long for a socket: refuse up front
         cfg.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     except (ConfigError, OSError) as e:
         print(f"mic-host: {e}", file=sys.stderr)
