@@ -1,0 +1,697 @@
+"""The app side of one accelerator queue (uacce queue + UADK user driver).
+
+Owns a queue's life (INIT -> STARTED -> ZOMBIE, the table below), the driver
+side of its split ring (``virtio.split.DriverQueue``), the request slots, the
+two memory modes (shared buffers for SVA devices, a reserved bounce pool for
+every device) and the three ways to receive: :meth:`AccelQueue.poll` (reads
+shared memory only: no system call), ``recv_nowait`` and ``await recv()``
+(sleeps on the queue's interrupt vector).
+
+Nothing here talks to the worker process: starting, resetting and putting a
+queue are asked of the owning device (``mic_card.accel.framework``), which
+hands the queue's fds to an engine worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import collections
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol
+
+from mic_card.accel.channel import QueueResources
+from mic_card.accel.errors import QueueDisabled, QueueStateError
+from mic_card.accel.wire import (
+    REQ_STRUCT,
+    RESP_SIZE,
+    RESP_STRUCT,
+    WIRE_VERSION,
+    Alg,
+    Op,
+    QueueGeometry,
+    Status,
+    StatusWord,
+)
+from transport import NotifyPolicy
+from virtio.errors import ClosedResourceError, LocalProtocolError, MicError, WouldBlock
+from virtio.split import DriverQueue, RingError
+
+if TYPE_CHECKING:
+    from mic_card.accel.framework import AccelDevice
+
+__all__ = [
+    "TRANSITIONS",
+    "AccelQueue",
+    "Completion",
+    "QState",
+    "Request",
+    "SharedBuffer",
+    "Ticket",
+]
+
+_ALIGN = 64
+_STATUS = {int(s): s for s in Status}
+
+
+class QState(StrEnum):
+    """uacce queue states (``include/linux/uacce.h``)."""
+
+    INIT = "init"
+    STARTED = "started"
+    ZOMBIE = "zombie"
+
+
+#: ``(state, event) -> next state``; a pair missing here is refused (STYLE.md §2).
+TRANSITIONS: dict[tuple[QState, str], QState] = {
+    (QState.INIT, "start"): QState.STARTED,
+    (QState.INIT, "put"): QState.ZOMBIE,
+    (QState.STARTED, "put"): QState.ZOMBIE,
+    (QState.STARTED, "reset"): QState.STARTED,
+    (QState.STARTED, "fault"): QState.STARTED,  # disabled until reset
+    (QState.ZOMBIE, "put"): QState.ZOMBIE,
+}
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) & ~(_ALIGN - 1)
+
+
+class _RingAlloc:
+    """Bounce-pool allocator: a circular log (completions come back mostly in order)."""
+
+    __slots__ = ("blocks", "head", "size", "tail")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.head = 0
+        self.tail = 0
+        self.blocks: collections.deque[list[int]] = collections.deque()
+
+    def alloc(self, n: int) -> list[int] | None:
+        n = _align(max(n, 1))
+        size = self.size
+        pos = self.head % size
+        waste = size - pos if pos + n > size else 0
+        if n > size or self.head + waste + n - self.tail > size:
+            return None
+        if waste:
+            self.blocks.append([self.head, waste, 1])
+            self.head += waste
+        blk = [self.head, n, 0]
+        self.blocks.append(blk)
+        self.head += n
+        return blk
+
+    def free(self, blk: list[int]) -> None:
+        blk[2] = 1
+        blocks = self.blocks
+        while blocks and blocks[0][2]:
+            b = blocks.popleft()
+            self.tail = b[0] + b[1]
+
+    def reset(self) -> None:
+        self.head = self.tail = 0
+        self.blocks.clear()
+
+
+class _HeapAlloc:
+    """First-fit allocator with coalescing, for long-lived shared buffers."""
+
+    def __init__(self, size: int) -> None:
+        self.free_list: list[tuple[int, int]] = [(0, size)] if size else []
+
+    def alloc(self, n: int) -> int | None:
+        n = _align(max(n, 1))
+        for i, (off, ln) in enumerate(self.free_list):
+            if ln >= n:
+                if ln == n:
+                    del self.free_list[i]
+                else:
+                    self.free_list[i] = (off + n, ln - n)
+                return off
+        return None
+
+    def free(self, off: int, n: int) -> None:
+        n = _align(max(n, 1))
+        fl = self.free_list
+        i = bisect.bisect(fl, (off, 0))
+        fl.insert(i, (off, n))
+        if i + 1 < len(fl) and fl[i][0] + fl[i][1] == fl[i + 1][0]:
+            fl[i] = (fl[i][0], fl[i][1] + fl[i + 1][1])
+            del fl[i + 1]
+        if i and fl[i - 1][0] + fl[i - 1][1] == fl[i][0]:
+            fl[i - 1] = (fl[i - 1][0], fl[i - 1][1] + fl[i][1])
+            del fl[i]
+
+
+@dataclass(eq=False, slots=True)
+class SharedBuffer:
+    """Memory shared with one queue (SVA mode): ``view`` is zero-copy, ``addr`` its bus address.
+
+    Only the queue that made it can use it; another queue's engine refuses it
+    (``Status.ACCESS_FAULT``). ``free()`` gives it back.
+    """
+
+    queue: AccelQueue
+    addr: int
+    size: int
+    view: memoryview
+    _off: int
+
+    def free(self) -> None:
+        self.queue._free_shared(self)
+
+    def __len__(self) -> int:
+        return self.size
+
+
+Data = bytes | bytearray | memoryview
+
+
+@dataclass(slots=True)
+class Request:
+    """One request as the session layer builds it (see ``wire.ReqHeader``).
+
+    ``src``/``aad`` are bytes (copied through the bounce pool) or
+    :class:`SharedBuffer` (zero copy, SVA); ``dst`` likewise, or None to get
+    a bounce buffer of ``dst_len`` bytes whose content comes back as bytes.
+    ``src_addr``/``dst_addr`` override the addresses (raw access, e.g. tests).
+    """
+
+    op: Op
+    alg: Alg = Alg.NONE
+    alg2: Alg = Alg.NONE
+    level: int = 0
+    flags: int = 0
+    stream_id: int = 0
+    key: bytes = b""
+    iv: bytes = b""
+    tag_len: int = 0
+    src: Data | SharedBuffer = b""
+    aad: Data | SharedBuffer = b""
+    dst: SharedBuffer | None = None
+    dst_len: int = 0
+    src_addr: int | None = None
+    dst_addr: int | None = None
+
+
+class _Owner(Protocol):
+    _ready: collections.deque[Completion]
+
+
+@dataclass(eq=False, slots=True)
+class Ticket:
+    """An in-flight request: where its header and bounce buffers are, who waits for it."""
+
+    slot: int
+    owner: _Owner
+    tag: Any
+    dst: SharedBuffer | None
+    dst_view: memoryview | None
+    bounce: list[list[int]]
+    future: asyncio.Future[Completion] | None = None
+    done: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A finished request: ``status`` and ``output`` (bytes, or a view of your SharedBuffer)."""
+
+    status: Status
+    consumed: int
+    produced: int
+    output: bytes | memoryview
+    tag: Any = None
+    detail: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status is Status.OK
+
+
+@dataclass(slots=True)
+class QueueStats:
+    submitted: int = 0
+    completed: int = 0
+    doorbells: int = 0
+    sleeps: int = 0
+    faults: int = 0
+
+
+@dataclass(slots=True)
+class _Pools:
+    bounce: _RingAlloc
+    bounce_off: int
+    shared: _HeapAlloc
+    shared_off: int
+    shared_live: dict[int, SharedBuffer] = field(default_factory=dict)
+
+
+class AccelQueue:
+    """One queue of a device: its own region, ring, doorbells and address space (PASID).
+
+    Get one with ``await device.open()`` (state INIT), then ``await start()``;
+    ``await put()`` releases it (ZOMBIE) and ``aclose()`` frees it. As an async
+    context manager it starts on entry and is released on exit.
+    """
+
+    def __init__(
+        self,
+        device: AccelDevice,
+        qid: int,
+        res: QueueResources,
+        *,
+        sva: bool,
+        policy: NotifyPolicy,
+    ) -> None:
+        self.device = device
+        self.qid = qid
+        self.state = QState.INIT
+        self.sva = sva
+        self.policy = policy
+        self.stats = QueueStats()
+        self._res = res
+        geo = res.geometry
+        self.geometry: QueueGeometry = geo
+        self.pasid = geo.pasid
+        self._whole = res.region.view()
+        from virtio.memory import FlatMemory
+
+        self.memory = FlatMemory(self._whole, base=geo.base)
+        self._words = self._whole[:4096].cast("Q")
+        self._dq: DriverQueue[Ticket] = DriverQueue(self.memory, geo.layout, 0)
+        self._dq.disable_interrupts()
+        self._heap = self._whole[geo.heap_off :]
+        half = geo.heap_size // 2 if sva else geo.heap_size
+        half -= half % 4096
+        self._pools = _Pools(
+            _RingAlloc(geo.heap_size - half if sva else geo.heap_size),
+            geo.heap_off,
+            _HeapAlloc(half if sva else 0),
+            geo.heap_off + (geo.heap_size - half),
+        )
+        self._free_slots = list(range(geo.slots - 1, -1, -1))
+        # per slot, precomputed: header offset, the chain's two buffers, response offset
+        base = geo.base
+        self._hdr_off = [geo.hdr_addr(s) - base for s in range(geo.slots)]
+        self._resp_off = [geo.resp_addr(s) - base for s in range(geo.slots)]
+        self._chains = [
+            (((geo.hdr_addr(s), REQ_STRUCT.size),), ((geo.resp_addr(s), RESP_SIZE),))
+            for s in range(geo.slots)
+        ]
+        self._tickets: dict[int, Ticket] = {}
+        self._ready: collections.deque[Completion] = collections.deque()
+        self._disabled: str | None = None
+        self._reaping = False
+        self._progress = asyncio.Event()
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------------
+    def _move(self, event: str) -> None:
+        nxt = TRANSITIONS.get((self.state, event))
+        if nxt is None:
+            raise QueueStateError(f"queue {self.qid}: cannot {event} in state {self.state}")
+        self.state = nxt
+
+    async def start(self) -> None:
+        """INIT -> STARTED: hand the queue to an engine worker (uacce START_Q).
+
+        Raises:
+            QueueStateError: not in INIT.
+        """
+        if (self.state, "start") not in TRANSITIONS:
+            self._move("start")
+        await self.device._attach(self)
+        self._move("start")
+
+    async def put(self) -> None:
+        """Stop the queue at once (uacce PUT_Q): in-flight requests end with QUEUE_RESET."""
+        if self.state is QState.ZOMBIE:
+            return
+        was_started = self.state is QState.STARTED
+        self._move("put")
+        self._words[StatusWord.DISABLED] = 1
+        if was_started:
+            await self.device._detach(self)
+        self._fail_all(Status.QUEUE_RESET, "queue put")
+
+    async def reset(self) -> None:
+        """Recover a disabled queue (engine fault, ring error): new doorbells, empty ring.
+
+        In-flight requests end with QUEUE_RESET; streams are forgotten.
+
+        Raises:
+            QueueStateError: the queue is not STARTED.
+        """
+        self._move("reset")
+        self._words[StatusWord.DISABLED] = 1
+        await self.device._detach(self)
+        self._fail_all(Status.QUEUE_RESET, "queue reset")
+        self._res.renew_mmio(self.policy)
+        self._dq.reset()
+        self._dq.disable_interrupts()
+        self._pools.bounce.reset()
+        self._disabled = None
+        for w in (StatusWord.BUSY_SINCE, StatusWord.DISABLED):
+            self._words[w] = 0
+        await self.device._attach(self)
+
+    async def aclose(self) -> None:
+        """Put the queue and free its memory (idempotent)."""
+        if self._closed:
+            return
+        try:
+            await self.put()
+        finally:
+            self._closed = True
+            self._tickets.clear()
+            for buf in list(self._pools.shared_live.values()):
+                buf.view.release()
+            self._pools.shared_live.clear()
+            self._words.release()
+            self._heap.release()
+            del self._dq
+            del self.memory
+            self._whole.release()
+            self._res.close()
+            self.device._released(self)
+
+    async def __aenter__(self) -> AccelQueue:
+        if self.state is QState.INIT:
+            await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    @property
+    def resources(self) -> QueueResources:
+        return self._res
+
+    @property
+    def disabled(self) -> str | None:
+        """Why the queue is disabled (None when usable)."""
+        if self._disabled is None and self._words[StatusWord.DISABLED]:
+            return "disabled"
+        return self._disabled
+
+    def status_word(self, w: StatusWord) -> int:
+        return int(self._words[w])
+
+    # -- faults (called by the framework) ------------------------------------------
+    def _fault(self, reason: str) -> None:
+        """Disable the queue and fail everything in flight with ENGINE_FAULT."""
+        if self.state is not QState.STARTED:
+            return
+        self._move("fault")
+        self.stats.faults += 1
+        self._disabled = reason
+        self._words[StatusWord.DISABLED] = 1
+        self._fail_all(Status.ENGINE_FAULT, reason)
+        self._res.mmio.fail(QueueDisabled(f"queue {self.qid}: {reason}"))
+
+    def _fail_all(self, status: Status, why: str) -> None:
+        for t in list(self._tickets.values()):
+            self._finish(t, Completion(status, 0, 0, b"", t.tag, 0))
+        self._tickets.clear()
+        self._free_slots = list(range(self.geometry.slots - 1, -1, -1))
+        self._wake()
+
+    # -- memory --------------------------------------------------------------------
+    def alloc(self, size: int) -> SharedBuffer:
+        """Share ``size`` bytes with this queue (SVA devices only); free with ``buf.free()``.
+
+        Raises:
+            LocalProtocolError: the device has no SVA, or size <= 0.
+            WouldBlock: the shared heap is full.
+        """
+        self._check_open()
+        if not self.sva:
+            raise LocalProtocolError(
+                f"{self.device.name} has no SVA: requests go through the bounce pool"
+            )
+        if size <= 0:
+            raise LocalProtocolError(f"cannot share {size} bytes")
+        off = self._pools.shared.alloc(size)
+        if off is None:
+            raise WouldBlock(f"shared heap of queue {self.qid} is full")
+        roff = self._pools.shared_off + off
+        view = self._whole[roff : roff + size]
+        buf = SharedBuffer(self, self.geometry.base + roff, size, view, off)
+        self._pools.shared_live[off] = buf
+        return buf
+
+    def _free_shared(self, buf: SharedBuffer) -> None:
+        if self._pools.shared_live.pop(buf._off, None) is buf:
+            buf.view.release()
+            self._pools.shared.free(buf._off, buf.size)
+
+    @property
+    def bounce_size(self) -> int:
+        return self._pools.bounce.size
+
+    # -- submitting ------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedResourceError(f"queue {self.qid} is closed")
+
+    def _check_usable(self) -> None:
+        if self.state is not QState.STARTED:
+            self._check_open()
+            raise QueueStateError(f"queue {self.qid} is {self.state}, not started")
+        if self._disabled is not None or self._words[StatusWord.DISABLED]:
+            raise QueueDisabled(f"queue {self.qid} is disabled ({self.disabled}); reset it")
+
+    def _place(
+        self, data: Data | SharedBuffer, bounce: list[list[int]], ln: int | None = None
+    ) -> tuple[int, int, memoryview | None]:
+        """Bus address and length of ``data`` in this queue (copying bytes into the pool)."""
+        if isinstance(data, SharedBuffer):
+            if data.queue is not self:
+                # Another queue's buffer: pass its address and let the engine
+                # refuse it (that is the PASID check the tests exercise).
+                return data.addr, len(data), data.view
+            return data.addr, len(data), data.view
+        n = len(data) if ln is None else ln
+        if not n:
+            return 0, 0, None
+        blk = self._pools.bounce.alloc(n)
+        if blk is None:
+            raise WouldBlock(f"bounce pool of queue {self.qid} is full")
+        bounce.append(blk)
+        off = self._pools.bounce_off + blk[0] % self._pools.bounce.size
+        view = self._whole[off : off + n]
+        if ln is None:
+            view[:] = data
+        return self.geometry.base + off, n, view
+
+    def _add(self, req: Request, owner: _Owner, tag: Any) -> Ticket:
+        if not self._free_slots:
+            raise WouldBlock(f"queue {self.qid}: all {self.geometry.slots} slots in flight")
+        bounce: list[list[int]] = []
+        try:
+            sa, sl, _ = self._place(req.src, bounce) if req.src else (0, 0, None)
+            aa, al, _ = self._place(req.aad, bounce) if req.aad else (0, 0, None)
+            dview: memoryview | None
+            if req.dst is not None:
+                da, dl, dview = req.dst.addr, len(req.dst), req.dst.view
+            elif req.dst_len:
+                da, dl, dview = self._place(b"", bounce, req.dst_len)
+            else:
+                da, dl, dview = 0, 0, None
+        except BaseException:
+            for b in bounce:
+                self._pools.bounce.free(b)
+            raise
+        if req.src_addr is not None:
+            sa = req.src_addr
+        if req.dst_addr is not None:
+            da = req.dst_addr
+        slot = self._free_slots.pop()
+        REQ_STRUCT.pack_into(
+            self._whole, self._hdr_off[slot], WIRE_VERSION, req.op, req.alg, req.alg2, req.level,
+            req.flags, len(req.key), len(req.iv), req.tag_len, req.stream_id, sa, sl, dl, da,
+            aa, al, req.key, req.iv,
+        )  # fmt: skip
+        t = Ticket(slot, owner, tag, req.dst, dview, bounce)
+        try:
+            rd, wr = self._chains[slot]
+            self._dq.add(rd, wr, t)
+        except BaseException:
+            self._free_slots.append(slot)
+            for b in bounce:
+                self._pools.bounce.free(b)
+            raise
+        self._tickets[slot] = t
+        self.stats.submitted += 1
+        return t
+
+    def submit(self, req: Request, *, tag: Any = None, owner: _Owner | None = None) -> Ticket:
+        """Submit one request and ring the doorbell.
+
+        Raises:
+            WouldBlock: no free slot or bounce space (poll, then retry).
+            QueueDisabled, QueueStateError: see :meth:`_check_usable`.
+        """
+        return self.submit_many(((req, tag),), owner=owner)[0]
+
+    def submit_many(
+        self, reqs: Iterable[tuple[Request, Any]], *, owner: _Owner | None = None
+    ) -> list[Ticket]:
+        """Submit a batch with one doorbell. On WouldBlock the requests before it are sent.
+
+        Raises:
+            WouldBlock: out of slots or bounce space part-way (already-added ones go out).
+        """
+        self._check_usable()
+        own: _Owner = owner if owner is not None else self
+        out: list[Ticket] = []
+        try:
+            for req, tag in reqs:
+                out.append(self._add(req, own, tag))
+        finally:
+            if out:
+                self._kick()
+        return out
+
+    def _kick(self) -> None:
+        if self._dq.publish():
+            self._res.mmio.doorbell(0).ring()
+            self.stats.doorbells += 1
+
+    # -- receiving -----------------------------------------------------------------
+    def _finish(self, t: Ticket, c: Completion) -> None:
+        t.done = True
+        for b in t.bounce:
+            self._pools.bounce.free(b)
+        self.stats.completed += 1
+        if t.future is not None:
+            if not t.future.done():
+                t.future.set_result(c)
+        else:
+            t.owner._ready.append(c)
+
+    def _reap(self) -> int:
+        """Collect completions from the used ring (shared memory only; no system call)."""
+        if self._closed or self.state is not QState.STARTED:
+            return 0
+        if self._disabled is None and self._words[StatusWord.DISABLED] and self._tickets:
+            self._fault("disabled by the framework")
+            return 0
+        try:
+            done = self._dq.get_used_many()
+        except (RingError, MicError) as e:
+            self._fault(f"used ring: {e}")
+            self.device._ring_fault(self, str(e))
+            return 0
+        if not done:
+            return 0
+        whole = self._whole
+        resp_off = self._resp_off
+        unpack = RESP_STRUCT.unpack_from
+        for t, length in done:
+            self._free_slots.append(t.slot)
+            self._tickets.pop(t.slot, None)
+            if length < RESP_SIZE:
+                c = Completion(Status.INVALID_REQUEST, 0, 0, b"", t.tag)
+            else:
+                st, consumed, produced, _us, detail = unpack(whole, resp_off[t.slot])
+                dv = t.dst_view
+                if produced and dv is not None:
+                    produced = min(produced, len(dv))
+                    out: bytes | memoryview = (
+                        dv[:produced] if t.dst is not None else bytes(dv[:produced])
+                    )
+                else:
+                    out = b""
+                status = _STATUS.get(st, Status.INVALID_REQUEST)
+                c = Completion(status, consumed, produced, out, t.tag, detail)
+            self._finish(t, c)
+        self._wake()
+        return len(done)
+
+    def _wake(self) -> None:
+        ev, self._progress = self._progress, asyncio.Event()
+        ev.set()
+
+    def poll(self, limit: int | None = None) -> list[Completion]:
+        """Completions of requests submitted on the queue itself; never a system call."""
+        self._reap()
+        r = self._ready
+        n = len(r) if limit is None else min(limit, len(r))
+        return [r.popleft() for _ in range(n)]
+
+    def recv_nowait(self) -> Completion:
+        """One completion, or raise WouldBlock (no system call)."""
+        self._reap()
+        if not self._ready:
+            raise WouldBlock(f"queue {self.qid}: nothing completed")
+        return self._ready.popleft()
+
+    async def recv(self) -> Completion:
+        """Wait (sleeping on the queue's interrupt) for one completion.
+
+        Raises:
+            QueueDisabled: the queue was disabled while nothing was pending for us.
+        """
+        r = self._ready
+        await self.wait_for(lambda: bool(r))
+        return r.popleft()
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._tickets)
+
+    async def wait_for(self, cond: Any) -> None:
+        """Sleep until ``cond()`` is true, reaping completions; one waiter sleeps on the vector.
+
+        Raises:
+            QueueDisabled: the queue is disabled and ``cond`` cannot become true.
+        """
+        while not cond():
+            self._reap()
+            if cond():
+                return
+            if self._closed:
+                raise ClosedResourceError(f"queue {self.qid} is closed")
+            if self._reaping:
+                await self._progress.wait()
+                continue
+            if not self._tickets:
+                self._check_usable()
+                raise QueueStateError(f"queue {self.qid}: waiting with nothing in flight")
+            self._reaping = True
+            try:
+                if self._dq.enable_interrupts():
+                    continue
+                self.stats.sleeps += 1
+                try:
+                    await self._res.mmio.vector(0).wait()
+                except QueueDisabled:
+                    self._reap()
+                    continue
+                except (MicError, ClosedResourceError):
+                    if self._disabled is not None:
+                        continue
+                    raise
+            finally:
+                self._reaping = False
+                self._dq.disable_interrupts()
+                self._wake()
+
+    async def wait_ticket(self, t: Ticket) -> Completion:
+        """Wait for one ticket's completion (the ticket must have been given a future)."""
+        fut = t.future
+        assert fut is not None
+        await self.wait_for(fut.done)
+        return fut.result()
+
+
+def slots_of(tickets: Sequence[Ticket]) -> list[int]:  # pragma: no cover - debugging aid
+    return [t.slot for t in tickets]
