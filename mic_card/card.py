@@ -19,6 +19,12 @@ Link messages (JSON objects on the transport control link):
 | host->card | ``devices`` | ``id`` | list the bound devices |
 | host->card | ``run`` | ``id``, ``app``, ``args`` | run ``module:function`` |
 
+Console services: when a virtio console is bound at boot, the card shell
+(:class:`mic_card.shell.InteractiveShell`) runs on its port 0 (``hvc0``) and the
+agent (:class:`mic_card.agent.Agent`) on its port named ``org.mic-vop.agent.0``
+(present only when MULTIPORT was negotiated). ``reboot``/``poweroff`` in the
+shell end the card OS with shutdown status ``restart``/``poweroff``.
+
 Must not import ``mic_host``.
 """
 
@@ -34,17 +40,26 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import mic_card.accel.commands  # noqa: F401 - registers the `accel` shell command
+from mic_card.accel import AccelFramework, default_devices
+from mic_card.agent import AGENT_PORT, Agent
 from mic_card.bus import CardRamAllocator, VirtioBus
+from mic_card.drivers import DRIVERS
+from mic_card.drivers.console import ConsoleDevice, SinglePortConsole
+from mic_card.shell import CardFS, InteractiveShell
 from transport import PcieCard
+from virtio.constants import DeviceType
 from virtio.errors import BrokenResourceError, LocalProtocolError, MicError
 from virtio.memory import Memory
 
-__all__ = ["Card", "CardOS", "DmesgHandler", "load_app"]
+__all__ = ["AGENT_WAIT", "Card", "CardOS", "DmesgHandler", "load_app"]
 
 log = logging.getLogger("mic_card")
 
 #: Card RAM below this is reserved (a "kernel" page nobody allocates).
 _RESERVED = 0x1000
+#: How long the card waits for the console's ports (MULTIPORT handshake) at boot.
+AGENT_WAIT = 5.0
 
 
 class DmesgHandler(logging.Handler):
@@ -140,6 +155,27 @@ class Card:
     def uptime(self) -> float:
         return time.monotonic() - self._os.started
 
+    def shutdown(self, status: str = "halted") -> None:
+        """End the card OS with ``status`` (``halted``, ``poweroff`` or ``restart``).
+
+        Raises:
+            LocalProtocolError: an unknown status.
+        """
+        self._os.request_shutdown(status)
+
+    @property
+    def agent(self) -> Agent | None:
+        """The agent serving the host (None without a console agent port)."""
+        return self._os.agent
+
+    async def accelerators(self) -> AccelFramework:
+        """The card's accelerator framework (``mic-zip``, ``mic-sec``), started on first use.
+
+        Starting it spawns the engine worker processes, so a card that never
+        offloads pays nothing at boot. It stops when the card OS shuts down.
+        """
+        return await self._os.accelerators()
+
 
 def load_app(spec: str) -> Callable[..., Awaitable[Any]]:
     """Resolve ``module:function`` to an ``async def main(card, *args)``.
@@ -183,7 +219,14 @@ def _jsonable(value: Any) -> Any:
 class CardOS:
     """One booted card OS over a connected :class:`PcieCard`."""
 
-    def __init__(self, pcie: PcieCard, *, apps: tuple[str, ...] = (), dmesg: DmesgHandler) -> None:
+    def __init__(
+        self,
+        pcie: PcieCard,
+        *,
+        apps: tuple[str, ...] = (),
+        dmesg: DmesgHandler,
+        console_multiport: bool = True,
+    ) -> None:
         self.pcie = pcie
         self.name = pcie.identity.name
         self.boot_params = dict(pcie.boot_params)
@@ -191,14 +234,51 @@ class CardOS:
         self.dmesg = dmesg
         self.started = time.monotonic()
         self.platform = _Platform(pcie, pcie.mmio.spad.device_page())
+        # The driver table, with MULTIPORT left unacked on request (a card
+        # that only knows the legacy single-port console).
+        drivers = dict(DRIVERS)
+        drivers[int(DeviceType.CONSOLE)] = ConsoleDevice if console_multiport else SinglePortConsole
         self.bus = VirtioBus(
             self.platform,
             used_in_card=bool(self.boot_params.get("used_ring_in_card", False)),
+            drivers=drivers,
         )
         self.card = Card(self)
+        self.fs = CardFS(self.card)
+        self.shell: InteractiveShell | None = None
+        self.agent: Agent | None = None
         self.shutdown_status = "halted"
         self._stop = asyncio.Event()
         self._apps: set[asyncio.Task[None]] = set()
+        self._accel: AccelFramework | None = None
+        self._accel_lock = asyncio.Lock()
+
+    async def accelerators(self) -> AccelFramework:
+        """Start the accelerator framework once (see :meth:`Card.accelerators`)."""
+        async with self._accel_lock:
+            if self._accel is None:
+                fw = AccelFramework(default_devices())
+                await fw.__aenter__()
+                self._accel = fw
+                log.info("%s: accelerators up: %s", self.name, ", ".join(fw.devices))
+            return self._accel
+
+    async def _close_accel(self) -> None:
+        if self._accel is not None:
+            fw, self._accel = self._accel, None
+            await fw.__aexit__(None, None, None)
+
+    def request_shutdown(self, status: str = "halted") -> None:
+        """Shut the card OS down in order with ``status`` (the card's own decision).
+
+        Raises:
+            LocalProtocolError: an unknown status.
+        """
+        if status not in ("halted", "poweroff", "restart"):
+            raise LocalProtocolError(f"unknown shutdown status {status!r}")
+        log.info("%s: %s requested on the card", self.name, status)
+        self.shutdown_status = status
+        self._stop.set()
 
     async def run(self) -> str:
         """Boot, serve until the host asks for a shutdown; return the shutdown status.
@@ -228,6 +308,7 @@ class CardOS:
                 msgs = tg.create_task(self._messages(tg), name="link")
                 for spec in self.apps:
                     self._start_app(tg, None, spec, [])
+                self._start_console(tg)
                 await self._stop.wait()
                 log.info("%s: shutting down (%s)", self.name, self.shutdown_status)
                 hb.cancel()
@@ -237,8 +318,46 @@ class CardOS:
                 # host's shutdown_timeout resets it).
                 for app in list(self._apps):
                     app.cancel()
+                await self._close_accel()
             pump.cancel()
         return self.shutdown_status
+
+    def _start_console(self, tg: asyncio.TaskGroup) -> None:
+        """The shell on ``hvc0`` and the agent on its named port, if a console is bound."""
+        for d in self.bus.devices():
+            if d["type"] == DeviceType.CONSOLE and d["driver"] is not None:
+                console = self.bus.driver(d["name"])
+                self._track(tg.create_task(self._run_shell(console), name="shell"))
+                self._track(tg.create_task(self._run_agent(console), name="agent"))
+                return
+        log.info("%s: no console: no shell, no agent", self.name)
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._apps.add(task)
+        task.add_done_callback(self._apps.discard)
+
+    async def _run_shell(self, console: ConsoleDevice) -> None:
+        try:
+            async with asyncio.timeout(AGENT_WAIT):
+                port = await console.console_port()
+        except (TimeoutError, BrokenResourceError) as e:
+            log.error("%s: no console port for the shell: %r", self.name, e)
+            return
+        self.shell = InteractiveShell(self.card, port, self.fs)
+        await self.shell.run()
+
+    async def _run_agent(self, console: ConsoleDevice) -> None:
+        if not console.multiport:
+            log.info("%s: console without MULTIPORT: no agent port", self.name)
+            return
+        try:
+            async with asyncio.timeout(AGENT_WAIT):
+                port = await console.wait_port(AGENT_PORT)
+        except (TimeoutError, BrokenResourceError) as e:
+            log.error("%s: no agent port %s: %r", self.name, AGENT_PORT, e)
+            return
+        self.agent = Agent(self.card, port, self.fs)
+        await self.agent.run()
 
     async def _pump(self) -> None:
         vec = self.pcie.mmio.vector(0)

@@ -2,6 +2,11 @@
 
 Connects to the host's per-card control link, boots the card OS
 (:class:`mic_card.card.CardOS`) and exits with its shutdown status reported.
+``--no-console-multiport`` (or ``MIC_CARD_CONSOLE_MULTIPORT=0`` in the
+environment, e.g. through the card's ``card_command = ["env", ...]``) makes
+the console driver leave VIRTIO_CONSOLE_F_MULTIPORT unacked: port 0 only,
+no agent.
+
 Exit codes: 0 orderly shutdown, 1 the card OS crashed, 2 boot refused (bad
 link, handshake or boot parameters), 3 the link to the host was lost.
 """
@@ -12,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 
 from mic_card.card import CardOS, DmesgHandler
@@ -36,13 +42,24 @@ def _parser() -> argparse.ArgumentParser:
         help="run async def FUNCTION(card) at boot (repeatable)",
     )
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    p.add_argument(
+        "--no-console-multiport",
+        dest="console_multiport",
+        action="store_false",
+        default=os.environ.get("MIC_CARD_CONSOLE_MULTIPORT", "1").strip().lower()
+        not in ("0", "no", "false", "off"),
+        help="do not ack VIRTIO_CONSOLE_F_MULTIPORT (port 0 only, no agent); "
+        "default from $MIC_CARD_CONSOLE_MULTIPORT",
+    )
     return p
 
 
 async def _amain(args: argparse.Namespace, dmesg: DmesgHandler) -> int:
     try:
         async with PcieCard.connect(args.socket, expect_card=args.card) as pc:
-            os_ = CardOS(pc, apps=tuple(args.app), dmesg=dmesg)
+            os_ = CardOS(
+                pc, apps=tuple(args.app), dmesg=dmesg, console_multiport=args.console_multiport
+            )
             try:
                 status = await os_.run()
                 await pc.link.send({"type": "shutdown_status", "status": status})

@@ -26,7 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mic_host.agent import DEFAULT_EXEC_TIMEOUT, MAX_EXEC_OUTPUT
 from mic_host.backends import Backend, create_backend
+from mic_host.backends.console import ConsoleBackend, ConsolePty
 from mic_host.config import CardConfig, DeviceConfig, validate_device_options
 from mic_host.lifecycle import CardEvent, CardLifecycle, CardState, ShutdownStatus
 from mic_host.vop import Vop
@@ -121,7 +123,20 @@ class CardManager:
         self._ids = itertools.count(1)
         self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        #: one pty per console device, for the daemon's life (survives reboots)
+        self._ptys: dict[str, ConsolePty] = {}
+        for i, d in enumerate(self.devices):
+            if d.type == "console":
+                self._pty(self._dev_name(d, i))
         self.lifecycle.add_listener(self._on_transition)
+
+    def _pty(self, device: str) -> ConsolePty:
+        pty = self._ptys.get(device)
+        if pty is None or pty.closed:
+            pty = self._ptys[device] = ConsolePty(f"{self.name} {device}")
+            # mpssd's words, so scripts that grep for them keep working
+            log.info("%s console message goes to %s", self.name, pty.path)
+        return pty
 
     # -- state -------------------------------------------------------------
     @property
@@ -182,6 +197,9 @@ class CardManager:
             if self.vop is not None and name in self.vop.devices:
                 vdev = self.vop.devices[name]
                 entry |= {"status": vdev.machine.status, "features": vdev.machine.features}
+            if name in self._ptys:
+                entry["pty"] = self._ptys[name].path
+                entry["log"] = str(self._console_log(name))
             devs.append(entry)
         return {
             "name": self.name,
@@ -336,6 +354,8 @@ class CardManager:
                     await task
         for t in list(self._tasks):
             t.cancel()
+        for pty in self._ptys.values():
+            pty.close()
 
     # -- the session ---------------------------------------------------------
     def _dev_name(self, dev: DeviceConfig, index: int) -> str:
@@ -347,8 +367,21 @@ class CardManager:
         if dev.type == "block":
             opts["path"] = opts.pop("image")
         elif dev.type == "console":
-            opts.setdefault("log_path", str(self.state_dir / f"{self.name}-console.log"))
-        return create_backend(dev.type, name=name, **opts)
+            opts.setdefault("log_path", str(self._console_log(name)))
+            opts["pty"] = self._pty(name)
+        backend = create_backend(dev.type, name=name, **opts)
+        if isinstance(backend, ConsoleBackend) and backend.agent is not None:
+            backend.agent.label = self.name
+        return backend
+
+    def _console_log(self, device: str) -> Path:
+        """``<card>-console.log`` for the first console, ``<card>-<device>.log`` for others."""
+        first = next(
+            (self._dev_name(d, i) for i, d in enumerate(self.devices) if d.type == "console"),
+            device,
+        )
+        suffix = "console" if device == first else device
+        return self.state_dir / f"{self.name}-{suffix}.log"
 
     def _boot_params(self) -> dict[str, Any]:
         return {
@@ -681,4 +714,76 @@ class CardManager:
                 )
         if self.vop is not None and name in self.vop.devices:
             await self.vop.remove_device(name)
+        pty = self._ptys.pop(name, None)
+        if pty is not None:
+            pty.close()
         return {"card": self.name, "removed": name}
+
+    # -- console and agent -------------------------------------------------------
+    def _consoles(self) -> list[ConsoleBackend]:
+        if self.vop is None:
+            return []
+        return [
+            d.backend for d in self.vop.devices.values() if isinstance(d.backend, ConsoleBackend)
+        ]
+
+    async def exec(
+        self,
+        argv: list[str] | None,
+        line: str | None,
+        *,
+        timeout: float | None = None,
+        max_output: int = MAX_EXEC_OUTPUT,
+        stdin: str | None = None,
+    ) -> dict[str, Any]:
+        """Run a shell command on the card through the agent (see :mod:`mic_host.agent`).
+
+        Raises:
+            LocalProtocolError: card not online, or it has no agent port (no
+                console, or MULTIPORT not negotiated).
+            MicTimeoutError: the agent did not answer in time.
+            RemoteProtocolError: the agent refused the request.
+            BrokenResourceError: the card went down meanwhile.
+        """
+        if self.state is not CardState.ONLINE:
+            raise LocalProtocolError(f"{self.name} is {self.state}, not online")
+        agents = [c for c in self._consoles() if c.agent is not None]
+        if not agents:
+            raise LocalProtocolError(f"{self.name}: no console with an agent port")
+        console = agents[0]
+        agent = console.agent
+        assert agent is not None
+        if console.negotiated and not console.multiport_active:
+            raise LocalProtocolError(
+                f"{self.name}: the card did not negotiate VIRTIO_CONSOLE_F_MULTIPORT: no agent port"
+            )
+        t = DEFAULT_EXEC_TIMEOUT if timeout is None else timeout
+        result = await agent.exec(argv, line=line, timeout=t, max_output=max_output, stdin=stdin)
+        return {"card": self.name, **result}
+
+    async def console_resize(self, cols: int, rows: int, device: str | None) -> dict[str, Any]:
+        """Set a console's window size (the pty's, and RESIZE to the card when it runs).
+
+        Raises:
+            LocalProtocolError: no such console, or a bad size.
+        """
+        names = [self._dev_name(d, i) for i, d in enumerate(self.devices) if d.type == "console"]
+        if device is not None:
+            if device not in names:
+                by_card = {n for n, c in self._card_names().items() if c == device}
+                names = [n for n in names if n in by_card]
+                if not names:
+                    raise LocalProtocolError(f"{self.name}: no console {device!r}")
+            else:
+                names = [device]
+        if not names:
+            raise LocalProtocolError(f"{self.name}: no console")
+        name = names[0]
+        if not (0 < cols < 65536 and 0 < rows < 65536):
+            raise LocalProtocolError(f"bad window size {cols}x{rows}")
+        self._pty(name).resize(cols, rows)
+        if self.vop is not None and name in self.vop.devices:
+            backend = self.vop.devices[name].backend
+            if isinstance(backend, ConsoleBackend):
+                await backend.resize(cols, rows)
+        return {"card": self.name, "device": name, "cols": cols, "rows": rows}

@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mic_host.config import parse_config, resolve_state_dir
 from mic_host.lifecycle import CardState
@@ -49,6 +49,11 @@ from virtio.errors import (
     MicTimeoutError,
     RemoteProtocolError,
 )
+
+if TYPE_CHECKING:
+    from contextlib import AbstractAsyncContextManager
+
+    from mic_host.terminal import ConsoleStream, ExecResult
 
 __all__ = ["CardClient", "Client", "connect", "launch", "DEFAULT_DAEMON_MODULE"]
 
@@ -263,6 +268,43 @@ class CardClient:
         """Hot-add a device; returns ``{"device": "vdb", ...}``."""
         return await self.client.request("attach", self.name, type=type, options=options)
 
+    async def attach_block(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        size: int | str | None = None,
+        create: bool = False,
+        read_only: bool = False,
+        serial: str | None = None,
+        **options: Any,
+    ) -> str | None:
+        """Hot-add a virtio-blk disk backed by the raw image ``path``; returns the
+        card's device name (``"vdb"``), or None if the card is not running (the
+        disk is then kept for its next boot).
+
+        ``size`` (bytes or ``"64M"``) is the size of an image ``create`` makes
+        when ``path`` is missing; ``options`` are further block options
+        (``num_queues``, ``queue_size``, ``blk_size``, ``discard``, ``name``).
+        A relative ``path`` is taken from the daemon's state directory.
+
+        Raises:
+            ConfigError: bad options (missing image without ``create``, bad size...).
+            LocalProtocolError: the name is taken or the device page is full.
+            MicTimeoutError: the card did not bind the disk in time.
+        """
+        opts: dict[str, Any] = {"image": os.fspath(path), **options}
+        if size is not None:
+            opts["size"] = size
+        if create:
+            opts["create"] = True
+        if read_only:
+            opts["read_only"] = True
+        if serial is not None:
+            opts["serial"] = serial
+        res = await self.attach("block", **opts)
+        dev = res.get("device")
+        return dev if isinstance(dev, str) else None
+
     async def detach(self, device: str) -> dict[str, Any]:
         """Hot-remove a device by its card device name or its label."""
         return await self.client.request("detach", self.name, device=device)
@@ -274,6 +316,47 @@ class CardClient:
     async def run(self, app: str, *args: Any) -> dict[str, Any]:
         """Run ``module:function`` on the card with JSON ``args``; returns its result."""
         return await self.client.request("run", self.name, app=app, args=list(args))
+
+    async def exec(
+        self,
+        *argv: str,
+        line: str | None = None,
+        timeout: float | None = None,
+        max_output: int | None = None,
+        stdin: bytes | None = None,
+    ) -> ExecResult:
+        """Run a shell command on the card through its agent:
+        ``out, err, status = await card.exec("sha256sum", "/dev/vda")``.
+
+        ``argv`` or a command ``line`` (with ``>`` redirection); the card stops
+        the command after ``timeout`` s (default 30; status 124).
+
+        Raises:
+            LocalProtocolError: card not online, or no agent port.
+            MicTimeoutError: the agent did not answer.
+        """
+        from mic_host.terminal import exec_on
+
+        return await exec_on(
+            self,
+            list(argv) if line is None else None,
+            line=line,
+            timeout=timeout,
+            max_output=max_output,
+            stdin=stdin,
+        )
+
+    def console(self, device: str | None = None) -> AbstractAsyncContextManager[ConsoleStream]:
+        """``async with card.console() as con:`` a stream over the console's pty
+        (``write``, ``read_until``, ``command``); see :class:`mic_host.terminal.ConsoleStream`.
+        """
+        from mic_host.terminal import open_console
+
+        return open_console(self, device)
+
+    async def console_resize(self, cols: int, rows: int, device: str | None = None) -> None:
+        """Set the console's window size (the card gets VIRTIO_CONSOLE_RESIZE)."""
+        await self.client.request("console_resize", self.name, cols=cols, rows=rows, device=device)
 
 
 # ------------------------------------------------------------------ connect

@@ -256,6 +256,10 @@ DEVICE_OPTIONS: dict[str, dict[str, OptionSpec]] = {
         "create": OptionSpec("bool", help="create the image (sparse, `size` bytes) if missing"),
         "read_only": OptionSpec("bool", help="offer VIRTIO_BLK_F_RO; writes fail"),
         "serial": OptionSpec("serial", help="answer to GET_ID, at most 20 bytes"),
+        "num_queues": OptionSpec("int", help="request queues, 1..4 (> 1 offers VIRTIO_BLK_F_MQ)"),
+        "queue_size": OptionSpec("int", help="entries per queue, a power of two <= 256"),
+        "blk_size": OptionSpec("size", help="logical block size, a power of two 512..64K"),
+        "discard": OptionSpec("bool", help="offer DISCARD and WRITE_ZEROES (default true)"),
     },
     "console": {},
     "net": {

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mic_host.agent import MAX_EXEC_OUTPUT
 from mic_host.backends import available_backends
 from mic_host.card import CardManager
 from mic_host.config import (
@@ -133,6 +134,35 @@ class Daemon:
 
     async def run(self, card: str, app: str, args: list[Any]) -> dict[str, Any]:
         return await self._card(card).run(app, args)
+
+    async def exec(
+        self,
+        card: str,
+        argv: list[Any] | None,
+        line: str | None,
+        timeout: float | None,
+        max_output: float,
+        stdin: str | None,
+    ) -> dict[str, Any]:
+        """Run a shell command on the card through its agent (stdout/stderr base64)."""
+        if (argv is None) == (line is None):
+            raise LocalProtocolError("exec: give exactly one of 'argv' and 'line'")
+        if argv is not None and (not argv or not all(isinstance(a, str) for a in argv)):
+            raise LocalProtocolError("exec: 'argv' must be a non-empty array of strings")
+        if timeout is not None and not 0 < timeout <= 24 * 3600:
+            raise LocalProtocolError("exec: 'timeout' must be in (0, 86400] seconds")
+        if max_output != int(max_output) or not 0 <= max_output <= MAX_EXEC_OUTPUT:
+            raise LocalProtocolError(f"exec: 'max_output' must be an int in [0, {MAX_EXEC_OUTPUT}]")
+        return await self._card(card).exec(
+            argv, line, timeout=timeout, max_output=int(max_output), stdin=stdin
+        )
+
+    async def console_resize(
+        self, card: str, cols: float, rows: float, device: str | None
+    ) -> dict[str, Any]:
+        if cols != int(cols) or rows != int(rows):
+            raise LocalProtocolError("console_resize: cols and rows must be integers")
+        return await self._card(card).console_resize(int(cols), int(rows), device)
 
     async def suspend(self) -> dict[str, Any]:
         """Host PM suspend (``cosm_stop``): stop every card, remember the running ones."""

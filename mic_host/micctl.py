@@ -15,21 +15,34 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import json
+import os
 import re
 import sys
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
 
 from mic_host.client import Client, connect
-from mic_host.config import CARD_NAME_RE, STATE_DIR_ENV, parse_size, resolve_state_dir
+from mic_host.config import (
+    CARD_NAME_RE,
+    STATE_DIR_ENV,
+    parse_size,
+    resolve_state_dir,
+    validate_device_options,
+)
 from mic_host.lifecycle import CardState
 from mic_host.protocol import OPS
+from mic_host.terminal import micctl_subcommands
 from virtio.errors import ConfigError, MicError
 
 __all__ = [
     "SUBCOMMANDS",
+    "Progress",
     "Subcommand",
     "build_parser",
     "format_stats",
@@ -193,6 +206,16 @@ def _size(text: str) -> int:
     return n
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return n
+
+
 def _card(text: str) -> str:
     if not CARD_NAME_RE.match(text):
         raise argparse.ArgumentTypeError(f"bad card name {text!r}: expected micN, e.g. mic0")
@@ -240,6 +263,7 @@ def attach_options(args: argparse.Namespace) -> dict[str, Any]:
         "create": True if args.create else None,
         "read_only": True if args.read_only else None,
         "serial": args.serial,
+        "num_queues": getattr(args, "queues", None),
     }
     for key, value in flags.items():
         if value is None:
@@ -333,9 +357,144 @@ def _conf_wait(p: argparse.ArgumentParser) -> None:
     _with_timeout(p)
 
 
+class Progress:
+    """A progress report on stderr: a redrawn bar on a TTY, a few plain lines otherwise
+    (at 0, 25, 50, 75 and 100 %), so logs of scripted runs stay readable."""
+
+    WIDTH = 30
+
+    def __init__(self, label: str, total: int, stream: TextIO | None = None) -> None:
+        self.label = label
+        self.total = max(total, 1)
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty()
+        self._last_quarter = -1
+        self._last_draw = 0.0
+        self._t0 = time.monotonic()
+
+    def update(self, done: int) -> None:
+        frac = min(done / self.total, 1.0)
+        mib = f"{done / 2**20:.1f}/{self.total / 2**20:.1f} MiB"
+        if self.tty:
+            now = time.monotonic()
+            if frac < 1.0 and now - self._last_draw < 0.1:
+                return
+            self._last_draw = now
+            fill = int(frac * self.WIDTH)
+            bar = "#" * fill + "-" * (self.WIDTH - fill)
+            rate = done / max(now - self._t0, 1e-6) / 2**20
+            self.stream.write(
+                f"\r{self.label} [{bar}] {frac:4.0%} {mib} {rate:.0f} MiB/s"
+                + ("\n" if frac >= 1.0 else "")
+            )
+            self.stream.flush()
+            return
+        quarter = int(frac * 4)
+        if quarter > self._last_quarter:
+            self._last_quarter = quarter
+            print(f"{self.label}: {quarter * 25}% ({mib})", file=self.stream, flush=True)
+
+
+_CHUNK = 4 << 20
+
+
+def _copy_image(src: Path, dst: Path, size: int | None) -> None:
+    """Copy ``src`` into a new ``dst`` (zero chunks stay holes), grown to ``size``."""
+    total = src.stat().st_size
+    if size is not None and size < total:
+        raise ConfigError(f"--size {size} is smaller than {src} ({total} B)")
+    progress = Progress(f"copying {src.name} -> {dst.name}", total)
+    progress.update(0)
+    buf = bytearray(_CHUNK)
+    zero = bytes(_CHUNK)
+    with src.open("rb") as fin, dst.open("xb") as fout:
+        done = 0
+        while True:
+            n = fin.readinto(buf)
+            if not n:
+                break
+            if buf[:n] == zero[:n]:
+                fout.seek(n, os.SEEK_CUR)  # keep the copy sparse
+            else:
+                fout.write(memoryview(buf)[:n])
+            done += n
+            progress.update(done)
+        fout.truncate(max(done, size or 0))
+        os.fsync(fout.fileno())
+    progress.update(total)
+
+
+def _preallocate_image(dst: Path, size: int) -> None:
+    """Create ``dst`` with ``size`` bytes allocated (no holes), in chunks, with progress."""
+    progress = Progress(f"allocating {dst.name}", size)
+    progress.update(0)
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        step = 16 << 20
+        for off in range(0, size, step):
+            os.posix_fallocate(fd, off, min(step, size - off))
+            progress.update(min(off + step, size))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _prepare_block_image(
+    client: Client, args: argparse.Namespace, opts: dict[str, Any]
+) -> Path | None:
+    """``--copy-from`` / ``--preallocate``: make the image here, before attaching.
+
+    Returns the path created (removed again if the attach fails), or None.
+
+    Raises:
+        ConfigError: bad combination, the image exists, I/O errors.
+    """
+    if not (args.copy_from or args.preallocate) or "image" not in opts:
+        return None
+    image = Path(
+        validate_device_options(
+            "block", {"image": opts["image"]}, state_dir=client.state_dir, card=args.card
+        )["image"]
+    )
+    size = opts.get("size")
+    if args.copy_from:
+        if image.exists():
+            raise ConfigError(f"{image} exists; --copy-from only creates new images")
+        make: Callable[[], None] = functools.partial(
+            _copy_image, Path(args.copy_from).expanduser(), image, size
+        )
+    else:
+        if not args.create or size is None:
+            raise ConfigError("--preallocate needs --create and --size")
+        if image.exists():
+            return None  # --create: an existing image is used as it is
+        make = functools.partial(_preallocate_image, image, int(size))
+    try:
+        make()
+    except (OSError, ConfigError) as e:
+        with contextlib.suppress(OSError):
+            image.unlink()  # half-made: do not leave it for the next attempt to pick up
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"cannot create {image}: {e.strerror or e}") from e
+    opts["image"] = str(image)
+    opts.pop("create", None)
+    opts.pop("size", None)
+    return image
+
+
 async def _attach(client: Client, args: argparse.Namespace) -> int:
     opts = attach_options(args)
-    r = await client.card(args.card).attach(args.type, **opts)
+    created = None
+    if args.type == "block":
+        created = await asyncio.to_thread(_prepare_block_image, client, args, opts)
+    try:
+        r = await client.card(args.card).attach(args.type, **opts)
+    except BaseException:
+        if created is not None:
+            with contextlib.suppress(OSError):
+                created.unlink()
+        raise
     print(r.get("device", json.dumps(r, sort_keys=True)))
     return EXIT_OK
 
@@ -348,6 +507,17 @@ def _conf_attach(p: argparse.ArgumentParser) -> None:
     p.add_argument("--create", action="store_true", help="block: create the image if missing")
     p.add_argument("--read-only", action="store_true", help="block: read-only device")
     p.add_argument("--serial", metavar="S", help="block: serial (GET_ID), <= 20 bytes")
+    p.add_argument(
+        "--copy-from",
+        metavar="SRC",
+        help="block: create the image as a copy of SRC (with a progress bar); --size may grow it",
+    )
+    p.add_argument(
+        "--preallocate",
+        action="store_true",
+        help="block: with --create, allocate every block now (with a progress bar)",
+    )
+    p.add_argument("--queues", type=_positive, metavar="N", help="block: request queues (MQ)")
     p.add_argument(
         "--opt",
         type=_opt,
@@ -433,6 +603,11 @@ for _sub in (
 ):
     register_subcommand(_sub)
 del _sub
+
+# console and exec live with the rest of the console client (mic_host/terminal.py)
+for _name, _help, _configure, _run_sub in micctl_subcommands():
+    register_subcommand(Subcommand(_name, _help, _configure, _run_sub))
+del _name, _help, _configure, _run_sub
 
 
 # --------------------------------------------------------------------- main

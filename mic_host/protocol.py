@@ -163,6 +163,28 @@ OPS: dict[str, OpSpec] = {
         },
         help="run a card app and return its result",
     ),
+    "exec": OpSpec(
+        "required",
+        {
+            "argv": ArgSpec("array", help="command and arguments (strings); or 'line'"),
+            "line": ArgSpec("string", help="a shell command line; or 'argv'"),
+            "timeout": ArgSpec(
+                "number", nullable=True, help="seconds the command may run (default 30)"
+            ),
+            "max_output": ArgSpec("number", default=256 * 1024, help="bytes kept per stream"),
+            "stdin": ArgSpec("string", help="the command's stdin, base64"),
+        },
+        help="run a shell command on the card through its agent",
+    ),
+    "console_resize": OpSpec(
+        "required",
+        {
+            "cols": ArgSpec("number", required=True),
+            "rows": ArgSpec("number", required=True),
+            "device": ArgSpec("string", help="console device (default: the first)"),
+        },
+        help="set a console's window size (RESIZE to the card)",
+    ),
     "suspend": OpSpec("none", help="host PM suspend: stop every card"),
     "resume": OpSpec("none", help="host PM resume: boot the cards suspend stopped"),
 }
@@ -190,6 +212,18 @@ class ControlHandler(Protocol):
     async def detach(self, card: str, device: str) -> dict[str, Any]: ...
     async def stats(self, card: str) -> dict[str, Any]: ...
     async def run(self, card: str, app: str, args: list[Any]) -> dict[str, Any]: ...
+    async def exec(
+        self,
+        card: str,
+        argv: list[Any] | None,
+        line: str | None,
+        timeout: float | None,
+        max_output: float,
+        stdin: str | None,
+    ) -> dict[str, Any]: ...
+    async def console_resize(
+        self, card: str, cols: float, rows: float, device: str | None
+    ) -> dict[str, Any]: ...
     async def suspend(self) -> dict[str, Any]: ...
     async def resume(self) -> dict[str, Any]: ...
 

@@ -1,9 +1,21 @@
 """virtio-blk driver for the card (virtio 1.2 §5.2): ``vda``, ``vdb``...
 
 Each request is one chain: the 16-byte header (readable), the data
-(readable for OUT, writable for IN) and the status byte (writable), laid out
-in one card-RAM allocation that is freed once the host is done with it. Many
-requests may be outstanding at once (the queue's depth).
+(readable for OUT, writable for IN) and the status byte (writable). Many
+requests may be outstanding at once (the queue's depth); with
+VIRTIO_BLK_F_MQ they are spread over every queue (the least busy one takes
+the next request), so a device is as deep as ``num_queues * queue_size``.
+
+Buffers live in card RAM, the only memory the host can reach. Two ways in:
+
+- *buffered*: ``read`` returns ``bytes`` and ``write`` takes any bytes-like
+  object; the driver copies through a bounce buffer in card RAM;
+- *zero-copy*: :meth:`BlockDevice.buffer` hands out a :class:`DmaBuffer`
+  (card RAM); ``read_into``/``write`` with it move data straight between the
+  host's image and that buffer (Linux ``O_DIRECT``).
+
+The device files the card shell shows (``/dev/vda``...) are these drivers:
+``card.device("vda")``; :meth:`BlockDevice.info` is what ``blkinfo`` prints.
 
 Must not import ``transport`` or ``mic_host``.
 """
@@ -11,51 +23,120 @@ Must not import ``transport`` or ``mic_host``.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, ClassVar
+import struct
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from construct import ConstructError
 
 from mic_card.endpoint import DriverEndpoint
 from virtio.constants import SECTOR_SIZE, BlkFeature, BlkReqType, BlkStatus
 from virtio.errors import BrokenResourceError, LocalProtocolError, MicError, RemoteProtocolError
-from virtio.layouts import BlkConfig, BlkReqHeader
+from virtio.layouts import BlkConfig, BlkDiscardWriteZeroes, BlkReqHeader
 
 if TYPE_CHECKING:
     from mic_card.bus import CardDevice
 
-__all__ = ["ID_BYTES", "BlockDevice", "BlockIOError"]
+__all__ = ["ID_BYTES", "BlockDevice", "BlockIOError", "DmaBuffer"]
 
 ID_BYTES = 20
-_HDR = int(BlkReqHeader.sizeof())
+_HDR = struct.Struct("<IIQ")  # BlkReqHeader (tests/block check they agree)
+_SEG = struct.Struct("<QII")  # BlkDiscardWriteZeroes
+assert _HDR.size == BlkReqHeader.sizeof()
+assert _SEG.size == BlkDiscardWriteZeroes.sizeof()
+_ALIGN = 64  # the X100 DMA granule: requests are cache-line aligned
+#: Largest data segment when the host does not say (no SIZE_MAX).
+_DEFAULT_SIZE_MAX = 1 << 20
 
 
 class BlockIOError(MicError):
-    """The host answered a block request with a non-OK status."""
+    """The host answered a block request with a non-OK status (``status``: 1 IOERR, 2 UNSUPP)."""
 
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
 
 
+class DmaBuffer:
+    """A buffer in card RAM the host can read and write directly (zero-copy I/O).
+
+    ``view`` is a writable memoryview of it. Free it with :meth:`close` (or use
+    it as a context manager); a buffer must not be closed while a request
+    using it is outstanding.
+    """
+
+    def __init__(self, dev: CardDevice, size: int) -> None:
+        if size <= 0:
+            raise LocalProtocolError(f"buffer of {size} B")
+        self._dev: CardDevice | None = dev
+        self.size = size
+        self.addr = dev.alloc(size, _ALIGN)
+        self.view = dev.mem.view(self.addr, size, True)
+
+    def close(self) -> None:
+        if self._dev is not None:
+            dev, self._dev = self._dev, None
+            self.view.release()
+            dev.free(self.addr)
+
+    def __enter__(self) -> DmaBuffer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def _status_name(status: int) -> str:
+    return BlkStatus(status).name if status in (0, 1, 2) else str(status)
+
+
 class BlockDevice:
     """A virtio block device on the card.
 
-    Attributes: ``capacity`` (512-byte sectors), ``blk_size``, ``read_only``.
+    Attributes: ``capacity`` (512-byte sectors), ``blk_size`` (logical block
+    size: requests are whole, aligned blocks), ``read_only``, ``num_queues``,
+    ``size_max`` / ``seg_max`` (the host's segment limits), ``discard_supported``,
+    ``write_zeroes_supported``, ``flush_supported``.
     """
 
     FEATURES: ClassVar[int] = int(
-        BlkFeature.SEG_MAX | BlkFeature.BLK_SIZE | BlkFeature.FLUSH | BlkFeature.RO
+        BlkFeature.SEG_MAX
+        | BlkFeature.SIZE_MAX
+        | BlkFeature.BLK_SIZE
+        | BlkFeature.TOPOLOGY
+        | BlkFeature.FLUSH
+        | BlkFeature.RO
+        | BlkFeature.MQ
+        | BlkFeature.DISCARD
+        | BlkFeature.WRITE_ZEROES
     )
 
     def __init__(self, dev: CardDevice) -> None:
-        """Raises: RemoteProtocolError: the config space does not parse."""
+        """Raises: RemoteProtocolError: the config space does not parse or is inconsistent."""
         self.dev = dev
         self.name = dev.name
-        self.queue: DriverEndpoint = dev.endpoints[0]
+        self.queues: list[DriverEndpoint] = list(dev.endpoints)
+        self.queue: DriverEndpoint = self.queues[0]
+        f = dev.features
+        self.read_only = bool(f & BlkFeature.RO)
+        self.flush_supported = bool(f & BlkFeature.FLUSH)
+        self.discard_supported = bool(f & BlkFeature.DISCARD)
+        self.write_zeroes_supported = bool(f & BlkFeature.WRITE_ZEROES)
         self.capacity = 0
         self.blk_size = SECTOR_SIZE
-        self.read_only = bool(dev.features & BlkFeature.RO)
-        self.flush_supported = bool(dev.features & BlkFeature.FLUSH)
+        self.physical_block_size = SECTOR_SIZE
+        self.opt_io_size = 0
+        self.size_max = _DEFAULT_SIZE_MAX
+        self.seg_max = 0
+        self.num_queues = 1
+        self.max_discard_sectors = 0
+        self.max_discard_seg = 1
+        self.max_write_zeroes_sectors = 0
+        self.max_write_zeroes_seg = 1
+        self.write_zeroes_may_unmap = False
         self._closed: BrokenResourceError | None = None
         self.config_changes = 0
         self._read_config()
@@ -68,9 +149,42 @@ class BlockDevice:
             raise RemoteProtocolError(
                 f"{self.name}: block config of {len(raw)} B does not parse: {e}", reason="config"
             ) from e
+        f = self.dev.features
         self.capacity = int(cfg.capacity)
-        if self.dev.features & BlkFeature.BLK_SIZE and cfg.blk_size:
-            self.blk_size = int(cfg.blk_size)
+        if f & BlkFeature.BLK_SIZE and cfg.blk_size:
+            bs = int(cfg.blk_size)
+            if bs < SECTOR_SIZE or bs & (bs - 1) or bs > 65536:
+                raise RemoteProtocolError(f"{self.name}: blk_size {bs}", reason="config")
+            self.blk_size = bs
+        if f & BlkFeature.TOPOLOGY:
+            t = cfg.topology
+            self.physical_block_size = self.blk_size << min(int(t.physical_block_exp), 7)
+            self.opt_io_size = int(t.opt_io_size) * self.blk_size
+        if f & BlkFeature.SIZE_MAX and cfg.size_max:
+            self.size_max = max(int(cfg.size_max), self.blk_size)
+        if f & BlkFeature.SEG_MAX:
+            self.seg_max = int(cfg.seg_max)
+        if f & BlkFeature.MQ:
+            n = int(cfg.num_queues)
+            if not 1 <= n <= len(self.dev.endpoints):
+                raise RemoteProtocolError(
+                    f"{self.name}: num_queues {n} but {len(self.dev.endpoints)} vqs",
+                    reason="config",
+                )
+            self.num_queues = n
+        self.queues = list(self.dev.endpoints[: self.num_queues])
+        if f & BlkFeature.DISCARD:
+            self.max_discard_sectors = int(cfg.max_discard_sectors)
+            self.max_discard_seg = max(1, int(cfg.max_discard_seg))
+        if f & BlkFeature.WRITE_ZEROES:
+            self.max_write_zeroes_sectors = int(cfg.max_write_zeroes_sectors)
+            self.max_write_zeroes_seg = max(1, int(cfg.max_write_zeroes_seg))
+            self.write_zeroes_may_unmap = bool(cfg.write_zeroes_may_unmap)
+
+    @property
+    def size(self) -> int:
+        """Capacity in bytes."""
+        return self.capacity * SECTOR_SIZE
 
     # -- Driver --------------------------------------------------------------------
     def config_changed(self) -> None:
@@ -82,13 +196,76 @@ class BlockDevice:
             self.capacity = 0
 
     def detach(self, exc: BrokenResourceError) -> None:
+        """The device went away: every later request raises ``exc``'s message."""
         self._closed = exc
 
-    # -- requests ------------------------------------------------------------------
+    # -- buffers -------------------------------------------------------------------
+    def buffer(self, size: int) -> DmaBuffer:
+        """A card-RAM buffer for zero-copy ``read_into``/``write``.
+
+        Raises:
+            ResourceError: card RAM exhausted.
+            LocalProtocolError: ``size`` <= 0.
+        """
+        return DmaBuffer(self.dev, size)
+
+    # -- raw requests ------------------------------------------------------------------
+    def _pick(self) -> DriverEndpoint:
+        qs = self.queues
+        if len(qs) == 1:
+            return qs[0]
+        return min(qs, key=lambda q: q.outstanding)
+
+    def _data_segments(self, addr: int, length: int) -> list[tuple[int, int]]:
+        step = self.size_max
+        return [(addr + o, min(step, length - o)) for o in range(0, length, step)]
+
+    async def _submit(
+        self,
+        req_type: int,
+        sector: int,
+        out: tuple[int, int] | None,
+        into: tuple[int, int] | None,
+        extra_out: bytes = b"",
+    ) -> int:
+        """One chain: header (+ ``extra_out`` bytes) (+ data out) | (data in) + status.
+
+        ``out``/``into`` are ``(card address, length)`` of caller-owned card RAM.
+        Returns the status byte.
+        """
+        if self._closed is not None:
+            raise BrokenResourceError(str(self._closed))
+        dev = self.dev
+        mem = dev.mem
+        meta = _HDR.size + len(extra_out)
+        addr = dev.alloc(meta + 1, _ALIGN)
+        try:
+            hv = mem.view(addr, meta + 1, True)
+            _HDR.pack_into(hv, 0, req_type, 0, sector)
+            if extra_out:
+                hv[_HDR.size : meta] = extra_out
+            hv[meta] = 0xFF
+        except BaseException:
+            dev.free(addr)
+            raise
+        readable = [(addr, meta)]
+        writable: list[tuple[int, int]] = []
+        if out is not None and out[1]:
+            readable += self._data_segments(*out)
+        if into is not None and into[1]:
+            writable += self._data_segments(*into)
+        writable.append((addr + meta, 1))
+        await self._pick().submit(readable, writable, release=lambda: dev.free(addr))
+        try:
+            return int(mem.view(addr + meta, 1)[0])
+        finally:
+            dev.free(addr)
+
     async def request(
         self, req_type: int, sector: int = 0, data: bytes = b"", read_len: int = 0
     ) -> tuple[int, bytes]:
-        """Send one raw request; returns ``(status, data read)``. No local checks.
+        """Send one raw request; returns ``(status, data read)``. No local checks
+        (tests use it to send what a well-behaved driver never would).
 
         Raises:
             BrokenResourceError: the device was removed, reset or broken.
@@ -96,83 +273,213 @@ class BlockDevice:
         """
         if self._closed is not None:
             raise BrokenResourceError(str(self._closed))
-        mem = self.dev.mem
-        total = _HDR + len(data) + read_len + 1
-        addr = self.dev.alloc(total, 64)
-        try:
-            hdr = BlkReqHeader.build({"type": req_type, "sector": sector})
-            mem.view(addr, _HDR, True)[:] = hdr
-            if data:
-                mem.view(addr + _HDR, len(data), True)[:] = data
-            status_at = addr + total - 1
-            mem.view(status_at, 1, True)[0] = 0xFF
-        except BaseException:
-            self.dev.free(addr)
-            raise
-        readable = [(addr, _HDR)] + ([(addr + _HDR, len(data))] if data else [])
-        writable = ([(addr + _HDR + len(data), read_len)] if read_len else []) + [(status_at, 1)]
-        await self.queue.submit(readable, writable, release=lambda: self.dev.free(addr))
-        try:
-            status = int(mem.view(status_at, 1)[0])
-            out = bytes(mem.view(addr + _HDR + len(data), read_len)) if read_len else b""
-        finally:
-            self.dev.free(addr)
-        return status, out
+        n = len(data) + read_len
+        if not n:
+            return await self._submit(req_type, sector, None, None), b""
+        with self.buffer(n) as buf:
+            buf.view[: len(data)] = data
+            status = await self._submit(
+                req_type,
+                sector,
+                (buf.addr, len(data)) if data else None,
+                (buf.addr + len(data), read_len) if read_len else None,
+            )
+            return status, bytes(buf.view[len(data) :]) if read_len else b""
 
     def _check(self, op: str, status: int) -> None:
         if status != BlkStatus.OK:
-            name = BlkStatus(status).name if status in (0, 1, 2) else str(status)
-            raise BlockIOError(f"{self.name}: {op} failed with {name}", status)
+            raise BlockIOError(f"{self.name}: {op} failed with {_status_name(status)}", status)
 
-    def _bounds(self, sector: int, count: int) -> None:
-        if sector < 0 or count < 0:
-            raise LocalProtocolError("negative sector or count")
+    def _args(self, sector: int, nbytes: int) -> None:
+        if sector < 0 or nbytes < 0:
+            raise LocalProtocolError(f"{self.name}: negative sector or length")
+        if nbytes % self.blk_size:
+            raise LocalProtocolError(
+                f"{self.name}: {nbytes} B is not whole {self.blk_size}-byte blocks"
+            )
 
+    def _max_request(self) -> int:
+        """Largest data length one chain carries (seg_max segments of size_max)."""
+        segs = self.seg_max or (self.queue.max_segments() - 2)
+        segs = max(1, min(segs, self.queue.max_segments() - 2))
+        return max(self.blk_size, segs * self.size_max // self.blk_size * self.blk_size)
+
+    async def _rw(self, req_type: int, sector: int, addr: int, nbytes: int) -> None:
+        """Read or write ``nbytes`` at ``sector`` from/into card RAM at ``addr``,
+        split into requests the host accepts (concurrently)."""
+        limit = self._max_request()
+        op = "read" if req_type == BlkReqType.IN else "write"
+
+        async def one(off: int, n: int) -> None:
+            seg = (addr + off, n)
+            s = sector + off // SECTOR_SIZE
+            if req_type == BlkReqType.IN:
+                status = await self._submit(req_type, s, None, seg)
+            else:
+                status = await self._submit(req_type, s, seg, None)
+            self._check(f"{op} of {n // SECTOR_SIZE} sectors at {s}", status)
+
+        if nbytes <= limit:
+            await one(0, nbytes)
+        else:
+            await asyncio.gather(*(one(o, min(limit, nbytes - o)) for o in range(0, nbytes, limit)))
+
+    # -- the API ---------------------------------------------------------------------
     async def read(self, sector: int, count: int) -> bytes:
         """Read ``count`` 512-byte sectors from ``sector``.
 
         Raises:
+            LocalProtocolError: negative arguments, not whole logical blocks.
             BlockIOError: the host answered IOERR/UNSUPP (e.g. out of range).
             BrokenResourceError: the device went away.
+            ResourceError: card RAM exhausted.
         """
-        self._bounds(sector, count)
-        if count == 0:
+        nbytes = count * SECTOR_SIZE
+        self._args(sector, nbytes)
+        if not nbytes:
             return b""
-        status, data = await self.request(BlkReqType.IN, sector, read_len=count * SECTOR_SIZE)
-        self._check(f"read of {count} sectors at {sector}", status)
-        return data
+        with self.buffer(nbytes) as buf:
+            await self._rw(BlkReqType.IN, sector, buf.addr, nbytes)
+            return bytes(buf.view)
 
-    async def write(self, sector: int, data: bytes) -> None:
-        """Write ``data`` (a multiple of 512 bytes) at ``sector``.
+    async def read_into(self, sector: int, buf: DmaBuffer | memoryview | bytearray) -> int:
+        """Fill ``buf`` (whole logical blocks) from ``sector``; returns its length.
+
+        A :class:`DmaBuffer` is filled by the host directly (zero-copy); any
+        other writable buffer goes through a bounce buffer.
+
+        Raises: as :meth:`read`.
+        """
+        if isinstance(buf, DmaBuffer):
+            self._args(sector, buf.size)
+            await self._rw(BlkReqType.IN, sector, buf.addr, buf.size)
+            return buf.size
+        target = memoryview(buf).cast("B")
+        n = len(target)
+        self._args(sector, n)
+        if n:
+            with self.buffer(n) as bounce:
+                await self._rw(BlkReqType.IN, sector, bounce.addr, n)
+                target[:] = bounce.view
+        return n
+
+    async def write(self, sector: int, data: DmaBuffer | bytes | bytearray | memoryview) -> None:
+        """Write ``data`` (whole logical blocks) at ``sector``.
+
+        A :class:`DmaBuffer` is read by the host directly (zero-copy); other
+        bytes-like data is copied into a bounce buffer first.
 
         Raises:
-            LocalProtocolError: ``data`` is not whole sectors.
-            BlockIOError: the host refused (out of range, read-only image).
+            LocalProtocolError: ``data`` is not whole blocks, negative sector.
+            BlockIOError: the host refused (out of range, read-only image, I/O error).
             BrokenResourceError: the device went away.
         """
-        self._bounds(sector, 0)
-        if len(data) % SECTOR_SIZE:
-            raise LocalProtocolError(f"write of {len(data)} B is not whole sectors")
-        if not data:
+        if isinstance(data, DmaBuffer):
+            self._args(sector, data.size)
+            await self._rw(BlkReqType.OUT, sector, data.addr, data.size)
             return
-        status, _ = await self.request(BlkReqType.OUT, sector, bytes(data))
-        self._check(f"write of {len(data) // SECTOR_SIZE} sectors at {sector}", status)
+        src = memoryview(data).cast("B")
+        self._args(sector, len(src))
+        if not len(src):
+            return
+        with self.buffer(len(src)) as bounce:
+            bounce.view[:] = src
+            await self._rw(BlkReqType.OUT, sector, bounce.addr, len(src))
 
     async def flush(self) -> None:
-        """Make completed writes durable (the host fsyncs the image).
+        """Make every write completed so far durable (the host ``fsync``s the image).
 
         Raises:
             BlockIOError: the host reported an error.
+            BrokenResourceError: the device went away.
         """
-        status, _ = await self.request(BlkReqType.FLUSH)
+        status = await self._submit(BlkReqType.FLUSH, 0, None, None)
         self._check("flush", status)
 
     async def get_id(self) -> bytes:
-        """The device serial (up to 20 bytes, trailing NULs stripped)."""
+        """The device serial (up to 20 bytes, trailing NULs stripped).
+
+        Raises: BlockIOError, BrokenResourceError.
+        """
         status, data = await self.request(BlkReqType.GET_ID, read_len=ID_BYTES)
         self._check("get_id", status)
         return data.rstrip(b"\0")
 
+    async def _ranges(
+        self, req_type: int, ranges: Sequence[tuple[int, int]], flags: int, what: str
+    ) -> None:
+        if req_type == BlkReqType.DISCARD:
+            supported, max_sectors, max_seg = (
+                self.discard_supported,
+                self.max_discard_sectors,
+                self.max_discard_seg,
+            )
+        else:
+            supported, max_sectors, max_seg = (
+                self.write_zeroes_supported,
+                self.max_write_zeroes_sectors,
+                self.max_write_zeroes_seg,
+            )
+        if not supported:
+            raise BlockIOError(f"{self.name}: {what} not supported by the device", BlkStatus.UNSUPP)
+        segs: list[tuple[int, int]] = []
+        for sector, count in ranges:
+            self._args(sector, count * SECTOR_SIZE)
+            step = max_sectors or count
+            segs += [
+                (s, min(step, sector + count - s)) for s in range(sector, sector + count, step)
+            ]
+        for i in range(0, len(segs), max_seg):
+            chunk = segs[i : i + max_seg]
+            payload = b"".join(_SEG.pack(s, n, flags) for s, n in chunk)
+            status = await self._submit(req_type, 0, None, None, extra_out=payload)
+            self._check(f"{what} of {sum(n for _, n in chunk)} sectors", status)
+
+    async def discard(self, sector: int, count: int) -> None:
+        """Tell the host ``count`` sectors from ``sector`` are unused (it punches a hole;
+        they read back as zeros).
+
+        Raises:
+            BlockIOError: not supported (UNSUPP), out of range or read-only (IOERR).
+            LocalProtocolError: bad arguments.
+        """
+        if count:
+            await self._ranges(BlkReqType.DISCARD, [(sector, count)], 0, "discard")
+
+    async def discard_ranges(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Discard several ``(sector, count)`` ranges (up to ``max_discard_seg`` per request)."""
+        await self._ranges(BlkReqType.DISCARD, [r for r in ranges if r[1]], 0, "discard")
+
+    async def write_zeroes(self, sector: int, count: int, *, unmap: bool = False) -> None:
+        """Zero ``count`` sectors from ``sector``; ``unmap`` lets the host deallocate them.
+
+        Raises: as :meth:`discard`.
+        """
+        if count:
+            flags = 1 if unmap and self.write_zeroes_may_unmap else 0
+            await self._ranges(BlkReqType.WRITE_ZEROES, [(sector, count)], flags, "write_zeroes")
+
     async def read_many(self, requests: list[tuple[int, int]]) -> list[bytes]:
         """Several reads outstanding at once (real queue depth); results in order."""
         return list(await asyncio.gather(*(self.read(s, n) for s, n in requests)))
+
+    def info(self) -> dict[str, Any]:
+        """What ``blkinfo`` shows: geometry, limits, features, queues (JSON-ready)."""
+        return {
+            "name": self.name,
+            "path": f"/dev/{self.name}",
+            "capacity": self.capacity,
+            "size": self.size,
+            "blk_size": self.blk_size,
+            "physical_block_size": self.physical_block_size,
+            "opt_io_size": self.opt_io_size,
+            "read_only": self.read_only,
+            "flush": self.flush_supported,
+            "discard": self.discard_supported,
+            "write_zeroes": self.write_zeroes_supported,
+            "size_max": self.size_max,
+            "seg_max": self.seg_max,
+            "num_queues": self.num_queues,
+            "queue_size": self.queue.size,
+            "removed": self._closed is not None,
+        }

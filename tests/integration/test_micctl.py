@@ -162,7 +162,8 @@ async def test_micctl_run_and_stats(state_dir: Path) -> None:
             "ERRORS",
         ]
         assert any(line.startswith("vda:block(disk)") for line in lines)
-        assert sum(line.startswith("hvc0:console") for line in lines) == 2  # rx and tx
+        # rx and tx of port 0, of the control queue and of the agent's port
+        assert sum(line.startswith("hvc0:console") for line in lines) == 6
 
         await client.card("mic0").shutdown(wait=True)
         r = await micctl(state_dir, "stats", "mic0", "--json")

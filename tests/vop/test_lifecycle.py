@@ -63,7 +63,8 @@ async def test_hot_add(rig: Rig, image: Path, tmp_path: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_hot_remove(rig: Rig, image: Path) -> None:
-    rig.add(BlockBackend(image, name="d0"), ConsoleBackend())
+    # single-port console: no MULTIPORT handshake still allocating after boot
+    rig.add(BlockBackend(image, name="d0"), ConsoleBackend(multiport=False))
     bus = await rig.boot()
     free_before = rig.vop.alloc.free_bytes
     d = await block_of(rig)

@@ -52,7 +52,7 @@ async def test_probe_reaches_driver_ok(rig: Rig, image: Path, tmp_path: Path) ->
         assert dev.view.ctrl("h2c_vdev_db") >= 0
     info = {d["name"]: d for d in bus.devices()}
     assert info["vda"]["queue_sizes"] == [128]
-    assert info["hvc0"]["queue_sizes"] == [64, 64]
+    assert info["hvc0"]["queue_sizes"] == [64] * 6  # port 0, control, the agent's port
     assert info["vda"]["status"] == LIVE
     # the page the card parses is the page the host wrote
     types = [e.type for _, e in iter_device_page(rig.hp.host_ram[:4096])]

@@ -1,0 +1,42 @@
+"""The ``accel`` card-shell command: ``accel list`` and ``accel bench`` (UADK's columns).
+
+Registered in the card shell's command registry (:mod:`mic_card.shell`) when
+the card OS imports this module; the framework starts on first use.
+"""
+
+from __future__ import annotations
+
+import json
+
+from mic_card.accel.tools import accel_bench, accel_list_text, bench_args, format_bench
+from mic_card.shell import ShellContext, command
+from virtio.errors import LocalProtocolError
+
+__all__: list[str] = []
+
+_USAGE = (
+    "accel list | accel bench --alg ALG --size N --seconds S "
+    "[--batch B] [--mode sva|nosva] [--json]"
+)
+
+
+@command("accel", help="the card's accelerators: list them, or benchmark one", usage=_USAGE)
+async def _accel(ctx: ShellContext, args: list[str]) -> int:
+    if ctx.card is None or not args or args[0] not in ("list", "bench"):
+        await ctx.err(f"usage: {_USAGE}\n")
+        return 2
+    fw = await ctx.card.accelerators()
+    if args[0] == "list":
+        await ctx.out(accel_list_text(fw).rstrip("\n") + "\n")
+        return 0
+    try:
+        opts = bench_args(args[1:])
+    except LocalProtocolError as e:
+        await ctx.err(f"accel bench: {e}\n")
+        return 2
+    as_json = bool(opts.pop("json", False))
+    result = await accel_bench(fw, **opts)
+    await ctx.out(
+        json.dumps(result) + "\n" if as_json else format_bench(result).rstrip("\n") + "\n"
+    )
+    return 0

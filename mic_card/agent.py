@@ -1,0 +1,231 @@
+"""The card agent: answers JSON requests from the host on the console port ``org.mic-vop.agent.0``.
+
+The card-side twin of :mod:`mic_host.agent` (QEMU's ``qemu-ga`` plays this
+role in a guest). Newline-delimited JSON, one object per line, UTF-8, at most
+:data:`MAX_LINE` bytes; ``docs/console.md`` is the reference.
+
+Requests ``{"id": N, "op": OP, ...}``:
+
+- ``ping`` -> ``{"pong": true, "uptime": s}``
+- ``info`` -> card name, system, version, commands, devices, limits
+- ``exec`` with ``argv`` (list of strings) or ``line`` (a shell command line),
+  optional ``timeout`` (s, default 30), ``max_output`` (bytes per stream),
+  ``stdin`` (base64) -> ``{"status", "stdout", "stderr" (base64),
+  "truncated", "timed_out", "elapsed"}``. The command runs through the
+  shell's registry (:mod:`mic_card.shell`), non-interactively. A command
+  still running at ``timeout`` is cancelled: status 124, as ``timeout(1)``.
+
+Answers ``{"id": N, "ok": true, "result": {...}}`` or ``{"id": N|null, "ok":
+false, "error": {"type", "message"}}``. A line that is not a valid request is
+answered with an error (``id`` null if none could be read), logged, and the
+agent carries on; requests run concurrently (at most :data:`MAX_CONCURRENT`).
+
+Must not import ``transport`` or ``mic_host``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from mic_card.shell import (
+    COMMANDS,
+    MACHINE,
+    STATUS_TIMEOUT,
+    SYSNAME,
+    VERSION,
+    CaptureOutput,
+    CardFS,
+    ShellContext,
+    run_argv,
+    run_line,
+)
+from virtio.errors import BrokenResourceError
+
+if TYPE_CHECKING:
+    from mic_card.card import Card
+    from mic_card.drivers.console import ConsolePort
+
+__all__ = ["AGENT_PORT", "MAX_CONCURRENT", "MAX_LINE", "MAX_OUTPUT", "Agent", "BadRequest"]
+
+log = logging.getLogger(__name__)
+
+AGENT_PORT = "org.mic-vop.agent.0"
+MAX_LINE = 1 << 20
+MAX_OUTPUT = 256 * 1024
+MAX_CONCURRENT = 8
+DEFAULT_TIMEOUT = 30.0
+MAX_TIMEOUT = 24 * 3600.0
+
+
+class BadRequest(Exception):
+    """A request line that does not follow the protocol (answered, never fatal)."""
+
+    def __init__(self, message: str, rid: int | None = None) -> None:
+        super().__init__(message)
+        self.rid = rid
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+class Agent:
+    """The agent on one console port; :meth:`run` serves until the port goes away."""
+
+    def __init__(self, card: Card | None, port: ConsolePort, fs: CardFS | None = None) -> None:
+        self.card = card
+        self.port = port
+        self.fs = fs or CardFS(card)
+        self.requests = 0
+        self.bad_requests = 0
+        self._slots = asyncio.Semaphore(MAX_CONCURRENT)
+        self._write_lock = asyncio.Lock()
+
+    async def run(self) -> None:
+        self.port.open()
+        log.info("agent listening on %s", self.port.label)
+        buf = bytearray()
+        discarding = False
+        try:
+            async with asyncio.TaskGroup() as tg:
+                async for chunk in self.port:
+                    buf += chunk
+                    while (i := buf.find(b"\n")) >= 0:
+                        line = bytes(buf[:i])
+                        del buf[: i + 1]
+                        if discarding:
+                            discarding = False
+                            continue
+                        if line.strip():
+                            await self._slots.acquire()
+                            tg.create_task(self._serve(line))
+                    if len(buf) > MAX_LINE:
+                        buf.clear()
+                        discarding = True
+                        self.bad_requests += 1
+                        log.warning("agent: request line over %d bytes discarded", MAX_LINE)
+                        err = {"type": "BadRequest", "message": f"line over {MAX_LINE} bytes"}
+                        await self._send({"id": None, "ok": False, "error": err})
+        except* BrokenResourceError:
+            pass
+        log.info("agent on %s stopped", self.port.label)
+
+    async def _send(self, msg: dict[str, Any]) -> None:
+        data = (json.dumps(msg, separators=(",", ":")) + "\n").encode()
+        async with self._write_lock:
+            await self.port.write(data)
+
+    async def _serve(self, line: bytes) -> None:
+        try:
+            self.requests += 1
+            shutdown: str | None = None
+            try:
+                req = self._parse(line)
+                result, shutdown = await self._handle(req)
+                reply: dict[str, Any] = {"id": req["id"], "ok": True, "result": result}
+            except BadRequest as e:
+                self.bad_requests += 1
+                log.warning("agent: rejected request: %s (%.80r)", e, line)
+                reply = {"id": e.rid, "ok": False, "error": {"type": "BadRequest",
+                                                             "message": str(e)}}  # fmt: skip
+            await self._send(reply)
+            if shutdown is not None and self.card is not None:
+                self.card.shutdown(shutdown)
+        finally:
+            self._slots.release()
+
+    @staticmethod
+    def _parse(line: bytes) -> dict[str, Any]:
+        try:
+            req = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise BadRequest(f"not JSON: {e}") from None
+        if not isinstance(req, dict):
+            raise BadRequest("a request must be a JSON object")
+        rid = req.get("id")
+        if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid < 2**53:
+            raise BadRequest(f"'id' must be an int in [0, 2**53), got {rid!r:.40}")
+        if not isinstance(req.get("op"), str):
+            raise BadRequest("'op' must be a string", rid)
+        return req
+
+    async def _handle(self, req: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+        op, rid = req["op"], req["id"]
+        uptime = self.card.uptime if self.card is not None else 0.0
+        if op == "ping":
+            return {"pong": True, "uptime": round(uptime, 3)}, None
+        if op == "info":
+            card = self.card
+            return {
+                "card": card.name if card is not None else None,
+                "system": SYSNAME,
+                "version": VERSION,
+                "machine": MACHINE,
+                "uptime": round(uptime, 3),
+                "commands": sorted(COMMANDS),
+                "devices": [d["name"] for d in card.devices()] if card is not None else [],
+                "max_output": MAX_OUTPUT,
+                "max_line": MAX_LINE,
+            }, None
+        if op == "exec":
+            return await self._exec(req)
+        raise BadRequest(f"unknown op {op!r:.40} (ops: ping, info, exec)", rid)
+
+    async def _exec(self, req: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+        rid = req["id"]
+        argv, line = req.get("argv"), req.get("line")
+        if (argv is None) == (line is None):
+            raise BadRequest("exec needs exactly one of 'argv' and 'line'", rid)
+        if argv is not None and (
+            not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv)
+        ):
+            raise BadRequest("'argv' must be a non-empty array of strings", rid)
+        if line is not None and not isinstance(line, str):
+            raise BadRequest("'line' must be a string", rid)
+        timeout = req.get("timeout", DEFAULT_TIMEOUT)
+        if (
+            not isinstance(timeout, int | float)
+            or isinstance(timeout, bool)
+            or not (0 < timeout <= MAX_TIMEOUT)
+        ):
+            raise BadRequest(f"'timeout' must be a number in (0, {MAX_TIMEOUT:g}]", rid)
+        limit = req.get("max_output", MAX_OUTPUT)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= MAX_OUTPUT:
+            raise BadRequest(f"'max_output' must be an int in [0, {MAX_OUTPUT}]", rid)
+        stdin = b""
+        if req.get("stdin") is not None:
+            try:
+                stdin = base64.b64decode(str(req["stdin"]), validate=True)
+            except (binascii.Error, ValueError) as e:
+                raise BadRequest(f"'stdin' is not base64: {e}", rid) from None
+        out, err = CaptureOutput(limit), CaptureOutput(limit)
+        ctx = ShellContext(self.card, self.fs, out, err, stdin=stdin, interactive=False)
+        what = " ".join(argv) if argv is not None else line
+        t0 = time.monotonic()
+        timed_out = False
+        try:
+            async with asyncio.timeout(timeout):
+                if argv is not None:
+                    status = await run_argv(ctx, argv)
+                else:
+                    status = await run_line(ctx, str(line))
+        except TimeoutError:
+            timed_out = True
+            status = STATUS_TIMEOUT
+            await err.write(f"{what}: timed out after {timeout:g} s\n".encode())
+        elapsed = time.monotonic() - t0
+        log.info("agent: exec %.200s -> %d (%.3f s)", what, status, elapsed)
+        return {
+            "status": status,
+            "stdout": _b64(bytes(out.data)),
+            "stderr": _b64(bytes(err.data)),
+            "truncated": out.truncated or err.truncated,
+            "timed_out": timed_out,
+            "elapsed": round(elapsed, 6),
+        }, ctx.shutdown
