@@ -567,6 +567,16 @@ class VirtioBus:
             dev._release()
         self._by_offset.clear()
 
+    def fail_all(self, exc: BrokenResourceError) -> None:
+        """The host is gone: fail every outstanding request and detach every driver.
+
+        Card RAM is not freed (the host might still be reading it); the process
+        is about to end anyway.
+        """
+        for dev in list(self._by_offset.values()):
+            if dev.state == "live":
+                dev._unbind(exc, "failed")
+
     # -- doorbells ----------------------------------------------------------------------
     def _ring(self, db: int) -> None:
         try:

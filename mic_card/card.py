@@ -56,6 +56,9 @@ __all__ = ["AGENT_WAIT", "Card", "CardOS", "DmesgHandler", "load_app"]
 
 log = logging.getLogger("mic_card")
 
+#: How long apps get to see their I/O fail when the host vanishes, before exit.
+_HOST_LOST_GRACE = 0.5
+
 #: Card RAM below this is reserved (a "kernel" page nobody allocates).
 _RESERVED = 0x1000
 #: How long the card waits for the console's ports (MULTIPORT handshake) at boot.
@@ -263,6 +266,14 @@ class CardOS:
                 log.info("%s: accelerators up: %s", self.name, ", ".join(fw.devices))
             return self._accel
 
+    async def _host_lost(self, exc: BrokenResourceError) -> None:
+        """The host is gone: fail every pending request with a clear error, give the
+        apps a moment to see it, then let the card OS end (exit status 3)."""
+        log.error("%s: link to the host lost (%s): failing pending I/O", self.name, exc)
+        self.bus.fail_all(BrokenResourceError(f"{self.name}: link to the host lost"))
+        if self._apps:
+            await asyncio.wait(list(self._apps), timeout=_HOST_LOST_GRACE)
+
     async def _close_accel(self) -> None:
         if self._accel is not None:
             fw, self._accel = self._accel, None
@@ -362,10 +373,13 @@ class CardOS:
     async def _pump(self) -> None:
         vec = self.pcie.mmio.vector(0)
         mmio = self.pcie.mmio
-        while True:
-            await vec.wait()
-            for db in sorted(mmio.ack_doorbells(0)):
-                self.bus.on_doorbell(db)
+        try:
+            while True:
+                await vec.wait()
+                for db in sorted(mmio.ack_doorbells(0)):
+                    self.bus.on_doorbell(db)
+        except BrokenResourceError:
+            return  # link lost: the link reader fails pending I/O and ends the card OS
 
     async def _heartbeat(self, interval: float) -> None:
         while True:
@@ -375,7 +389,11 @@ class CardOS:
     async def _messages(self, tg: asyncio.TaskGroup) -> None:
         link = self.pcie.link
         while True:
-            msg = await link.recv()
+            try:
+                msg = await link.recv()
+            except BrokenResourceError as e:
+                await self._host_lost(e)
+                raise
             kind = msg.get("type")
             if kind == "shutdown":
                 status = msg.get("status", "halted")

@@ -662,6 +662,35 @@ async def _devices(ctx: ShellContext, args: list[str]) -> int:
     return 0
 
 
+@command("blkinfo", help="a block device's capacity, features and serial", usage="blkinfo DEV")
+async def _blkinfo(ctx: ShellContext, args: list[str]) -> int:
+    if len(args) != 1:
+        await ctx.err("usage: blkinfo DEV\n")
+        return 2
+    name = args[0].removeprefix("/dev/")
+    dev = ctx.fs._block_devices().get(name)
+    if dev is None:
+        await ctx.err(f"blkinfo: {args[0]}: no such block device\n")
+        return 1
+    info = dev.info()
+    try:
+        serial = (await dev.get_id()).rstrip(b"\0").decode(errors="replace")
+    except MicError as e:
+        serial = f"? ({e})"
+    feats = [f for f in ("read_only", "flush", "discard", "write_zeroes") if info.get(f)]
+    lines = [
+        f"device:     /dev/{name}",
+        f"capacity:   {info['capacity']} sectors ({info['size']} bytes)",
+        f"blk_size:   {info['blk_size']}",
+        f"features:   {' '.join(feats) or '-'}",
+        f"queues:     {info['num_queues']} x {info['queue_size']}",
+        f"limits:     size_max {info['size_max']}, seg_max {info['seg_max']}",
+        f"serial:     {serial}",
+    ]
+    await ctx.out("\n".join(lines) + "\n")
+    return 0
+
+
 @command("dmesg", help="the card's kernel log", usage="dmesg")
 async def _dmesg(ctx: ShellContext, args: list[str]) -> int:
     lines = ctx.card.dmesg() if ctx.card is not None else []

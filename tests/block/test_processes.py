@@ -143,9 +143,10 @@ async def test_sigkill_daemon_during_write_storm_keeps_flushed_writes(state_dir:
     await _wait_dead(card_pid, 15)
     card_log = (state_dir / "mic0-card.log").read_text()
     assert "link to the host lost" in card_log
-    # what the app saw (documented in docs/block.md)
+    # what the app saw: its pending I/O failed with a clear error, not a cancellation
     seen = (state_dir / "storm-exit.txt").read_text()
-    assert seen.split(":")[0] in ("CancelledError", "BrokenResourceError"), seen
+    assert seen.startswith("BrokenResourceError"), seen
+    assert "link to the host lost" in seen
     _check(state_dir, seed, 600)
     # a new daemon over the same images: the card boots with the disk intact
     async with mic_host.launch(state_dir, config) as client:
