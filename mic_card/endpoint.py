@@ -176,22 +176,28 @@ class DriverEndpoint:
         if self._exc is not None:
             return
         self.interrupts += 1
-        try:
-            done = self.queue.get_used_many()
-        except (RingError, QueueBroken) as e:
-            self.errors += 1
-            log.error("queue %d: host wrote a bad used ring: %s", self.index, e)
-            self.fail(BrokenResourceError(f"queue {self.index}: {e}"))
-            return
-        for req, length in done:
-            self._outstanding.discard(req)
-            self.completed += 1
-            if req.future.done():  # cancelled by its submitter: buffers are ours to free
-                _release(req)
-            else:
-                req.release = None  # the submitter owns the buffers again
-                req.future.set_result(length)
-        if done:
+        # Drain until a look at used.idx comes back empty: that last look
+        # happens after the used_event store and its barrier, so a completion
+        # the host published without interrupting us is still seen (Linux
+        # loops on virtqueue_get_buf until it returns NULL for the same reason).
+        while True:
+            try:
+                done = self.queue.get_used_many()
+            except (RingError, QueueBroken) as e:
+                self.errors += 1
+                log.error("queue %d: host wrote a bad used ring: %s", self.index, e)
+                self.fail(BrokenResourceError(f"queue {self.index}: {e}"))
+                return
+            if not done:
+                return
+            for req, length in done:
+                self._outstanding.discard(req)
+                self.completed += 1
+                if req.future.done():  # cancelled by its submitter: buffers are ours to free
+                    _release(req)
+                else:
+                    req.release = None  # the submitter owns the buffers again
+                    req.future.set_result(length)
             self._room.set()
 
     def fail(self, exc: BrokenResourceError) -> None:

@@ -26,6 +26,7 @@ views with one aligned store, never ``struct.pack_into`` (see
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -53,6 +54,7 @@ __all__ = [
     "RingError",
     "RingFault",
     "SplitLayout",
+    "full_fence",
     "need_event",
 ]
 
@@ -109,6 +111,25 @@ class RingError(RemoteProtocolError):
 
 class QueueBroken(BrokenResourceError):
     """The queue was latched broken by an earlier :class:`RingError`; reset it."""
+
+
+_fence_lock = threading.Lock()
+
+
+def full_fence() -> None:
+    """A full memory barrier between a store to the ring and a later load.
+
+    Every notification decision is a Dekker handshake: one side stores its
+    index (or event word) and then loads the peer's, the peer does the
+    mirror image. x86 may let a load pass an earlier store (the store
+    buffer), and then both sides read the other's old value and both decide
+    "no wake-up needed": a lost wake-up. Linux puts ``virtio_mb()`` at each
+    such point; CPython has no fence primitive, so this is an uncontended
+    lock round trip, whose locked read-modify-write is a full barrier on x86
+    (the same device ``transport.notify`` uses). Not I/O: the core stays sans-IO.
+    """
+    _fence_lock.acquire()
+    _fence_lock.release()
 
 
 def need_event(event: int, new: int, old: int) -> bool:
@@ -464,6 +485,7 @@ class DeviceQueue:
         if self.event_idx and self.notify_enabled:
             # QEMU virtqueue_split_pop: keep avail_event at what we have consumed.
             self._used_h[2 + 4 * self.size] = nxt
+            full_fence()  # the next pop must see kicks the driver decided against
         return chain
 
     def pop_many(self, limit: int = VRING_SIZE_MAX) -> list[Chain]:
@@ -498,6 +520,7 @@ class DeviceQueue:
             self._next_avail = nxt
         if self.event_idx and self.notify_enabled:
             self._used_h[2 + 4 * size] = nxt
+            full_fence()
         return out
 
     def _walk(self, head: int) -> Chain:
@@ -651,6 +674,7 @@ class DeviceQueue:
             return False
         self._used_h[1] = new
         self._published_used = new
+        full_fence()  # store used.idx, then load used_event/flags (virtio_mb in vring)
         if self.event_idx:
             return need_event(self._avail_h[2 + self.size], new, old)
         return not self._avail_h[0] & _NO_INTERRUPT
@@ -678,6 +702,7 @@ class DeviceQueue:
             self._used_h[2 + 4 * self.size] = self._next_avail
         else:
             self._used_h[0] = 0
+        full_fence()  # store the request for kicks, then re-load avail.idx
         return self._avail_h[1] != self._next_avail
 
 
@@ -909,6 +934,7 @@ class DriverQueue(Generic[T]):
             return False
         self._avail_h[1] = new
         self._published = new
+        full_fence()  # store avail.idx, then load avail_event/flags (virtqueue_kick_prepare)
         if self.event_idx:
             return need_event(self._used_h[2 + 4 * self.size], new, old)
         return not self._used_h[0] & _NO_NOTIFY
@@ -982,6 +1008,7 @@ class DriverQueue(Generic[T]):
         self._last_used = last
         if self.event_idx and self.interrupts_enabled:
             self._avail_h[2 + self.size] = last  # used_event (virtqueue_get_buf_ctx_split)
+            full_fence()  # virtio_store_mb: the next get_used must see what we asked for
         return token, (length if length <= wlen else wlen)
 
     def get_used_many(self, limit: int = 1 << 16) -> list[tuple[T, int]]:
@@ -1037,6 +1064,7 @@ class DriverQueue(Generic[T]):
         self._last_used = last
         if self.event_idx and self.interrupts_enabled:
             self._avail_h[2 + size] = last
+            full_fence()
         return out
 
     # -- interrupt suppression ---------------------------------------------
@@ -1057,4 +1085,5 @@ class DriverQueue(Generic[T]):
             self._avail_h[2 + self.size] = self._last_used
         else:
             self._avail_h[0] = 0
+        full_fence()  # store the request for interrupts, then re-load used.idx
         return self._used_h[1] != self._last_used
