@@ -466,7 +466,9 @@ def _prepare(
     control_socket_path(sd)  # fail early on a path too long for a socket
     sd.mkdir(mode=0o700, parents=True, exist_ok=True)
     cfg = _config_file(sd, config)
-    argv = [python, "-m", module, "--state-dir", str(sd)]
+    # The daemon is this script's: it stops if we die without closing it
+    # (a test runner killed by CI, a Ctrl-C'd script), instead of lingering.
+    argv = [python, "-m", module, "--state-dir", str(sd), "--exit-with-parent"]
     if cfg is not None:
         argv += ["--config", str(cfg)]
     child_env = dict(os.environ)

@@ -247,12 +247,26 @@ def load(args: argparse.Namespace) -> DaemonConfig:
     return cfg
 
 
-async def _amain(cfg: DaemonConfig) -> int:
+async def _watch_parent(stop: asyncio.Event, parent: int) -> None:
+    """``--exit-with-parent``: stop (in order) when the process that started us is gone."""
+    while not stop.is_set():
+        if os.getppid() != parent:
+            log.warning("parent process %d exited: stopping", parent)
+            stop.set()
+            return
+        await asyncio.sleep(0.5)
+
+
+async def _amain(cfg: DaemonConfig, *, exit_with_parent: bool = False) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await Daemon(cfg).serve(stop)
+    async with asyncio.TaskGroup() as tg:
+        watcher = tg.create_task(_watch_parent(stop, os.getppid())) if exit_with_parent else None
+        await Daemon(cfg).serve(stop)
+        if watcher is not None:
+            watcher.cancel()
     return 0
 
 
@@ -261,6 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state-dir", default=None, help="state directory (default $MIC_STATE_DIR)")
     p.add_argument("--config", default=None, help="TOML config (default: the embedded one)")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    p.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="stop when the process that started the daemon exits (used by mic_host.launch)",
+    )
     args = p.parse_args(argv)
     try:
         cfg = load(args)
@@ -273,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         with _StateLock(cfg.state_dir):
             _setup_logging(cfg.state_dir, args.log_level)
             log.info("config: %s", cfg.source)
-            return asyncio.run(_amain(cfg))
+            return asyncio.run(_amain(cfg, exit_with_parent=args.exit_with_parent))
     except ResourceError as e:
         print(f"mic-host: {e}", file=sys.stderr)
         return 2
