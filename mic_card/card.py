@@ -38,19 +38,29 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import mic_card.accel.commands  # noqa: F401 - registers the `accel` shell command
-from mic_card.accel import AccelFramework, default_devices
 from mic_card.agent import AGENT_PORT, Agent
 from mic_card.bus import CardRamAllocator, VirtioBus
 from mic_card.drivers import DRIVERS
 from mic_card.drivers.console import ConsoleDevice, SinglePortConsole
-from mic_card.shell import CardFS, InteractiveShell
+from mic_card.shell import CardFS, InteractiveShell, lazy_command
 from transport import PcieCard
 from virtio.constants import DeviceType
 from virtio.errors import BrokenResourceError, LocalProtocolError, MicError
 from virtio.memory import Memory
+
+if TYPE_CHECKING:
+    from mic_card.accel import AccelFramework
+
+# The accelerator stack (engines, cryptography) loads on first use, not at boot.
+lazy_command(
+    "accel",
+    "mic_card.accel.commands",
+    help="the card's accelerators: list them, or benchmark one",
+    usage="accel list | accel bench --alg ALG --size N --seconds S [--batch B] "
+    "[--mode sva|nosva] [--json]",
+)
 
 __all__ = ["AGENT_WAIT", "Card", "CardOS", "DmesgHandler", "load_app"]
 
@@ -260,6 +270,8 @@ class CardOS:
         """Start the accelerator framework once (see :meth:`Card.accelerators`)."""
         async with self._accel_lock:
             if self._accel is None:
+                from mic_card.accel import AccelFramework, default_devices
+
                 fw = AccelFramework(default_devices())
                 await fw.__aenter__()
                 self._accel = fw

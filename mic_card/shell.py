@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import importlib
 import logging
 import os
 import shlex
@@ -135,6 +136,20 @@ def command(
         return fn
 
     return register
+
+
+def lazy_command(name: str, module: str, *, help: str, usage: str = "") -> None:  # noqa: A002
+    """Register ``name`` now, import ``module`` (which registers the real command
+    with ``replace=True``) on first use: heavy subsystems cost nothing at boot."""
+
+    async def first_use(ctx: ShellContext, args: list[str]) -> int:
+        importlib.import_module(module)
+        real = COMMANDS[name]
+        if real.fn is first_use:
+            raise LookupError(f"{module} did not register the {name!r} command")
+        return await real.fn(ctx, args)
+
+    COMMANDS[name] = Command(name, first_use, help, usage or name)
 
 
 # --------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The ``accel`` card-shell command: ``accel list`` and ``accel bench`` (UADK's columns).
 
-Registered in the card shell's command registry (:mod:`mic_card.shell`) when
-the card OS imports this module; the framework starts on first use.
+The card OS registers ``accel`` as a lazy command (:func:`mic_card.shell.lazy_command`):
+this module, and the framework behind it, load on the command's first use.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ _USAGE = (
 )
 
 
-@command("accel", help="the card's accelerators: list them, or benchmark one", usage=_USAGE)
+@command(
+    "accel", help="the card's accelerators: list them, or benchmark one", usage=_USAGE, replace=True
+)
 async def _accel(ctx: ShellContext, args: list[str]) -> int:
     if ctx.card is None or not args or args[0] not in ("list", "bench"):
         await ctx.err(f"usage: {_USAGE}\n")
