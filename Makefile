@@ -38,6 +38,8 @@ bench: install
 	$(BIN)/python -m bench.ring
 	$(BIN)/python -m bench.transport
 	$(BIN)/python -m bench.boot
+	$(BIN)/python -m bench.block
+	$(BIN)/python -m bench.accel
 	$(BIN)/python -m bench.report
 
 fmt: install

@@ -107,6 +107,50 @@ def boot(b: dict[str, Any]) -> list[str]:
     ]
 
 
+def block(b: dict[str, Any]) -> list[str]:
+    out = [
+        "## Block device (`bench/block.py`)",
+        "",
+        f"Measured {b['when']}: card-side I/O (a card app) on a {b['image_mib']} MiB image, "
+        "against reading/writing the same image directly on the host in the same run. "
+        "`zc`: zero-copy buffers in card RAM; `q`: virtqueues (MQ). Details: `docs/block.md`.",
+        "",
+        "| pattern | block | depth | queues | zero-copy | card MB/s | card IOPS | local MB/s "
+        "| card / local |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    out.extend(
+        f"| {r['pattern']} | {r['bs']} | {r['depth']} | {r['queues']} | "
+        f"{'yes' if r['zero_copy'] else 'no'} | {r['card_mb_s']:.0f} | {r['card_iops']:,} | "
+        f"{r['local_mb_s']:.0f} | {r['ratio']:.2f}x |"
+        for r in b["rows"]
+    )
+    out += ["", f"Target: sequential reads >= {b['target']}x the local read.", ""]
+    return out
+
+
+def accel(a: dict[str, Any]) -> list[str]:
+    out = [
+        "## Accelerators (`bench/accel.py`)",
+        "",
+        "Engine workers (separate processes) against calling zlib / cryptography in-process "
+        "in the same run; UADK columns. Details: `docs/accel.md`.",
+        "",
+        "| alg | length | batch | KiB/s | Kops | avg latency µs | in-process KiB/s | ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    out.extend(
+        f"| {r['alg']} | {r['length']} | {r['batch']} | {r['kib_s']:,.0f} | {r['kops']:.2f} | "
+        f"{r['avg_lat_us']:.0f} | {r['inproc']['kib_s']:,.0f} | {r['ratio']:.2f}x |"
+        for r in a["rows"]
+    )
+    out += ["", "| target | measured | goal | met |", "|---|---|---|---|"]
+    for name, t in a["targets"].items():
+        out.append(f"| {name} | {t['value']} | {t['target']} | {'yes' if t['met'] else 'no'} |")
+    out.append("")
+    return out
+
+
 def main() -> int:
     lines = [
         "# Performance",
@@ -118,7 +162,14 @@ def main() -> int:
         "cores).",
         "",
     ]
-    for name, fn in (("ring", ring), ("transport", transport), ("boot", boot)):
+    sections = (
+        ("ring", ring),
+        ("transport", transport),
+        ("boot", boot),
+        ("block", block),
+        ("accel", accel),
+    )
+    for name, fn in sections:
         data = _load(name)
         if data is None:
             lines += [f"## {name}", "", f"(no `bench/results/{name}.json` yet)", ""]

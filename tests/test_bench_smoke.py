@@ -25,3 +25,5 @@ def test_report_renders_every_section(tmp_path: Path, monkeypatch: pytest.Monkey
     text = (tmp_path / "performance.md").read_text()
     assert "## Ring core" in text
     assert "## Card boot and memory" in text
+    assert "## Block device" in text
+    assert "## Accelerators" in text
