@@ -523,6 +523,7 @@ FAKE_DAEMON = textwrap.dedent(
         p = argparse.ArgumentParser()
         p.add_argument("--state-dir", required=True)
         p.add_argument("--config")
+        p.add_argument("--exit-with-parent", action="store_true")  # launch() always passes it
         a = p.parse_args()
         mode = os.environ.get("FAKE_MODE", "ok")
         print("fake: starting", mode, a.config, flush=True)
