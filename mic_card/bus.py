@@ -36,6 +36,13 @@ from virtio.constants import (
     Feature,
     MicConfigChange,
 )
+from virtio.devpage import (
+    BOOT_H2C_CONFIG_DB,
+    CTRL_OFFSETS,
+    VQ_USED,
+    EntryView,
+    vring_info_offset,
+)
 from virtio.errors import (
     BrokenResourceError,
     ClosedResourceError,
@@ -48,19 +55,11 @@ from virtio.errors import (
 from virtio.layouts import (
     FIRST_ENTRY_OFFSET,
     DeviceEntry,
-    MicBootparam,
-    MicDeviceCtrl,
-    MicDeviceDesc,
     MicVqconfig,
     MicVringInfo,
     field_offset,
-    mic_device_ctrl,
-    mic_guest_acks,
     mic_vq_config,
-    mic_vq_configspace,
-    mic_vq_features,
     parse_bootparam,
-    vring_size,
 )
 from virtio.memory import Memory
 from virtio.split import DESC_SIZE, DriverQueue, SplitLayout
@@ -194,36 +193,10 @@ def _default_drivers() -> dict[int, Any]:
 # a device
 
 
-_DESC_STATUS = field_offset(MicDeviceDesc, "status")
-_VQ_USED = field_offset(MicVqconfig, "used_address")
-_CTRL = {
-    n: field_offset(MicDeviceCtrl, n)
-    for n in (
-        "config_change",
-        "vdev_reset",
-        "guest_ack",
-        "host_ack",
-        "used_address_updated",
-        "c2h_vdev_db",
-        "h2c_vdev_db",
-    )
-}
-_BOOT_H2C_CONFIG_DB = field_offset(MicBootparam, "h2c_config_db")
-
-
-def _s8(v: int) -> int:
-    return v - 256 if v > 127 else v
-
-
 def _ident(entry: DeviceEntry) -> tuple[int, ...]:
     """What identifies an entry across rescans (not the fields the card itself writes)."""
     dims = (entry.type, entry.num_vq, entry.feature_len, entry.config_len)
     return dims + tuple(x for v in entry.vqconfigs for x in (v.address, v.num))
-
-
-def _info_offset(num: int) -> int:
-    """Offset of ``_mic_vring_info`` after a vring (Linux: round_up(vring_size, 4))."""
-    return (vring_size(num, MIC_VIRTIO_RING_ALIGN) + 3) & ~3
 
 
 class CardDevice:
@@ -253,8 +226,9 @@ class CardDevice:
         self.error = ""
         self._allocs: list[int] = []
         self._event = asyncio.Event()
-        self._mv = bus._dp[offset : offset + entry.size]
-        self._ctrl = mic_device_ctrl(entry.num_vq, entry.feature_len, entry.config_len)
+        #: live accessors to the entry (dimensions from our validated parse)
+        self.view = EntryView(bus._dp, offset, entry.num_vq, entry.feature_len, entry.config_len)
+        self._mv = self.view.raw
 
     # -- accessors (offsets from the parsed dimensions) ---------------------------
     @property
@@ -263,35 +237,31 @@ class CardDevice:
 
     @property
     def status(self) -> int:
-        return int(self._mv[_DESC_STATUS])
+        return self.view.status
 
     @status.setter
     def status(self, value: int) -> None:
-        self._mv[_DESC_STATUS] = value & 0xFF
+        self.view.status = value
 
     @property
     def entry_type(self) -> int:
-        return _s8(int(self._mv[0]))
+        return self.view.device_type
 
     def ctrl(self, name: str) -> int:
-        v = int(self._mv[self._ctrl + _CTRL[name]])
-        return _s8(v) if name.endswith("_db") else v
+        return self.view.ctrl(name)
 
     def set_ctrl(self, name: str, value: int) -> None:
-        self._mv[self._ctrl + _CTRL[name]] = value & 0xFF
+        self.view.set_ctrl(name, value)
 
     def host_features(self) -> int:
-        off = mic_vq_features(self.num_vq)
-        return int.from_bytes(self._mv[off : off + self.feature_len], "little")
+        return self.view.host_features
 
     def _write_acks(self, acks: int) -> None:
-        off = mic_guest_acks(self.num_vq, self.feature_len)
-        self._mv[off : off + self.feature_len] = acks.to_bytes(self.feature_len, "little")
+        self.view.guest_acks = acks
 
     def read_config(self) -> bytes:
         """The device's config space as it is now (one copy)."""
-        off = mic_vq_configspace(self.num_vq, self.feature_len)
-        return bytes(self._mv[off : off + self.config_len])
+        return self.view.config
 
     def alloc(self, size: int, align: int = 64) -> int:
         """Card RAM for buffers (card-physical address)."""
@@ -399,7 +369,7 @@ class CardDevice:
             num = int.from_bytes(base[16:18], "little")
             if num <= 0 or num & (num - 1) or num > _MAX_QUEUE:
                 raise RemoteProtocolError(f"vq {i}: size {num} not a power of two <= 256")
-            info = addr + _info_offset(num)
+            info = addr + vring_info_offset(num)
             try:
                 magic = int.from_bytes(
                     mem.view(info + field_offset(MicVringInfo, "magic"), 4), "little"
@@ -416,7 +386,7 @@ class CardDevice:
                 used = self._alloc(layout.used_bytes, 4096)
                 mem.view(used, layout.used_bytes, True)[:] = bytes(layout.used_bytes)
                 layout = SplitLayout(num, layout.desc, layout.avail, used)
-                base[_VQ_USED : _VQ_USED + 8] = used.to_bytes(8, "little")
+                base[VQ_USED : VQ_USED + 8] = used.to_bytes(8, "little")
             n_ind = min(imax, num)
             area = self._alloc(num * n_ind * DESC_SIZE, 64) if n_ind > 1 else None
             try:
@@ -548,7 +518,7 @@ class VirtioBus:
             raise RemoteProtocolError(f"device page unreachable: {e}", reason="device-page") from e
         parse_bootparam(self._dp)
         self.config_db = self._h2c[0]
-        self._dp[_BOOT_H2C_CONFIG_DB] = self.config_db & 0xFF
+        self._dp[BOOT_H2C_CONFIG_DB] = self.config_db & 0xFF
         await self.rescan()
         self._task = asyncio.get_running_loop().create_task(self._config_loop(), name="virtio-bus")
 
@@ -561,7 +531,7 @@ class VirtioBus:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         if self._dp:
-            self._dp[_BOOT_H2C_CONFIG_DB] = 0xFF  # no longer listening
+            self._dp[BOOT_H2C_CONFIG_DB] = 0xFF  # no longer listening
         for dev in list(self._by_offset.values()):
             dev._unbind(BrokenResourceError("virtio bus closed"), "closed")
             dev._release()
@@ -667,8 +637,8 @@ class VirtioBus:
         if entry.guest_ack:
             return
         ctrl = offset + entry.ctrl_offset
-        self._dp[ctrl + _CTRL["h2c_vdev_db"]] = 0xFF
-        self._dp[ctrl + _CTRL["guest_ack"]] = 1
+        self._dp[ctrl + CTRL_OFFSETS["h2c_vdev_db"]] = 0xFF
+        self._dp[ctrl + CTRL_OFFSETS["guest_ack"]] = 1
         c2h = entry.c2h_vdev_db
         if 0 <= c2h < _CARD_DOORBELLS:
             self._ring(c2h)

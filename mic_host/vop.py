@@ -52,11 +52,11 @@ from virtio.constants import (
     MIC_DP_SIZE,
     MIC_MAGIC,
     MIC_MAX_DESC_BLK_SIZE,
-    MIC_VIRTIO_RING_ALIGN,
     DeviceType,
     Feature,
     MicConfigChange,
 )
+from virtio.devpage import BOOT_H2C_CONFIG_DB, EntryView, s8, vring_info_offset
 from virtio.errors import (
     BrokenResourceError,
     LocalProtocolError,
@@ -71,20 +71,10 @@ from virtio.layouts import (
     MAX_NUM_VQ,
     BootParam,
     DeviceEntry,
-    MicBootparam,
     MicDeviceCtrl,
-    MicDeviceDesc,
-    MicVqconfig,
     MicVringInfo,
     VqConfig,
     entry_size,
-    field_offset,
-    mic_device_ctrl,
-    mic_guest_acks,
-    mic_vq_config,
-    mic_vq_configspace,
-    mic_vq_features,
-    vring_size,
 )
 from virtio.memory import Memory
 from virtio.split import DeviceQueue, SplitLayout
@@ -199,11 +189,6 @@ class HostRamAllocator:
             del self._free[i]
 
 
-def vring_info_offset(num: int) -> int:
-    """Offset of ``_mic_vring_info`` in a vring block (Linux: round_up(vring_size, 4))."""
-    return (vring_size(num, MIC_VIRTIO_RING_ALIGN) + 3) & ~3
-
-
 def vring_alloc_size(num: int) -> int:
     """Bytes the host allocates per vring: PAGE_ALIGN(vring_size + info)."""
     return -(-(vring_info_offset(num) + int(MicVringInfo.sizeof())) // _PAGE) * _PAGE
@@ -212,127 +197,8 @@ def vring_alloc_size(num: int) -> int:
 # --------------------------------------------------------------------------
 # device page
 
-_DESC_STATUS = field_offset(MicDeviceDesc, "status")
-_VQ_ADDRESS = field_offset(MicVqconfig, "address")
-_VQ_USED = field_offset(MicVqconfig, "used_address")
-_VQ_NUM = field_offset(MicVqconfig, "num")
-_CTRL = {
-    name: field_offset(MicDeviceCtrl, name)
-    for name in (
-        "vdev",
-        "config_change",
-        "vdev_reset",
-        "guest_ack",
-        "host_ack",
-        "used_address_updated",
-        "c2h_vdev_db",
-        "h2c_vdev_db",
-    )
-}
-_BOOT_H2C_CONFIG_DB = field_offset(MicBootparam, "h2c_config_db")
 #: Smallest entry (1 vq, no features, no config): what a removed filler needs.
 _MIN_ENTRY = entry_size(1, 0, 0)
-
-
-def _s8(v: int) -> int:
-    return v - 256 if v > 127 else v
-
-
-class EntryView:
-    """Live accessors to one device-page entry whose dimensions the host knows.
-
-    The dimensions (and so every offset) come from the host's own record of
-    the entry, never from the page, which the card can write.
-    """
-
-    __slots__ = ("_ctrl", "_mv", "config_len", "feature_len", "num_vq", "offset", "size")
-
-    def __init__(
-        self, page: memoryview, offset: int, num_vq: int, feature_len: int, config_len: int
-    ) -> None:
-        self.offset = offset
-        self.num_vq = num_vq
-        self.feature_len = feature_len
-        self.config_len = config_len
-        self.size = entry_size(num_vq, feature_len, config_len)
-        self._mv = page[offset : offset + self.size]
-        self._ctrl = mic_device_ctrl(num_vq, feature_len, config_len)
-
-    def _u8(self, off: int) -> int:
-        return int(self._mv[off])
-
-    def _int(self, off: int, n: int) -> int:
-        return int.from_bytes(self._mv[off : off + n], "little")
-
-    def _put(self, off: int, n: int, value: int) -> None:
-        self._mv[off : off + n] = value.to_bytes(n, "little")
-
-    @property
-    def device_type(self) -> int:
-        """The entry's ``type`` byte (s8): virtio ID, -1 removed."""
-        return _s8(self._u8(0))
-
-    @device_type.setter
-    def device_type(self, value: int) -> None:
-        self._mv[0] = value & 0xFF
-
-    @property
-    def status(self) -> int:
-        return self._u8(_DESC_STATUS)
-
-    @status.setter
-    def status(self, value: int) -> None:
-        self._mv[_DESC_STATUS] = value & 0xFF
-
-    @property
-    def host_features(self) -> int:
-        return self._int(mic_vq_features(self.num_vq), self.feature_len)
-
-    @property
-    def guest_acks(self) -> int:
-        return self._int(mic_guest_acks(self.num_vq, self.feature_len), self.feature_len)
-
-    @property
-    def config(self) -> bytes:
-        off = mic_vq_configspace(self.num_vq, self.feature_len)
-        return bytes(self._mv[off : off + self.config_len])
-
-    @config.setter
-    def config(self, data: bytes) -> None:
-        if len(data) != self.config_len:
-            raise LocalProtocolError(f"config of {len(data)} B, the device has {self.config_len}")
-        off = mic_vq_configspace(self.num_vq, self.feature_len)
-        self._mv[off : off + self.config_len] = data
-
-    def vq_address(self, i: int) -> int:
-        return self._int(mic_vq_config(i) + _VQ_ADDRESS, 8)
-
-    def vq_num(self, i: int) -> int:
-        return self._int(mic_vq_config(i) + _VQ_NUM, 2)
-
-    def vq_used_address(self, i: int) -> int:
-        return self._int(mic_vq_config(i) + _VQ_USED, 8)
-
-    def set_vq_used_address(self, i: int, addr: int) -> None:
-        self._put(mic_vq_config(i) + _VQ_USED, 8, addr)
-
-    def ctrl(self, name: str) -> int:
-        v = self._u8(self._ctrl + _CTRL[name]) if name != "vdev" else self._int(self._ctrl, 8)
-        return _s8(v) if name in ("c2h_vdev_db", "h2c_vdev_db") else v
-
-    def set_ctrl(self, name: str, value: int) -> None:
-        if name == "vdev":
-            self._put(self._ctrl, 8, value)
-        else:
-            self._mv[self._ctrl + _CTRL[name]] = value & 0xFF
-
-    def snapshot(self) -> DeviceEntry:
-        """Parse the entry as it is now.
-
-        Raises:
-            RemoteProtocolError: the card corrupted it.
-        """
-        return DeviceEntry.parse(self._mv)
 
 
 @dataclass(slots=True)
@@ -371,7 +237,7 @@ class DevicePage:
     @property
     def h2c_config_db(self) -> int:
         """The doorbell the card listens on for config changes, -1 until it picks one."""
-        return _s8(int(self._mv[_BOOT_H2C_CONFIG_DB]))
+        return s8(int(self._mv[BOOT_H2C_CONFIG_DB]))
 
     @property
     def free_bytes(self) -> int:

@@ -1,0 +1,178 @@
+"""Live accessors to the MIC device page, shared by the host (VOP) and the card (bus).
+
+Owns the byte offsets inside one device-page entry and the vring info block,
+derived from the construct declarations in :mod:`virtio.layouts`, and an
+:class:`EntryView` that reads and writes an entry in place (shared memory:
+every read is a fresh load, every write one store). The dimensions of an
+entry always come from the caller's own record (the host's table, or the
+card's validated parse), never from the page itself, which the peer can
+write. Sans-IO: works on a memoryview; imports no asyncio, OS or transport.
+"""
+
+from __future__ import annotations
+
+from virtio.constants import MIC_VIRTIO_RING_ALIGN
+from virtio.errors import LocalProtocolError
+from virtio.layouts import (
+    DeviceEntry,
+    MicBootparam,
+    MicDeviceCtrl,
+    MicDeviceDesc,
+    MicVqconfig,
+    entry_size,
+    field_offset,
+    mic_device_ctrl,
+    mic_guest_acks,
+    mic_vq_config,
+    mic_vq_configspace,
+    mic_vq_features,
+    vring_size,
+)
+
+__all__ = [
+    "BOOT_H2C_CONFIG_DB",
+    "CTRL_OFFSETS",
+    "VQ_USED",
+    "EntryView",
+    "s8",
+    "vring_info_offset",
+]
+
+
+def s8(v: int) -> int:
+    """A device-page byte as the signed char Linux declares (doorbells: -1 = none)."""
+    return v - 256 if v > 127 else v
+
+
+_DESC_STATUS = field_offset(MicDeviceDesc, "status")
+_VQ_ADDRESS = field_offset(MicVqconfig, "address")
+VQ_USED = field_offset(MicVqconfig, "used_address")
+_VQ_NUM = field_offset(MicVqconfig, "num")
+CTRL_OFFSETS = {
+    name: field_offset(MicDeviceCtrl, name)
+    for name in (
+        "vdev",
+        "config_change",
+        "vdev_reset",
+        "guest_ack",
+        "host_ack",
+        "used_address_updated",
+        "c2h_vdev_db",
+        "h2c_vdev_db",
+    )
+}
+BOOT_H2C_CONFIG_DB = field_offset(MicBootparam, "h2c_config_db")
+
+
+def vring_info_offset(num: int) -> int:
+    """Offset of ``_mic_vring_info`` in a vring block (Linux: round_up(vring_size, 4))."""
+    return (vring_size(num, MIC_VIRTIO_RING_ALIGN) + 3) & ~3
+
+
+class EntryView:
+    """Live accessors to one device-page entry whose dimensions the caller knows.
+
+    The dimensions (and so every offset) come from the caller's own record of
+    the entry (the host's table, the card's validated parse), never from the
+    page, which the peer can write.
+    """
+
+    __slots__ = ("_ctrl", "_mv", "config_len", "feature_len", "num_vq", "offset", "size")
+
+    def __init__(
+        self, page: memoryview, offset: int, num_vq: int, feature_len: int, config_len: int
+    ) -> None:
+        self.offset = offset
+        self.num_vq = num_vq
+        self.feature_len = feature_len
+        self.config_len = config_len
+        self.size = entry_size(num_vq, feature_len, config_len)
+        self._mv = page[offset : offset + self.size]
+        self._ctrl = mic_device_ctrl(num_vq, feature_len, config_len)
+
+    def _u8(self, off: int) -> int:
+        return int(self._mv[off])
+
+    def _int(self, off: int, n: int) -> int:
+        return int.from_bytes(self._mv[off : off + n], "little")
+
+    def _put(self, off: int, n: int, value: int) -> None:
+        self._mv[off : off + n] = value.to_bytes(n, "little")
+
+    @property
+    def device_type(self) -> int:
+        """The entry's ``type`` byte (s8): virtio ID, -1 removed."""
+        return s8(self._u8(0))
+
+    @device_type.setter
+    def device_type(self, value: int) -> None:
+        self._mv[0] = value & 0xFF
+
+    @property
+    def status(self) -> int:
+        return self._u8(_DESC_STATUS)
+
+    @status.setter
+    def status(self, value: int) -> None:
+        self._mv[_DESC_STATUS] = value & 0xFF
+
+    @property
+    def host_features(self) -> int:
+        return self._int(mic_vq_features(self.num_vq), self.feature_len)
+
+    @property
+    def guest_acks(self) -> int:
+        return self._int(mic_guest_acks(self.num_vq, self.feature_len), self.feature_len)
+
+    @guest_acks.setter
+    def guest_acks(self, value: int) -> None:
+        self._put(mic_guest_acks(self.num_vq, self.feature_len), self.feature_len, value)
+
+    @property
+    def config(self) -> bytes:
+        off = mic_vq_configspace(self.num_vq, self.feature_len)
+        return bytes(self._mv[off : off + self.config_len])
+
+    @config.setter
+    def config(self, data: bytes) -> None:
+        if len(data) != self.config_len:
+            raise LocalProtocolError(f"config of {len(data)} B, the device has {self.config_len}")
+        off = mic_vq_configspace(self.num_vq, self.feature_len)
+        self._mv[off : off + self.config_len] = data
+
+    def vq_address(self, i: int) -> int:
+        return self._int(mic_vq_config(i) + _VQ_ADDRESS, 8)
+
+    def vq_num(self, i: int) -> int:
+        return self._int(mic_vq_config(i) + _VQ_NUM, 2)
+
+    def vq_used_address(self, i: int) -> int:
+        return self._int(mic_vq_config(i) + VQ_USED, 8)
+
+    def set_vq_used_address(self, i: int, addr: int) -> None:
+        self._put(mic_vq_config(i) + VQ_USED, 8, addr)
+
+    def ctrl(self, name: str) -> int:
+        if name == "vdev":
+            return self._int(self._ctrl, 8)
+        v = self._u8(self._ctrl + CTRL_OFFSETS[name])
+        return s8(v) if name in ("c2h_vdev_db", "h2c_vdev_db") else v
+
+    def set_ctrl(self, name: str, value: int) -> None:
+        if name == "vdev":
+            self._put(self._ctrl, 8, value)
+        else:
+            self._mv[self._ctrl + CTRL_OFFSETS[name]] = value & 0xFF
+
+    @property
+    def raw(self) -> memoryview:
+        """The entry's bytes (live)."""
+        return self._mv
+
+    def snapshot(self) -> DeviceEntry:
+        """Parse the entry as it is now.
+
+        Raises:
+            RemoteProtocolError: the card corrupted it.
+        """
+        return DeviceEntry.parse(self._mv)
