@@ -38,7 +38,11 @@ from virtio.constants import (
 )
 from virtio.devpage import (
     BOOT_H2C_CONFIG_DB,
+    C2H_DOORBELLS,
     CTRL_OFFSETS,
+    H2C_DOORBELLS,
+    MAX_QUEUE_SIZE,
+    TRANSPORT_FEATURES,
     VQ_USED,
     EntryView,
     vring_info_offset,
@@ -76,10 +80,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Transport features the card's virtio core supports.
-CARD_TRANSPORT_FEATURES = int(Feature.VERSION_1 | Feature.EVENT_IDX | Feature.INDIRECT_DESC)
-_HOST_DOORBELLS = 16
-_CARD_DOORBELLS = 4
-_MAX_QUEUE = 256
+CARD_TRANSPORT_FEATURES = TRANSPORT_FEATURES
 _POLL = 0.05  # fallback re-check period while waiting for a handshake
 
 
@@ -272,7 +273,7 @@ class CardDevice:
 
     # -- doorbells and waits ----------------------------------------------------------
     def _notify_host(self) -> None:
-        if 0 <= self.c2h_db < _CARD_DOORBELLS:
+        if 0 <= self.c2h_db < C2H_DOORBELLS:
             self.bus._ring(self.c2h_db)
 
     def _on_interrupt(self) -> None:
@@ -328,7 +329,7 @@ class CardDevice:
         """
         bus = self.bus
         c2h = self.ctrl("c2h_vdev_db")
-        if not 0 <= c2h < _CARD_DOORBELLS:
+        if not 0 <= c2h < C2H_DOORBELLS:
             raise RemoteProtocolError(f"c2h_vdev_db {c2h} outside 0..3", reason="device-page")
         self.c2h_db = c2h
         self.h2c_db = bus._pick_h2c()
@@ -367,7 +368,7 @@ class CardDevice:
             base = self._mv_vq(i)
             addr = int.from_bytes(base[0:8], "little")
             num = int.from_bytes(base[16:18], "little")
-            if num <= 0 or num & (num - 1) or num > _MAX_QUEUE:
+            if num <= 0 or num & (num - 1) or num > MAX_QUEUE_SIZE:
                 raise RemoteProtocolError(f"vq {i}: size {num} not a power of two <= 256")
             info = addr + vring_info_offset(num)
             try:
@@ -470,13 +471,13 @@ class VirtioBus:
         platform: CardPlatform,
         *,
         used_in_card: bool = False,
-        h2c_doorbells: Sequence[int] = range(_HOST_DOORBELLS),
+        h2c_doorbells: Sequence[int] = range(H2C_DOORBELLS),
         timeout: float = 10.0,
         drivers: dict[int, Any] | None = None,
         indirect_max: int = 8,
         extra_acks: int = 0,
     ) -> None:
-        if not h2c_doorbells or any(not 0 <= d < _HOST_DOORBELLS for d in h2c_doorbells):
+        if not h2c_doorbells or any(not 0 <= d < H2C_DOORBELLS for d in h2c_doorbells):
             raise LocalProtocolError(f"h2c doorbells {list(h2c_doorbells)} outside 0..15")
         self.platform = platform
         self.used_in_card = used_in_card
@@ -640,7 +641,7 @@ class VirtioBus:
         self._dp[ctrl + CTRL_OFFSETS["h2c_vdev_db"]] = 0xFF
         self._dp[ctrl + CTRL_OFFSETS["guest_ack"]] = 1
         c2h = entry.c2h_vdev_db
-        if 0 <= c2h < _CARD_DOORBELLS:
+        if 0 <= c2h < C2H_DOORBELLS:
             self._ring(c2h)
 
     def _driver_for(self, dtype: int) -> Any:

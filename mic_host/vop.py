@@ -53,10 +53,18 @@ from virtio.constants import (
     MIC_MAGIC,
     MIC_MAX_DESC_BLK_SIZE,
     DeviceType,
-    Feature,
     MicConfigChange,
 )
-from virtio.devpage import BOOT_H2C_CONFIG_DB, EntryView, s8, vring_info_offset
+from virtio.devpage import (
+    BOOT_H2C_CONFIG_DB,
+    C2H_DOORBELLS,
+    H2C_DOORBELLS,
+    MAX_QUEUE_SIZE,
+    TRANSPORT_FEATURES,
+    EntryView,
+    s8,
+    vring_info_offset,
+)
 from virtio.errors import (
     BrokenResourceError,
     LocalProtocolError,
@@ -97,12 +105,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Transport features every VOP device offers on top of its backend's.
-HOST_TRANSPORT_FEATURES = int(Feature.VERSION_1 | Feature.EVENT_IDX | Feature.INDIRECT_DESC)
-#: Largest queue size VOP allocates (Linux: 128).
-MAX_QUEUE_SIZE = 256
+HOST_TRANSPORT_FEATURES = TRANSPORT_FEATURES
 _PAGE = 4096
-_HOST_DOORBELLS = 16  # host -> card doorbells on the X100
-_CARD_DOORBELLS = 4  # card -> host doorbells
 
 
 class HostPlatform(Protocol):
@@ -407,7 +411,7 @@ class VopDevice:
         db = self.view.ctrl("h2c_vdev_db")
         if db < 0:
             return
-        if db >= _HOST_DOORBELLS:
+        if db >= H2C_DOORBELLS:
             if not self._bad_db_logged:
                 self.log.error("card chose h2c_vdev_db %d, outside 0..15: not rung", db)
                 self._bad_db_logged = True
@@ -566,7 +570,7 @@ class VopDevice:
         v.set_ctrl("config_change", int(kind))
         db = self._vop.page.h2c_config_db
         try:
-            if 0 <= db < _HOST_DOORBELLS:
+            if 0 <= db < H2C_DOORBELLS:
                 self.config_interrupts += 1
                 self._vop._ring(db)
             try:
@@ -659,7 +663,7 @@ class VopDevice:
             if self.task is not None:
                 self.task.cancel()
                 await asyncio.gather(self.task, return_exceptions=True)
-            listening = 0 <= self._vop.page.h2c_config_db < _HOST_DOORBELLS
+            listening = 0 <= self._vop.page.h2c_config_db < H2C_DOORBELLS
             try:
                 if listening:
                     await self._config_handshake(MicConfigChange.DEV_REMOVE, limit)
@@ -715,7 +719,7 @@ class Vop:
         self,
         platform: HostPlatform,
         *,
-        c2h_doorbells: Sequence[int] = range(_CARD_DOORBELLS),
+        c2h_doorbells: Sequence[int] = range(C2H_DOORBELLS),
         config_timeout: float = 10.0,
         remove_timeout: float = 15.0,
         drain_timeout: float = 5.0,
@@ -725,7 +729,7 @@ class Vop:
         Raises:
             LocalProtocolError: host RAM too small, or bad doorbell numbers.
         """
-        if not c2h_doorbells or any(not 0 <= d < _CARD_DOORBELLS for d in c2h_doorbells):
+        if not c2h_doorbells or any(not 0 <= d < C2H_DOORBELLS for d in c2h_doorbells):
             raise LocalProtocolError(f"c2h doorbells {list(c2h_doorbells)} outside 0..3")
         self.platform = platform
         self.host_ram = platform.host_ram
@@ -879,7 +883,7 @@ class Vop:
         dev.task.add_done_callback(self._task_done)
         log.info("added %s (type %d) at slot %#x, c2h db %d", name, dtype, view.offset, c2h)
         db = self.page.h2c_config_db
-        if 0 <= db < _HOST_DOORBELLS:
+        if 0 <= db < H2C_DOORBELLS:
             self._ring(db)  # hot add: the card rescans the page
         return dev
 

@@ -11,7 +11,7 @@ write. Sans-IO: works on a memoryview; imports no asyncio, OS or transport.
 
 from __future__ import annotations
 
-from virtio.constants import MIC_VIRTIO_RING_ALIGN
+from virtio.constants import MIC_VIRTIO_RING_ALIGN, Feature
 from virtio.errors import LocalProtocolError
 from virtio.layouts import (
     DeviceEntry,
@@ -30,6 +30,10 @@ from virtio.layouts import (
 )
 
 __all__ = [
+    "C2H_DOORBELLS",
+    "H2C_DOORBELLS",
+    "MAX_QUEUE_SIZE",
+    "TRANSPORT_FEATURES",
     "BOOT_H2C_CONFIG_DB",
     "CTRL_OFFSETS",
     "VQ_USED",
@@ -37,6 +41,17 @@ __all__ = [
     "s8",
     "vring_info_offset",
 ]
+
+
+#: Transport features of the VOP platform (both sides support them; the host
+#: offers them on every device on top of its backend's).
+TRANSPORT_FEATURES = int(Feature.VERSION_1 | Feature.EVENT_IDX | Feature.INDIRECT_DESC)
+#: Largest virtqueue VOP allocates (Linux MIC_VRING_ENTRIES: 128; we allow 256).
+MAX_QUEUE_SIZE = 256
+#: X100 doorbells: host->card (the card picks h2c_config_db / h2c_vdev_db among
+#: them) and card->host (the host picks c2h_vdev_db). -1 in the page means none.
+H2C_DOORBELLS = 16
+C2H_DOORBELLS = 4
 
 
 def s8(v: int) -> int:

@@ -56,6 +56,7 @@ __all__ = [
     "SplitLayout",
     "full_fence",
     "need_event",
+    "slice_segments",
 ]
 
 #: ``struct vring_desc {le64 addr; le32 len; le16 flags; le16 next}`` (§2.7.5) and
@@ -216,37 +217,45 @@ class Chain:
     def read_into(self, dst: memoryview, offset: int = 0) -> int:
         """Copy readable bytes from ``offset`` into ``dst``; returns bytes copied."""
         done = 0
-        room = len(dst)
-        for seg in self.readable:
+        for seg in slice_segments(self.readable, offset, len(dst)):
             n = len(seg)
-            if offset >= n:
-                offset -= n
-                continue
-            take = min(n - offset, room - done)
-            dst[done : done + take] = seg[offset : offset + take]
-            done += take
-            offset = 0
-            if done == room:
-                break
+            dst[done : done + n] = seg
+            done += n
         return done
 
     def write(self, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
         """Scatter ``data`` into the writable buffers from ``offset``; returns bytes written."""
         src = memoryview(data).cast("B")
         done = 0
-        total = len(src)
-        for seg in self.writable:
+        for seg in slice_segments(self.writable, offset, len(src)):
             n = len(seg)
-            if offset >= n:
-                offset -= n
-                continue
-            take = min(n - offset, total - done)
-            seg[offset : offset + take] = src[done : done + take]
-            done += take
-            offset = 0
-            if done == total:
-                break
+            seg[:] = src[done : done + n]
+            done += n
         return done
+
+
+def slice_segments(views: Sequence[memoryview], start: int, length: int) -> list[memoryview]:
+    """The byte range ``[start, start+length)`` of a scatter list, as views (no copy).
+
+    Shorter than ``length`` when the list ends first. This is the one walk over
+    a chain's buffers: :meth:`Chain.read_into`, :meth:`Chain.write` and the
+    backends (``preadv``/``pwritev`` straight into card memory) all use it.
+    """
+    out: list[memoryview] = []
+    if length <= 0:
+        return out
+    for v in views:
+        n = len(v)
+        if start >= n:
+            start -= n
+            continue
+        take = min(n - start, length)
+        out.append(v[start : start + take])
+        length -= take
+        start = 0
+        if not length:
+            break
+    return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,7 +50,7 @@ from mic_host.endpoint import QueueEndpoint
 from virtio.constants import SECTOR_SIZE, BlkFeature, BlkReqType, BlkStatus, DeviceType
 from virtio.errors import ConfigError
 from virtio.layouts import BlkConfig, BlkDiscardWriteZeroes, BlkReqHeader
-from virtio.split import Chain
+from virtio.split import Chain, slice_segments
 
 __all__ = [
     "BLOCK_QUEUE_SIZE",
@@ -133,23 +133,6 @@ def _write_zeros(fd: int, offset: int, length: int) -> None:
         n = os.pwrite(fd, memoryview(_ZEROS)[: min(length, len(_ZEROS))], offset)
         offset += n
         length -= n
-
-
-def _slice(views: Sequence[memoryview], start: int, length: int) -> list[memoryview]:
-    """The byte range ``[start, start+length)`` of a scatter list, as views."""
-    out: list[memoryview] = []
-    for v in views:
-        n = len(v)
-        if start >= n:
-            start -= n
-            continue
-        take = min(n - start, length)
-        out.append(v[start : start + take])
-        length -= take
-        start = 0
-        if not length:
-            break
-    return out
 
 
 @dataclass(slots=True)
@@ -384,14 +367,16 @@ class BlockBackend:
                 return BlkStatus.IOERR, 0
             if not self._range_ok(sector, data_in):
                 return BlkStatus.IOERR, 0
-            return _Io(rtype, sector * SECTOR_SIZE, data_in, _slice(chain.writable, 0, data_in))
+            return _Io(
+                rtype, sector * SECTOR_SIZE, data_in, slice_segments(chain.writable, 0, data_in)
+            )
         if rtype == BlkReqType.OUT:
             if data_in:  # data must be device-readable
                 self.malformed += 1
                 return BlkStatus.IOERR, 0
             if self.read_only or not self._range_ok(sector, data_out):
                 return BlkStatus.IOERR, 0
-            bufs = _slice(chain.readable, HDR.size, data_out)
+            bufs = slice_segments(chain.readable, HDR.size, data_out)
             return _Io(rtype, sector * SECTOR_SIZE, data_out, bufs)
         if rtype == BlkReqType.FLUSH:
             return _Io(rtype)
@@ -487,9 +472,11 @@ class BlockBackend:
         done, want, pos = 0, io.length, io.offset
         bufs = io.bufs
         while done < want:
-            got = os.preadv(fd, bufs if not done else _slice(bufs, done, want - done), pos + done)
+            got = os.preadv(
+                fd, bufs if not done else slice_segments(bufs, done, want - done), pos + done
+            )
             if got == 0:  # file shrank under us: the rest reads as zeros
-                for v in _slice(bufs, done, want - done):
+                for v in slice_segments(bufs, done, want - done):
                     v[:] = bytes(len(v))
                 return
             done += got
@@ -501,7 +488,7 @@ class BlockBackend:
         bufs = io.bufs
         while done < want:
             done += os.pwritev(
-                fd, bufs if not done else _slice(bufs, done, want - done), pos + done
+                fd, bufs if not done else slice_segments(bufs, done, want - done), pos + done
             )
 
     def stats(self) -> dict[str, int]:

@@ -21,6 +21,7 @@ from virtio.split import (
     RingFault,
     SplitLayout,
     need_event,
+    slice_segments,
 )
 
 # ---------------------------------------------------------------------------
@@ -850,3 +851,15 @@ def test_get_used_many_refuses_a_used_index_jump() -> None:
     with pytest.raises(RingError) as e:
         drv.get_used_many()
     assert e.value.fault is RingFault.USED_IDX_JUMP
+
+
+# -- slice_segments: the one walk over a scatter list -----------------------------
+def test_slice_segments_takes_views_across_buffers() -> None:
+    bufs = [memoryview(bytearray(b"abc")), memoryview(bytearray(b"defg")), memoryview(b"hi")]
+    assert [bytes(v) for v in slice_segments(bufs, 2, 4)] == [b"c", b"def"]
+    assert [bytes(v) for v in slice_segments(bufs, 7, 10)] == [b"hi"]  # list ends first
+    assert slice_segments(bufs, 9, 1) == []  # start past the end
+    assert slice_segments(bufs, 0, 0) == []
+    out = slice_segments(bufs, 3, 2)
+    out[0][:] = b"XY"  # views, not copies
+    assert bytes(bufs[1]) == b"XYfg"
