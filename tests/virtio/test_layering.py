@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-CORE = ["virtio", "virtio.split", "virtio.status", "virtio.memory", "virtio.layouts"]
+CORE = [
+    "virtio",
+    "virtio.split",
+    "virtio.status",
+    "virtio.memory",
+    "virtio.layouts",
+    "virtio.net",
+]
 FORBIDDEN_PACKAGES = {"transport", "mic_host", "mic_card"}
 
 PROBE = """

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from virtio import layouts as L
+from virtio import net as N
 from virtio.constants import (
     MIC_DP_SIZE,
     MIC_MAGIC,
@@ -63,6 +64,7 @@ def test_sizeof(layout: Any, size: int) -> None:
         (L.USED_ELEM_STRUCT, L.UsedElem),
         (L.PACKED_DESC_STRUCT, L.PackedDesc),
         (L.PACKED_EVENT_STRUCT, L.PackedEvent),
+        (N.NET_HDR, L.NetHdr),
     ],
 )
 def test_hot_path_structs_match_construct(twin: struct.Struct, layout: Any) -> None:
