@@ -40,6 +40,7 @@ bench: install
 	$(BIN)/python -m bench.boot
 	$(BIN)/python -m bench.block
 	$(BIN)/python -m bench.accel
+	$(BIN)/python -m bench.net
 	$(BIN)/python -m bench.report
 
 fmt: install

@@ -151,6 +151,35 @@ def accel(a: dict[str, Any]) -> list[str]:
     return out
 
 
+def net(n: dict[str, Any]) -> list[str]:
+    v, r = n["veth"], n["relay"]
+    out = [
+        "## Network (`bench/net.py`)",
+        "",
+        f"Measured {n['when']}: iperf3 TCP, {n['seconds']:g} s per run, through the card's "
+        "virtio-net NIC (`tap` backend: host TAP -> host backend -> rings -> card driver -> "
+        "card TAP), against a veth pair between two namespaces and a minimal Python "
+        "TAP-to-TAP relay (plain TAPs, no offloads) in the same run. Details: `docs/net.md`.",
+        "",
+        "| direction | virtio-net Gbit/s | veth Gbit/s | relay Gbit/s | vs veth | vs relay | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    out.extend(
+        f"| {row['direction'].replace('_', ' ')} | {row['gbps']:.2f} | {row['veth_gbps']:.2f} | "
+        f"{row['relay_gbps']:.2f} | {row['vs_veth']:.2f}x | {row['vs_relay']:.2f}x | "
+        f"{'yes' if row['met'] else 'no'} |"
+        for row in n["rows"]
+    )
+    out += [
+        "",
+        f"veth per direction: {v['a_to_b']:.2f} / {v['b_to_a']:.2f} Gbit/s; relay "
+        f"{r['a_to_b']:.2f} / {r['b_to_a']:.2f} Gbit/s. Target: >= {n['target_vs_veth']}x "
+        "veth and above the relay.",
+        "",
+    ]
+    return out
+
+
 def main() -> int:
     lines = [
         "# Performance",
@@ -168,6 +197,7 @@ def main() -> int:
         ("boot", boot),
         ("block", block),
         ("accel", accel),
+        ("net", net),
     )
     for name, fn in sections:
         data = _load(name)

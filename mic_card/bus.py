@@ -169,7 +169,11 @@ class Driver(Protocol):
     """A card virtio driver bound to one :class:`CardDevice`.
 
     Constructed with the live device (queues set up, DRIVER_OK written).
-    ``FEATURES`` are the device-specific bits it supports.
+    ``FEATURES`` are the device-specific bits it supports; a driver whose acks
+    depend on the device may instead define a classmethod
+    ``supported_features(dev: CardDevice) -> int`` (called before FEATURES_OK,
+    config space and ``dev.bus.params`` readable; it may raise
+    RemoteProtocolError).
     """
 
     FEATURES: ClassVar[int]
@@ -443,9 +447,22 @@ class CardDevice:
             "c2h_db": self.c2h_db,
             "used_in_card": self.used_in_card,
             "driver": type(self.driver).__name__ if self.driver is not None else None,
+            "driver_info": _driver_info(self.driver),
             "error": self.error,
             "queues": [ep.stats() for ep in self.endpoints],
         }
+
+
+def _driver_info(driver: Driver | None) -> dict[str, Any] | None:
+    """The driver's own ``info()`` (net: mode, namespace, counters), when it has one."""
+    info = getattr(driver, "info", None)
+    if not callable(info):
+        return None
+    try:
+        result = info()
+    except MicError as e:
+        return {"error": str(e)}
+    return result if isinstance(result, dict) else None
 
 
 # --------------------------------------------------------------------------
@@ -497,6 +514,8 @@ class VirtioBus:
         self._closed = False
         self.scans = 0
         self.scan_errors = 0
+        #: Boot parameters drivers read (the card OS sets them; ``params["net"]``).
+        self.params: dict[str, Any] = {}
 
     async def __aenter__(self) -> VirtioBus:
         await self.start()
@@ -660,8 +679,12 @@ class VirtioBus:
         dev.used_in_card = self.used_in_card
         dev.name = name or self._new_name(entry.type)
         self._by_offset[offset] = dev
-        supported = int(getattr(factory, "FEATURES", 0)) | CARD_TRANSPORT_FEATURES
         try:
+            # A driver whose acks depend on the device (config space, boot
+            # parameters: virtio-net's mode) says so with supported_features(dev).
+            pick = getattr(factory, "supported_features", None)
+            own = pick(dev) if pick is not None else getattr(factory, "FEATURES", 0)
+            supported = int(own) | CARD_TRANSPORT_FEATURES
             await dev._probe(supported)
             dev.driver = factory(dev)
         except (RemoteProtocolError, MicTimeoutError, ResourceError) as e:

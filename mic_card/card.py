@@ -68,6 +68,8 @@ log = logging.getLogger("mic_card")
 
 #: How long apps get to see their I/O fail when the host vanishes, before exit.
 _HOST_LOST_GRACE = 0.5
+#: seconds a clean shutdown waits for each NIC to delete its namespace
+_NIC_CLOSE_TIMEOUT = 5.0
 
 #: Card RAM below this is reserved (a "kernel" page nobody allocates).
 _RESERVED = 0x1000
@@ -256,6 +258,7 @@ class CardOS:
             used_in_card=bool(self.boot_params.get("used_ring_in_card", False)),
             drivers=drivers,
         )
+        self.bus.params = self.boot_params
         self.card = Card(self)
         self.fs = CardFS(self.card)
         self.shell: InteractiveShell | None = None
@@ -342,6 +345,16 @@ class CardOS:
                 for app in list(self._apps):
                     app.cancel()
                 await self._close_accel()
+                nics = [
+                    self.bus.driver(d["name"])
+                    for d in self.bus.devices()
+                    if d["type"] == DeviceType.NET and d["driver"] is not None
+                ]
+            # Closing the bus detached the NICs: wait for their namespaces to go
+            # (bounded), so a clean shutdown leaves nothing in /run/netns.
+            for nic in nics:
+                with contextlib.suppress(TimeoutError, MicError):
+                    await asyncio.wait_for(nic.wait_closed(), _NIC_CLOSE_TIMEOUT)
             pump.cancel()
         return self.shutdown_status
 
@@ -417,6 +430,15 @@ class CardOS:
                 await link.send(
                     {"type": "devices", "id": msg.get("id"), "devices": self.bus.devices()}
                 )
+            elif kind == "net-params":
+                # A net device is about to be hot-added: its card-side
+                # parameters (address, namespace, mode), as boot_params["net"].
+                entries = msg.get("net")
+                if isinstance(entries, list):
+                    known = self.boot_params.setdefault("net", [])
+                    if isinstance(known, list):
+                        known.extend(e for e in entries if isinstance(e, dict))
+                await link.send({"type": "net-params", "id": msg.get("id")})
             elif kind == "run":
                 args = msg.get("args") or []
                 self._start_app(tg, msg.get("id"), str(msg.get("app", "")), list(args))

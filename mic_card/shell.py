@@ -706,6 +706,28 @@ async def _blkinfo(ctx: ShellContext, args: list[str]) -> int:
     return 0
 
 
+# The net commands' text lives with the driver (imported on first use).
+@command("ifconfig", help="the card's network interfaces", usage="ifconfig [-a] [IFACE]")
+async def _ifconfig(ctx: ShellContext, args: list[str]) -> int:
+    from mic_card.drivers.net import shell_ifconfig
+
+    return await shell_ifconfig(ctx, args)
+
+
+@command("ip", help="network interfaces, iproute2 style", usage="ip addr [show [IFACE]] | ip link")
+async def _ip(ctx: ShellContext, args: list[str]) -> int:
+    from mic_card.drivers.net import shell_ip
+
+    return await shell_ip(ctx, args)
+
+
+@command("netstat", help="the kernel interface table", usage="netstat -i")
+async def _netstat(ctx: ShellContext, args: list[str]) -> int:
+    from mic_card.drivers.net import shell_netstat
+
+    return await shell_netstat(ctx, args)
+
+
 @command("dmesg", help="the card's kernel log", usage="dmesg")
 async def _dmesg(ctx: ShellContext, args: list[str]) -> int:
     lines = ctx.card.dmesg() if ctx.card is not None else []

@@ -53,6 +53,16 @@ _SUN_PATH_MAX = 107
 _LINK_GRACE = 2.0
 
 
+def _net_params(backends: list[Backend]) -> list[dict[str, Any]]:
+    """The card-side parameters of the net backends among ``backends``."""
+    out = []
+    for b in backends:
+        card_params = getattr(b, "card_params", None)
+        if callable(card_params):
+            out.append(dict(card_params()))
+    return out
+
+
 def _card_devices(raw: object) -> list[dict[str, Any]]:
     """The card's device list (``online``/``devices`` messages), keeping only
     well-formed entries (``offset`` an int, ``name`` a string): the card is
@@ -369,6 +379,9 @@ class CardManager:
         elif dev.type == "console":
             opts.setdefault("log_path", str(self._console_log(name)))
             opts["pty"] = self._pty(name)
+        elif dev.type == "net":
+            # Defaults (TAP name, mpssd's 172.31.N+1.x addresses, MAC) derive from the card.
+            opts |= {"card": self.name, "node": self.node_id, "state_dir": str(self.state_dir)}
         backend = create_backend(dev.type, name=name, **opts)
         if isinstance(backend, ConsoleBackend) and backend.agent is not None:
             backend.agent.label = self.name
@@ -383,11 +396,14 @@ class CardManager:
         suffix = "console" if device == first else device
         return self.state_dir / f"{self.name}-{suffix}.log"
 
-    def _boot_params(self) -> dict[str, Any]:
+    def _boot_params(self, backends: list[Backend]) -> dict[str, Any]:
         return {
             "heartbeat_interval": self.cfg.heartbeat_interval,
             "used_ring_in_card": self.cfg.used_ring_in_card,
             "node_id": self.node_id,
+            # What the card's net driver needs beyond the config space
+            # (address, namespace, mode): mpssd put it on the kernel cmdline.
+            "net": _net_params(backends),
         }
 
     async def _spawn_card(self, sock: Path) -> asyncio.subprocess.Process:
@@ -420,18 +436,24 @@ class CardManager:
         pcfg = PcieConfig(card_ram_size=self.cfg.card_ram, host_ram_size=self.cfg.host_ram)
         proc: asyncio.subprocess.Process | None = None
         event, status = CardEvent.CRASH, None
+        backends: list[Backend] = []
         try:
+            # Backends first: a TAP that cannot be created fails the boot with
+            # its own message, and the card's boot parameters come from them.
+            for i, dev in enumerate(self.devices):
+                backends.append(self._backend(dev, i))
             async with PcieHost(
                 str(sock),
                 card=CardIdentity(self.name, node_id=self.node_id),
                 config=pcfg,
-                boot_params=self._boot_params(),
+                boot_params=self._boot_params(backends),
             ) as pcie:
                 win = pcie.smpt.open(0, self.cfg.host_ram, Perm.RW)
                 async with Vop(_Platform(pcie, win.addr(0))) as vop:
                     self.vop = vop
-                    for i, dev in enumerate(self.devices):
-                        vop.add_device(self._backend(dev, i))
+                    while backends:
+                        vop.add_device(backends[0])
+                        backends.pop(0)  # the Vop owns (and closes) it now
                     pcie.mmio.spad.set_device_page(win.addr(0))
                     for db in range(pcie.config.layout.c2h_doorbells):
                         pcie.mmio.route(db, 0)
@@ -456,6 +478,9 @@ class CardManager:
             self.last_error = f"boot session failed: {eg.exceptions[0]}"
             log.error("%s: %s", self.name, self.last_error, exc_info=eg.exceptions[0])
         finally:
+            for backend in backends:  # built but never handed to a Vop
+                with contextlib.suppress(MicError, OSError):
+                    await backend.aclose()
             if proc is not None:
                 await self._stop_process(proc)
             self.vop = None
@@ -547,7 +572,7 @@ class CardManager:
         elif kind == "crashed":
             self.last_error = f"card OS crashed: {str(msg.get('error'))[:500]}"
             self._reported_status = ShutdownStatus.CRASHED
-        elif kind in ("devices", "run_result"):
+        elif kind in ("devices", "run_result", "net-params"):
             if kind == "devices" and isinstance(msg.get("devices"), list):
                 self.card_devices = _card_devices(msg["devices"])
             rid = msg.get("id")
@@ -655,6 +680,10 @@ class CardManager:
         card_name = None
         if self.vop is not None:
             try:
+                params = _net_params([backend])
+                if params and self.state is CardState.ONLINE:
+                    # Before the device appears, so the card's driver finds them.
+                    await self._ask({"type": "net-params", "net": params}, timeout)
                 vdev = self.vop.add_device(backend)
             except MicError:
                 await backend.aclose()
@@ -720,6 +749,52 @@ class CardManager:
         return {"card": self.name, "removed": name}
 
     # -- console and agent -------------------------------------------------------
+    async def net(self, device: str | None, link: bool | None) -> dict[str, Any]:
+        """``micctl net``: every net device (or ``device``) with its backend's view
+        (backend, host interface, addresses, namespaces, link, counters) and, when
+        the card is online, the card driver's (``card``: mode, namespace, counters).
+        ``link`` first sets the link status (a config change the card sees).
+
+        Raises:
+            LocalProtocolError: no such device, not a net device, or a link
+                change while the card is not running.
+        """
+        nets = [(self._dev_name(d, i), d) for i, d in enumerate(self.devices) if d.type == "net"]
+        if device is not None:
+            idx = self._find(device)
+            d = self.devices[idx]
+            if d.type != "net":
+                raise LocalProtocolError(f"{self.name}: {device} is a {d.type} device, not net")
+            nets = [(self._dev_name(d, idx), d)]
+        vop = self.vop
+        if link is not None:
+            if vop is None:
+                raise LocalProtocolError(f"{self.name} is {self.state}: no link to set")
+            for name, _ in nets:
+                set_link = getattr(vop.devices[name].backend, "set_link", None)
+                if callable(set_link):
+                    await set_link(link)
+        by_offset: dict[int, dict[str, Any]] = {}
+        if self.state is CardState.ONLINE:
+            with contextlib.suppress(MicError):
+                by_offset = {d["offset"]: d for d in await self.refresh_devices()}
+        out = []
+        for name, d in nets:
+            entry: dict[str, Any] = {"name": name}
+            if vop is not None and name in vop.devices:
+                vdev = vop.devices[name]
+                info = getattr(vdev.backend, "info", None)
+                if callable(info):
+                    entry |= info()
+                card_dev = by_offset.get(vdev.view.offset)
+                if card_dev is not None:
+                    entry["device"] = card_dev.get("name")
+                    entry["card"] = card_dev.get("driver_info")
+            else:
+                entry |= {"backend": d.options.get("backend", "tap"), "options": dict(d.options)}
+            out.append(entry)
+        return {"card": self.name, "state": str(self.state), "devices": out}
+
     def _consoles(self) -> list[ConsoleBackend]:
         if self.vop is None:
             return []

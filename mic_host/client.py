@@ -313,6 +313,16 @@ class CardClient:
         """Per-device, per-queue counters (kicks, interrupts, buffers, bytes, errors)."""
         return await self.client.request("stats", self.name)
 
+    async def net(self, device: str | None = None, *, link: bool | None = None) -> dict[str, Any]:
+        """The card's net devices (``micctl net``): ``{"card", "devices": [...]}``, each
+        with backend, host interface, host/card addresses, namespaces, link, counters.
+        ``link=True/False`` first sets the link status (a config change the card sees).
+        """
+        args: dict[str, Any] = {"device": device}
+        if link is not None:
+            args["link"] = "up" if link else "down"
+        return await self.client.request("net", self.name, **args)
+
     async def run(self, app: str, *args: Any) -> dict[str, Any]:
         """Run ``module:function`` on the card with JSON ``args``; returns its result."""
         return await self.client.request("run", self.name, app=app, args=list(args))

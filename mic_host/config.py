@@ -263,8 +263,21 @@ DEVICE_OPTIONS: dict[str, dict[str, OptionSpec]] = {
     },
     "console": {},
     "net": {
+        "backend": OptionSpec("str", help='"tap" (a host TAP, as mpssd; needs root) or "switch"'),
         "mac": OptionSpec("mac", help="card-side MAC address, aa:bb:cc:dd:ee:ff"),
-        "mtu": OptionSpec("int", help="MTU offered with VIRTIO_NET_F_MTU"),
+        "mtu": OptionSpec(
+            "int", help="MTU offered with VIRTIO_NET_F_MTU (68..65535, default 1500)"
+        ),
+        "ifname": OptionSpec("str", help="tap: host TAP name (default the card name)"),
+        "host_ip": OptionSpec("str", help="host address/len (tap default 172.31.N+1.254/24)"),
+        "card_ip": OptionSpec("str", help="card address/len (tap default 172.31.N+1.1/24)"),
+        "netns": OptionSpec("str", help="tap: existing namespace for the host TAP"),
+        "card_netns": OptionSpec(
+            "str", help="namespace the card's TAP lives in (default the card)"
+        ),
+        "card_mode": OptionSpec("str", help='card side: "auto", "tap" (needs root) or "frames"'),
+        "switch": OptionSpec("str", help='switch: name of the switch to join (default "sw0")'),
+        "uplink": OptionSpec("str", help="switch: a host TAP to attach to the switch"),
     },
 }
 
@@ -364,7 +377,39 @@ def _check_options(
             raise ctx.error(f"{key}.{name}", f"required option of {dtype} devices is missing")
     if dtype == "block" and out.get("create") and "size" not in out:
         raise ctx.error(f"{key}.size", "create = true needs a size")
+    if dtype == "net":
+        _check_net(ctx, key, out)
     return out
+
+
+_NET_CHOICES = {"backend": ("tap", "switch"), "card_mode": ("auto", "tap", "frames")}
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+
+
+def _check_net(ctx: _Ctx, key: str, out: dict[str, Any]) -> None:
+    """Values of net options that their kind alone does not check."""
+    import ipaddress
+
+    for name, choices in _NET_CHOICES.items():
+        if name in out and out[name] not in choices:
+            raise ctx.error(
+                f"{key}.{name}", f"expected one of {', '.join(choices)}, got {out[name]!r}"
+            )
+    for name in ("host_ip", "card_ip"):
+        if name in out:
+            try:
+                iface = ipaddress.ip_interface(out[name])
+            except ValueError:
+                raise ctx.error(
+                    f"{key}.{name}", f"bad address {out[name]!r}: expected A.B.C.D/len"
+                ) from None
+            if "/" not in out[name]:
+                out[name] = str(iface)  # e.g. 10.0.0.1 -> 10.0.0.1/32
+    for name in ("ifname", "netns", "card_netns", "switch", "uplink"):
+        if name in out and not _IFNAME_RE.match(out[name]):
+            raise ctx.error(f"{key}.{name}", f"bad name {out[name]!r}: 1..15 of A-Z a-z 0-9 _ . -")
+    if "mtu" in out and not 68 <= out["mtu"] <= 65535:
+        raise ctx.error(f"{key}.mtu", f"MTU {out['mtu']} outside 68..65535")
 
 
 def validate_device_options(

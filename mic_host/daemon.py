@@ -164,6 +164,9 @@ class Daemon:
             raise LocalProtocolError("console_resize: cols and rows must be integers")
         return await self._card(card).console_resize(int(cols), int(rows), device)
 
+    async def net(self, card: str, device: str | None, link: str | None) -> dict[str, Any]:
+        return await self._card(card).net(device, None if link is None else link == "up")
+
     async def suspend(self) -> dict[str, Any]:
         """Host PM suspend (``cosm_stop``): stop every card, remember the running ones."""
         if self.suspended:

@@ -45,6 +45,7 @@ __all__ = [
     "Progress",
     "Subcommand",
     "build_parser",
+    "format_net",
     "format_stats",
     "format_status",
     "format_table",
@@ -172,6 +173,40 @@ def format_stats(result: Mapping[str, Any]) -> str:
             name = q.get("name", q.get("index", i))
             rows.append([_device_label(d), name, *(q.get(k) for k in _STAT_KEYS)])
     return format_table(["DEVICE", "QUEUE", *(k.upper() for k in _STAT_KEYS)], rows)
+
+
+def format_net(result: Mapping[str, Any]) -> str:
+    """``micctl net``: one block per net device, host side then card side."""
+    blocks: list[str] = []
+    for d in result.get("devices") or []:
+        if not isinstance(d, Mapping):
+            continue
+        raw_card = d.get("card")
+        card: Mapping[str, Any] = raw_card if isinstance(raw_card, Mapping) else {}
+        label = d.get("name", "?") + (f" ({d['device']})" if d.get("device") else "")
+        lines = [f"{label}: backend {d.get('backend', '?')}, link {d.get('link', '?')}"]
+        if "host_interface" in d or "host_ip" in d:
+            ns = d.get("netns") or "the daemon's"
+            lines.append(
+                f"  host: {d.get('host_interface') or '-'}  {d.get('host_ip') or '-'}"
+                f"  (namespace {ns})"
+            )
+        lines.append(
+            f"  card: {card.get('ifname') or d.get('device') or '-'}"
+            f"  {card.get('card_ip') or d.get('card_ip') or '-'}"
+            f"  mode {card.get('mode') or d.get('card_mode') or '-'}"
+            f"  namespace {card.get('netns') or d.get('card_netns') or '-'}"
+            f"  mac {d.get('mac') or card.get('mac') or '-'}"
+        )
+        if d.get("offloads") is not None:
+            offl = d["offloads"]
+            text = " ".join(offl) if isinstance(offl, list) else str(offl)
+            lines.append(f"  offloads: {text or 'none'}")
+        counters = d.get("counters")
+        if isinstance(counters, Mapping) and counters:
+            lines.append("  " + "  ".join(f"{k} {v}" for k, v in counters.items()))
+        blocks.append("\n".join(lines))
+    return "\n".join(blocks) if blocks else f"{result.get('card', '?')}: no net devices"
 
 
 def _print_json(obj: object) -> None:
@@ -551,6 +586,23 @@ def _conf_stats(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the raw result (for scripts)")
 
 
+async def _net(client: Client, args: argparse.Namespace) -> int:
+    link = None if args.link is None else args.link == "up"
+    r = await client.card(args.card).net(args.device, link=link)
+    if args.json:
+        _print_json(r)
+    else:
+        print(format_net(r))
+    return EXIT_OK
+
+
+def _conf_net(p: argparse.ArgumentParser) -> None:
+    _with_card(p)
+    p.add_argument("device", nargs="?", metavar="DEVICE", help="one net device (default: all)")
+    p.add_argument("--link", choices=("up", "down"), help="set the link status first")
+    p.add_argument("--json", action="store_true", help="print the raw result (for scripts)")
+
+
 async def _run(client: Client, args: argparse.Namespace) -> int:
     r = await client.card(args.card).run(args.app, *args.args)
     value = r.get("value", r)
@@ -596,6 +648,7 @@ for _sub in (
     ),
     Subcommand("detach", "hot-remove a device", _conf_detach, _detach),
     Subcommand("stats", "per-queue counters", _conf_stats, _stats),
+    Subcommand("net", "net devices: backend, addresses, namespace, counters", _conf_net, _net),
     Subcommand("run", "run a card app", _conf_run, _run),
     Subcommand("suspend", "host suspend: stop every card", _no_args, _suspend),
     Subcommand("resume", "host resume: boot cards suspend stopped", _no_args, _resume),

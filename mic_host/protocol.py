@@ -185,6 +185,14 @@ OPS: dict[str, OpSpec] = {
         },
         help="set a console's window size (RESIZE to the card)",
     ),
+    "net": OpSpec(
+        "required",
+        {
+            "device": ArgSpec("string", help="net device (host name or eth0; default: all)"),
+            "link": ArgSpec("string", choices=("up", "down"), help="set the link status first"),
+        },
+        help="net devices: backend, interfaces, addresses, namespace, counters",
+    ),
     "suspend": OpSpec("none", help="host PM suspend: stop every card"),
     "resume": OpSpec("none", help="host PM resume: boot the cards suspend stopped"),
 }
@@ -224,6 +232,7 @@ class ControlHandler(Protocol):
     async def console_resize(
         self, card: str, cols: float, rows: float, device: str | None
     ) -> dict[str, Any]: ...
+    async def net(self, card: str, device: str | None, link: str | None) -> dict[str, Any]: ...
     async def suspend(self) -> dict[str, Any]: ...
     async def resume(self) -> dict[str, Any]: ...
 

@@ -14,12 +14,14 @@ from typing import Any
 
 from mic_card.drivers.block import BlockDevice, BlockIOError
 from mic_card.drivers.console import ConsoleDevice
+from mic_card.drivers.net import NetDevice
 from virtio.constants import DeviceType
 
-__all__ = ["DRIVERS", "BlockDevice", "BlockIOError", "ConsoleDevice"]
+__all__ = ["DRIVERS", "BlockDevice", "BlockIOError", "ConsoleDevice", "NetDevice"]
 
 #: device type -> driver class (``factory(device) -> driver``)
 DRIVERS: dict[int, Any] = {
     int(DeviceType.BLOCK): BlockDevice,
     int(DeviceType.CONSOLE): ConsoleDevice,
+    int(DeviceType.NET): NetDevice,
 }

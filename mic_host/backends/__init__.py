@@ -5,7 +5,7 @@ rings): it says what it offers (type, features, config space, queue sizes)
 and runs a coroutine over the device's queue endpoints. :class:`mic_host.vop.Vop`
 puts it on the device page and runs it.
 
-Backends are found by name: the built-ins (``block``, ``console``), anything
+Backends are found by name: the built-ins (``block``, ``console``, ``net``), anything
 registered with :func:`register_backend`, and third-party packages through
 the ``mic_vop.backends`` entry-point group (as aioquic registers congestion
 controls)::
@@ -104,6 +104,7 @@ _registry: dict[str, BackendFactory] = {}
 _BUILTINS: dict[str, tuple[str, str]] = {
     "block": ("mic_host.backends.block", "BlockBackend"),
     "console": ("mic_host.backends.console", "ConsoleBackend"),
+    "net": ("mic_host.backends.net", "create_net_backend"),
 }
 
 
