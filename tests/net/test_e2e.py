@@ -299,3 +299,26 @@ async def test_a_stopped_card_does_not_block_the_switch(state_dir: Path) -> None
             assert d2["counters"]["rx_dropped"] > 0
         finally:
             os.kill(pid2, signal.SIGCONT)
+
+
+@needs_tap
+@pytest.mark.asyncio
+async def test_privileged_cards_ping_each_other_through_the_switch(state_dir: Path) -> None:
+    sw = f"sw{uid()}"
+    ns = [f"mvc-{uid()}", f"mvc-{uid()}"]
+    cards_toml = [
+        net_card(f"mic{i}", {"backend": "switch", "switch": sw, "card_netns": ns[i]})
+        for i in range(2)
+    ]
+    async with daemon(state_dir, cfg(*cards_toml)) as client:
+        cards = [await booted(client, f"mic{i}") for i in range(2)]
+        for c in cards:
+            await eventually(lambda c=c: _card_link_ready(c), within=20, what="card TAP up")
+        infos = [await net(c) for c in cards]
+        # the switch's default addressing: 172.31.255.<node>/24
+        assert [d["card_ip"] for d in infos] == ["172.31.255.1/24", "172.31.255.2/24"]
+        ping = await run_in(ns[0], "ping", "-c", "3", "-i", "0.2", "-W", "3", "172.31.255.2")
+        assert ping.rc == 0, ping.out + ping.err
+        ping = await run_in(ns[1], "ping", "-c", "2", "-W", "3", "172.31.255.1")
+        assert ping.rc == 0, ping.out + ping.err
+    assert not any(netns_exists(n) for n in ns)
