@@ -30,26 +30,13 @@ from transport.tap import create_netns, delete_netns, ip, run_in_netns, tap_priv
 from virtio.constants import Feature, NetFeature
 from virtio.errors import MicError
 from virtio.memory import FlatMemory
-from virtio.net import NET_HDR, NET_HDR_SIZE
+from virtio.net import DEVICE_FEATURES, NET_HDR, NET_HDR_SIZE
 from virtio.split import DeviceQueue, DriverQueue, SplitLayout
 
 QSIZE = 256
 RING_FEATURES = int(Feature.EVENT_IDX)
 #: What a card in tap mode acks (everything the device offers + VERSION_1).
-ALL = int(Feature.VERSION_1) | int(
-    NetFeature.CSUM
-    | NetFeature.GUEST_CSUM
-    | NetFeature.MTU
-    | NetFeature.MAC
-    | NetFeature.GUEST_TSO4
-    | NetFeature.GUEST_TSO6
-    | NetFeature.GUEST_ECN
-    | NetFeature.HOST_TSO4
-    | NetFeature.HOST_TSO6
-    | NetFeature.HOST_ECN
-    | NetFeature.MRG_RXBUF
-    | NetFeature.STATUS
-)
+ALL = int(Feature.VERSION_1) | int(DEVICE_FEATURES)
 #: A card in frames mode: no receive offloads, MRG_RXBUF kept.
 PLAIN = int(Feature.VERSION_1) | int(
     NetFeature.MTU | NetFeature.MAC | NetFeature.MRG_RXBUF | NetFeature.STATUS
@@ -176,6 +163,12 @@ class NetCard:
     def driver_ok(self) -> None:
         """FEATURES_OK + DRIVER_OK: fresh rings on both sides, queues live."""
         self.ctx.features = self.features
+        for layout in self.layouts:
+            # Fresh rings, as VOP zeroes them on reset: a used.idx left from the
+            # last session (the kernel's IPv6 chatter arrives at random times)
+            # would otherwise be read as completions of the new buffers.
+            span = SplitLayout.contiguous_bytes(layout.size)
+            self.mem.view(layout.desc, span, True)[:] = bytes(span)
         self.rxd = DriverQueue(self.mem, self.layouts[0], RING_FEATURES)
         self.txd = DriverQueue(self.mem, self.layouts[1], RING_FEATURES)
         self._partial, self._want = [], 0
