@@ -146,8 +146,22 @@ def accel(a: dict[str, Any]) -> list[str]:
     )
     out += ["", "| target | measured | goal | met |", "|---|---|---|---|"]
     for name, t in a["targets"].items():
-        out.append(f"| {name} | {t['value']} | {t['target']} | {'yes' if t['met'] else 'no'} |")
+        runs = f" (median of {', '.join(map(str, t['runs']))})" if t.get("runs") else ""
+        out.append(
+            f"| {name} | {t['value']}{runs} | {t['target']} | {'yes' if t['met'] else 'no'} |"
+        )
     out.append("")
+    host = a.get("host_reach")
+    if host:
+        out.append(
+            "Host reach (a host script's offload channels through a real daemon and card, "
+            f"{host['alg']} on {host['length']} B, batch {host['batch']}): "
+            + "; ".join(
+                f"{r['channels']} channel(s) {r['kib_s']:,.0f} KiB/s = {r['ratio']:.2f}x in-process"
+                for r in host["rows"]
+            )
+        )
+        out.append("")
     return out
 
 

@@ -44,6 +44,7 @@ from mic_card.agent import AGENT_PORT, Agent
 from mic_card.bus import CardRamAllocator, VirtioBus
 from mic_card.drivers import DRIVERS
 from mic_card.drivers.console import ConsoleDevice, SinglePortConsole
+from mic_card.offload import bind_offload_endpoint, serve_offload_endpoint
 from mic_card.shell import CardFS, InteractiveShell, lazy_command
 from transport import PcieCard
 from virtio.constants import DeviceType
@@ -329,12 +330,17 @@ class CardOS:
             pump = tg.create_task(self._pump(), name="doorbells")
             async with self.bus:
                 log.info("%s: %d device(s) on the bus", self.name, len(self.bus.devices()))
+                # host scripts open accelerator channels here (mic_card.offload):
+                # listening before "online", so an online card always has it
+                offload = bind_offload_endpoint(self.boot_params.get("accel_socket"), self.name)
                 await link.send({"type": "online", "devices": self.bus.devices()})
                 hb = tg.create_task(self._heartbeat(interval), name="heartbeat")
                 msgs = tg.create_task(self._messages(tg), name="link")
                 for spec in self.apps:
                     self._start_app(tg, None, spec, [])
                 self._start_console(tg)
+                if offload is not None:
+                    self._track(tg.create_task(serve_offload_endpoint(offload, self)))
                 await self._stop.wait()
                 log.info("%s: shutting down (%s)", self.name, self.shutdown_status)
                 hb.cancel()

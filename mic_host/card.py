@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mic_host.accel import accel_socket_path
 from mic_host.agent import DEFAULT_EXEC_TIMEOUT, MAX_EXEC_OUTPUT
 from mic_host.backends import Backend, create_backend
 from mic_host.backends.console import ConsoleBackend, ConsolePty
@@ -404,6 +405,8 @@ class CardManager:
             # What the card's net driver needs beyond the config space
             # (address, namespace, mode): mpssd put it on the kernel cmdline.
             "net": _net_params(backends),
+            # where host scripts open accelerator channels (mic_host.accel)
+            "accel_socket": str(accel_socket_path(self.state_dir, self.name)),
         }
 
     async def _spawn_card(self, sock: Path) -> asyncio.subprocess.Process:

@@ -53,6 +53,7 @@ from virtio.errors import (
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
 
+    from mic_host.accel import OffloadPool, OffloadSession
     from mic_host.terminal import ConsoleStream, ExecResult
 
 __all__ = ["CardClient", "Client", "connect", "launch", "DEFAULT_DAEMON_MODULE"]
@@ -326,6 +327,41 @@ class CardClient:
     async def run(self, app: str, *args: Any) -> dict[str, Any]:
         """Run ``module:function`` on the card with JSON ``args``; returns its result."""
         return await self.client.request("run", self.name, app=app, args=list(args))
+
+    @asynccontextmanager
+    async def accel_session(self, alg: str, **spec: Any) -> AsyncIterator[OffloadSession]:
+        """A channel to the card's accelerators: ``out = await s.do(data)``.
+
+        The data travels through card RAM and the card's engine workers serve
+        it in place (``mic_host.accel``, docs/accel.md). ``spec``: ``op``,
+        ``level``, ``key``, ``iv``, ``out_size``, ``heap_size``, ``policy``.
+
+        Raises:
+            BrokenResourceError: the card is not online; ResourceError: its
+            accelerator is busy; LocalProtocolError: a bad spec.
+        """
+        from mic_host.accel import open_session
+
+        s = await open_session(self.client.state_dir, self.name, alg, **spec)
+        try:
+            yield s
+        finally:
+            await s.aclose()
+
+    @asynccontextmanager
+    async def accel_pool(
+        self, alg: str, channels: int = 2, **spec: Any
+    ) -> AsyncIterator[OffloadPool]:
+        """``channels`` accelerator channels (one card engine each) used together:
+        ``outs = await p.do_many(items)`` runs the shares in parallel. As
+        :meth:`accel_session` otherwise."""
+        from mic_host.accel import open_pool
+
+        p = await open_pool(self.client.state_dir, self.name, alg, channels=channels, **spec)
+        try:
+            yield p
+        finally:
+            await p.aclose()
 
     async def exec(
         self,

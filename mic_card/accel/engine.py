@@ -20,16 +20,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes, hmac
+from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, hmac, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from mic_card.accel.wire import (
-    REQ_SIZE,
     REQ_STRUCT,
-    RESP_SIZE,
+    RESP_OFF,
     RESP_STRUCT,
+    RSA_ALGS,
+    SLOT_SIZE,
     WIRE_VERSION,
     Alg,
     Op,
@@ -45,6 +47,7 @@ __all__ = [
     "COMP_ALGS",
     "CIPHER_ALGS",
     "DIGEST_ALGS",
+    "RSA_ALGS",
     "EngineConfig",
     "EngineResult",
     "InjectedCrash",
@@ -69,6 +72,8 @@ _OP = {int(o): o for o in Op}
 _ALG = {int(a): a for a in Alg}
 #: most streams one queue may hold open (a bound against a leaking app)
 MAX_STREAMS = 1024
+#: parsed RSA keys kept per queue (parsing a private key costs ~100 µs)
+MAX_KEYS = 16
 
 
 class InjectedCrash(Exception):
@@ -117,9 +122,12 @@ class StreamTable:
     """Per-queue stream state (zlib objects, running hashes), keyed by ``stream_id``."""
 
     streams: dict[int, _Stream] = field(default_factory=dict)
+    #: RSA keys by their DER bytes (bounded: oldest dropped first)
+    keys: dict[bytes, Any] = field(default_factory=dict)
 
     def clear(self) -> None:
         self.streams.clear()
+        self.keys.clear()
 
 
 # --- the compression engine ---------------------------------------------------
@@ -229,6 +237,75 @@ def _digest_obj(alg: Alg, key: bytes) -> Any:
     return hashes.Hash(h)
 
 
+# --- the RSA engine (key in the aad buffer, DER) --------------------------------
+
+_OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+
+
+def _rsa_key(streams: StreamTable, der: bytes, private: bool) -> Any:
+    """The RSA key in ``der`` (private: PKCS#8/traditional DER; public: SPKI DER or a
+    private key, whose public half is used). Raises ``_Fail(BAD_KEY)``."""
+    cache = streams.keys
+    k = cache.get(der)
+    if k is None:
+        try:
+            try:
+                k = serialization.load_der_private_key(der, password=None)
+            except ValueError:
+                if private:
+                    raise
+                k = serialization.load_der_public_key(der)
+        except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+            raise _Fail(Status.BAD_KEY, 3) from e
+        if not isinstance(k, rsa.RSAPrivateKey | rsa.RSAPublicKey):
+            raise _Fail(Status.BAD_KEY, 4)
+        if len(cache) >= MAX_KEYS:
+            del cache[next(iter(cache))]
+        cache[der] = k
+    if private and not isinstance(k, rsa.RSAPrivateKey):
+        raise _Fail(Status.BAD_KEY, 5)  # a public key cannot decrypt or sign
+    return k
+
+
+def _rsa(streams: StreamTable, o: Op, a: Alg, der: bytes, src: memoryview) -> bytes:
+    if not der:
+        raise _Fail(Status.BAD_KEY)
+    data = bytes(src)
+    if a is Alg.RSA_OAEP:
+        if o is Op.ENCRYPT:
+            k = _rsa_key(streams, der, False)
+            pub = k.public_key() if isinstance(k, rsa.RSAPrivateKey) else k
+            try:
+                return bytes(pub.encrypt(data, _OAEP))
+            except ValueError as e:  # message too long for the modulus
+                raise _Fail(Status.INVALID_REQUEST) from e
+        if o is Op.DECRYPT:
+            try:
+                return bytes(_rsa_key(streams, der, True).decrypt(data, _OAEP))
+            except ValueError as e:  # wrong key or tampered ciphertext
+                raise _Fail(Status.CORRUPT_INPUT) from e
+        raise _Fail(Status.INVALID_REQUEST)
+    pad: padding.AsymmetricPadding = (
+        padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.DIGEST_LENGTH)
+        if a is Alg.RSA_PSS
+        else padding.PKCS1v15()
+    )
+    if o is Op.SIGN:
+        return bytes(_rsa_key(streams, der, True).sign(data, pad, hashes.SHA256()))
+    if o is Op.VERIFY:
+        k = _rsa_key(streams, der, False)
+        pub = k.public_key() if isinstance(k, rsa.RSAPrivateKey) else k
+        n = pub.key_size // 8
+        if len(data) < n:
+            raise _Fail(Status.INVALID_REQUEST)
+        try:
+            pub.verify(data[:n], data[n:], pad, hashes.SHA256())
+        except InvalidSignature as e:
+            raise _Fail(Status.AUTH_FAILED) from e
+        return b""
+    raise _Fail(Status.INVALID_REQUEST)
+
+
 # --- one request --------------------------------------------------------------
 
 
@@ -271,6 +348,13 @@ def run_op(
             raise _Fail(Status.INVALID_REQUEST)
         if a not in cfg.algorithms:
             raise _Fail(Status.UNSUPPORTED)
+        if a in RSA_ALGS:
+            out = _rsa(streams, o, a, bytes(aad), src)
+            if len(out) > cap:
+                raise _Fail(Status.OUT_OF_SPACE_TERMINATED)
+            return EngineResult(Status.OK, len(src), out)
+        if o in (Op.SIGN, Op.VERIFY):
+            raise _Fail(Status.INVALID_REQUEST)
         if o in (Op.COMPRESS, Op.DECOMPRESS):
             if a not in COMP_ALGS:
                 raise _Fail(Status.INVALID_REQUEST)
@@ -366,9 +450,11 @@ class QueueServer:
     """Serves one queue: ring core (device side) + header parsing + engines.
 
     ``ring_mem`` is the whole queue region (rings and request slots) as seen
-    on the queue's bus; ``data_mem`` is the part requests may point into (the
-    shared heap): every ``src``/``dst``/``aad`` is resolved through it, on
-    every request, and refused with ``ACCESS_FAULT`` if outside (PASID).
+    on the queue's bus; a request is one device-writable descriptor of
+    ``SLOT_SIZE`` bytes (header, then the response at ``RESP_OFF``).
+    ``data_mem`` is the part requests may point into (the shared heap):
+    every ``src``/``dst``/``aad`` is resolved through it, on every request,
+    and refused with ``ACCESS_FAULT`` if outside (PASID).
     ``words`` is the status page (u64 cast) or None.
 
     :meth:`serve` raises :class:`~virtio.split.RingError` (ring latched) for a
@@ -384,7 +470,7 @@ class QueueServer:
         cfg: EngineConfig,
         words: memoryview | None = None,
     ) -> None:
-        self.dq = DeviceQueue(ring_mem, layout, 0, require_readable=True, require_writable=True)
+        self.dq = DeviceQueue(ring_mem, layout, 0, require_writable=True)
         # A fresh attach (first start or after a reset) must not inherit the
         # used-ring flags a dead engine left behind (e.g. NO_NOTIFY): reset.
         self.dq.reset()
@@ -410,7 +496,6 @@ class QueueServer:
         """
         dq = self.dq
         w = self.words
-        done = 0
         irq = False
         chains = dq.pop_many(max_batch)
         if not chains:
@@ -418,29 +503,36 @@ class QueueServer:
         t0 = last_pub = start = clock()
         busy = StatusWord.BUSY_SINCE
         one = self._one
+        publish_ns = self.publish_ns
+        used: list[tuple[int, int]] = []
         for chain in chains:
             w[busy] = t0
-            length = one(chain.readable[0], chain.writable[0])
-            dq.add_used(chain.head, length)
-            done += 1
+            bufs = chain.writable
+            if len(bufs) == 1 and not chain.readable:
+                used.append((chain.head, one(bufs[0])))
+            else:  # not a request slot: nowhere agreed to answer in
+                w[StatusWord.ERRORS] += 1
+                used.append((chain.head, 0))
             t1 = clock()
-            if t1 - last_pub > self.publish_ns:
+            if t1 - last_pub > publish_ns:
+                dq.add_used_many(used)
+                used.clear()
                 irq |= dq.publish_used()
                 last_pub = t1
             t0 = t1
         w[busy] = 0
+        done = len(chains)
         w[StatusWord.ENGINE_NS] += t0 - start
         w[StatusWord.REQUESTS] += done
+        dq.add_used_many(used)
         irq |= dq.publish_used()
         return done, irq
 
-    def _one(self, hdr: memoryview, resp: memoryview) -> int:
+    def _one(self, slot: memoryview) -> int:
+        """Serve the request in ``slot``; return the used length (SLOT_SIZE; 0: unanswered)."""
         w = self.words
-        if len(hdr) < REQ_SIZE or len(resp) < RESP_SIZE:
+        if len(slot) < SLOT_SIZE:
             w[StatusWord.ERRORS] += 1
-            if len(resp) >= RESP_SIZE:
-                RESP_STRUCT.pack_into(resp, 0, Status.INVALID_REQUEST, 0, 0, 0, 0)
-                return RESP_SIZE
             return 0
         (
             ver,
@@ -461,10 +553,10 @@ class QueueServer:
             al,
             key,
             iv,
-        ) = REQ_STRUCT.unpack_from(hdr, 0)
+        ) = REQ_STRUCT.unpack_from(slot, 0)
         if op == 0 and ver == WIRE_VERSION:  # NOP: nothing to resolve
-            RESP_STRUCT.pack_into(resp, 0, 0, 0, 0, 0, 0)
-            return RESP_SIZE
+            RESP_STRUCT.pack_into(slot, RESP_OFF, 0, 0, 0, 0, 0)
+            return SLOT_SIZE
         if ver != WIRE_VERSION or klen > len(key) or ivlen > len(iv):
             res = EngineResult(Status.INVALID_REQUEST)
         else:
@@ -476,8 +568,10 @@ class QueueServer:
             except MemoryFault as e:
                 w[StatusWord.ACCESS_FAULTS] += 1
                 w[StatusWord.ERRORS] += 1
-                RESP_STRUCT.pack_into(resp, 0, Status.ACCESS_FAULT, 0, 0, 0, e.addr & (2**64 - 1))
-                return RESP_SIZE
+                RESP_STRUCT.pack_into(
+                    slot, RESP_OFF, Status.ACCESS_FAULT, 0, 0, 0, e.addr & (2**64 - 1)
+                )
+                return SLOT_SIZE
             res = run_op(
                 self.cfg, self.streams, op, alg, alg2, level, flags, sid,
                 key[:klen], iv[:ivlen], tlen, src, aad, dl,
@@ -491,8 +585,8 @@ class QueueServer:
             w[StatusWord.ERRORS] += 1
         w[StatusWord.BYTES_IN] += res.consumed
         w[StatusWord.BYTES_OUT] += produced
-        RESP_STRUCT.pack_into(resp, 0, res.status, res.consumed, produced, 0, res.detail)
-        return RESP_SIZE
+        RESP_STRUCT.pack_into(slot, RESP_OFF, res.status, res.consumed, produced, 0, res.detail)
+        return SLOT_SIZE
 
 
 def parse_fault(e: RemoteProtocolError) -> str:

@@ -12,9 +12,12 @@ The card OS creates it at boot::
     async with AccelFramework(default_devices()) as accel:
         card.accel = accel            # apps: accel.device("mic-zip"), accel.open_session(...)
 
-Worker faults never reach anything but the queues that worker served: their
-in-flight requests end with ``Status.ENGINE_FAULT``, the queues are disabled
-until ``reset()``, the worker is respawned.
+Every started queue has an engine worker of its own (taken from a pool of
+``DeviceSpec.workers`` ready processes, spawned beyond it), so a worker fault
+never reaches anything but its queue: its in-flight requests end with
+``Status.ENGINE_FAULT``, the queue is disabled until ``reset()``, the worker
+is respawned. The management interface is the driver side of the device's
+management queue (``mic_card.accel.mgmt``).
 """
 
 from __future__ import annotations
@@ -25,20 +28,20 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Coroutine, Iterable
+from dataclasses import dataclass
 from enum import IntFlag
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mic_card.accel.channel import QueueResources, WorkerLink, close_fds, spawn_worker
 from mic_card.accel.engine import CIPHER_ALGS, COMP_ALGS
 from mic_card.accel.errors import AccelError, DeviceIsolated, QueueBusy
-from mic_card.accel.queue import AccelQueue, QState
+from mic_card.accel.mgmt import FaultEvent, Management
+from mic_card.accel.queue import AccelQueue, QState, QueueStats
 from mic_card.accel.wire import (
     ALG_NAMES,
     API,
-    QUEUE_RING_SIZE,
     Alg,
     QueueGeometry,
     StatusWord,
@@ -53,6 +56,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AccelDevice",
+    "ServedQueue",
     "AccelFramework",
     "DevFlag",
     "DeviceSpec",
@@ -76,9 +80,9 @@ class DeviceSpec:
     """A device to register: name, algorithms and resources.
 
     ``isolate_strategy`` is the number of faults per hour at which the device
-    isolates itself (0 = never), ``workers`` the engine processes behind it,
-    ``heap_size`` each queue's shared memory (half bounce pool, half shared
-    buffers on SVA devices).
+    isolates itself (0 = never), ``workers`` the engine processes kept ready
+    (each started queue has one), ``heap_size`` each queue's shared memory
+    (half bounce pool, half shared buffers on SVA devices).
     """
 
     name: str
@@ -116,15 +120,25 @@ def default_devices(**overrides: Any) -> tuple[DeviceSpec, ...]:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class FaultEvent:
-    """A fault notification of the management interface."""
+class ServedQueue(Protocol):
+    """What the framework needs of a queue it hands to an engine worker.
 
-    device: str
-    qid: int | None
-    kind: str  #: "crash", "hang", "ring", "access"
-    detail: str
-    time: float = field(default_factory=time.time)
+    Implemented by :class:`~mic_card.accel.queue.AccelQueue` (a card app's
+    queue, in its own memfd) and :class:`~mic_card.accel.offload.HostChannel`
+    (a host script's queue, in card RAM).
+    """
+
+    qid: int
+    state: QState
+    geometry: QueueGeometry
+    stats: QueueStats
+    _closed: bool
+
+    def status_word(self, w: StatusWord) -> int: ...
+    def attach_request(self) -> tuple[dict[str, Any], list[int]]: ...
+    def _fault(self, reason: str) -> None: ...
+    async def reset(self) -> None: ...
+    async def aclose(self) -> None: ...
 
 
 class _Worker:
@@ -132,7 +146,7 @@ class _Worker:
         self.device = device
         self.index = index
         self.wl: WorkerLink | None = None
-        self.queues: set[AccelQueue] = set()
+        self.queues: set[ServedQueue] = set()
         self.replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self.ids = itertools.count(1)
         self.ready = asyncio.Event()
@@ -159,88 +173,6 @@ class _Worker:
         return reply
 
 
-class Management:
-    """A device's management interface (Revere-AMU): capabilities, reset, stats, faults."""
-
-    def __init__(self, device: AccelDevice) -> None:
-        self._dev = device
-        self._subscribers: list[asyncio.Queue[FaultEvent]] = []
-        self.log: collections.deque[FaultEvent] = collections.deque(maxlen=256)
-
-    def capabilities(self) -> dict[str, Any]:
-        d = self._dev
-        return {
-            "name": d.name,
-            "api": d.api,
-            "flags": int(d.flags),
-            "algorithms": list(d.algorithms),
-            "chaining": d.spec.chaining,
-            "max_queues": d.spec.max_queues,
-            "workers": d.spec.workers,
-            "ring_size": QUEUE_RING_SIZE,
-            "heap_size": d.spec.heap_size,
-            "node": d.node_id,
-        }
-
-    async def reset_queue(self, qid: int) -> None:
-        """Reset queue ``qid`` of this device (recovers it after a fault).
-
-        Raises:
-            KeyError: no such open queue.
-        """
-        await self._dev.queues[qid].reset()
-
-    def stats(self) -> dict[str, Any]:
-        """Per-queue counters (from the status pages) and device totals."""
-        per: dict[int, dict[str, int]] = {}
-        tot: dict[str, int] = collections.Counter()
-        for qid, q in self._dev.queues.items():
-            if q.state is not QState.STARTED:
-                continue
-            s = {
-                w.name.lower(): q.status_word(w)
-                for w in (
-                    StatusWord.REQUESTS,
-                    StatusWord.ERRORS,
-                    StatusWord.BYTES_IN,
-                    StatusWord.BYTES_OUT,
-                    StatusWord.ACCESS_FAULTS,
-                    StatusWord.ENGINE_NS,
-                )
-            }
-            s["submitted"] = q.stats.submitted
-            s["doorbells"] = q.stats.doorbells
-            per[qid] = s
-            tot.update(s)
-        return {
-            "queues": per,
-            "totals": dict(tot),
-            "faults": self._dev.fault_count(),
-            "isolate": self._dev.isolate,
-            "worker_restarts": self._dev.worker_restarts,
-        }
-
-    def notify(self, ev: FaultEvent) -> None:
-        self.log.append(ev)
-        for q in self._subscribers:
-            q.put_nowait(ev)
-
-    @contextlib.asynccontextmanager
-    async def faults(self) -> AsyncIterator[asyncio.Queue[FaultEvent]]:
-        """Subscribe to fault notifications: ``async with mgmt.faults() as q: await q.get()``."""
-        q: asyncio.Queue[FaultEvent] = asyncio.Queue()
-        self._subscribers.append(q)
-        try:
-            yield q
-        finally:
-            self._subscribers.remove(q)
-
-    def clear_isolation(self) -> None:
-        """Forget the fault history and un-isolate the device."""
-        self._dev._faults.clear()
-        self._dev.isolate = False
-
-
 class AccelDevice:
     """One registered accelerator (a uacce device).
 
@@ -261,13 +193,14 @@ class AccelDevice:
         self.node_id = spec.node
         self.isolate = False
         self.isolate_strategy = spec.isolate_strategy
-        self.queues: dict[int, AccelQueue] = {}
+        self.queues: dict[int, ServedQueue] = {}
         self.workers = [_Worker(self, i) for i in range(spec.workers)]
+        self._worker_ids = itertools.count(spec.workers)
         self.worker_restarts = 0
         self.mgmt = Management(self)
         self._faults: collections.deque[int] = collections.deque()
         self._qids = itertools.count()
-        self._placement: dict[AccelQueue, _Worker] = {}
+        self._placement: dict[ServedQueue, _Worker] = {}
 
     # -- attributes ---------------------------------------------------------------
     @property
@@ -320,6 +253,19 @@ class AccelDevice:
             DeviceIsolated: the device isolated itself.
             ClosedResourceError: the framework is not running.
         """
+        qid, pasid = self._admit()
+        geo = QueueGeometry(pasid, self.spec.heap_size)
+        res = QueueResources.create(geo, self.fw.policy)
+        q = AccelQueue(self, qid, res, sva=self.spec.sva, policy=self.fw.policy)
+        self.queues[qid] = q
+        return q
+
+    def _admit(self) -> tuple[int, int]:
+        """A queue id and a PASID for a new queue, if the device may take one.
+
+        Raises:
+            QueueBusy, DeviceIsolated, ClosedResourceError: as :meth:`open`.
+        """
         self.fw._check_running()
         if self.isolate:
             raise DeviceIsolated(
@@ -328,13 +274,7 @@ class AccelDevice:
             )
         if self.available_instances <= 0:
             raise QueueBusy(f"{self.name} is busy: all {self.spec.max_queues} queues are in use")
-        qid = next(self._qids)
-        pasid = self.fw._new_pasid()
-        geo = QueueGeometry(pasid, self.spec.heap_size)
-        res = QueueResources.create(geo, self.fw.policy)
-        q = AccelQueue(self, qid, res, sva=self.spec.sva, policy=self.fw.policy)
-        self.queues[qid] = q
-        return q
+        return next(self._qids), self.fw._new_pasid()
 
     @contextlib.asynccontextmanager
     async def queue(self) -> AsyncIterator[AccelQueue]:
@@ -343,14 +283,45 @@ class AccelDevice:
         async with q:
             yield q
 
-    def _pick_worker(self) -> _Worker:
-        return min(self.workers, key=lambda w: len(w.queues))
+    async def _take_worker(self, q: ServedQueue) -> _Worker:
+        """An engine worker of its own for ``q``: an idle one, else a new one.
 
-    async def _attach(self, q: AccelQueue) -> None:
-        w = self._pick_worker()
+        Each started queue has its own worker process, so an engine crash or
+        hang fails that queue's requests only. ``spec.workers`` idle workers
+        are kept ready so starting a queue rarely waits for a process.
+        """
+        for w in self.workers:
+            if not w.queues and w.ready.is_set() and not w.expected_exit:
+                w.queues.add(q)  # reserved before any await
+                return w
+        w = _Worker(self, next(self._worker_ids))
+        w.queues.add(q)
+        self.workers.append(w)
+        self.fw._spawn(self._run_worker(w), f"accel-{self.name}-{w.index}")
+        try:
+            async with asyncio.timeout(60):
+                await w.ready.wait()
+        except BaseException:
+            w.queues.discard(q)
+            await self._retire(w)
+            raise
+        return w
+
+    async def _retire(self, w: _Worker) -> None:
+        """Stop an idle worker beyond the ``spec.workers`` kept ready."""
+        w.expected_exit = True
+        if w.wl is not None and w.ready.is_set():
+            with contextlib.suppress(MicError, OSError, TimeoutError):
+                async with asyncio.timeout(2):
+                    await w.request({"type": "stop"})
+
+    async def _attach(self, q: ServedQueue) -> None:
+        w = await self._take_worker(q)
         geo = q.geometry
         fw = self.fw
+        extra, fds = q.attach_request()
         msg = {
+            **extra,
             "type": "attach",
             "qid": q.qid,
             "pasid": geo.pasid,
@@ -361,16 +332,15 @@ class AccelDevice:
             "spin_ns": fw.worker_policy.spin_ns,
             "mode": int(fw.worker_policy.mode),
         }
-        w.queues.add(q)
         self._placement[q] = w
         try:
-            await w.request(msg, q.resources.fds())
+            await w.request(msg, fds)
         except BaseException:
             w.queues.discard(q)
             self._placement.pop(q, None)
             raise
 
-    async def _detach(self, q: AccelQueue) -> None:
+    async def _detach(self, q: ServedQueue) -> None:
         w = self._placement.pop(q, None)
         if w is None:
             return
@@ -378,11 +348,14 @@ class AccelDevice:
         if w.wl is not None and w.ready.is_set():
             with contextlib.suppress(MicError, OSError, TimeoutError):
                 await w.request({"type": "detach", "qid": q.qid})
+        idle = [x for x in self.workers if not x.queues and not x.expected_exit]
+        if len(idle) > self.spec.workers and not w.queues and not self.fw._closing:
+            await self._retire(w)
 
-    def _released(self, q: AccelQueue) -> None:
+    def _released(self, q: ServedQueue) -> None:
         self.queues.pop(q.qid, None)
 
-    def worker_of(self, q: AccelQueue) -> int | None:
+    def worker_of(self, q: ServedQueue) -> int | None:
         """pid of the worker serving ``q`` (None if unattached)."""
         w = self._placement.get(q)
         return None if w is None else w.pid
@@ -409,6 +382,8 @@ class AccelDevice:
                     if not fut.done():
                         fut.set_exception(AccelError("worker died"))
             if self.fw._closing or w.expected_exit:
+                if w in self.workers and not self.fw._closing:
+                    self.workers.remove(w)
                 return
             kind = "hang" if w.pid in self.fw._killed else "crash"
             self.fw._killed.discard(w.pid or 0)
@@ -506,6 +481,7 @@ class AccelFramework:
         self._running = False
         self._killed: set[int] = set()
         self._tg: asyncio.TaskGroup | None = None
+        self._mgmt_tasks: list[asyncio.Task[None]] = []
         self._providers: ProviderRegistry | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -517,6 +493,10 @@ class AccelFramework:
                 for w in d.workers:
                     self._tg.create_task(d._run_worker(w), name=f"accel-{d.name}-{w.index}")
             self._tg.create_task(self._watchdog(), name="accel-watchdog")
+            for d in self.devices.values():
+                self._mgmt_tasks.append(
+                    self._tg.create_task(d.mgmt.run(), name=f"accel-mgmt-{d.name}")
+                )
             async with asyncio.timeout(60):
                 for d in self.devices.values():
                     for w in d.workers:
@@ -551,6 +531,21 @@ class AccelFramework:
                     await q.aclose()
         self._closing = True
         await asyncio.gather(*(d._stop_workers() for d in self.devices.values()))
+        for t in self._mgmt_tasks:
+            t.cancel()
+        for t in self._mgmt_tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._mgmt_tasks.clear()
+        for d in self.devices.values():
+            d.mgmt.close()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run ``coro`` as a child of the framework's task group (workers added on demand)."""
+        if self._tg is None:
+            coro.close()
+            raise ClosedResourceError("the accelerator framework is not running")
+        self._tg.create_task(coro, name=name)
 
     def _check_running(self) -> None:
         if not self._running:

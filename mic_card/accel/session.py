@@ -25,7 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 from mic_card.accel.engine import CIPHER_ALGS, COMP_ALGS, DIGEST_ALGS
 from mic_card.accel.errors import QueueStateError, RequestError
 from mic_card.accel.queue import AccelQueue, Completion, Data, Request, SharedBuffer, Ticket
-from mic_card.accel.wire import Alg, Op, ReqFlag, Status, alg_by_name
+from mic_card.accel.wire import RSA_ALGS, Alg, Op, ReqFlag, Status, alg_by_name, output_bound
 from virtio.errors import LocalProtocolError, WouldBlock
 
 __all__ = ["OPS", "Session", "SessionLike", "SessionSpec", "output_bound"]
@@ -38,6 +38,8 @@ OPS = {
     "digest": Op.DIGEST,
     "compress_encrypt": Op.COMPRESS_ENCRYPT,
     "decrypt_decompress": Op.DECRYPT_DECOMPRESS,
+    "sign": Op.SIGN,
+    "verify": Op.VERIFY,
 }
 _stream_ids = itertools.count(1)
 
@@ -78,30 +80,24 @@ class SessionSpec:
                     raise LocalProtocolError(f"{self.alg!r}: op {self.op!r} is not a chain op")
                 return op, comp, ciph
             a = alg_by_name(self.alg)
-            default = "compress" if a in COMP_ALGS else "encrypt" if a in CIPHER_ALGS else "digest"
+            default = (
+                "compress" if a in COMP_ALGS
+                else "encrypt" if a in CIPHER_ALGS or a is Alg.RSA_OAEP
+                else "sign" if a in RSA_ALGS
+                else "digest"
+            )  # fmt: skip
             op = OPS[self.op or default]
         except KeyError as e:
             raise LocalProtocolError(str(e.args[0])) from None
         ok = (
             (a in COMP_ALGS and op in (Op.COMPRESS, Op.DECOMPRESS))
-            or (a in CIPHER_ALGS and op in (Op.ENCRYPT, Op.DECRYPT))
+            or ((a in CIPHER_ALGS or a is Alg.RSA_OAEP) and op in (Op.ENCRYPT, Op.DECRYPT))
             or (a in DIGEST_ALGS and op is Op.DIGEST)
+            or (a in RSA_ALGS and a is not Alg.RSA_OAEP and op in (Op.SIGN, Op.VERIFY))
         )
         if not ok:
             raise LocalProtocolError(f"{self.alg!r} cannot {self.op}")
         return op, a, Alg.NONE
-
-
-def output_bound(op: Op, n: int, out_size: int | None) -> int:
-    """The output buffer a request of ``n`` input bytes needs (decompression: a guess)."""
-    if op in (Op.COMPRESS, Op.COMPRESS_ENCRYPT):
-        # zlib compressBound + gzip header/trailer + GCM tag
-        return n + (n >> 12) + (n >> 14) + (n >> 25) + 13 + 18 + 16
-    if op in (Op.DECOMPRESS, Op.DECRYPT_DECOMPRESS):
-        return out_size or max(4 * n, 64 << 10)
-    if op is Op.DIGEST:
-        return 64
-    return n + 16
 
 
 @runtime_checkable
@@ -164,6 +160,9 @@ class Session:
         s = self.spec
         if self.stream_id:
             flags |= ReqFlag.STREAM
+        key = s.key
+        if self.alg in RSA_ALGS:  # the key (DER) travels in the key buffer (aad), not inline
+            aad, key = s.key, b""
         return Request(
             self.op,
             self.alg,
@@ -171,13 +170,15 @@ class Session:
             s.level,
             flags,
             self.stream_id,
-            s.key,
+            key,
             s.iv if iv is None else iv,
             16 if Alg.AES_GCM in (self.alg, self.alg2) else 0,
             data,
             aad,
             dst,
-            0 if dst is not None else output_bound(self.op, len(data), out_size or s.out_size),
+            0
+            if dst is not None
+            else output_bound(self.op, len(data), out_size or s.out_size, self.alg),
         )
 
     def _queue(self) -> AccelQueue:

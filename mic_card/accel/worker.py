@@ -5,7 +5,9 @@ Unix socket carrying framed JSON control messages (transport's FramedSocket)
 and, with ``attach``, the queue's fds (region, MMIO region, two eventfds).
 
 Messages, framework -> worker: ``attach`` {id, qid, pasid, heap_size, algs,
-chaining, inject, spin_ns, mode} + 4 fds; ``detach`` {id, qid}; ``stop`` {id}.
+chaining, inject, spin_ns, mode, region_off?, region_total?} + 4 fds (a
+host channel's queue is ``region_off`` bytes into a ``region_total``-byte
+region, card RAM); ``detach`` {id, qid}; ``stop`` {id}.
 Worker -> framework: ``ready``; ``reply`` {id, ok, error?}; ``fault`` {qid,
 kind: "ring"|"access", detail}.
 
@@ -37,6 +39,9 @@ from virtio.memory import FlatMemory
 from virtio.split import RingError
 
 CRASH_EXIT = 70
+#: requests served between two publications of the used ring (and interrupts):
+#: the app reaps the first completions of a batch while the engine does the rest
+SERVE_BATCH = 8
 
 
 @dataclass(slots=True)
@@ -104,8 +109,15 @@ class Worker:
         qid = int(msg["qid"])
         geo = QueueGeometry(int(msg["pasid"]), int(msg["heap_size"]))
         policy = NotifyPolicy(NotifyMode(int(msg.get("mode", 2))), spin_ns=int(msg["spin_ns"]))
+        # A queue has its own region, or (a host channel) lives at region_off
+        # inside a bigger one (card RAM) that the worker maps whole.
+        off = int(msg.get("region_off", 0))
+        total = int(msg.get("region_total", geo.region_size))
+        if off < 0 or off % 4096 or off + geo.region_size > total:
+            close_fds(fds)
+            raise ValueError(f"queue region at {off:#x} does not fit in {total} B")
         try:
-            region = Region.adopt(f"accel-q{geo.pasid}", fds[0], geo.region_size)
+            region = Region.adopt(f"accel-q{geo.pasid}", fds[0], total)
         except BaseException:
             close_fds(fds[1:])
             raise
@@ -121,7 +133,7 @@ class Worker:
             region.close()
             raise
         try:
-            whole = region.view()
+            whole = region.view()[off : off + geo.region_size]
             ring_mem = FlatMemory(whole, base=geo.base)
             lo = int(msg.get("data_off", geo.heap_off))
             hi = int(msg.get("data_end", geo.region_size))
@@ -167,7 +179,7 @@ class Worker:
             while True:
                 faults = words[StatusWord.ACCESS_FAULTS]
                 try:
-                    n, irq = server.serve(clock)
+                    n, irq = server.serve(clock, SERVE_BATCH)
                 except RingError as e:
                     await self._fault(q.qid, "ring", e.reason)
                     return

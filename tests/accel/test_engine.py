@@ -15,10 +15,24 @@ import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from mic_card.accel.engine import EngineConfig, StreamTable, run_op
+from mic_card.accel.engine import EngineConfig, QueueServer, StreamTable, run_op
 from mic_card.accel.providers.soft import compute
 from mic_card.accel.session import SessionSpec
-from mic_card.accel.wire import Alg, Op, ReqFlag, Status
+from mic_card.accel.wire import (
+    REQ_STRUCT,
+    RESP_OFF,
+    RESP_STRUCT,
+    SLOT_SIZE,
+    WIRE_VERSION,
+    Alg,
+    Op,
+    QueueGeometry,
+    ReqFlag,
+    Status,
+    StatusWord,
+)
+from virtio.memory import FlatMemory
+from virtio.split import DriverQueue
 
 ALL = EngineConfig(frozenset(Alg) - {Alg.NONE}, allow_inject=False)
 DATA = b"The quick brown fox jumps over the lazy dog. " * 300
@@ -165,3 +179,47 @@ def test_chaining_equals_steps_by_hand() -> None:
 
 def test_soft_compute_matches_library() -> None:
     assert compute(SessionSpec("gzip", level=9), DATA) == zlib.compress(DATA, 9, 31)
+
+
+def _pair() -> tuple[QueueGeometry, memoryview, DriverQueue[int], QueueServer]:
+    geo = QueueGeometry(1, 64 << 10)
+    whole = memoryview(bytearray(geo.region_size))
+    mem = FlatMemory(whole, base=geo.base)
+    data = FlatMemory(whole[geo.heap_off :], base=geo.heap_addr)
+    drv: DriverQueue[int] = DriverQueue(mem, geo.layout, 0)
+    return geo, whole, drv, QueueServer(mem, geo.layout, data, ALL)
+
+
+def test_queue_server_answers_in_the_request_slot() -> None:
+    geo, whole, drv, srv = _pair()
+    src = geo.heap_addr
+    whole[geo.heap_off : geo.heap_off + 3] = b"abc"
+    hdr = geo.slot_addr(5) - geo.base
+    REQ_STRUCT.pack_into(
+        whole, hdr, WIRE_VERSION, Op.DIGEST, Alg.SHA256, 0, 0, 0, 0, 0, 0, 0,
+        src, 3, 64, src + 4096, 0, 0, b"", b"",
+    )  # fmt: skip
+    drv.add((), [(geo.slot_addr(5), SLOT_SIZE)], 1)  # one device-writable descriptor
+    drv.publish()
+    assert srv.serve(lambda: 0) == (1, True)
+    assert drv.get_used() == (1, SLOT_SIZE)
+    st, consumed, produced, _, _ = RESP_STRUCT.unpack_from(whole, hdr + RESP_OFF)
+    assert (Status(st), consumed, produced) == (Status.OK, 3, 32)
+    out = geo.heap_off + 4096
+    assert bytes(whole[out : out + 32]) == hashlib.sha256(b"abc").digest()
+
+
+def test_queue_server_refuses_what_is_not_a_slot_without_breaking_the_ring() -> None:
+    geo, whole, drv, srv = _pair()
+    slot = geo.slot_addr(0)
+    drv.add((), [(slot, SLOT_SIZE - 1)], 1)  # too short to hold the response
+    drv.add([(slot, REQ_STRUCT.size)], [(slot + RESP_OFF, 32)], 2)  # the v1 two-buffer chain
+    drv.publish()
+    assert srv.serve(lambda: 0) == (2, True)
+    assert drv.get_used_many() == [(1, 0), (2, 0)]  # unanswered: the app reports INVALID_REQUEST
+    assert srv.words[StatusWord.ERRORS] == 2
+    REQ_STRUCT.pack_into(whole, slot - geo.base, WIRE_VERSION, *[0] * 15, b"", b"")  # a NOP
+    drv.add((), [(slot, SLOT_SIZE)], 3)
+    drv.publish()
+    assert srv.serve(lambda: 0) == (1, True)
+    assert drv.get_used() == (3, SLOT_SIZE)

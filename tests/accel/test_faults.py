@@ -65,6 +65,27 @@ async def test_crash_fails_in_flight_and_reset_recovers(ffw: AccelFramework) -> 
         assert dev.mgmt.stats()["worker_restarts"] >= 1
 
 
+async def test_a_crash_fails_only_the_queue_whose_engine_crashed(ffw: AccelFramework) -> None:
+    dev = ffw.device("bad-zip")
+    dev.mgmt.clear_isolation()
+    async with dev.queue() as q1, dev.queue() as q2:
+        assert dev.worker_of(q1) != dev.worker_of(q2)  # one engine process per queue
+        s2 = Session([q2], SessionSpec("zlib", level=9))
+        data = b"a queue of its own " * 10_000
+        for i in range(4):
+            s2.submit(data, tag=i)  # in flight on q2 while q1's engine dies
+        q1.submit_many([(Request(Op.INJECT, CRASH), "boom"), (Request(Op.NOP), "after")])
+        assert {(await q1.recv()).status for _ in range(2)} == {Status.ENGINE_FAULT}
+        got = [await s2.recv() for _ in range(4)]
+        assert sorted(c.tag for c in got) == [0, 1, 2, 3]
+        assert all(c.ok for c in got)
+        assert q2.disabled is None
+        assert q1.disabled is not None
+        await q1.reset()
+        assert bytes(await Session([q1], SessionSpec("zlib")).do(b"back")) != b""
+    dev.mgmt.clear_isolation()
+
+
 async def test_hang_is_killed_by_the_watchdog(ffw: AccelFramework) -> None:
     dev = ffw.device("bad-zip")
     async with dev.queue() as q:

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 async def test_accel_list(fw: AccelFramework) -> None:
     text = accel_list_text(fw)
-    assert "mic-zip: api=mic-accel-v1 flags=1 (SVA)" in text
+    assert "mic-zip: api=mic-accel-v2 flags=1 (SVA)" in text
     assert "mic-zip-nosva" in text
     assert "flags=0 (-)" in text
     assert "available_instances=" in text

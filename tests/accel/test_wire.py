@@ -70,3 +70,12 @@ def test_alg_names_round_trip() -> None:
         assert alg_by_name(name) is alg
     with pytest.raises(KeyError, match="known"):
         alg_by_name("rot13")
+
+
+def test_shared_wire_module_is_core() -> None:
+    """``virtio.accel`` is shared by host and card: no asyncio, no other layer."""
+    from tests.virtio.test_layering import FORBIDDEN_PACKAGES, imported_by
+
+    mods = imported_by("virtio.accel")
+    assert "asyncio" not in mods
+    assert not {m for m in mods if m.split(".")[0] in FORBIDDEN_PACKAGES}

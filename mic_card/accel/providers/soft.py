@@ -14,7 +14,7 @@ from mic_card.accel.engine import EngineConfig, StreamTable, run_op
 from mic_card.accel.errors import QueueStateError, RequestError
 from mic_card.accel.queue import Completion, Data, SharedBuffer
 from mic_card.accel.session import SessionSpec
-from mic_card.accel.wire import Alg, Op, ReqFlag, Status
+from mic_card.accel.wire import RSA_ALGS, Alg, Op, ReqFlag, Status
 from virtio.errors import WouldBlock
 
 __all__ = ["SoftProvider", "SoftSession", "compute"]
@@ -57,6 +57,8 @@ class SoftSession:
         s = self.spec
         if s.stream:
             flags |= ReqFlag.STREAM
+        if self.alg in RSA_ALGS:  # as on the wire: the key in the key buffer (aad)
+            aad = s.key
         r = run_op(
             _ALL, self._streams, self.op, self.alg, self.alg2, s.level, flags, 1,
             s.key, s.iv if iv is None else iv, 16 if Alg.AES_GCM in (self.alg, self.alg2) else 0,
