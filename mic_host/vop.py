@@ -83,6 +83,7 @@ from virtio.layouts import (
     MicVringInfo,
     VqConfig,
     entry_size,
+    field_offset,
 )
 from virtio.memory import Memory
 from virtio.split import DeviceQueue, SplitLayout
@@ -331,12 +332,17 @@ class VopDeviceState(Enum):
     ZOMBIE = "zombie"  # the card never acknowledged removal; slot and rings held until reset
 
 
+#: offset of ``magic`` in ``struct _mic_vring_info`` (after ``avail_idx`` and padding)
+_INFO_MAGIC = field_offset(MicVringInfo, "magic")
+
+
 @dataclass(slots=True)
 class _Vring:
     offset: int  # in host RAM
     num: int
     bus: int  # card-physical address of desc (vqconfig.address)
     default_used: int  # card-physical address of the contiguous used ring
+    info: int  # in host RAM: this vring's _mic_vring_info (computed once, read per flush)
 
 
 class VopDevice:
@@ -423,8 +429,7 @@ class VopDevice:
         self._device_error(f"queue {index}: {exc}")
 
     def _published(self, index: int, next_avail: int) -> None:
-        v = self.vrings[index]
-        off = v.offset + vring_info_offset(v.num)
+        off = self.vrings[index].info
         self._vop.host_ram[off : off + 2] = (next_avail & 0xFFFF).to_bytes(2, "little")
 
     # -- card doorbell -------------------------------------------------------
@@ -617,8 +622,7 @@ class VopDevice:
         """
         ram = self._vop.host_ram
         for vr in self.vrings:
-            info = vr.offset + vring_info_offset(vr.num)
-            ram[vr.offset : info + 2] = bytes(info + 2 - vr.offset)
+            ram[vr.offset : vr.info + 2] = bytes(vr.info + 2 - vr.offset)
 
     def _forget_used_rings(self) -> None:
         self._used = [v.default_used for v in self.vrings]
@@ -853,12 +857,13 @@ class Vop:
                 size = vring_alloc_size(n)
                 off = self.alloc.alloc(size)
                 self.host_ram[off : off + size] = bytes(size)
-                info = off + vring_info_offset(n) + 4
-                self.host_ram[info : info + 4] = ((MIC_MAGIC + dtype + i) & 0xFFFFFFFF).to_bytes(
+                info = off + vring_info_offset(n)
+                magic = info + _INFO_MAGIC
+                self.host_ram[magic : magic + 4] = ((MIC_MAGIC + dtype + i) & 0xFFFFFFFF).to_bytes(
                     4, "little"
                 )
                 bus = self.platform.host_ram_bus + off
-                vrings.append(_Vring(off, n, bus, SplitLayout.contiguous(bus, n).used))
+                vrings.append(_Vring(off, n, bus, SplitLayout.contiguous(bus, n).used, info))
             c2h = self._pick_c2h()
             entry = DeviceEntry(
                 type=dtype,

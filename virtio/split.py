@@ -39,7 +39,7 @@ from virtio.errors import (
     RemoteProtocolError,
     WouldBlock,
 )
-from virtio.layouts import SPLIT_DESC_STRUCT, USED_ELEM_STRUCT
+from virtio.layouts import SPLIT_DESC_STRUCT, USED_ELEM_STRUCT, vring_offsets, vring_size
 from virtio.memory import ADDRESS_LIMIT, Memory, MemoryFault
 
 __all__ = [
@@ -56,6 +56,8 @@ __all__ = [
     "SplitLayout",
     "full_fence",
     "need_event",
+    "gather_segments",
+    "scatter_segments",
     "slice_segments",
 ]
 
@@ -161,16 +163,18 @@ class SplitLayout:
 
     @classmethod
     def contiguous(cls, base: int, size: int, align: int = 4096) -> SplitLayout:
-        """The legacy single-block layout of Linux ``vring_init(num, align)``."""
-        avail = base + DESC_SIZE * size
-        used = (avail + 6 + 2 * size + align - 1) & ~(align - 1)
-        return cls(size, base, avail, used)
+        """The legacy single-block layout of Linux ``vring_init(num, align)``.
+
+        Raises:
+            LocalProtocolError: ``size`` outside 1..32768 or ``align`` not a power of two.
+        """
+        _, avail, used = vring_offsets(size, align)
+        return cls(size, base, base + avail, base + used)
 
     @staticmethod
     def contiguous_bytes(size: int, align: int = 4096) -> int:
         """Linux ``vring_size(num, align)``: bytes the contiguous layout spans."""
-        used_off = (DESC_SIZE * size + 6 + 2 * size + align - 1) & ~(align - 1)
-        return used_off + 6 + 8 * size
+        return vring_size(size, align)
 
     def problem(self, max_size: int = VRING_SIZE_MAX) -> tuple[RingFault, str] | None:
         """The first rule this layout breaks (size, alignment, overflow), or None."""
@@ -216,30 +220,44 @@ class Chain:
 
     def read_into(self, dst: memoryview, offset: int = 0) -> int:
         """Copy readable bytes from ``offset`` into ``dst``; returns bytes copied."""
-        done = 0
-        for seg in slice_segments(self.readable, offset, len(dst)):
-            n = len(seg)
-            dst[done : done + n] = seg
-            done += n
-        return done
+        return gather_segments(self.readable, dst, offset)
 
     def write(self, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
         """Scatter ``data`` into the writable buffers from ``offset``; returns bytes written."""
-        src = memoryview(data).cast("B")
-        done = 0
-        for seg in slice_segments(self.writable, offset, len(src)):
-            n = len(seg)
-            seg[:] = src[done : done + n]
-            done += n
-        return done
+        return scatter_segments(self.writable, data, offset)
+
+
+def gather_segments(views: Sequence[memoryview], dst: memoryview, offset: int = 0) -> int:
+    """Copy the scatter list's bytes from ``offset`` into ``dst`` (as many as fit);
+    returns bytes copied. One copy, no join."""
+    done = 0
+    for seg in slice_segments(views, offset, len(dst)):
+        n = len(seg)
+        dst[done : done + n] = seg
+        done += n
+    return done
+
+
+def scatter_segments(
+    views: Sequence[memoryview], data: bytes | bytearray | memoryview, offset: int = 0
+) -> int:
+    """Copy ``data`` into the scatter list from ``offset``; returns bytes written
+    (fewer when the list ends first)."""
+    src = memoryview(data).cast("B")
+    done = 0
+    for seg in slice_segments(views, offset, len(src)):
+        n = len(seg)
+        seg[:] = src[done : done + n]
+        done += n
+    return done
 
 
 def slice_segments(views: Sequence[memoryview], start: int, length: int) -> list[memoryview]:
     """The byte range ``[start, start+length)`` of a scatter list, as views (no copy).
 
     Shorter than ``length`` when the list ends first. This is the one walk over
-    a chain's buffers: :meth:`Chain.read_into`, :meth:`Chain.write` and the
-    backends (``preadv``/``pwritev`` straight into card memory) all use it.
+    a chain's buffers: :func:`gather_segments`, :func:`scatter_segments` and
+    the backends (``preadv``/``pwritev`` straight into card memory) all use it.
     """
     out: list[memoryview] = []
     if length <= 0:

@@ -334,6 +334,14 @@ def test_bootparam_value_round_trip() -> None:
 # --- legacy vring layout ---------------------------------------------------------
 
 
+@pytest.mark.parametrize("num", [1, 3, 128, 256, 32768])
+def test_vring_arithmetic_matches_the_construct_layouts(num: int) -> None:
+    _, avail, used = L.vring_offsets(num, 4096)
+    assert avail == L.SplitDesc.sizeof() * num
+    assert used == (avail + L.split_avail(num).sizeof() + 4095) & ~4095
+    assert L.vring_size(num, 4096) == used + L.split_used(num).sizeof()
+
+
 def test_vring_size_matches_linux() -> None:
     # desc 2048 + avail 6+256 = 2310 -> used at 4096, + 6+1024 = 5126
     assert L.vring_size(128, 4096) == 5126

@@ -20,7 +20,9 @@ from virtio.split import (
     RingError,
     RingFault,
     SplitLayout,
+    gather_segments,
     need_event,
+    scatter_segments,
     slice_segments,
 )
 
@@ -863,3 +865,13 @@ def test_slice_segments_takes_views_across_buffers() -> None:
     out = slice_segments(bufs, 3, 2)
     out[0][:] = b"XY"  # views, not copies
     assert bytes(bufs[1]) == b"XYfg"
+
+
+def test_gather_and_scatter_cross_buffer_boundaries() -> None:
+    bufs = [memoryview(bytearray(3)), memoryview(bytearray(4)), memoryview(bytearray(2))]
+    assert scatter_segments(bufs, b"abcdefghij", 1) == 8  # list ends first
+    assert [bytes(b) for b in bufs] == [b"\0ab", b"cdef", b"gh"]
+    dst = memoryview(bytearray(5))
+    assert gather_segments(bufs, dst, 2) == 5
+    assert bytes(dst) == b"bcdef"
+    assert gather_segments(bufs, memoryview(bytearray(4)), 8) == 1  # past the end: what is left
