@@ -20,7 +20,6 @@ protocol) or ``mic_host``. Runs on the card's event loop thread: call
 from __future__ import annotations
 
 import asyncio
-import bisect
 import importlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -39,11 +38,9 @@ from virtio.constants import (
 from virtio.devpage import (
     BOOT_H2C_CONFIG_DB,
     C2H_DOORBELLS,
-    CTRL_OFFSETS,
     H2C_DOORBELLS,
     MAX_QUEUE_SIZE,
     TRANSPORT_FEATURES,
-    VQ_USED,
     EntryView,
     vring_info_offset,
 )
@@ -57,15 +54,13 @@ from virtio.errors import (
     ResourceError,
 )
 from virtio.layouts import (
-    FIRST_ENTRY_OFFSET,
     DeviceEntry,
-    MicVqconfig,
     MicVringInfo,
     field_offset,
-    mic_vq_config,
+    iter_device_page,
     parse_bootparam,
 )
-from virtio.memory import Memory
+from virtio.memory import FirstFitAllocator, Memory
 from virtio.split import DESC_SIZE, DriverQueue, SplitLayout
 
 __all__ = [
@@ -105,64 +100,17 @@ class CardPlatform(Protocol):
         """Ring card->host doorbell ``db`` (0..3)."""
 
 
-class CardRamAllocator:
-    """First-fit allocator over card-physical ``[start, end)`` (a card process's heap).
-
-    ``alloc`` rounds sizes up to 64 B (the X100 DMA granule); adjacent free
-    blocks are merged on ``free``.
-    """
+class CardRamAllocator(FirstFitAllocator):
+    """First-fit allocator over card-physical ``[start, end)`` (a card process's heap),
+    in 64 B granules (the X100 DMA granule)."""
 
     GRANULE = 64
 
     def __init__(self, start: int, end: int) -> None:
-        if start % self.GRANULE or end <= start:
+        """Raises: LocalProtocolError: an empty or misaligned range."""
+        if end <= start:
             raise LocalProtocolError(f"bad card RAM range [{start:#x}, {end:#x})")
-        self.start = start
-        self.end = end
-        self._free: list[tuple[int, int]] = [(start, end - start)]
-        self._used: dict[int, tuple[int, int]] = {}  # addr -> (block start, block size)
-
-    @property
-    def free_bytes(self) -> int:
-        return sum(n for _, n in self._free)
-
-    def alloc(self, size: int, align: int = 64) -> int:
-        """Raises: LocalProtocolError (bad size/align), ResourceError (exhausted)."""
-        if size <= 0 or align <= 0 or align & (align - 1):
-            raise LocalProtocolError(f"allocation of {size} B aligned {align}")
-        g = self.GRANULE
-        size = -(-size // g) * g
-        for i, (off, n) in enumerate(self._free):
-            addr = -(-off // align) * align
-            if addr + size <= off + n:
-                del self._free[i]
-                # keep the leading and trailing remainders free
-                if addr > off:
-                    self._insert(off, addr - off)
-                if addr + size < off + n:
-                    self._insert(addr + size, off + n - addr - size)
-                self._used[addr] = (addr, size)
-                return addr
-        raise ResourceError(f"card RAM exhausted: no {size} B block aligned {align}")
-
-    def _insert(self, off: int, n: int) -> None:
-        bisect.insort(self._free, (off, n))
-
-    def free(self, addr: int) -> None:
-        """Raises: LocalProtocolError: ``addr`` was not allocated."""
-        blk = self._used.pop(addr, None)
-        if blk is None:
-            raise LocalProtocolError(f"{addr:#x} is not an allocated block")
-        off, size = blk
-        i = bisect.bisect_left(self._free, (off, 0))
-        self._free.insert(i, (off, size))
-        if i + 1 < len(self._free) and off + size == self._free[i + 1][0]:
-            self._free[i] = (off, size + self._free[i + 1][1])
-            del self._free[i + 1]
-        if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == off:
-            prev = self._free[i - 1]
-            self._free[i - 1] = (prev[0], prev[1] + self._free[i][1])
-            del self._free[i]
+        super().__init__(start, end, granule=self.GRANULE, what="card RAM")
 
 
 class Driver(Protocol):
@@ -369,9 +317,8 @@ class CardDevice:
         mem = self.mem
         imax = bus.indirect_max if self.features & Feature.INDIRECT_DESC else 0
         for i in range(self.num_vq):
-            base = self._mv_vq(i)
-            addr = int.from_bytes(base[0:8], "little")
-            num = int.from_bytes(base[16:18], "little")
+            addr = self.view.vq_address(i)
+            num = self.view.vq_num(i)
             if num <= 0 or num & (num - 1) or num > MAX_QUEUE_SIZE:
                 raise RemoteProtocolError(f"vq {i}: size {num} not a power of two <= 256")
             info = addr + vring_info_offset(num)
@@ -391,7 +338,7 @@ class CardDevice:
                 used = self._alloc(layout.used_bytes, 4096)
                 mem.view(used, layout.used_bytes, True)[:] = bytes(layout.used_bytes)
                 layout = SplitLayout(num, layout.desc, layout.avail, used)
-                base[VQ_USED : VQ_USED + 8] = used.to_bytes(8, "little")
+                self.view.set_vq_used_address(i, used)
             n_ind = min(imax, num)
             area = self._alloc(num * n_ind * DESC_SIZE, 64) if n_ind > 1 else None
             try:
@@ -407,10 +354,6 @@ class CardDevice:
             self.endpoints.append(
                 DriverEndpoint(q, self._notify_host, i, indirect_max=n_ind if area else 0)
             )
-
-    def _mv_vq(self, i: int) -> memoryview:
-        off = mic_vq_config(i)
-        return self._mv[off : off + MicVqconfig.sizeof()]
 
     def _alloc(self, size: int, align: int) -> int:
         addr = self.bus.platform.card_ram_alloc(size, align)
@@ -602,20 +545,18 @@ class VirtioBus:
 
     # -- scanning ---------------------------------------------------------------------
     def _walk(self) -> Iterator[tuple[int, DeviceEntry]]:
-        """(offset, entry) per entry of a snapshot; logs and stops at a bad one."""
-        page = bytes(self._dp)
-        parse_bootparam(page)
-        offset = FIRST_ENTRY_OFFSET
-        while offset < MIC_DP_SIZE and page[offset] != DeviceType.END:
-            try:
-                entry = DeviceEntry.parse(page, offset)
-            except RemoteProtocolError as e:
-                # Its size cannot be trusted, so nothing after it can be found.
-                self.scan_errors += 1
-                log.error("skipping the rest of the device page: %s", e)
-                return
-            yield offset, entry
-            offset += entry.size
+        """(offset, entry) per entry of a snapshot; logs and stops at a bad one.
+
+        Raises:
+            RemoteProtocolError: the boot parameters are bad (nothing to walk).
+        """
+        parse_bootparam(self._dp)
+        try:
+            yield from iter_device_page(self._dp)
+        except RemoteProtocolError as e:
+            # Its size cannot be trusted, so nothing after it can be found.
+            self.scan_errors += 1
+            log.error("skipping the rest of the device page: %s", e)
 
     async def rescan(self) -> None:
         """Walk the page: probe new devices, handle removal and config changes.
@@ -656,9 +597,9 @@ class VirtioBus:
     def _ack_unbound_remove(self, offset: int, entry: DeviceEntry) -> None:
         if entry.guest_ack:
             return
-        ctrl = offset + entry.ctrl_offset
-        self._dp[ctrl + CTRL_OFFSETS["h2c_vdev_db"]] = 0xFF
-        self._dp[ctrl + CTRL_OFFSETS["guest_ack"]] = 1
+        view = EntryView(self._dp, offset, entry.num_vq, entry.feature_len, entry.config_len)
+        view.set_ctrl("h2c_vdev_db", -1)
+        view.set_ctrl("guest_ack", 1)
         c2h = entry.c2h_vdev_db
         if 0 <= c2h < C2H_DOORBELLS:
             self._ring(c2h)
@@ -733,7 +674,7 @@ class VirtioBus:
         dev._release()
         del self._by_offset[dev.offset]
         dev.set_ctrl("guest_ack", 1)
-        dev._mv[0] = 0xFF  # type = -1
+        dev.view.device_type = DeviceType.REMOVED
         dev._notify_host()
         self._signal()
         log.info("%s removed by the host", dev.name)

@@ -39,7 +39,6 @@ protocol) or ``mic_card``.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import logging
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
@@ -85,7 +84,7 @@ from virtio.layouts import (
     entry_size,
     field_offset,
 )
-from virtio.memory import Memory
+from virtio.memory import FirstFitAllocator, Memory
 from virtio.split import DeviceQueue, SplitLayout
 from virtio.status import DeviceStatusMachine, DevState
 
@@ -133,65 +132,15 @@ class HostPlatform(Protocol):
 # host RAM allocator
 
 
-class HostRamAllocator:
-    """First-fit allocator of page-aligned blocks over offsets ``[start, end)``.
+class HostRamAllocator(FirstFitAllocator):
+    """Page-aligned blocks of the host RAM window (offsets ``[start, end)``).
 
     Linux's host allocates each vring with ``__get_free_pages``; here the
     host RAM region is one buffer, so rings are carved out of it.
     """
 
     def __init__(self, start: int, end: int, page: int = _PAGE) -> None:
-        if start % page or end < start:
-            raise LocalProtocolError(f"bad allocator range [{start:#x}, {end:#x})")
-        self.page = page
-        self.start = start
-        self.end = end
-        self._free: list[tuple[int, int]] = [(start, end - start)] if end > start else []
-        self._used: dict[int, int] = {}
-
-    @property
-    def free_bytes(self) -> int:
-        return sum(n for _, n in self._free)
-
-    def alloc(self, size: int) -> int:
-        """Offset of a fresh block of ``size`` bytes rounded up to pages.
-
-        Raises:
-            LocalProtocolError: ``size`` <= 0.
-            ResourceError: no free block is large enough.
-        """
-        if size <= 0:
-            raise LocalProtocolError(f"allocation of {size} B")
-        size = -(-size // self.page) * self.page
-        for i, (off, n) in enumerate(self._free):
-            if n >= size:
-                if n == size:
-                    del self._free[i]
-                else:
-                    self._free[i] = (off + size, n - size)
-                self._used[off] = size
-                return off
-        raise ResourceError(f"host RAM exhausted: no {size} B block free")
-
-    def free(self, offset: int) -> None:
-        """Return a block; neighbours are merged.
-
-        Raises:
-            LocalProtocolError: ``offset`` is not an allocated block.
-        """
-        size = self._used.pop(offset, None)
-        if size is None:
-            raise LocalProtocolError(f"{offset:#x} is not an allocated block")
-        i = bisect.bisect_left(self._free, (offset, 0))
-        self._free.insert(i, (offset, size))
-        # merge with the next, then with the previous
-        if i + 1 < len(self._free) and offset + size == self._free[i + 1][0]:
-            self._free[i] = (offset, size + self._free[i + 1][1])
-            del self._free[i + 1]
-        if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == offset:
-            prev = self._free[i - 1]
-            self._free[i - 1] = (prev[0], prev[1] + self._free[i][1])
-            del self._free[i]
+        super().__init__(start, end, granule=page, what="host RAM")
 
 
 def vring_alloc_size(num: int) -> int:

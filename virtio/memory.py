@@ -9,11 +9,19 @@ single-process pairs. Must not import asyncio, the OS, or ``transport``.
 
 from __future__ import annotations
 
+import bisect
 from typing import Protocol, runtime_checkable
 
-from virtio.errors import MicError
+from virtio.errors import LocalProtocolError, MicError, ResourceError
 
-__all__ = ["ADDRESS_LIMIT", "FlatMemory", "Memory", "MemoryFault", "check_range"]
+__all__ = [
+    "ADDRESS_LIMIT",
+    "FirstFitAllocator",
+    "FlatMemory",
+    "Memory",
+    "MemoryFault",
+    "check_range",
+]
 
 #: Bus addresses are 64-bit; ``addr + length`` must not pass this.
 ADDRESS_LIMIT = 1 << 64
@@ -95,3 +103,74 @@ class FlatMemory:
     def raw(self) -> memoryview:
         """The whole buffer (for the owner, e.g. to zero or inspect it)."""
         return self._mv
+
+
+class FirstFitAllocator:
+    """First-fit allocator of blocks over addresses ``[start, end)``; adjacent free
+    blocks are merged on :meth:`free`.
+
+    Sizes round up to ``granule`` (the X100 DMA granule, 64 B, on the card; a
+    page for the host's vrings); ``align`` defaults to the granule. One
+    implementation for every heap in the system: host RAM (vrings), card RAM
+    (driver buffers, used rings), accelerator queue heaps.
+    """
+
+    def __init__(self, start: int, end: int, *, granule: int = 64, what: str = "memory") -> None:
+        """Raises: LocalProtocolError: a bad granule or range."""
+        if granule <= 0 or granule & (granule - 1) or start % granule or end < start:
+            raise LocalProtocolError(f"bad {what} range [{start:#x}, {end:#x}) for {granule} B")
+        self.start = start
+        self.end = end
+        self.granule = granule
+        self.what = what
+        self._free: list[tuple[int, int]] = [(start, end - start)] if end > start else []
+        self._used: dict[int, int] = {}  # addr -> block size
+
+    @property
+    def free_bytes(self) -> int:
+        return sum(n for _, n in self._free)
+
+    def alloc(self, size: int, align: int = 0) -> int:
+        """A fresh block of ``size`` bytes (rounded up to the granule) aligned to
+        ``align`` (default: the granule).
+
+        Raises:
+            LocalProtocolError: ``size`` <= 0 or ``align`` not a power of two.
+            ResourceError: no free block is large enough.
+        """
+        align = align or self.granule
+        if size <= 0 or align & (align - 1):
+            raise LocalProtocolError(f"allocation of {size} B aligned {align}")
+        g = self.granule
+        size = -(-size // g) * g
+        for i, (off, n) in enumerate(self._free):
+            addr = -(-off // align) * align
+            if addr + size <= off + n:
+                del self._free[i]
+                # keep the leading and trailing remainders free
+                if addr > off:
+                    bisect.insort(self._free, (off, addr - off))
+                if addr + size < off + n:
+                    bisect.insort(self._free, (addr + size, off + n - addr - size))
+                self._used[addr] = size
+                return addr
+        raise ResourceError(f"{self.what} exhausted: no {size} B block aligned {align}")
+
+    def free(self, addr: int) -> None:
+        """Return a block.
+
+        Raises:
+            LocalProtocolError: ``addr`` is not an allocated block.
+        """
+        size = self._used.pop(addr, None)
+        if size is None:
+            raise LocalProtocolError(f"{addr:#x} is not an allocated block")
+        free = self._free
+        i = bisect.bisect_left(free, (addr, 0))
+        free.insert(i, (addr, size))
+        if i + 1 < len(free) and addr + size == free[i + 1][0]:
+            free[i] = (addr, size + free[i + 1][1])
+            del free[i + 1]
+        if i > 0 and free[i - 1][0] + free[i - 1][1] == addr:
+            free[i - 1] = (free[i - 1][0], free[i - 1][1] + free[i][1])
+            del free[i]
