@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -45,7 +44,17 @@ from mic_card.shell import (
     run_argv,
     run_line,
 )
-from virtio.errors import BrokenResourceError
+from virtio.agent import (
+    AGENT_PORT,
+    DEFAULT_TIMEOUT,
+    MAX_LINE,
+    MAX_OUTPUT,
+    LineSplitter,
+    decode,
+    encode,
+    exec_problem,
+)
+from virtio.errors import BrokenResourceError, RemoteProtocolError
 
 if TYPE_CHECKING:
     from mic_card.card import Card
@@ -55,12 +64,7 @@ __all__ = ["AGENT_PORT", "MAX_CONCURRENT", "MAX_LINE", "MAX_OUTPUT", "Agent", "B
 
 log = logging.getLogger(__name__)
 
-AGENT_PORT = "org.mic-vop.agent.0"
-MAX_LINE = 1 << 20
-MAX_OUTPUT = 256 * 1024
 MAX_CONCURRENT = 8
-DEFAULT_TIMEOUT = 30.0
-MAX_TIMEOUT = 24 * 3600.0
 
 
 class BadRequest(Exception):
@@ -90,24 +94,15 @@ class Agent:
     async def run(self) -> None:
         self.port.open()
         log.info("agent listening on %s", self.port.label)
-        buf = bytearray()
-        discarding = False
+        lines = LineSplitter()
         try:
             async with asyncio.TaskGroup() as tg:
                 async for chunk in self.port:
-                    buf += chunk
-                    while (i := buf.find(b"\n")) >= 0:
-                        line = bytes(buf[:i])
-                        del buf[: i + 1]
-                        if discarding:
-                            discarding = False
-                            continue
-                        if line.strip():
-                            await self._slots.acquire()
-                            tg.create_task(self._serve(line))
-                    if len(buf) > MAX_LINE:
-                        buf.clear()
-                        discarding = True
+                    complete, overflowed = lines.feed(chunk)
+                    for line in complete:
+                        await self._slots.acquire()
+                        tg.create_task(self._serve(line))
+                    if overflowed:
                         self.bad_requests += 1
                         log.warning("agent: request line over %d bytes discarded", MAX_LINE)
                         err = {"type": "BadRequest", "message": f"line over {MAX_LINE} bytes"}
@@ -117,7 +112,7 @@ class Agent:
         log.info("agent on %s stopped", self.port.label)
 
     async def _send(self, msg: dict[str, Any]) -> None:
-        data = (json.dumps(msg, separators=(",", ":")) + "\n").encode()
+        data = encode(msg)
         async with self._write_lock:
             await self.port.write(data)
 
@@ -143,11 +138,9 @@ class Agent:
     @staticmethod
     def _parse(line: bytes) -> dict[str, Any]:
         try:
-            req = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise BadRequest(f"not JSON: {e}") from None
-        if not isinstance(req, dict):
-            raise BadRequest("a request must be a JSON object")
+            req = decode(line)
+        except RemoteProtocolError as e:
+            raise BadRequest(f"a request must be a JSON object ({e})") from None
         rid = req.get("id")
         if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid < 2**53:
             raise BadRequest(f"'id' must be an int in [0, 2**53), got {rid!r:.40}")
@@ -180,24 +173,11 @@ class Agent:
     async def _exec(self, req: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
         rid = req["id"]
         argv, line = req.get("argv"), req.get("line")
-        if (argv is None) == (line is None):
-            raise BadRequest("exec needs exactly one of 'argv' and 'line'", rid)
-        if argv is not None and (
-            not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv)
-        ):
-            raise BadRequest("'argv' must be a non-empty array of strings", rid)
-        if line is not None and not isinstance(line, str):
-            raise BadRequest("'line' must be a string", rid)
-        timeout = req.get("timeout", DEFAULT_TIMEOUT)
-        if (
-            not isinstance(timeout, int | float)
-            or isinstance(timeout, bool)
-            or not (0 < timeout <= MAX_TIMEOUT)
-        ):
-            raise BadRequest(f"'timeout' must be a number in (0, {MAX_TIMEOUT:g}]", rid)
-        limit = req.get("max_output", MAX_OUTPUT)
-        if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= MAX_OUTPUT:
-            raise BadRequest(f"'max_output' must be an int in [0, {MAX_OUTPUT}]", rid)
+        timeout, limit = req.get("timeout", DEFAULT_TIMEOUT), req.get("max_output", MAX_OUTPUT)
+        problem = exec_problem(argv, line, timeout, limit)
+        if problem is not None:
+            raise BadRequest(problem, rid)
+        limit = int(limit)
         stdin = b""
         if req.get("stdin") is not None:
             try:

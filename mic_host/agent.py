@@ -24,10 +24,18 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 from typing import Any, Protocol
 
+from virtio.agent import (
+    DEFAULT_TIMEOUT,
+    MAX_LINE,
+    MAX_OUTPUT,
+    LineSplitter,
+    decode,
+    encode,
+    exec_problem,
+)
 from virtio.errors import (
     BrokenResourceError,
     LocalProtocolError,
@@ -47,11 +55,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Bound on one protocol line, newline included, both directions.
-MAX_LINE = 1 << 20
-#: Bound on stdout and on stderr of one exec (base64 of both fits in a control-socket line).
-MAX_EXEC_OUTPUT = 256 * 1024
-DEFAULT_EXEC_TIMEOUT = 30.0
+#: The agent's limits (one definition, in :mod:`virtio.agent`), under the host's names.
+MAX_EXEC_OUTPUT = MAX_OUTPUT
+DEFAULT_EXEC_TIMEOUT = DEFAULT_TIMEOUT
 #: How much longer than the command's own timeout the host waits for the answer.
 AGENT_GRACE = 5.0
 _LOGGED = 20
@@ -75,30 +81,18 @@ class AgentClient:
         self.label = label
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self._buf = bytearray()
-        self._discarding = False
+        self._lines = LineSplitter()
         self._closed: MicError | None = None
         self.bad_lines = 0
 
     # -- card -> host ---------------------------------------------------------------
     def feed(self, data: bytes) -> None:
         """Bytes the card wrote on the agent port."""
-        self._buf += data
-        while True:
-            i = self._buf.find(b"\n")
-            if i < 0:
-                if len(self._buf) > MAX_LINE:
-                    self._bad(f"line over {MAX_LINE} bytes; discarding to the next newline")
-                    self._buf.clear()
-                    self._discarding = True
-                return
-            line = bytes(self._buf[:i])
-            del self._buf[: i + 1]
-            if self._discarding:
-                self._discarding = False
-                continue
-            if line.strip():
-                self._on_line(line)
+        lines, overflowed = self._lines.feed(data)
+        for line in lines:
+            self._on_line(line)
+        if overflowed:
+            self._bad(f"line over {MAX_LINE} bytes; discarding to the next newline")
 
     def _bad(self, why: str) -> None:
         self.bad_lines += 1
@@ -107,11 +101,11 @@ class AgentClient:
 
     def _on_line(self, line: bytes) -> None:
         try:
-            msg = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as e:
-            self._bad(f"not JSON ({e}): {line[:80]!r}")
+            msg = decode(line)
+        except RemoteProtocolError as e:
+            self._bad(f"{e}: {line[:80]!r}")
             return
-        if not isinstance(msg, dict) or not isinstance(msg.get("ok"), bool):
+        if not isinstance(msg.get("ok"), bool):
             self._bad(f"not a response object: {line[:80]!r}")
             return
         rid = msg.get("id")
@@ -154,8 +148,7 @@ class AgentClient:
             async with asyncio.timeout(bound):
                 await self.port.wait_open()
                 what = f"answer {op} (id {rid})"
-                line = json.dumps({"id": rid, "op": op, **args}, separators=(",", ":")) + "\n"
-                data = line.encode()
+                data = encode({"id": rid, "op": op, **args})
                 if len(data) > MAX_LINE:
                     raise LocalProtocolError(f"agent request of {len(data)} B over {MAX_LINE} B")
                 await self.port.write(data)
@@ -205,12 +198,12 @@ class AgentClient:
             LocalProtocolError: neither or both of ``argv`` and ``line``.
             MicTimeoutError, RemoteProtocolError, BrokenResourceError: as :meth:`request`.
         """
-        if (argv is None) == (line is None):
-            raise LocalProtocolError("exec needs exactly one of argv and line")
-        args: dict[str, Any] = {"timeout": timeout, "max_output": min(max_output, MAX_EXEC_OUTPUT)}
+        max_output = min(max_output, MAX_EXEC_OUTPUT)
+        problem = exec_problem(None if argv is None else list(argv), line, timeout, max_output)
+        if problem is not None:
+            raise LocalProtocolError(f"exec: {problem}")
+        args: dict[str, Any] = {"timeout": timeout, "max_output": max_output}
         if argv is not None:
-            if not argv or not all(isinstance(a, str) for a in argv):
-                raise LocalProtocolError("exec: argv must be a non-empty list of strings")
             args["argv"] = list(argv)
         else:
             args["line"] = line

@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mic_host.agent import MAX_EXEC_OUTPUT
 from mic_host.backends import available_backends
 from mic_host.card import CardManager
 from mic_host.config import (
@@ -36,6 +35,7 @@ from mic_host.config import (
 )
 from mic_host.lifecycle import CardState
 from mic_host.protocol import ControlServer, control_socket_path
+from virtio.agent import exec_problem
 from virtio.errors import ConfigError, LocalProtocolError, MicError, ResourceError
 
 __all__ = ["Daemon", "main"]
@@ -145,14 +145,9 @@ class Daemon:
         stdin: str | None,
     ) -> dict[str, Any]:
         """Run a shell command on the card through its agent (stdout/stderr base64)."""
-        if (argv is None) == (line is None):
-            raise LocalProtocolError("exec: give exactly one of 'argv' and 'line'")
-        if argv is not None and (not argv or not all(isinstance(a, str) for a in argv)):
-            raise LocalProtocolError("exec: 'argv' must be a non-empty array of strings")
-        if timeout is not None and not 0 < timeout <= 24 * 3600:
-            raise LocalProtocolError("exec: 'timeout' must be in (0, 86400] seconds")
-        if max_output != int(max_output) or not 0 <= max_output <= MAX_EXEC_OUTPUT:
-            raise LocalProtocolError(f"exec: 'max_output' must be an int in [0, {MAX_EXEC_OUTPUT}]")
+        problem = exec_problem(argv, line, timeout, max_output)
+        if problem is not None:
+            raise LocalProtocolError(f"exec: {problem}")
         return await self._card(card).exec(
             argv, line, timeout=timeout, max_output=int(max_output), stdin=stdin
         )

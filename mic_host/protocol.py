@@ -39,6 +39,7 @@ from typing import Any, Literal, Protocol, TypeGuard
 
 from mic_host.lifecycle import CardState
 from virtio import errors as _errors
+from virtio.agent import MAX_OUTPUT
 from virtio.errors import (
     ConfigError,
     LocalProtocolError,
@@ -171,7 +172,7 @@ OPS: dict[str, OpSpec] = {
             "timeout": ArgSpec(
                 "number", nullable=True, help="seconds the command may run (default 30)"
             ),
-            "max_output": ArgSpec("number", default=256 * 1024, help="bytes kept per stream"),
+            "max_output": ArgSpec("number", default=MAX_OUTPUT, help="bytes kept per stream"),
             "stdin": ArgSpec("string", help="the command's stdin, base64"),
         },
         help="run a shell command on the card through its agent",

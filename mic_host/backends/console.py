@@ -43,6 +43,7 @@ from typing import BinaryIO
 from mic_host.agent import AgentClient
 from mic_host.backends import BackendContext
 from mic_host.endpoint import QueueEndpoint
+from virtio.agent import AGENT_PORT
 from virtio.constants import ConsoleEvent, ConsoleFeature, DeviceType
 from virtio.errors import (
     BrokenResourceError,
@@ -66,8 +67,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CONSOLE_QUEUE_SIZE = 64
-#: The name of the agent's port (QEMU's guest agent uses ``org.qemu.guest_agent.0``).
-AGENT_PORT = "org.mic-vop.agent.0"
 #: ``struct virtio_console_control``: le32 id, le16 event, le16 value.
 _CTRL = struct.Struct("<IHH")
 CONTROL_SIZE = _CTRL.size
