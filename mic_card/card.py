@@ -44,7 +44,12 @@ from mic_card.agent import AGENT_PORT, Agent
 from mic_card.bus import CardRamAllocator, VirtioBus
 from mic_card.drivers import DRIVERS
 from mic_card.drivers.console import ConsoleDevice, SinglePortConsole
-from mic_card.offload import bind_offload_endpoint, serve_offload_endpoint
+from mic_card.offload import (
+    ACCEL_HELP,
+    ACCEL_USAGE,
+    bind_offload_endpoint,
+    serve_offload_endpoint,
+)
 from mic_card.shell import CardFS, InteractiveShell, lazy_command
 from transport import PcieCard
 from virtio.constants import DeviceType
@@ -55,13 +60,7 @@ if TYPE_CHECKING:
     from mic_card.accel import AccelFramework
 
 # The accelerator stack (engines, cryptography) loads on first use, not at boot.
-lazy_command(
-    "accel",
-    "mic_card.accel.commands",
-    help="the card's accelerators: list them, or benchmark one",
-    usage="accel list | accel bench --alg ALG --size N --seconds S [--batch B] "
-    "[--mode sva|nosva] [--json]",
-)
+lazy_command("accel", "mic_card.accel.commands", help=ACCEL_HELP, usage=ACCEL_USAGE)
 
 __all__ = ["AGENT_WAIT", "Card", "CardOS", "DmesgHandler", "load_app"]
 

@@ -25,9 +25,24 @@ from transport import FramedSocket
 if TYPE_CHECKING:
     from mic_card.card import CardOS
 
-__all__ = ["OffloadEndpoint", "bind_offload_endpoint", "serve_offload_endpoint"]
+__all__ = [
+    "ACCEL_HELP",
+    "ACCEL_USAGE",
+    "OffloadEndpoint",
+    "bind_offload_endpoint",
+    "serve_offload_endpoint",
+]
 
 log = logging.getLogger("mic_card")
+
+#: the ``accel`` shell command's help and usage: the card OS registers the
+#: command lazily at boot and ``mic_card.accel.commands`` replaces it on first
+#: use, so the text lives here, in a module the card imports at boot anyway
+ACCEL_HELP = "the card's accelerators: list them, or benchmark one"
+ACCEL_USAGE = (
+    "accel list | accel bench --alg ALG --size N --seconds S "
+    "[--batch B] [--mode sva|nosva] [--op OP] [--level L] [--json]"
+)
 
 
 class OffloadEndpoint:

@@ -39,19 +39,23 @@ from transport import FramedSocket, LinkLost, Mmio, MmioLayout, NotifyMode, Noti
 from virtio.accel import (
     IV_MAX,
     KEY_MAX,
-    REQ_STRUCT,
+    OFFLOAD_DEFAULT_HEAP,
+    OFFLOAD_PROTOCOL,
     RESP_OFF,
-    RESP_STRUCT,
-    RSA_ALGS,
     SLOT_SIZE,
     STATUS_MAGIC,
-    WIRE_VERSION,
+    AccelRequestError,
     Alg,
     Op,
     QueueGeometry,
     Status,
     StatusWord,
+    align,
+    key_fields,
     output_bound,
+    pack_request,
+    read_response,
+    tag_len,
 )
 from virtio.errors import (
     BrokenResourceError,
@@ -73,10 +77,8 @@ __all__ = [
     "open_session",
 ]
 
-OFFLOAD_PROTOCOL = "mic-accel-offload-1"
 #: the channel's doorbells: one each way (the card's engine worker adopts it)
-CHANNEL_MMIO = MmioLayout(h2c_doorbells=1, c2h_doorbells=1, card_vectors=1, host_vectors=1)
-DEFAULT_HEAP = 4 << 20
+CHANNEL_MMIO = MmioLayout.single()
 #: how long opening may take (the card starts its accelerators on first use)
 OPEN_TIMEOUT = 60.0
 #: a sleeping waiter re-checks the channel this often (the card's fault notice
@@ -84,8 +86,11 @@ OPEN_TIMEOUT = 60.0
 _RECHECK = 0.1
 #: how long closing waits for the card to free the channel
 _CLOSE_TIMEOUT = 5.0
-_ALIGN = 64
-_STATUS = {int(s): s for s in Status}
+Data = bytes | bytearray | memoryview
+#: one request laid out for the heap: data, aad (the key buffer for RSA), iv,
+#: output cap, then offsets from the request's heap start of the aad and the
+#: output, and the heap bytes it takes (:meth:`OffloadSession._item`)
+_Item = tuple[Data, Data, bytes | None, int, int, int, int]
 
 
 def accel_socket_path(state_dir: str | os.PathLike[str], card: str) -> Path:
@@ -93,36 +98,20 @@ def accel_socket_path(state_dir: str | os.PathLike[str], card: str) -> Path:
     return Path(state_dir) / f"{card}-accel.sock"
 
 
-class AccelRequestError(MicError):
-    """A request came back with a non-OK status (``status``, ``consumed``, ``produced``)."""
-
-    def __init__(self, status: Status, message: str, *, consumed: int = 0) -> None:
-        super().__init__(f"{status.name}: {message}")
-        self.status = status
-        self.consumed = consumed
-
-
-def _align(n: int) -> int:
-    return (n + _ALIGN - 1) & ~(_ALIGN - 1)
-
-
 def _error_from(reply: dict[str, Any]) -> MicError:
-    """The card's ``error`` answer as the closest ``virtio.errors`` class."""
+    """The card's ``error`` answer as the ``virtio.errors`` class it names (``type``).
+
+    The card names the nearest ``virtio.errors`` class of its exception in
+    ``type`` and the exception's own class in ``name`` (for the message).
+    """
     err = reply.get("error")
     if not isinstance(err, dict):
         return RemoteProtocolError(f"malformed answer from the card: {reply!r:.200}")
-    name, message = str(err.get("type", "")), str(err.get("message", ""))
-    # the card's own classes (QueueBusy, DeviceIsolated...) map to their roots
-    roots = {
-        "QueueBusy": "ResourceError",
-        "DeviceIsolated": "ResourceError",
-        "NoProvider": "LocalProtocolError",
-        "QueueStateError": "LocalProtocolError",
-    }
-    cls = getattr(verrors, roots.get(name, name), None)
+    base, message = str(err.get("type", "")), str(err.get("message", ""))
+    cls = getattr(verrors, base, None)
     if not (isinstance(cls, type) and issubclass(cls, MicError)):
         cls = MicError
-    return cls(f"card: {name}: {message}")
+    return cls(f"card: {err.get('name', base)!s:.100}: {message}")
 
 
 def _int(reply: dict[str, Any], name: str, lo: int, hi: int) -> int:
@@ -170,6 +159,9 @@ class OffloadSession:
         self.key = key
         self.iv = iv
         self.out_size = out_size
+        # per-session constants of every request: inline key, key buffer, tag length
+        self._key, self._keybuf = key_fields(self.alg, key)
+        self._tag_len = tag_len(self.alg, self.alg2)
         self.stats = {"requests": 0, "doorbells": 0, "sleeps": 0}
         self._fs = fs
         self._mmio = mmio
@@ -178,6 +170,10 @@ class OffloadSession:
         if self._view[:8].cast("Q")[0] != STATUS_MAGIC:
             raise RemoteProtocolError("no channel status page in card RAM", reason="bad-opened")
         self._words = self._view[:4096].cast("Q")
+        # per slot, precomputed: header offset, response offset, its one descriptor
+        self._hdr_off = [geo.slot_addr(s) - geo.base for s in range(geo.slots)]
+        self._resp_off = [off + RESP_OFF for off in self._hdr_off]
+        self._descs = [((geo.slot_addr(s), SLOT_SIZE),) for s in range(geo.slots)]
         self._dq: DriverQueue[int] = DriverQueue(
             FlatMemory(self._view, base=geo.base), geo.layout, 0
         )
@@ -265,7 +261,7 @@ class OffloadSession:
         """
         cap = out_size or self.out_size
         while True:
-            [(st, consumed, out)] = await self._batch([(data, aad, iv, cap)])
+            [(st, consumed, out)] = await self._batch([self._item(data, aad, iv, cap)])
             if st is Status.OUT_OF_SPACE_TERMINATED and self.op in (
                 Op.DECOMPRESS,
                 Op.DECRYPT_DECOMPRESS,
@@ -288,16 +284,16 @@ class OffloadSession:
             (and as :meth:`do`)
         """
         out: list[bytes] = []
-        piece: list[tuple[Any, Any, bytes | None, int | None]] = []
+        piece: list[_Item] = []
         used = 0
+        slots, heap = self.geometry.slots, self.geometry.heap_size
         for d in items:
-            need = self._footprint(len(d), self.out_size)
-            if piece and (
-                len(piece) == self.geometry.slots or used + need > self.geometry.heap_size
-            ):
+            it = self._item(d, b"", iv, self.out_size)
+            need = it[6]
+            if piece and (len(piece) == slots or used + need > heap):
                 out += self._check_all(await self._batch(piece))
                 piece, used = [], 0
-            piece.append((d, b"", iv, self.out_size))
+            piece.append(it)
             used += need
         if piece:
             out += self._check_all(await self._batch(piece))
@@ -309,11 +305,14 @@ class OffloadSession:
                 raise AccelRequestError(st, f"{self.device} q{self.qid}", consumed=consumed)
         return [r[2] for r in res]
 
-    def _footprint(self, n: int, cap: int | None) -> int:
-        """Heap bytes one request of ``n`` bytes takes (source, key/aad, output)."""
-        na = len(self.key) if self.alg in RSA_ALGS else 0
-        dcap = output_bound(self.op, n, cap, self.alg)
-        return _align(max(n, 1)) + _align(max(na, 1)) + _align(dcap)
+    def _item(self, data: Data, aad: Data, iv: bytes | None, cap: int | None) -> _Item:
+        """One request's heap plan: source, then aad (RSA: the key buffer), then output."""
+        if self._keybuf is not None:
+            aad = self._keybuf
+        dcap = output_bound(self.op, len(data), cap, self.alg)
+        a_rel = align(max(len(data), 1))
+        d_rel = a_rel + align(max(len(aad), 1))
+        return data, aad, iv, dcap, a_rel, d_rel, d_rel + align(dcap)
 
     def _check_live(self) -> None:
         if self._closed:
@@ -323,9 +322,7 @@ class OffloadSession:
         if self._words[StatusWord.DISABLED]:
             raise BrokenResourceError(f"accelerator channel {self.device}/q{self.qid} is disabled")
 
-    async def _batch(
-        self, items: Sequence[tuple[Any, Any, bytes | None, int | None]]
-    ) -> list[tuple[Status, int, bytes]]:
+    async def _batch(self, items: Sequence[_Item]) -> list[tuple[Status, int, bytes]]:
         """Lay ``items`` out in the heap, submit them with one doorbell, wait for all.
 
         Everything is checked before the ring is touched; a batch whose wait
@@ -339,41 +336,37 @@ class OffloadSession:
             geo, view, base = self.geometry, self._view, self.geometry.base
             if len(items) > geo.slots:
                 raise LocalProtocolError(f"a batch of {len(items)} exceeds {geo.slots} slots")
-            rsa = self.alg in RSA_ALGS
-            key = b"" if rsa else self.key  # RSA: the key (DER) goes in the key buffer
-            gcm = Alg.AES_GCM in (self.alg, self.alg2)
-            # the plan: (src, aad, dst, dst cap) offsets per item, all in the heap
-            plan: list[tuple[int, int, int, int]] = []
+            # the plan: each item's heap offset (its aad and output follow it)
+            plan: list[int] = []
             pos, end = geo.heap_off, geo.heap_off + geo.heap_size
-            for data, aad, _iv, cap in items:
-                na = len(self.key) if rsa else len(aad)
-                dcap = output_bound(self.op, len(data), cap, self.alg)
-                need = _align(max(len(data), 1)) + _align(max(na, 1)) + _align(dcap)
-                if pos + need > end:
+            for it in items:
+                if pos + it[6] > end:
                     raise LocalProtocolError(
-                        f"requests of {len(data)} B do not fit in the channel's "
+                        f"requests of {len(it[0])} B do not fit in the channel's "
                         f"{geo.heap_size} B heap (open it with a bigger heap_size)"
                     )
-                a_off = pos + _align(max(len(data), 1))
-                dst = a_off + _align(max(na, 1))
-                plan.append((pos, a_off, dst, dcap))
-                pos += need
-            for slot, ((data, aad, iv, _cap), (src, a_off, dst, dcap)) in enumerate(
+                plan.append(pos)
+                pos += it[6]
+            key, tl, hdr_off, descs, add = (
+                self._key,
+                self._tag_len,
+                self._hdr_off,
+                self._descs,
+                self._dq.add,
+            )
+            for slot, ((data, aad, iv, dcap, a_rel, d_rel, _need), src) in enumerate(
                 zip(items, plan, strict=True)
             ):
-                n = len(data)
+                n, na = len(data), len(aad)
+                a_off = src + a_rel
                 view[src : src + n] = data
-                if rsa:
-                    aad = self.key
-                na = len(aad)
                 view[a_off : a_off + na] = aad
-                iv_ = self.iv if iv is None else iv
-                REQ_STRUCT.pack_into(
-                    view, geo.slot_addr(slot) - base, WIRE_VERSION, self.op, self.alg,
-                    self.alg2, self.level, 0, len(key), len(iv_), 16 if gcm else 0, 0,
-                    base + src, n, dcap, base + dst, base + a_off if na else 0, na, key, iv_,
+                pack_request(
+                    view, hdr_off[slot], self.op, self.alg, self.alg2, self.level, 0, 0, key,
+                    self.iv if iv is None else iv, tl, base + src, n, base + src + d_rel, dcap,
+                    base + a_off if na else 0, na,
                 )  # fmt: skip
-                self._dq.add((), ((geo.slot_addr(slot), SLOT_SIZE),), slot)
+                add((), descs[slot], slot)
             self._inflight = len(items)
             if self._dq.publish():
                 self._mmio.doorbell(0).ring()
@@ -381,16 +374,14 @@ class OffloadSession:
             await self._wait_all()
             self.stats["requests"] += len(items)
             out: list[tuple[Status, int, bytes]] = []
-            for slot, (_src, _a, dst, dcap) in enumerate(plan):
-                if self._done.get(slot, 0) < SLOT_SIZE:
+            done, resp_off = self._done, self._resp_off
+            for slot, (it, src) in enumerate(zip(items, plan, strict=True)):
+                if done.get(slot, 0) < SLOT_SIZE:
                     out.append((Status.INVALID_REQUEST, 0, b""))
                     continue
-                st, consumed, produced, _us, _detail = RESP_STRUCT.unpack_from(
-                    view, geo.slot_addr(slot) - base + RESP_OFF
-                )
-                produced = min(produced, dcap)
-                status = _STATUS.get(st, Status.INVALID_REQUEST)
-                out.append((status, consumed, bytes(view[dst : dst + produced])))
+                status, consumed, produced, _detail = read_response(view, resp_off[slot])
+                dst = src + it[5]
+                out.append((status, consumed, bytes(view[dst : dst + min(produced, it[3])])))
             return out
 
     async def _wait_all(self) -> None:
@@ -435,7 +426,7 @@ async def open_session(
     key: bytes = b"",
     iv: bytes = b"",
     out_size: int | None = None,
-    heap_size: int = DEFAULT_HEAP,
+    heap_size: int = OFFLOAD_DEFAULT_HEAP,
     policy: NotifyPolicy | None = None,
 ) -> OffloadSession:
     """Open an accelerator channel to ``card`` (see :meth:`CardClient.accel_session`).

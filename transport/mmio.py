@@ -107,6 +107,11 @@ class MmioLayout:
             if not 1 <= n <= top:
                 raise ValueError(f"{name} = {n}: must be in 1..{top}")
 
+    @classmethod
+    def single(cls) -> MmioLayout:
+        """One doorbell and one vector each way (an accelerator queue, channel or mgmt unit)."""
+        return cls(h2c_doorbells=1, c2h_doorbells=1, card_vectors=1, host_vectors=1)
+
     def bank(self, d: Direction) -> BankLayout:
         h2c = self._bank(_BANK_WORD_BASE, self.h2c_doorbells, self.card_vectors)
         if d is Direction.H2C:

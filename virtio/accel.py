@@ -38,6 +38,7 @@ from enum import IntEnum, IntFlag
 
 from construct import Bytes, Const, Int8ul, Int32ul, Int64ul, Padding, Struct
 
+from virtio.errors import MicError
 from virtio.split import SplitLayout
 
 __all__ = [
@@ -66,6 +67,19 @@ __all__ = [
     "output_bound",
     "RSA_ALGS",
     "RSA_MAX_BYTES",
+    "GCM_TAG_LEN",
+    "ALIGN",
+    "STATUS_BY_VALUE",
+    "AccelRequestError",
+    "align",
+    "tag_len",
+    "key_fields",
+    "pack_request",
+    "read_response",
+    "OFFLOAD_PROTOCOL",
+    "OFFLOAD_DEFAULT_HEAP",
+    "OFFLOAD_MIN_HEAP",
+    "OFFLOAD_MAX_HEAP",
 ]
 
 #: uacce ``api`` attribute of every device of this framework (queue format + version).
@@ -134,6 +148,8 @@ ALG_NAMES: dict[Alg, str] = {
 RSA_ALGS = frozenset({Alg.RSA_OAEP, Alg.RSA_PSS, Alg.RSA_PKCS1})
 #: output bound of RSA requests (moduli up to 4096 bits)
 RSA_MAX_BYTES = 512
+#: tag length of AES-GCM requests (alone or in a chain)
+GCM_TAG_LEN = 16
 _BY_NAME = {v: k for k, v in ALG_NAMES.items()}
 
 
@@ -143,6 +159,23 @@ def alg_by_name(name: str) -> Alg:
         return _BY_NAME[name.lower()]
     except KeyError:
         raise KeyError(f"unknown algorithm {name!r}; known: {', '.join(_BY_NAME)}") from None
+
+
+def tag_len(alg: Alg, alg2: Alg = Alg.NONE) -> int:
+    """The header's ``tag_len`` for a request on ``alg`` (chained with ``alg2``)."""
+    return GCM_TAG_LEN if Alg.AES_GCM in (alg, alg2) else 0
+
+
+def key_fields(alg: Alg, key: bytes) -> tuple[bytes, bytes | None]:
+    """Where a session's ``key`` goes: ``(inline key, key buffer)``.
+
+    RSA keys (DER) do not fit the header's inline bytes: they travel in the
+    key buffer (the request's ``aad``) and the inline key is empty. Every
+    other key is inline and the key buffer is None (``aad`` is the caller's).
+    """
+    if alg in RSA_ALGS:
+        return b"", key
+    return key, None
 
 
 class ReqFlag(IntFlag):
@@ -171,6 +204,27 @@ class Status(IntEnum):
     ACCESS_FAULT = 8  #: a buffer outside the queue's address space (PASID check)
     ENGINE_FAULT = 9  #: the engine crashed or hung; set by the framework
     QUEUE_RESET = 10  #: discarded by a queue reset or release
+
+
+#: :class:`Status` by wire value (a value not in it reads as ``INVALID_REQUEST``)
+STATUS_BY_VALUE: dict[int, Status] = {int(s): s for s in Status}
+
+
+class AccelRequestError(MicError):
+    """A request came back with a non-OK status (``status``, ``consumed``, ``produced``).
+
+    Raised by the synchronous ``do`` of both sides (the card's
+    ``mic_card.accel.RequestError`` and the host's ``mic_host.accel`` sessions);
+    for ``OUT_OF_SPACE_RECOVERABLE`` ``consumed`` says where to resume.
+    """
+
+    def __init__(
+        self, status: Status, message: str, *, consumed: int = 0, produced: int = 0
+    ) -> None:
+        super().__init__(f"{status.name}: {message}")
+        self.status = status
+        self.consumed = consumed
+        self.produced = produced
 
 
 # --- request header -----------------------------------------------------------
@@ -218,6 +272,35 @@ RESP_SIZE = RESP_STRUCT.size
 #: one request slot: header at +0, response at +RESP_OFF (its last RESP_SIZE bytes)
 SLOT_SIZE = 256
 RESP_OFF = SLOT_SIZE - RESP_SIZE
+#: heap blocks (source, key buffer/aad, output) start on this boundary (a cache line)
+ALIGN = 64
+
+
+def align(n: int, a: int = ALIGN) -> int:
+    """``n`` rounded up to a multiple of ``a`` (a power of two)."""
+    return (n + a - 1) & -a
+
+
+def pack_request(
+    buf: memoryview | bytearray, off: int, op: int, alg: int, alg2: int, level: int,
+    flags: int, stream_id: int, key: bytes, iv: bytes, tag_len: int,
+    src: int, src_len: int, dst: int, dst_len: int, aad: int, aad_len: int,
+) -> None:  # fmt: skip
+    """Write a request header (:data:`ReqHeader`) at ``buf[off:]``; addresses are bus addresses."""
+    REQ_STRUCT.pack_into(
+        buf, off, WIRE_VERSION, op, alg, alg2, level, flags, len(key), len(iv), tag_len,
+        stream_id, src, src_len, dst_len, dst, aad, aad_len, key, iv,
+    )  # fmt: skip
+
+
+def read_response(buf: memoryview | bytearray, off: int) -> tuple[Status, int, int, int]:
+    """``(status, consumed, produced, detail)`` of the response (:data:`RespHeader`) at ``off``.
+
+    A status value the engine should not write reads as ``INVALID_REQUEST``;
+    ``produced`` is as written (the caller bounds it by its output buffer).
+    """
+    st, consumed, produced, _us, detail = RESP_STRUCT.unpack_from(buf, off)
+    return STATUS_BY_VALUE.get(st, Status.INVALID_REQUEST), consumed, produced, detail
 
 
 # --- status page (one page at offset 0 of every queue region) -----------------
@@ -283,12 +366,6 @@ class QueueGeometry:
         """Bus address of request slot ``slot`` (the one descriptor of its requests)."""
         return self.base + self.slot_off + slot * SLOT_SIZE
 
-    def hdr_addr(self, slot: int) -> int:
-        return self.slot_addr(slot)
-
-    def resp_addr(self, slot: int) -> int:
-        return self.slot_addr(slot) + RESP_OFF
-
     @property
     def heap_off(self) -> int:
         return self.slot_off + self.slots * SLOT_SIZE
@@ -314,3 +391,13 @@ def output_bound(op: Op, n: int, out_size: int | None, alg: Alg = Alg.NONE) -> i
     if op is Op.DIGEST:
         return 64
     return n + 16
+
+
+# --- offload channels (a host script's queue in card RAM) ------------------------
+
+#: the offload endpoint's protocol name (``open`` requests carry it)
+OFFLOAD_PROTOCOL = "mic-accel-offload-1"
+#: heap of an offload channel: default and bounds (card RAM is the limit)
+OFFLOAD_DEFAULT_HEAP = 4 << 20
+OFFLOAD_MIN_HEAP = 64 << 10
+OFFLOAD_MAX_HEAP = 32 << 20

@@ -34,7 +34,7 @@ from transport import FramedSocket, Mmio, MmioLayout, NotifyPolicy, Region
 __all__ = ["QUEUE_MMIO", "QueueResources", "WorkerLink", "adopt_link", "spawn_worker"]
 
 #: one doorbell and one vector each way: app -> engine, engine -> app
-QUEUE_MMIO = MmioLayout(h2c_doorbells=1, c2h_doorbells=1, card_vectors=1, host_vectors=1)
+QUEUE_MMIO = MmioLayout.single()
 _REPO = Path(__file__).resolve().parents[2]
 
 

@@ -9,23 +9,17 @@ from __future__ import annotations
 import json
 
 from mic_card.accel.tools import accel_bench, accel_list_text, bench_args, format_bench
+from mic_card.offload import ACCEL_HELP, ACCEL_USAGE
 from mic_card.shell import ShellContext, command
 from virtio.errors import LocalProtocolError
 
 __all__: list[str] = []
 
-_USAGE = (
-    "accel list | accel bench --alg ALG --size N --seconds S "
-    "[--batch B] [--mode sva|nosva] [--json]"
-)
 
-
-@command(
-    "accel", help="the card's accelerators: list them, or benchmark one", usage=_USAGE, replace=True
-)
+@command("accel", help=ACCEL_HELP, usage=ACCEL_USAGE, replace=True)
 async def _accel(ctx: ShellContext, args: list[str]) -> int:
     if ctx.card is None or not args or args[0] not in ("list", "bench"):
-        await ctx.err(f"usage: {_USAGE}\n")
+        await ctx.err(f"usage: {ACCEL_USAGE}\n")
         return 2
     fw = await ctx.card.accelerators()
     if args[0] == "list":

@@ -9,16 +9,19 @@ Whose fault (STYLE.md §3):
   hour and refuses new queues until un-isolated.
 - :class:`QueueDisabled` (a :class:`~virtio.errors.BrokenResourceError`): the
   queue's engine crashed or hung, or the ring broke; ``reset()`` it.
-- :class:`RequestError`: one request came back with a non-OK
-  :class:`~mic_card.accel.wire.Status` (raised by the synchronous ``do``;
+- :class:`RequestError` (a :class:`virtio.accel.AccelRequestError`, as the
+  host's ``mic_host.accel`` raises): one request came back with a non-OK
+  :class:`~virtio.accel.Status` (raised by the synchronous ``do``;
   asynchronous users read ``Completion.status``).
 - :class:`QueueStateError` (a :class:`~virtio.errors.LocalProtocolError`): an
   operation not allowed in the queue's state (e.g. submit before ``start``).
+- :class:`NoProvider` (a :class:`~virtio.errors.LocalProtocolError` and a
+  ``LookupError``): no provider or device offers the algorithm.
 """
 
 from __future__ import annotations
 
-from mic_card.accel.wire import Status
+from virtio.accel import AccelRequestError
 from virtio.errors import BrokenResourceError, LocalProtocolError, MicError, ResourceError
 
 __all__ = [
@@ -52,21 +55,13 @@ class QueueStateError(LocalProtocolError, AccelError):
     """The operation is not allowed in the queue's current state."""
 
 
-class NoProvider(AccelError, LookupError):
-    """No provider offers the algorithm."""
+class NoProvider(LocalProtocolError, AccelError, LookupError):
+    """No provider offers the algorithm (the caller asked for something not offered)."""
 
 
-class RequestError(AccelError):
+class RequestError(AccelRequestError, AccelError):
     """A request completed with a non-OK status.
 
     ``status``, ``consumed`` and ``produced`` are the engine's answer; for
     ``OUT_OF_SPACE_RECOVERABLE`` ``consumed`` says where to resume.
     """
-
-    def __init__(
-        self, status: Status, message: str, *, consumed: int = 0, produced: int = 0
-    ) -> None:
-        super().__init__(f"{status.name}: {message}")
-        self.status = status
-        self.consumed = consumed
-        self.produced = produced

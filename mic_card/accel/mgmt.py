@@ -47,7 +47,7 @@ from construct import Bytes, Const, Float64l, Int8ul, Int32sl, Int32ul, Int64ul,
 
 from mic_card.accel.errors import AccelError
 from mic_card.accel.queue import QState
-from mic_card.accel.wire import ALG_NAMES, API, QUEUE_RING_SIZE, Alg, StatusWord
+from mic_card.accel.wire import ALG_NAMES, API, QUEUE_RING_SIZE, Alg, StatusWord, align
 from transport import Mmio, MmioLayout, NotifyMode, NotifyPolicy, Region
 from virtio.errors import MicError, WouldBlock
 from virtio.memory import FlatMemory
@@ -85,7 +85,7 @@ log = logging.getLogger("mic_card.accel")
 
 MGMT_VERSION = 1
 #: one doorbell (driver -> unit) and one interrupt (unit -> driver)
-MGMT_MMIO = MmioLayout(h2c_doorbells=1, c2h_doorbells=1, card_vectors=1, host_vectors=1)
+MGMT_MMIO = MmioLayout.single()
 CTRL_RING = 32
 #: requests in flight at once (each is a two-descriptor chain)
 CTRL_SLOTS = CTRL_RING // 2
@@ -195,10 +195,6 @@ class FaultEvent:
     time: float = field(default_factory=time.time)
 
 
-def _align(n: int, a: int = 64) -> int:
-    return (n + a - 1) // a * a
-
-
 @dataclass(frozen=True, slots=True)
 class MgmtGeometry:
     """Where the two rings and their buffers are in the management region (bus base 0)."""
@@ -215,22 +211,22 @@ class MgmtGeometry:
 
     @property
     def _event_off(self) -> int:
-        return _align(SplitLayout.contiguous_bytes(CTRL_RING), 4096)
+        return align(SplitLayout.contiguous_bytes(CTRL_RING), 4096)
 
     @property
     def resp_size(self) -> int:
-        return _align(
+        return align(
             MGMT_RESP_STRUCT.size
             + max(CAPS_STRUCT.size, DEV_STATS_STRUCT.size + QSTATS_STRUCT.size * self.max_queues)
         )
 
     @property
     def req_off(self) -> int:
-        return _align(self._event_off + SplitLayout.contiguous_bytes(EVENT_RING), 4096)
+        return align(self._event_off + SplitLayout.contiguous_bytes(EVENT_RING), 4096)
 
     @property
     def resp_off(self) -> int:
-        return self.req_off + CTRL_SLOTS * _align(MGMT_REQ_STRUCT.size)
+        return self.req_off + CTRL_SLOTS * align(MGMT_REQ_STRUCT.size)
 
     @property
     def event_buf_off(self) -> int:
@@ -238,10 +234,10 @@ class MgmtGeometry:
 
     @property
     def size(self) -> int:
-        return _align(self.event_buf_off + EVENT_RING * EVENT_STRUCT.size, 4096)
+        return align(self.event_buf_off + EVENT_RING * EVENT_STRUCT.size, 4096)
 
     def req(self, slot: int) -> int:
-        return self.req_off + slot * _align(MGMT_REQ_STRUCT.size)
+        return self.req_off + slot * align(MGMT_REQ_STRUCT.size)
 
     def resp(self, slot: int) -> int:
         return self.resp_off + slot * self.resp_size

@@ -27,7 +27,8 @@ Endpoint protocol (transport ``FramedSocket`` frames, one channel per connection
 - card->host ``opened``: ``device``, ``qid``, ``pasid``, ``heap_size``,
   ``region_off``, ``region_size``, ``card_ram_size``, ``op``, ``alg``,
   ``alg2``, ``worker``; fd: card RAM;
-- card->host ``error``: ``error`` {``type``, ``message``}, then the connection closes;
+- card->host ``error``: ``error`` {``type`` (the nearest ``virtio.errors`` class),
+  ``name`` (the card's own class), ``message``}, then the connection closes;
 - card->host ``fault``: ``reason`` (the channel is disabled);
 - host->card ``close``.
 
@@ -43,10 +44,18 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from mic_card.accel.channel import close_fds
-from mic_card.accel.errors import AccelError, NoProvider, QueueStateError
+from mic_card.accel.errors import NoProvider, QueueStateError
 from mic_card.accel.queue import QState, QueueStats
 from mic_card.accel.session import SessionSpec
-from mic_card.accel.wire import STATUS_MAGIC, QueueGeometry, StatusWord
+from mic_card.accel.wire import (
+    OFFLOAD_DEFAULT_HEAP,
+    OFFLOAD_MAX_HEAP,
+    OFFLOAD_MIN_HEAP,
+    OFFLOAD_PROTOCOL,
+    STATUS_MAGIC,
+    QueueGeometry,
+    StatusWord,
+)
 from transport import FramedSocket, LinkLost
 from virtio.errors import LocalProtocolError, MicError, RemoteProtocolError, ResourceError
 
@@ -58,11 +67,6 @@ __all__ = ["OFFLOAD_PROTOCOL", "HostChannel", "serve_channel"]
 
 log = logging.getLogger("mic_card.accel")
 
-OFFLOAD_PROTOCOL = "mic-accel-offload-1"
-#: heap of a host channel: default and bounds (card RAM is the limit)
-DEFAULT_HEAP = 4 << 20
-MIN_HEAP = 64 << 10
-MAX_HEAP = 32 << 20
 #: how long a host script may take to send its open request
 OPEN_TIMEOUT = 10.0
 #: fds of an open request: MMIO region, h2c eventfd, c2h eventfd
@@ -167,6 +171,13 @@ class HostChannel:
         }
 
 
+def _wire_error(e: BaseException) -> dict[str, str]:
+    """An ``error`` answer: ``type`` is the nearest ``virtio.errors`` class of ``e`` (what
+    the host raises), ``name`` its own class (for the message), then ``message``."""
+    base = next((c.__name__ for c in type(e).__mro__ if c.__module__ == "virtio.errors"), None)
+    return {"type": base or "MicError", "name": type(e).__name__, "message": str(e)}
+
+
 def _field(msg: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
     v = msg.get(name, default)
     if not isinstance(v, kind) or (isinstance(v, bool) and kind is int):
@@ -198,10 +209,10 @@ async def _open(
         if op is not None and not isinstance(op, str):
             raise RemoteProtocolError("open: 'op' must be a string or null", reason="bad-open")
         level = _field(msg, "level", int, 6)
-        heap = _field(msg, "heap_size", int, DEFAULT_HEAP)
-        if not MIN_HEAP <= heap <= MAX_HEAP or heap % 8192:
+        heap = _field(msg, "heap_size", int, OFFLOAD_DEFAULT_HEAP)
+        if not OFFLOAD_MIN_HEAP <= heap <= OFFLOAD_MAX_HEAP or heap % 8192:
             raise LocalProtocolError(
-                f"heap_size {heap}: a multiple of 8 KiB in [{MIN_HEAP}, {MAX_HEAP}]"
+                f"heap_size {heap}: a multiple of 8 KiB in [{OFFLOAD_MIN_HEAP}, {OFFLOAD_MAX_HEAP}]"
             )
         if not -1 <= level <= 9:
             raise LocalProtocolError(f"level {level} outside -1..9")
@@ -255,9 +266,7 @@ async def serve_channel(fs: FramedSocket, card_os: CardOS) -> None:
         except (MicError, ValueError) as e:
             log.warning("offload endpoint: refused %.200r: %s", msg, e)
             with contextlib.suppress(LinkLost, MicError, OSError):
-                await fs.send_frame(
-                    {"type": "error", "error": {"type": type(e).__name__, "message": str(e)}}
-                )
+                await fs.send_frame({"type": "error", "error": _wire_error(e)})
             return
         await fs.send_frame({**ch.opened(), **ops}, [card_os.pcie.card_ram.fd])
         log.info("offload channel %s/q%d opened by a host script", ch.device.name, ch.qid)
@@ -290,6 +299,3 @@ async def _notify_faults(fs: FramedSocket, ch: HostChannel) -> None:
         while True:
             reason = await ch.faults.get()
             await fs.send_frame({"type": "fault", "reason": reason})
-
-
-_ = AccelError  # documented in _open's Raises

@@ -15,9 +15,8 @@ hands the queue's fds to an engine worker.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import collections
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import TracebackType
@@ -26,19 +25,26 @@ from typing import TYPE_CHECKING, Any, Protocol
 from mic_card.accel.channel import QueueResources
 from mic_card.accel.errors import QueueDisabled, QueueStateError
 from mic_card.accel.wire import (
-    REQ_STRUCT,
     RESP_OFF,
-    RESP_STRUCT,
     SLOT_SIZE,
-    WIRE_VERSION,
     Alg,
     Op,
     QueueGeometry,
     Status,
     StatusWord,
+    align,
+    pack_request,
+    read_response,
 )
+from mic_card.bus import CardRamAllocator
 from transport import NotifyPolicy
-from virtio.errors import ClosedResourceError, LocalProtocolError, MicError, WouldBlock
+from virtio.errors import (
+    ClosedResourceError,
+    LocalProtocolError,
+    MicError,
+    ResourceError,
+    WouldBlock,
+)
 from virtio.split import DriverQueue, RingError
 
 if TYPE_CHECKING:
@@ -55,12 +61,10 @@ __all__ = [
     "Ticket",
 ]
 
-_ALIGN = 64
 #: ``submit_many`` makes a long batch visible in pieces of this many requests:
 #: the engine starts on the first piece while the app writes the rest (the
 #: kick itself still follows the ring core's notification suppression).
 PUBLISH_EVERY = 4
-_STATUS = {int(s): s for s in Status}
 
 
 class QState(StrEnum):
@@ -82,10 +86,6 @@ TRANSITIONS: dict[tuple[QState, str], QState] = {
 }
 
 
-def _align(n: int) -> int:
-    return (n + _ALIGN - 1) & ~(_ALIGN - 1)
-
-
 class _RingAlloc:
     """Bounce-pool allocator: a circular log (completions come back mostly in order)."""
 
@@ -98,7 +98,7 @@ class _RingAlloc:
         self.blocks: collections.deque[list[int]] = collections.deque()
 
     def alloc(self, n: int) -> list[int] | None:
-        n = _align(max(n, 1))
+        n = align(max(n, 1))
         size = self.size
         pos = self.head % size
         waste = size - pos if pos + n > size else 0
@@ -122,36 +122,6 @@ class _RingAlloc:
     def reset(self) -> None:
         self.head = self.tail = 0
         self.blocks.clear()
-
-
-class _HeapAlloc:
-    """First-fit allocator with coalescing, for long-lived shared buffers."""
-
-    def __init__(self, size: int) -> None:
-        self.free_list: list[tuple[int, int]] = [(0, size)] if size else []
-
-    def alloc(self, n: int) -> int | None:
-        n = _align(max(n, 1))
-        for i, (off, ln) in enumerate(self.free_list):
-            if ln >= n:
-                if ln == n:
-                    del self.free_list[i]
-                else:
-                    self.free_list[i] = (off + n, ln - n)
-                return off
-        return None
-
-    def free(self, off: int, n: int) -> None:
-        n = _align(max(n, 1))
-        fl = self.free_list
-        i = bisect.bisect(fl, (off, 0))
-        fl.insert(i, (off, n))
-        if i + 1 < len(fl) and fl[i][0] + fl[i][1] == fl[i + 1][0]:
-            fl[i] = (fl[i][0], fl[i][1] + fl[i + 1][1])
-            del fl[i + 1]
-        if i and fl[i - 1][0] + fl[i - 1][1] == fl[i][0]:
-            fl[i - 1] = (fl[i - 1][0], fl[i - 1][1] + fl[i][1])
-            del fl[i]
 
 
 @dataclass(eq=False, slots=True)
@@ -257,7 +227,8 @@ class QueueStats:
 class _Pools:
     bounce: _RingAlloc
     bounce_off: int
-    shared: _HeapAlloc
+    #: first fit over offsets ``[0, shared size)`` of the shared half; None without SVA
+    shared: CardRamAllocator | None
     shared_off: int
     shared_live: dict[int, SharedBuffer] = field(default_factory=dict)
 
@@ -302,7 +273,7 @@ class AccelQueue:
         self._pools = _Pools(
             _RingAlloc(geo.heap_size - half if sva else geo.heap_size),
             geo.heap_off,
-            _HeapAlloc(half if sva else 0),
+            CardRamAllocator(0, half) if sva and half > 0 else None,
             geo.heap_off + (geo.heap_size - half),
         )
         self._free_slots = list(range(geo.slots - 1, -1, -1))
@@ -453,7 +424,11 @@ class AccelQueue:
             )
         if size <= 0:
             raise LocalProtocolError(f"cannot share {size} bytes")
-        off = self._pools.shared.alloc(size)
+        shared = self._pools.shared
+        try:
+            off = shared.alloc(size) if shared is not None else None
+        except ResourceError:  # CardRamAllocator: exhausted
+            off = None
         if off is None:
             raise WouldBlock(f"shared heap of queue {self.qid} is full")
         roff = self._pools.shared_off + off
@@ -465,7 +440,8 @@ class AccelQueue:
     def _free_shared(self, buf: SharedBuffer) -> None:
         if self._pools.shared_live.pop(buf._off, None) is buf:
             buf.view.release()
-            self._pools.shared.free(buf._off, buf.size)
+            assert self._pools.shared is not None  # a buffer came from it
+            self._pools.shared.free(buf._off)
 
     @property
     def bounce_size(self) -> int:
@@ -488,10 +464,8 @@ class AccelQueue:
     ) -> tuple[int, int, memoryview | None]:
         """Bus address and length of ``data`` in this queue (copying bytes into the pool)."""
         if isinstance(data, SharedBuffer):
-            if data.queue is not self:
-                # Another queue's buffer: pass its address and let the engine
-                # refuse it (that is the PASID check the tests exercise).
-                return data.addr, len(data), data.view
+            # Another queue's buffer too: pass its address and let the engine
+            # refuse it (that is the PASID check the tests exercise).
             return data.addr, len(data), data.view
         n = len(data) if ln is None else ln
         if not n:
@@ -541,11 +515,9 @@ class AccelQueue:
         if req.dst_addr is not None:
             da = req.dst_addr
         slot = free.pop()
-        key, iv = req.key, req.iv
-        REQ_STRUCT.pack_into(
-            self._whole, self._hdr_off[slot], WIRE_VERSION, req.op, req.alg, req.alg2, req.level,
-            req.flags, len(key), len(iv), req.tag_len, req.stream_id, sa, sl, dl, da,
-            aa, al, key, iv,
+        pack_request(
+            self._whole, self._hdr_off[slot], req.op, req.alg, req.alg2, req.level, req.flags,
+            req.stream_id, req.key, req.iv, req.tag_len, sa, sl, da, dl, aa, al,
         )  # fmt: skip
         t = Ticket(slot, owner, tag, dst, dview, bounce)
         try:
@@ -638,10 +610,8 @@ class AccelQueue:
             return 0
         whole = self._whole
         resp_off = self._resp_off
-        unpack = RESP_STRUCT.unpack_from
         free_slot = self._free_slots.append
         pop_ticket = self._tickets.pop
-        status_of = _STATUS.get
         bounce_free = self._pools.bounce.free
         for t, length in done:
             slot = t.slot
@@ -650,7 +620,7 @@ class AccelQueue:
             if length < SLOT_SIZE:  # the engine did not answer in the slot
                 c = Completion(Status.INVALID_REQUEST, 0, 0, b"", t.tag)
             else:
-                st, consumed, produced, _us, detail = unpack(whole, resp_off[slot])
+                st, consumed, produced, detail = read_response(whole, resp_off[slot])
                 dv = t.dst_view
                 if produced and dv is not None:
                     produced = min(produced, len(dv))
@@ -659,9 +629,7 @@ class AccelQueue:
                     )
                 else:
                     out = b""
-                c = Completion(
-                    status_of(st, Status.INVALID_REQUEST), consumed, produced, out, t.tag, detail
-                )
+                c = Completion(st, consumed, produced, out, t.tag, detail)
             # _finish, inlined (the per-completion hot path)
             t.done = True
             if t.bounce:
@@ -751,7 +719,3 @@ class AccelQueue:
         assert fut is not None
         await self.wait_for(fut.done)
         return fut.result()
-
-
-def slots_of(tickets: Sequence[Ticket]) -> list[int]:  # pragma: no cover - debugging aid
-    return [t.slot for t in tickets]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -25,10 +24,20 @@ from typing import Any, Protocol, runtime_checkable
 from mic_card.accel.engine import CIPHER_ALGS, COMP_ALGS, DIGEST_ALGS
 from mic_card.accel.errors import QueueStateError, RequestError
 from mic_card.accel.queue import AccelQueue, Completion, Data, Request, SharedBuffer, Ticket
-from mic_card.accel.wire import RSA_ALGS, Alg, Op, ReqFlag, Status, alg_by_name, output_bound
+from mic_card.accel.wire import (
+    RSA_ALGS,
+    Alg,
+    Op,
+    ReqFlag,
+    Status,
+    alg_by_name,
+    key_fields,
+    output_bound,
+    tag_len,
+)
 from virtio.errors import LocalProtocolError, WouldBlock
 
-__all__ = ["OPS", "Session", "SessionLike", "SessionSpec", "output_bound"]
+__all__ = ["OPS", "Session", "SessionLike", "SessionSpec"]
 
 OPS = {
     "compress": Op.COMPRESS,
@@ -130,15 +139,15 @@ class Session:
 
     provider = "mic"
 
-    def __init__(
-        self, queues: Sequence[AccelQueue], spec: SessionSpec, *, owns_queues: bool = False
-    ) -> None:
+    def __init__(self, queues: Sequence[AccelQueue], spec: SessionSpec) -> None:
         if not queues:
             raise LocalProtocolError("a session needs at least one queue")
         self.spec = spec
         self.op, self.alg, self.alg2 = spec.resolved()
+        # per-session constants of every request: inline key, key buffer, tag length
+        self._key, self._keybuf = key_fields(self.alg, spec.key)
+        self._tag_len = tag_len(self.alg, self.alg2)
         self.queues = list(queues)
-        self._owns = owns_queues
         self._rr = 0
         self._ready: collections.deque[Completion] = collections.deque()
         self.stream_id = next(_stream_ids) & 0xFFFFFFFF if spec.stream else 0
@@ -160,9 +169,8 @@ class Session:
         s = self.spec
         if self.stream_id:
             flags |= ReqFlag.STREAM
-        key = s.key
-        if self.alg in RSA_ALGS:  # the key (DER) travels in the key buffer (aad), not inline
-            aad, key = s.key, b""
+        if self._keybuf is not None:  # RSA: the key (DER) is the key buffer (aad)
+            aad = self._keybuf
         return Request(
             self.op,
             self.alg,
@@ -170,9 +178,9 @@ class Session:
             s.level,
             flags,
             self.stream_id,
-            key,
+            self._key,
             s.iv if iv is None else iv,
-            16 if Alg.AES_GCM in (self.alg, self.alg2) else 0,
+            self._tag_len,
             data,
             aad,
             dst,
@@ -322,18 +330,10 @@ class Session:
         return r.popleft()
 
     async def aclose(self) -> None:
-        """End the session (and release its queues if it opened them)."""
-        if self._owns:
-            for q in self.queues:
-                await q.aclose()
-        self.queues = self.queues if not self._owns else []
+        """End the session; its queues stay open (they belong to whoever opened them)."""
 
     async def __aenter__(self) -> Session:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
-
-
-def crc32(data: bytes) -> int:  # pragma: no cover - convenience for apps checking gzip output
-    return zlib.crc32(data)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from mic_card.accel.providers.mic import MicProvider
 from mic_card.accel.queue import AccelQueue, Request, SharedBuffer
 from mic_card.accel.session import Session, SessionSpec
-from mic_card.accel.wire import Alg, Op
+from mic_card.accel.wire import Op
 from virtio.errors import LocalProtocolError
 
 if TYPE_CHECKING:
@@ -85,7 +85,6 @@ async def accel_bench(
     mode: str = "sva",
     op: str | None = None,
     level: int = 1,
-    queues: int | None = None,
 ) -> dict[str, Any]:
     """Run ``alg`` on ``size``-byte requests for ``seconds``, ``batch`` in flight.
 
@@ -111,7 +110,7 @@ async def accel_bench(
     dev = next((d for d in devs if not d.isolate and (mode == "nosva" or d.spec.sva)), devs[0])
     if mode == "sva" and not dev.spec.sva:
         raise LocalProtocolError(f"{dev.name} has no SVA: use --mode nosva")
-    prov = MicProvider(fw, queues_per_device=queues)
+    prov = MicProvider(fw)
     try:
         qs = await prov.queues(dev)
         sess = Session(qs, spec)
@@ -244,6 +243,3 @@ def bench_args(argv: list[str]) -> dict[str, Any]:
     p.add_argument("--json", action="store_true")
     ns = p.parse_args(argv)
     return vars(ns)
-
-
-_ = Alg  # re-exported names used by callers building specs

@@ -1,62 +1,14 @@
-"""Wire format of accelerator queues (re-exported from :mod:`virtio.accel`).
+"""Wire format of accelerator queues: a compatibility alias of :mod:`virtio.accel`.
 
-The layouts live in ``virtio.accel`` because the host side of an offload
-channel (``mic_host.accel``) speaks them too and ``mic_host`` never imports
-``mic_card``; this module keeps the card side's imports short.
+The layouts and request rules live in ``virtio.accel`` because the host side
+of an offload channel (``mic_host.accel``) speaks them too and ``mic_host``
+never imports ``mic_card``. This module re-exports exactly
+``virtio.accel.__all__`` (nothing of its own), so the card side's many
+``from mic_card.accel.wire import ...`` keep working; new code may import
+``virtio.accel`` directly.
 """
 
-from virtio.accel import (
-    ALG_NAMES,
-    API,
-    IV_MAX,
-    KEY_MAX,
-    QUEUE_RING_SIZE,
-    REQ_SIZE,
-    REQ_STRUCT,
-    RESP_OFF,
-    RESP_SIZE,
-    RESP_STRUCT,
-    RSA_ALGS,
-    RSA_MAX_BYTES,
-    SLOT_SIZE,
-    STATUS_MAGIC,
-    WIRE_VERSION,
-    Alg,
-    Op,
-    QueueGeometry,
-    ReqFlag,
-    ReqHeader,
-    RespHeader,
-    Status,
-    StatusWord,
-    alg_by_name,
-    output_bound,
-)
+from virtio import accel as _accel
+from virtio.accel import *  # noqa: F403
 
-__all__ = [
-    "ALG_NAMES",
-    "API",
-    "IV_MAX",
-    "KEY_MAX",
-    "QUEUE_RING_SIZE",
-    "REQ_SIZE",
-    "REQ_STRUCT",
-    "RESP_OFF",
-    "RESP_SIZE",
-    "RESP_STRUCT",
-    "RSA_ALGS",
-    "RSA_MAX_BYTES",
-    "SLOT_SIZE",
-    "STATUS_MAGIC",
-    "WIRE_VERSION",
-    "Alg",
-    "Op",
-    "QueueGeometry",
-    "ReqFlag",
-    "ReqHeader",
-    "RespHeader",
-    "Status",
-    "StatusWord",
-    "alg_by_name",
-    "output_bound",
-]
+__all__ = list(_accel.__all__)

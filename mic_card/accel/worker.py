@@ -135,9 +135,9 @@ class Worker:
         try:
             whole = region.view()[off : off + geo.region_size]
             ring_mem = FlatMemory(whole, base=geo.base)
-            lo = int(msg.get("data_off", geo.heap_off))
-            hi = int(msg.get("data_end", geo.region_size))
-            data_mem = FlatMemory(whole[lo:hi], base=geo.base + lo)
+            # requests address the heap only (the PASID check)
+            lo = geo.heap_off
+            data_mem = FlatMemory(whole[lo : geo.region_size], base=geo.base + lo)
             cfg = EngineConfig(
                 frozenset(Alg(a) for a in msg["algs"]),
                 chaining=bool(msg.get("chaining", True)),

@@ -9,6 +9,7 @@ from mic_card.accel.wire import (
     ALG_NAMES,
     REQ_SIZE,
     REQ_STRUCT,
+    RESP_OFF,
     RESP_SIZE,
     RESP_STRUCT,
     QueueGeometry,
@@ -60,8 +61,8 @@ def test_geometry_is_disjoint_per_pasid() -> None:
     a, b = QueueGeometry(1, 1 << 20), QueueGeometry(2, 1 << 20)
     assert a.base + a.region_size <= b.base
     assert a.layout.desc == a.base + 4096
-    assert a.hdr_addr(0) >= a.layout.used + a.layout.used_bytes
-    assert a.resp_addr(a.slots - 1) + RESP_SIZE <= a.heap_addr
+    assert a.slot_addr(0) >= a.layout.used + a.layout.used_bytes
+    assert a.slot_addr(a.slots - 1) + RESP_OFF + RESP_SIZE <= a.heap_addr
     assert a.region_size % 4096 == 0
 
 

@@ -29,9 +29,8 @@ class MicProvider:
     name = "mic"
     priority = 100
 
-    def __init__(self, framework: AccelFramework, *, queues_per_device: int | None = None) -> None:
+    def __init__(self, framework: AccelFramework) -> None:
         self.fw = framework
-        self.queues_per_device = queues_per_device
         self._pools: dict[str, list[AccelQueue]] = {}
 
     def supports(self, alg: str) -> bool:
@@ -44,7 +43,7 @@ class MicProvider:
             QueueBusy, DeviceIsolated: from ``device.open()`` when none could be opened.
         """
         pool = [q for q in self._pools.get(device.name, []) if q.state is QState.STARTED]
-        want = self.queues_per_device or device.spec.workers
+        want = device.spec.workers
         try:
             while len(pool) < want:
                 q = await device.open()

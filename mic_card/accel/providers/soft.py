@@ -14,7 +14,7 @@ from mic_card.accel.engine import EngineConfig, StreamTable, run_op
 from mic_card.accel.errors import QueueStateError, RequestError
 from mic_card.accel.queue import Completion, Data, SharedBuffer
 from mic_card.accel.session import SessionSpec
-from mic_card.accel.wire import RSA_ALGS, Alg, Op, ReqFlag, Status
+from mic_card.accel.wire import Alg, Op, ReqFlag, Status, key_fields, tag_len
 from virtio.errors import WouldBlock
 
 __all__ = ["SoftProvider", "SoftSession", "compute"]
@@ -47,6 +47,8 @@ class SoftSession:
     def __init__(self, spec: SessionSpec) -> None:
         self.spec = spec
         self.op, self.alg, self.alg2 = spec.resolved()
+        self._key, self._keybuf = key_fields(self.alg, spec.key)
+        self._tag_len = tag_len(self.alg, self.alg2)
         self._streams = StreamTable()
         self._ready: collections.deque[Completion] = collections.deque()
 
@@ -57,11 +59,11 @@ class SoftSession:
         s = self.spec
         if s.stream:
             flags |= ReqFlag.STREAM
-        if self.alg in RSA_ALGS:  # as on the wire: the key in the key buffer (aad)
-            aad = s.key
+        if self._keybuf is not None:  # as on the wire: the RSA key is the key buffer (aad)
+            aad = self._keybuf
         r = run_op(
             _ALL, self._streams, self.op, self.alg, self.alg2, s.level, flags, 1,
-            s.key, s.iv if iv is None else iv, 16 if Alg.AES_GCM in (self.alg, self.alg2) else 0,
+            self._key, s.iv if iv is None else iv, self._tag_len,
             _bytes(data), _bytes(aad), 1 << 31,
         )  # fmt: skip
         return Completion(r.status, r.consumed, len(r.output), bytes(r.output), tag, r.detail)
