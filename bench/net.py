@@ -38,22 +38,16 @@ RESULTS = Path(__file__).with_name("results") / "net.json"
 TARGET_VS_VETH = 0.5
 
 RELAY = r"""
-import fcntl, os, select, struct, sys
-def tap(name, ns):
-    fd = os.open(f"/proc/self/ns/net", os.O_RDONLY)  # keep ours
-    nsfd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.setns(nsfd, 0x40000000)
-    t = os.open("/dev/net/tun", os.O_RDWR)
-    fcntl.ioctl(t, 0x400454CA, struct.pack("16sH22x", name.encode(), 0x0002 | 0x1000))
-    libc.setns(fd, 0x40000000)
-    return t
-a = tap(sys.argv[1], sys.argv[2]); b = tap(sys.argv[3], sys.argv[4])
+import os, select, sys
+from transport.tap import Tap
+# Plain Ethernet frames (no vnet header, no offloads): the relay is the baseline.
+a, b = (Tap.open(sys.argv[i], netns=sys.argv[i + 1], vnet_hdr=False) for i in (1, 3))
+for t in (a, b):
+    os.set_blocking(t.fd, True)
 print("ready", flush=True)
-peer = {a: b, b: a}
+peer = {a.fd: b.fd, b.fd: a.fd}
 while True:
-    for fd in select.select([a, b], [], [])[0]:
+    for fd in select.select(list(peer), [], [])[0]:
         os.write(peer[fd], os.read(fd, 65536))
 """
 

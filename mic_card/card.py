@@ -44,6 +44,7 @@ from mic_card.agent import AGENT_PORT, Agent
 from mic_card.bus import CardRamAllocator, VirtioBus
 from mic_card.drivers import DRIVERS
 from mic_card.drivers.console import ConsoleDevice, SinglePortConsole
+from mic_card.drivers.net import merge_params
 from mic_card.offload import (
     ACCEL_HELP,
     ACCEL_USAGE,
@@ -356,10 +357,11 @@ class CardOS:
                     if d["type"] == DeviceType.NET and d["driver"] is not None
                 ]
             # Closing the bus detached the NICs: wait for their namespaces to go
-            # (bounded), so a clean shutdown leaves nothing in /run/netns.
-            for nic in nics:
-                with contextlib.suppress(TimeoutError, MicError):
-                    await asyncio.wait_for(nic.wait_closed(), _NIC_CLOSE_TIMEOUT)
+            # (bounded, all at once), so a clean shutdown leaves nothing in /run/netns.
+            await asyncio.gather(
+                *(asyncio.wait_for(nic.wait_closed(), _NIC_CLOSE_TIMEOUT) for nic in nics),
+                return_exceptions=True,
+            )
             pump.cancel()
         return self.shutdown_status
 
@@ -442,7 +444,7 @@ class CardOS:
                 if isinstance(entries, list):
                     known = self.boot_params.setdefault("net", [])
                     if isinstance(known, list):
-                        known.extend(e for e in entries if isinstance(e, dict))
+                        merge_params(known, entries)
                 await link.send({"type": "net-params", "id": msg.get("id")})
             elif kind == "run":
                 args = msg.get("args") or []

@@ -269,15 +269,24 @@ DEVICE_OPTIONS: dict[str, dict[str, OptionSpec]] = {
             "int", help="MTU offered with VIRTIO_NET_F_MTU (68..65535, default 1500)"
         ),
         "ifname": OptionSpec("str", help="tap: host TAP name (default the card name)"),
-        "host_ip": OptionSpec("str", help="host address/len (tap default 172.31.N+1.254/24)"),
+        "host_ip": OptionSpec(
+            "str",
+            help="address/len of the host TAP (tap, default 172.31.N+1.254/24) "
+            "or of the switch's uplink TAP (default 172.31.255.254/24)",
+        ),
         "card_ip": OptionSpec("str", help="card address/len (tap default 172.31.N+1.1/24)"),
-        "netns": OptionSpec("str", help="tap: existing namespace for the host TAP"),
+        "netns": OptionSpec(
+            "str", help="existing namespace for the host TAP (tap) or the switch's uplink TAP"
+        ),
         "card_netns": OptionSpec(
             "str", help="namespace the card's TAP lives in (default the card)"
         ),
         "card_mode": OptionSpec("str", help='card side: "auto", "tap" (needs root) or "frames"'),
         "switch": OptionSpec("str", help='switch: name of the switch to join (default "sw0")'),
         "uplink": OptionSpec("str", help="switch: a host TAP to attach to the switch"),
+        "backlog": OptionSpec(
+            "int", help="switch: frames kept while the card posts no buffers (default 256)"
+        ),
     },
 }
 
@@ -410,6 +419,8 @@ def _check_net(ctx: _Ctx, key: str, out: dict[str, Any]) -> None:
             raise ctx.error(f"{key}.{name}", f"bad name {out[name]!r}: 1..15 of A-Z a-z 0-9 _ . -")
     if "mtu" in out and not 68 <= out["mtu"] <= 65535:
         raise ctx.error(f"{key}.mtu", f"MTU {out['mtu']} outside 68..65535")
+    if "backlog" in out and out["backlog"] < 1:
+        raise ctx.error(f"{key}.backlog", f"backlog {out['backlog']} is not >= 1")
 
 
 def validate_device_options(

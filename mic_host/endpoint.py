@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from enum import Enum
 from typing import Protocol
 
@@ -72,11 +72,24 @@ class QueueEndpoint:
       dropped (the ring it came from no longer exists). The device waits for
       every stale chain to be put back (:meth:`drain`) before it acknowledges
       a reset, so no backend writes into card memory the card already reused.
+    - :attr:`on_detach`, if set, is called (synchronously, with the new
+      state) every time the ring goes away: a reset, NEEDS_RESET (a malformed
+      ring found by any call) or removal. A backend that holds chains between
+      calls gives them back there, whichever of its loops is running; a
+      :meth:`get` on an IDLE queue waits without raising, so a reset between
+      two ``get`` calls is otherwise not reported.
     """
 
-    def __init__(self, owner: EndpointOwner, index: int, size: int) -> None:
+    def __init__(
+        self,
+        owner: EndpointOwner,
+        index: int,
+        size: int,
+        on_detach: Callable[[EndpointState], None] | None = None,
+    ) -> None:
         self.index = index
         self.size = size
+        self.on_detach = on_detach
         self._owner = owner
         self._queue: DeviceQueue | None = None
         self._state = EndpointState.IDLE
@@ -142,6 +155,8 @@ class QueueEndpoint:
         self._retire_inflight()
         self._queue = None
         self._set_state(state, reason)
+        if self.on_detach is not None:
+            self.on_detach(state)
 
     def _retire_inflight(self) -> None:
         if self._inflight:

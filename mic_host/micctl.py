@@ -204,7 +204,20 @@ def format_net(result: Mapping[str, Any]) -> str:
             lines.append(f"  offloads: {text or 'none'}")
         counters = d.get("counters")
         if isinstance(counters, Mapping) and counters:
-            lines.append("  " + "  ".join(f"{k} {v}" for k, v in counters.items()))
+            flat = [f"{k} {v}" for k, v in counters.items() if not isinstance(v, Mapping)]
+            lines.append("  " + "  ".join(flat))
+            # drops by direction and reason: only the reasons that happened
+            drops = counters.get("drops")
+            if isinstance(drops, Mapping):
+                seen = [
+                    f"{way}_{reason} {n}"
+                    for way, reasons in drops.items()
+                    if isinstance(reasons, Mapping)
+                    for reason, n in reasons.items()
+                    if n
+                ]
+                if seen:
+                    lines.append("  drops: " + "  ".join(seen))
         blocks.append("\n".join(lines))
     return "\n".join(blocks) if blocks else f"{result.get('card', '?')}: no net devices"
 

@@ -41,6 +41,7 @@ __all__ = [
     "TapPermissionError",
     "create_netns",
     "delete_netns",
+    "delete_netns_sync",
     "ip",
     "ip_sync",
     "netns_exists",
@@ -210,6 +211,16 @@ async def delete_netns(name: str) -> None:
         await ip("netns", "del", name)
 
 
+def delete_netns_sync(name: str) -> None:
+    """:func:`delete_netns` without an event loop (blocks on ``ip``).
+
+    Raises:
+        TapError: ``ip`` failed.
+    """
+    if netns_exists(name):
+        ip_sync("netns", "del", name)
+
+
 # --- TAP ----------------------------------------------------------------------------
 
 
@@ -229,8 +240,9 @@ class Tap:
         self._closed = False
 
     @classmethod
-    def open(cls, name: str, *, netns: str | None = None) -> Tap:
-        """Create TAP ``name`` (in namespace ``netns``) with IFF_NO_PI | IFF_VNET_HDR.
+    def open(cls, name: str, *, netns: str | None = None, vnet_hdr: bool = True) -> Tap:
+        """Create TAP ``name`` (in namespace ``netns``) with IFF_NO_PI | IFF_VNET_HDR
+        (plain Ethernet frames, no header, with ``vnet_hdr=False``).
 
         Raises:
             TapPermissionError: no privilege (use the ``switch`` backend instead).
@@ -242,9 +254,10 @@ class Tap:
         def create() -> int:
             fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
             try:
-                ifr = _IFREQ.pack(name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
-                fcntl.ioctl(fd, TUNSETIFF, ifr)
-                fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", _VNET_HDR_SIZE))
+                flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
+                fcntl.ioctl(fd, TUNSETIFF, _IFREQ.pack(name.encode(), flags))
+                if vnet_hdr:
+                    fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", _VNET_HDR_SIZE))
             except BaseException:
                 os.close(fd)
                 raise
@@ -314,11 +327,26 @@ class Tap:
         Raises:
             TapError: ``ip`` failed (bad address, ...).
         """
+        for args in self._configure_commands(address, mtu):
+            await ip(*args, netns=self.netns)
+
+    def configure_sync(self, address: str | None, *, mtu: int | None = None) -> None:
+        """:meth:`configure` without an event loop (blocks on ``ip``).
+
+        Raises:
+            TapError: ``ip`` failed (bad address, ...).
+        """
+        for args in self._configure_commands(address, mtu):
+            ip_sync(*args, netns=self.netns)
+
+    def _configure_commands(self, address: str | None, mtu: int | None) -> list[list[str]]:
+        cmds = []
         if mtu is not None:
-            await ip("link", "set", self.name, "mtu", str(mtu), netns=self.netns)
+            cmds.append(["link", "set", self.name, "mtu", str(mtu)])
         if address:
-            await ip("addr", "replace", address, "dev", self.name, netns=self.netns)
-        await ip("link", "set", self.name, "up", netns=self.netns)
+            cmds.append(["addr", "replace", address, "dev", self.name])
+        cmds.append(["link", "set", self.name, "up"])
+        return cmds
 
     def close(self) -> None:
         if not self._closed:

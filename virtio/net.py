@@ -30,12 +30,13 @@ __all__ = [
     "BROADCAST",
     "DEVICE_FEATURES",
     "ETH_HLEN",
-    "ETH_MIN",
     "MAX_FRAME",
     "MAX_PACKET",
     "NET_CONFIG_STRUCT",
     "NET_HDR",
     "NET_HDR_SIZE",
+    "NUM_BUFFERS",
+    "NUM_BUFFERS_OFFSET",
     "FrameError",
     "NetConfigValues",
     "Offloads",
@@ -55,12 +56,15 @@ __all__ = [
 #: csum_offset, num_buffers (all little-endian). Twin of ``layouts.NetHdr``.
 NET_HDR = struct.Struct("<BBHHHHH")
 NET_HDR_SIZE = NET_HDR.size  # 12
+#: ``num_buffers`` (MRG_RXBUF, §5.1.6.4): the header's last field, set by the device.
+NUM_BUFFERS = struct.Struct("<H")
+NUM_BUFFERS_OFFSET = 10
 #: ``struct virtio_net_config`` up to ``mtu``. Twin of ``layouts.NetConfig``.
 NET_CONFIG_STRUCT = struct.Struct("<6sHHH")
 
+#: Ethernet header; also the shortest frame we accept (padding to 60 is
+#: optional on a virtual link).
 ETH_HLEN = 14
-#: Shortest frame we accept (an Ethernet header; padding to 60 is optional on a virtual link).
-ETH_MIN = ETH_HLEN
 #: Largest frame of one GSO packet: IP's 64 KiB limit + Ethernet header + a VLAN tag.
 MAX_FRAME = 65535 + ETH_HLEN + 4
 #: Header + largest frame: what one received packet may need in buffers.
@@ -156,7 +160,7 @@ def check_header(
             not negotiated (``reason`` is the counter name).
     """
     flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset, _nb = hdr
-    if frame_len < ETH_MIN:
+    if frame_len < ETH_HLEN:
         raise FrameError(f"frame of {frame_len} B has no Ethernet header", reason="runt")
     # Plain ints: ``~`` on an IntFlag complements within its members only.
     allowed = _DRIVER_FLAGS if from_driver else _DEVICE_FLAGS

@@ -51,10 +51,13 @@ from virtio.errors import (
     WouldBlock,
 )
 from virtio.net import (
+    DEVICE_FEATURES,
     ETH_HLEN,
     MAX_PACKET,
     NET_HDR,
     NET_HDR_SIZE,
+    NUM_BUFFERS,
+    NUM_BUFFERS_OFFSET,
     FrameError,
     check_header,
     complete_checksum,
@@ -65,6 +68,7 @@ from virtio.net import (
     parse_mac,
     random_mac,
 )
+from virtio.split import gather_segments
 
 if TYPE_CHECKING:
     from mic_card.bus import CardDevice
@@ -75,8 +79,8 @@ if TYPE_CHECKING:
 __all__ = [
     "FRAMES_FEATURES",
     "MRG_BUFFER",
-    "TAP_FEATURES",
     "NetDevice",
+    "merge_params",
     "shell_ifconfig",
     "shell_ip",
     "shell_netstat",
@@ -104,20 +108,9 @@ _LOGGED = 20  # malformed packets logged per device (then only counted)
 _GUEST_OFFLOADS = (
     NetFeature.GUEST_CSUM | NetFeature.GUEST_TSO4 | NetFeature.GUEST_TSO6 | NetFeature.GUEST_ECN
 )
-#: Everything this driver supports (tap mode acks all the host offers of it).
-TAP_FEATURES = int(
-    NetFeature.CSUM
-    | NetFeature.HOST_TSO4
-    | NetFeature.HOST_TSO6
-    | NetFeature.HOST_ECN
-    | NetFeature.MTU
-    | NetFeature.MAC
-    | NetFeature.MRG_RXBUF
-    | NetFeature.STATUS
-    | _GUEST_OFFLOADS
-)
-#: Frames mode: apps get complete frames, so no receive offloads.
-FRAMES_FEATURES = TAP_FEATURES & ~int(_GUEST_OFFLOADS)
+#: Frames mode: apps get complete frames, so no receive offloads. (Tap mode
+#: supports everything the device offers, ``virtio.net.DEVICE_FEATURES``.)
+FRAMES_FEATURES = int(DEVICE_FEATURES) & ~int(_GUEST_OFFLOADS)
 
 # Feature dependencies (virtio 1.2 §5.1.3.1): (bit, needs any of).
 _DEPENDS = (
@@ -146,6 +139,25 @@ def _feature_names(bits: int) -> list[str]:
 
 # --------------------------------------------------------------------------
 # boot parameters and the mode
+
+
+def _entry_mac(entry: Any) -> bytes | None:
+    if not isinstance(entry, dict):
+        return None
+    try:
+        return parse_mac(str(entry.get("mac", "")))
+    except LocalProtocolError:
+        return None
+
+
+def merge_params(known: list[Any], entries: list[Any]) -> None:
+    """Merge hot-added NICs' parameters into ``boot_params["net"]`` in place:
+    an entry replaces any earlier one with the same MAC (a NIC detached and
+    attached again under the same name keeps its derived MAC, not its old
+    address or mode)."""
+    new = [e for e in entries if isinstance(e, dict)]
+    macs = {m for m in map(_entry_mac, new) if m is not None}
+    known[:] = [k for k in known if _entry_mac(k) not in macs] + new
 
 
 def _entry_for(dev: CardDevice, mac: bytes) -> dict[str, Any] | None:
@@ -204,12 +216,11 @@ def _own_netns(name: str) -> None:
 
 def _delete_owned_netns_sync() -> None:
     """At interpreter exit: delete namespaces whose asynchronous delete never ran."""
-    from transport.tap import TapError, ip_sync, netns_exists
+    from transport.tap import TapError, delete_netns_sync
 
     for name in sorted(_OWNED_NETNS):
         try:
-            if netns_exists(name):
-                ip_sync("netns", "del", name)
+            delete_netns_sync(name)
         except TapError as e:
             log.error("network namespace %s not deleted: %s", name, e)
     _OWNED_NETNS.clear()
@@ -274,7 +285,7 @@ class NetDevice:
     the boot parameters), ``tap`` (the open TAP in tap mode).
     """
 
-    FEATURES: ClassVar[int] = TAP_FEATURES
+    FEATURES: ClassVar[int] = int(DEVICE_FEATURES)
 
     @classmethod
     def supported_features(cls, dev: CardDevice) -> int:
@@ -288,7 +299,7 @@ class NetDevice:
             RemoteProtocolError: the config space is too short.
         """
         _, mode, _ = _plan(dev)
-        bits = TAP_FEATURES if mode == "tap" else FRAMES_FEATURES
+        bits = int(DEVICE_FEATURES) if mode == "tap" else FRAMES_FEATURES
         return _consistent(bits & dev.offered)
 
     def __init__(self, dev: CardDevice, *, rx_queue_max: int = RX_QUEUE_MAX) -> None:
@@ -425,8 +436,7 @@ class NetDevice:
             self._rx_drop("runt", f"buffer of {n} B holds no header", [(i, n)])
             return
         if self._mrg:
-            view = self._rx.views[i]
-            nb = view[10] | view[11] << 8
+            (nb,) = NUM_BUFFERS.unpack_from(self._rx.views[i], NUM_BUFFERS_OFFSET)
             if not 1 <= nb <= self._rx.count:
                 self._rx_drop("num_buffers", f"num_buffers {nb}", [(i, n)])
                 return
@@ -491,17 +501,20 @@ class NetDevice:
             return
         views = self._rx.views
         i0, n0 = parts[0]
-        if len(parts) == 1:
-            frame = bytes(views[i0][NET_HDR_SIZE:n0])
-        else:
-            frame = b"".join([views[i0][NET_HDR_SIZE:n0], *(views[j][:n] for j, n in parts[1:])])
+        segs = [views[i0][NET_HDR_SIZE:n0], *(views[j][:n] for j, n in parts[1:])]
         if flags & _NEEDS_CSUM:
             # Only when tap mode fell back to frames after GUEST_CSUM was acked:
             # finish the checksum as a NIC would (Linux skb_checksum_help).
+            # One gather out of the ring; apps get immutable bytes (recv() -> bytes).
             _, _, _, _, start, offset, _ = NET_HDR.unpack_from(views[i0])
-            buf = bytearray(frame)
+            buf = bytearray(frame_len)
+            gather_segments(segs, memoryview(buf))
             complete_checksum(memoryview(buf), start, offset)
             frame = bytes(buf)
+        elif len(segs) == 1:
+            frame = bytes(segs[0])
+        else:
+            frame = b"".join(segs)
         self._rxq.append(frame)
         self._rx_ready.set()
 

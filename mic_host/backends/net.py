@@ -35,7 +35,6 @@ import contextlib
 import errno
 import logging
 import os
-import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,13 +47,11 @@ from transport.tap import (
     Tap,
     TapError,
     delete_netns,
-    ip_sync,
+    delete_netns_sync,
     netns_exists,
 )
 from virtio.constants import DeviceType, NetFeature, NetHdrFlag
 from virtio.errors import (
-    BrokenResourceError,
-    ClosedResourceError,
     ConfigError,
     LocalProtocolError,
     MicError,
@@ -66,6 +63,8 @@ from virtio.net import (
     MAX_PACKET,
     NET_HDR,
     NET_HDR_SIZE,
+    NUM_BUFFERS,
+    NUM_BUFFERS_OFFSET,
     FrameError,
     Offloads,
     build_config,
@@ -74,23 +73,18 @@ from virtio.net import (
     format_mac,
     guest_offloads,
     host_offloads,
+    is_multicast,
     parse_mac,
     random_mac,
 )
-from virtio.split import Chain, slice_segments
+from virtio.split import Chain, gather_segments, scatter_segments
 
 __all__ = [
-    "NET_QUEUE_SIZE",
-    "RX_BATCH",
-    "SWITCH_BACKLOG",
-    "TX_BATCH",
     "L2Switch",
     "NetBackend",
     "SwitchNetBackend",
-    "SwitchPort",
     "TapNetBackend",
     "create_net_backend",
-    "get_switch",
     "switches",
 ]
 
@@ -105,13 +99,10 @@ TX_BATCH = 128
 #: Frames a switch port keeps for a card that has no RX buffers posted.
 SWITCH_BACKLOG = 256
 _RXQ, _TXQ = 0, 1
-_NB = struct.Struct("<H")  # num_buffers, bytes 10..12 of the header
-_NB_OFF = 10
 _NEEDS_CSUM = int(NetHdrFlag.NEEDS_CSUM)
 _VLAN = 4
 _MAC_HDR = NET_HDR_SIZE + 12  # header + destination + source MAC
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
-_LIVE = EndpointState.LIVE
 _NO_OFFLOADS = Offloads()
 _CARD_MODES = ("auto", "tap", "frames")
 #: drop reasons, card -> host (always present in ``info()["counters"]["drops"]["tx"]``)
@@ -138,45 +129,36 @@ def _read_hdr(views: Sequence[memoryview]) -> tuple[int, int, int, int, int, int
         hdr: tuple[int, int, int, int, int, int, int] = NET_HDR.unpack_from(v0)
         return hdr
     buf = bytearray(NET_HDR_SIZE)
-    done = 0
-    for seg in slice_segments(views, 0, NET_HDR_SIZE):
-        buf[done : done + len(seg)] = seg
-        done += len(seg)
+    gather_segments(views, memoryview(buf))
     hdr = NET_HDR.unpack_from(buf)
     return hdr
 
 
-def _write_at(views: Sequence[memoryview], offset: int, data: bytes) -> None:
-    done = 0
-    for seg in slice_segments(views, offset, len(data)):
-        n = len(seg)
-        seg[:] = data[done : done + n]
-        done += n
-
-
-def _scatter(src: Sequence[memoryview], dst: Sequence[memoryview], total: int) -> None:
-    """Copy ``total`` bytes from one scatter list into another (one copy, no joins)."""
-    if len(src) == 1 and len(dst[0]) >= total:
-        dst[0][:total] = src[0][:total]
-        return
-    di = 0
-    doff = 0
-    left = total
-    for s in src:
+def _scatter(src: Sequence[memoryview], dst: Sequence[memoryview], total: int) -> int:
+    """Copy ``total`` bytes from one scatter list into another in one pass (no
+    joins); returns bytes copied (fewer when either list ends first)."""
+    if len(src) == 1:
+        return scatter_segments(dst, src[0][:total])
+    di = doff = done = 0
+    nd = len(dst)
+    for seg in src:
+        sn = min(len(seg), total - done)
         soff = 0
-        sn = min(len(s), left)
         while soff < sn:
+            if di == nd:
+                return done
             d = dst[di]
             take = min(sn - soff, len(d) - doff)
-            d[doff : doff + take] = s[soff : soff + take]
+            d[doff : doff + take] = seg[soff : soff + take]
             soff += take
+            done += take
             doff += take
             if doff == len(d):
                 di += 1
                 doff = 0
-        left -= sn
-        if not left:
-            return
+        if done == total:
+            break
+    return done
 
 
 def _set_num_buffers(chain: Chain, n: int) -> None:
@@ -184,25 +166,13 @@ def _set_num_buffers(chain: Chain, n: int) -> None:
     (a TAP's read does not write it)."""
     w0 = chain.writable[0]
     if len(w0) >= NET_HDR_SIZE:
-        _NB.pack_into(w0, _NB_OFF, n)
+        NUM_BUFFERS.pack_into(w0, NUM_BUFFERS_OFFSET, n)
     else:
-        chain.write(_NB.pack(n), _NB_OFF)
+        chain.write(NUM_BUFFERS.pack(n), NUM_BUFFERS_OFFSET)
 
 
 def _addr(cidr: str | None) -> str | None:
     return cidr.split("/", 1)[0] if cidr else None
-
-
-def _configure_sync(tap: Tap, address: str | None, mtu: int) -> None:
-    """``Tap.configure`` without an event loop: MTU, address, up.
-
-    Raises:
-        TapError: ``ip`` failed.
-    """
-    ip_sync("link", "set", tap.name, "mtu", str(mtu), netns=tap.netns)
-    if address:
-        ip_sync("addr", "replace", address, "dev", tap.name, netns=tap.netns)
-    ip_sync("link", "set", tap.name, "up", netns=tap.netns)
 
 
 def _set_tap_offloads(tap: Tap, o: Offloads) -> None:
@@ -220,8 +190,8 @@ class NetBackend:
     ``state_dir`` (given by the daemon), ``mac`` (``aa:bb:..``; default
     ``random_mac(f"{card}/{name}")``), ``mtu`` (68..65535, default 1500),
     ``card_ip``, ``card_netns`` (namespace the card puts its TAP in; default
-    the card name), ``card_mode`` (``auto``/``tap``/``frames``),
-    ``queue_size`` (power of two <= 256), ``rx_batch``.
+    the card name), ``card_mode`` (``auto``/``tap``/``frames``). Both queues
+    have :data:`NET_QUEUE_SIZE` entries.
 
     Counters are plain ints (``tx_drops``/``rx_drops`` map a reason to a count;
     ``tx`` is card -> host, ``rx`` host -> card, as the card's ``ifconfig`` sees it).
@@ -245,8 +215,6 @@ class NetBackend:
         card_ip: str | None = None,
         card_netns: str | None = None,
         card_mode: str = "auto",
-        queue_size: int = NET_QUEUE_SIZE,
-        rx_batch: int = RX_BATCH,
     ) -> None:
         self.name = name
         self.card = card
@@ -255,10 +223,6 @@ class NetBackend:
         self.mtu = int(mtu)
         if not 68 <= self.mtu <= 65535:
             raise ConfigError(f"net {name}: mtu {mtu} outside 68..65535")
-        qs = int(queue_size)
-        if qs <= 0 or qs & (qs - 1) or qs > 256:
-            raise ConfigError(f"net {name}: queue_size {queue_size} not a power of two <= 256")
-        self.queue_size = qs
         if card_mode not in _CARD_MODES:
             raise ConfigError(f"net {name}: card_mode {card_mode!r} not one of {_CARD_MODES}")
         self.card_mode = card_mode
@@ -271,11 +235,10 @@ class NetBackend:
                 self.mac = parse_mac(mac)
             except LocalProtocolError as e:
                 raise ConfigError(f"net {name}: {e}") from e
-        if len(self.mac) != 6 or self.mac[0] & 1:
+        if len(self.mac) != 6 or is_multicast(self.mac):
             raise ConfigError(f"net {name}: MAC {format_mac(self.mac)} is not a unicast address")
         self.card_ip = card_ip
         self.card_netns = card_netns if card_netns is not None else card
-        self.rx_batch = max(1, int(rx_batch))
         self.link_up = True
         self._ctx: BackendContext | None = None
         self._rxq: QueueEndpoint | None = None
@@ -291,9 +254,6 @@ class NetBackend:
         # RX buffers popped and not used yet (kept for the next packet)
         self._held: collections.deque[Chain] = collections.deque()
         self._held_cap = 0
-        self._iov: list[memoryview] = []
-        self._iov_cap = 0
-        self._iov_dirty = True
         self._starved: asyncio.Event | None = None
         # counters
         self.rx_packets = 0
@@ -316,7 +276,7 @@ class NetBackend:
         return build_config(self.mac, link_up=self.link_up, mtu=self.mtu)
 
     def queue_sizes(self) -> Sequence[int]:
-        return (self.queue_size, self.queue_size)
+        return (NET_QUEUE_SIZE, NET_QUEUE_SIZE)
 
     async def run(self, ctx: BackendContext) -> None:
         """Serve the receiveq and transmitq until the device is removed (never
@@ -325,6 +285,8 @@ class NetBackend:
         self._rxq = ctx.queues[_RXQ]
         self._txq = ctx.queues[_TXQ]
         self._starved = asyncio.Event()
+        for q in (self._rxq, self._txq):
+            q.on_detach = self._on_detach
         self._started()
         try:
             async with asyncio.TaskGroup() as tg:
@@ -411,7 +373,7 @@ class NetBackend:
                     "remove it or set card_netns"
                 )
             log.warning("%s: deleting namespace %s left by a previous boot", self.name, ns)
-            ip_sync("netns", "del", ns)
+            delete_netns_sync(ns)
         if path is not None:
             try:
                 path.write_text(ns + "\n")
@@ -446,43 +408,29 @@ class NetBackend:
                 with contextlib.suppress(MicError):
                     q.put(chain, 0)
         self._held_cap = 0
-        self._iov_dirty = True
         if self._starved is not None:
             self._starved.set()
 
+    def _on_detach(self, state: EndpointState) -> None:
+        """The rings went away (reset, NEEDS_RESET, removal): end the session now,
+        so held RX chains go back before the device acknowledges the reset."""
+        self._end_session()
+
     # -- transmitq: card -> host ------------------------------------------------------
     async def _tx_loop(self, q: QueueEndpoint) -> None:
-        batch = TX_BATCH
-        while True:
-            try:
-                chain = await q.get()
-            except BrokenResourceError:
-                # Reset or NEEDS_RESET: every queue of the device went at once;
-                # the transmitq getter is always waiting, so it is the one that
-                # notices, and gives the held RX chains back right now.
-                self._end_session()
-                try:
-                    await q.wait_live()
-                except ClosedResourceError:
-                    return
-                continue
-            except ClosedResourceError:
-                self._end_session()
-                return
+        async for chain in q.chains():
             if not self._live:
                 self._begin_session()
             self._tx_one(q, chain)
             n = 1
-            while n < batch:
+            while n < TX_BATCH:
                 try:
                     chain = q.get_nowait()
-                except (WouldBlock, BrokenResourceError, ClosedResourceError):
-                    break  # the next get() sorts it out
+                except MicError:  # empty, or gone (on_detach ended the session)
+                    break
                 self._tx_one(q, chain)
                 n += 1
-            if q.state is not _LIVE:
-                self._end_session()
-            elif n >= batch:
+            if n >= TX_BATCH:
                 await asyncio.sleep(0)  # let other cards and the publisher run
 
     def _tx_one(self, q: QueueEndpoint, chain: Chain) -> None:
@@ -514,23 +462,9 @@ class NetBackend:
     async def _rx_loop(self, q: QueueEndpoint) -> None:
         starved = self._starved
         assert starved is not None
-        while True:
-            if self._live and q.state is not _LIVE:
-                self._end_session()
-            try:
-                # Only reached when we ran out of buffers (or before the first
-                # one): get() asks for a kick and re-checks, then sleeps.
-                chain = await q.get()
-            except BrokenResourceError:
-                self._end_session()
-                try:
-                    await q.wait_live()
-                except ClosedResourceError:
-                    return
-                continue
-            except ClosedResourceError:
-                self._end_session()
-                return
+        # Only back in get() when we ran out of buffers (or before the first
+        # one): it asks for a kick and re-checks, then sleeps.
+        async for chain in q.chains():
             if not self._live:
                 self._begin_session()
             self._hold(q, chain)
@@ -546,7 +480,6 @@ class NetBackend:
             return
         self._held.append(chain)
         self._held_cap += chain.writable_len
-        self._iov_dirty = True
 
     def _starve(self) -> None:
         self.rx_no_buffers += 1
@@ -583,25 +516,23 @@ class NetBackend:
         except WouldBlock:
             self._starve()
             return False
-        except (BrokenResourceError, ClosedResourceError):
-            self._end_session()
+        except MicError:  # broken or closed: on_detach ended the session
             return False
         self._hold(q, chain)
         return True
 
-    def _rx_views(self) -> list[memoryview]:
-        """Writable views of the held chains a packet may go into (one chain without MRG_RXBUF)."""
-        if self._iov_dirty:
-            if self._mrg:
-                iov = [v for c in self._held for v in c.writable]
-                if len(iov) > _IOV_MAX:
-                    iov = iov[:_IOV_MAX]
-            else:
-                iov = list(self._held[0].writable) if self._held else []
-            self._iov = iov
-            self._iov_cap = sum(len(v) for v in iov)
-            self._iov_dirty = False
-        return self._iov
+    def _rx_views(self) -> tuple[list[memoryview], int]:
+        """Writable views of the held chains a packet may go into (one chain
+        without MRG_RXBUF) and their total size. Call after :meth:`_reserve`."""
+        held = self._held
+        if not self._mrg:
+            c = held[0]
+            return c.writable, c.writable_len
+        iov = [v for c in held for v in c.writable]
+        if len(iov) > _IOV_MAX:
+            iov = iov[:_IOV_MAX]
+            return iov, sum(len(v) for v in iov)
+        return iov, self._held_cap
 
     def _commit(self, n: int) -> None:
         """``n`` bytes were written into the held chains from the front: set
@@ -612,7 +543,6 @@ class NetBackend:
         first = held.popleft()
         wl = first.writable_len
         self._held_cap -= wl
-        self._iov_dirty = True
         if n <= wl or not self._mrg:
             _set_num_buffers(first, 1)
             q.put(first, min(n, wl))
@@ -648,17 +578,21 @@ class NetBackend:
                 if csum_start + csum_offset + 2 > frame_len:
                     self.rx_drops["bad_header"] += 1
                     return False
-                buf = bytearray(frame_len)
-                mv = memoryview(buf)
-                _scatter(slice_segments(views, NET_HDR_SIZE, frame_len), [mv], frame_len)
+                v0 = views[0]
+                whole = len(v0) >= n
+                # In place when the first buffer holds the packet; else one copy out.
+                mv = v0[NET_HDR_SIZE:n] if whole else memoryview(bytearray(frame_len))
+                if not whole:
+                    gather_segments(views, mv, NET_HDR_SIZE)
                 try:
                     complete_checksum(mv, csum_start, csum_offset)
                 except LocalProtocolError:
                     self.rx_drops["bad_header"] += 1
                     return False
-                where = csum_start + csum_offset
-                _write_at(views, NET_HDR_SIZE + where, bytes(buf[where : where + 2]))
-            _write_at(views, 0, b"\0")
+                if not whole:
+                    where = csum_start + csum_offset
+                    scatter_segments(views, mv[where : where + 2], NET_HDR_SIZE + where)
+            scatter_segments(views, b"\0")  # flags
         return True
 
     def _count_rx(self, n: int, gso: int) -> None:
@@ -728,7 +662,6 @@ class NetBackend:
 
         out: dict[str, Any] = {
             "backend": self.kind,
-            "device": self.name,
             "card": self.card,
             "mac": format_mac(self.mac),
             "mtu": self.mtu,
@@ -812,7 +745,7 @@ class TapNetBackend(NetBackend):
         try:
             _set_tap_offloads(tap, _NO_OFFLOADS)
             tap.set_carrier(False)
-            _configure_sync(tap, self.host_ip, self.mtu)
+            tap.configure_sync(self.host_ip, mtu=self.mtu)
             self._claim_card_netns()
         except BaseException:
             tap.close()
@@ -890,19 +823,16 @@ class TapNetBackend(NetBackend):
         return True
 
     def _on_readable(self) -> None:
-        """TAP -> card, up to ``rx_batch`` packets straight into the posted buffers."""
-        q = self._rxq
-        if not self._live or q is None or q.state is not _LIVE:
-            self._rx_pause()  # the RX loop notices the reset and restarts us
-            if self._starved is not None:
-                self._starved.set()
+        """TAP -> card, up to :data:`RX_BATCH` packets straight into the posted buffers."""
+        if not self._live:  # a callback left from before a reset
+            self._rx_pause()
             return
         fd = self.tap.fd
         need = self._rx_need
-        for _ in range(self.rx_batch):
+        for _ in range(RX_BATCH):
             if not self._reserve(need):
                 return
-            iov = self._rx_views()
+            iov, cap = self._rx_views()
             try:
                 n = os.readv(fd, iov)
             except BlockingIOError:
@@ -913,22 +843,18 @@ class TapNetBackend(NetBackend):
                 self._tap_failed = True
                 self._rx_pause()
                 return
-            if n > self._iov_cap:
+            if n > cap:
                 # tun returns the packet's full length when it did not fit.
                 self.rx_drops["truncated"] += 1
                 continue
             if n < NET_HDR_SIZE + ETH_HLEN:
                 self.rx_drops["runt"] += 1
                 continue
-            v0 = iov[0]
-            if len(v0) >= 2:
-                flags, gso = v0[0], v0[1]
-            else:
-                flags, gso = _read_hdr(iov)[:2]
-            if (flags or gso) and not self._fix_rx_header(iov, n, _read_hdr(iov)):
+            hdr = _read_hdr(iov)
+            if (hdr[0] or hdr[1]) and not self._fix_rx_header(iov, n, hdr):
                 continue
             self._commit(n)
-            self._count_rx(n, gso)
+            self._count_rx(n, hdr[1])
 
 
 # ---------------------------------------------------------------------------
@@ -1001,12 +927,12 @@ class L2Switch:
             macs = bytes(v0[NET_HDR_SIZE:_MAC_HDR])
         else:
             buf = bytearray(_MAC_HDR)
-            _scatter(views, [memoryview(buf)], _MAC_HDR)
+            gather_segments(views, memoryview(buf))
             macs = bytes(buf[NET_HDR_SIZE:])
         dst, src = macs[:6], macs[6:]
-        if not src[0] & 1 and self.macs.get(src) is not ingress:
+        if not is_multicast(src) and self.macs.get(src) is not ingress:
             self.macs[src] = ingress  # learn (or a MAC moved ports)
-        if not dst[0] & 1:
+        if not is_multicast(dst):
             out = self.macs.get(dst)
             if out is ingress:
                 self.filtered += 1
@@ -1101,7 +1027,7 @@ class _TapUplink:
         tap = Tap.open(ifname, netns=netns)
         try:
             _set_tap_offloads(tap, _NO_OFFLOADS)
-            _configure_sync(tap, host_ip, mtu)
+            tap.configure_sync(host_ip, mtu=mtu)
         except BaseException:
             tap.close()
             raise
@@ -1172,7 +1098,7 @@ class SwitchNetBackend(NetBackend):
     needs privileges), ``host_ip`` (the uplink's address, default
     ``172.31.255.254/24``), ``netns`` (the uplink's namespace), ``backlog``
     (frames kept per port while the card has no RX buffers; beyond it frames
-    are dropped and counted as ``rx_backlog``, so a card that stops posting
+    are dropped and counted (``drops.rx.backlog``), so a card that stops posting
     buffers never holds the others up).
 
     Raises (constructor):
@@ -1258,60 +1184,35 @@ class SwitchNetBackend(NetBackend):
     def switch_in(self, views: Sequence[memoryview], total: int, hdr: tuple[int, ...]) -> None:
         if not self._live:
             q = self._rxq
-            if q is None or q.state is not _LIVE:
+            if q is None or q.state is not EndpointState.LIVE:
                 self.rx_drops["not_ready"] += 1  # no driver: a NIC without one drops
                 return
             self._begin_session()  # live before our loops ran
         if not self.link_up:
             self.rx_drops["link_down"] += 1
             return
-        flags, gso_type, _hl, _gs, csum_start, csum_offset, _nb = hdr
-        acc = self._to_card
-        frame_len = total - NET_HDR_SIZE
+        gso_type = hdr[1]
         if gso_type:
-            if not acc.accepts(gso_type, 0):
-                # No software segmentation here: count it (§5.1.6.4 forbids
-                # GSO the driver did not negotiate).
+            if not self._to_card.accepts(gso_type, 0):
+                # No software segmentation here, and no copy for a frame the
+                # card cannot take (§5.1.6.4 forbids GSO it did not negotiate).
                 self.rx_drops["offload"] += 1
                 return
-        elif frame_len > self.mtu + ETH_HLEN + _VLAN:
+        elif total - NET_HDR_SIZE > self.mtu + ETH_HLEN + _VLAN:
             self.rx_drops["oversize"] += 1
             return
-        new_flags = -1
-        if flags and not acc.csum:
-            if flags & _NEEDS_CSUM:
-                fixed = self._complete_copy(views, total, csum_start, csum_offset)
-                if fixed is None:
-                    return
-                views = [memoryview(fixed)]
-            new_flags = 0
-        if self._backlog or not self._copy_in(views, total, new_flags, gso_type):
+        if self._backlog or not self._copy_in(views, total, hdr):
             if len(self._backlog) >= self.backlog_limit:
                 self.rx_drops["backlog"] += 1
                 return
             buf = bytearray(total)
-            _scatter(views, [memoryview(buf)], total)
-            if new_flags >= 0:
-                buf[0] = new_flags
-            self._backlog.append(buf)
+            gather_segments(views, memoryview(buf))
+            self._backlog.append(buf)  # as it came: _copy_in fixes the header later
 
-    def _complete_copy(
-        self, views: Sequence[memoryview], total: int, csum_start: int, csum_offset: int
-    ) -> bytearray | None:
-        buf = bytearray(total)
-        _scatter(views, [memoryview(buf)], total)
-        try:
-            complete_checksum(memoryview(buf)[NET_HDR_SIZE:], csum_start, csum_offset)
-        except LocalProtocolError:
-            self.rx_drops["bad_header"] += 1
-            return None
-        return buf
-
-    def _copy_in(
-        self, views: Sequence[memoryview], total: int, new_flags: int, gso_type: int
-    ) -> bool:
-        """One copy of the frame into the card's RX buffers; False if the card
-        has not posted enough (the frame is then queued)."""
+    def _copy_in(self, views: Sequence[memoryview], total: int, hdr: tuple[int, ...]) -> bool:
+        """One copy of the frame into the card's RX buffers, then the header made
+        acceptable to the card (as the TAP path does); False if the card has not
+        posted enough (the frame is then queued)."""
         if not self._reserve(total):
             return False
         held = self._held
@@ -1333,17 +1234,17 @@ class SwitchNetBackend(NetBackend):
                 return True
             dst = first.writable
         _scatter(views, dst, total)
-        if new_flags >= 0:
-            dst[0][0] = new_flags
+        if (hdr[0] or hdr[1]) and not self._fix_rx_header(dst, total, hdr):
+            return True  # dropped; the held buffers stay for the next frame
         self._commit(total)
-        self._count_rx(total, gso_type)
+        self._count_rx(total, hdr[1])
         return True
 
     def _rx_resume(self) -> None:
         backlog = self._backlog
         while backlog:
             frame = backlog[0]
-            if not self._copy_in([memoryview(frame)], len(frame), -1, frame[1]):
+            if not self._copy_in([memoryview(frame)], len(frame), NET_HDR.unpack_from(frame)):
                 return
             backlog.popleft()
 

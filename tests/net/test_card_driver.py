@@ -19,13 +19,20 @@ import pytest
 import pytest_asyncio
 
 from mic_card.bus import CardRamAllocator, VirtioBus
-from mic_card.drivers.net import MRG_BUFFER, TAP_FEATURES, NetDevice, _consistent
+from mic_card.drivers.net import MRG_BUFFER, NetDevice, _consistent, merge_params
 from mic_host.backends import BackendContext
 from mic_host.vop import Vop
 from tests.vop.rig import CARD_HEAP, CardPlat, HostPlat, TwoRegionMemory
 from virtio.constants import DeviceType, NetFeature, NetHdrFlag, NetHdrGso
 from virtio.errors import BrokenResourceError, LocalProtocolError, WouldBlock
-from virtio.net import DEVICE_FEATURES, NET_HDR, build_config, format_mac
+from virtio.net import (
+    DEVICE_FEATURES,
+    NET_HDR,
+    NUM_BUFFERS,
+    NUM_BUFFERS_OFFSET,
+    build_config,
+    format_mac,
+)
 
 MAC = bytes.fromhex("02aabbccdd01")
 PEER = bytes.fromhex("02aabbccdd02")
@@ -101,7 +108,8 @@ class RingNet:
                 break
         buf = bytearray(data)
         if len(buf) >= 12:
-            struct.pack_into("<H", buf, 10, len(chains) if num_buffers is None else num_buffers)
+            nb = len(chains) if num_buffers is None else num_buffers
+            NUM_BUFFERS.pack_into(buf, NUM_BUFFERS_OFFSET, nb)
         off = 0
         for chain in chains:
             n = chain.write(memoryview(buf)[off:])
@@ -221,7 +229,7 @@ class OffloadFrames(NetDevice):
 
     @classmethod
     def supported_features(cls, dev: Any) -> int:
-        return _consistent(TAP_FEATURES & dev.offered)
+        return _consistent(int(DEVICE_FEATURES) & dev.offered)
 
 
 # --------------------------------------------------------------------------
@@ -451,3 +459,25 @@ async def test_remove_fails_waiters_and_frees_card_ram(rig: NetRig) -> None:
         await nic.send(eth(PEER, MAC, b"x"))
     assert rig.cp.heap.free_bytes == rig.card_ram - CARD_HEAP  # rings and pools returned
     await nic.wait_closed()
+
+
+@pytest.mark.asyncio
+async def test_readded_nic_gets_its_new_params(rig: NetRig) -> None:
+    # The daemon sends a hot-added NIC's parameters (card.py "net-params");
+    # a NIC re-attached under the same name keeps its MAC, so the new entry
+    # must replace the old one, not queue behind it.
+    params: dict[str, Any] = {"net": [{"mac": format_mac(MAC), "card_ip": "10.9.0.1/24",
+                                       "mode": "frames", "mtu": 1500}]}  # fmt: skip
+    await rig.boot(RingNet(name="net0", mac=MAC), params=params)
+    assert rig.nic().info()["card_ip"] == "10.9.0.1/24"
+    await rig.vop.remove_device("net0")
+    assert rig.bus is not None
+    bus = rig.bus
+    await until(lambda: not bus.devices(), "removed")
+    merge_params(params["net"], [{"mac": format_mac(MAC).upper(), "card_ip": "10.9.7.1/24",
+                                  "mode": "frames", "mtu": 1500}, "junk"])  # fmt: skip
+    merge_params(params["net"], [{"mac": format_mac(PEER), "card_ip": "10.9.0.2/24"}])
+    assert [e["card_ip"] for e in params["net"]] == ["10.9.7.1/24", "10.9.0.2/24"]
+    rig.vop.add_device(RingNet(name="net0", mac=MAC))
+    await until(lambda: any(d["driver"] for d in bus.devices()), "re-added")
+    assert rig.nic().info()["card_ip"] == "10.9.7.1/24"

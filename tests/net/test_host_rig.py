@@ -17,7 +17,6 @@ import itertools
 import logging
 import os
 import socket
-import struct
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -30,7 +29,7 @@ from transport.tap import create_netns, delete_netns, ip, run_in_netns, tap_priv
 from virtio.constants import Feature, NetFeature
 from virtio.errors import MicError
 from virtio.memory import FlatMemory
-from virtio.net import DEVICE_FEATURES, NET_HDR, NET_HDR_SIZE
+from virtio.net import DEVICE_FEATURES, NET_HDR, NET_HDR_SIZE, NUM_BUFFERS, NUM_BUFFERS_OFFSET
 from virtio.split import DeviceQueue, DriverQueue, SplitLayout
 
 QSIZE = 256
@@ -219,7 +218,7 @@ class NetCard:
             self.rx_chunks.append(ln)
             if not self._want:
                 assert ln >= NET_HDR_SIZE, f"RX buffer with {ln} B, no room for a header"
-                nb = struct.unpack_from("<H", data, 10)[0]
+                (nb,) = NUM_BUFFERS.unpack_from(data, NUM_BUFFERS_OFFSET)
                 assert nb >= 1
                 self._want = nb if self.mrg else 1
                 self._partial = []

@@ -12,14 +12,17 @@ import asyncio
 import contextlib
 import struct
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from mic_host.backends import create_backend
 from mic_host.backends.net import MAX_PACKET, SwitchNetBackend, create_net_backend, switches
+from mic_host.config import validate_device_options
+from mic_host.endpoint import EndpointState
 from tests.net.test_host_rig import ALL, PLAIN, NetCard, eth, hdr, running, uid, until
-from virtio.constants import Feature, NetFeature
+from virtio.constants import NetFeature
 from virtio.errors import ConfigError
 from virtio.net import BROADCAST, MAX_FRAME, NET_HDR_SIZE, parse_config
 
@@ -120,6 +123,18 @@ async def test_offer_config_registry_and_card_params() -> None:
         create_backend("net", backend="switch", mtu=20)
     with pytest.raises(ConfigError, match="bad options"):
         create_backend("net", backend="switch", bogus=1)
+
+
+def test_net_options_users_can_set(tmp_path: Path) -> None:
+    def check(**opts: Any) -> dict[str, Any]:
+        return validate_device_options("net", opts, state_dir=tmp_path, card="mic0")
+
+    assert check(backend="switch", backlog=4)["backlog"] == 4
+    with pytest.raises(ConfigError, match="backlog"):
+        check(backend="switch", backlog=0)
+    for gone in ("queue_size", "rx_batch"):  # constants, not options
+        with pytest.raises(ConfigError, match=gone):
+            check(**{gone: 64})
 
 
 # -- switching ------------------------------------------------------------------------------
@@ -338,4 +353,26 @@ async def test_frames_before_driver_ok_are_dropped_not_queued() -> None:
             assert (await b.recv(1))[0][1] == f
         finally:
             await b.aclose()
-    assert Feature.VERSION_1  # the rig acks VERSION_1 (12-byte header)
+
+
+@pytest.mark.asyncio
+async def test_a_reset_ends_the_session_at_once() -> None:
+    # The endpoint's on_detach ends the session synchronously: held RX chains
+    # go back even if the card resets between two of the backend's get()s.
+    async with cards(f"t{uid()}", {"rx": 0}) as (a,):
+        a.post_rx(4, 2048)
+        await until(lambda: bool(a.backend._held), "an RX buffer held")
+        assert a.backend._live
+        for ep in a.eps:
+            ep.detach(EndpointState.IDLE, "reset")
+        assert not a.backend._live
+        assert not a.backend._held
+        async with asyncio.timeout(10):
+            await a.eps[0].drain()
+        a.ctx.features = 0
+        a.driver_ok()  # and again, with nothing in between
+        for ep in a.eps:
+            ep.detach(EndpointState.IDLE, "reset")
+        a.driver_ok()
+        a.post_rx(4, 2048)
+        await until(lambda: a.backend._live and bool(a.backend._held), "live again")

@@ -22,6 +22,7 @@ from transport.tap import (
     TapError,
     TapPermissionError,
     create_netns,
+    delete_netns_sync,
     ip_sync,
     netns_exists,
     run_in_netns,
@@ -105,6 +106,36 @@ async def test_offloads_and_carrier(netns: str) -> None:
         assert "NO-CARRIER" not in ip_sync("link", "show", "mvt1", netns=netns)
     finally:
         tap.close()
+
+
+def test_sync_configure_plain_frames_and_sync_delete() -> None:
+    ns = f"mvt-{uuid.uuid4().hex[:8]}"
+    ip_sync("netns", "add", ns)
+    try:
+        tap = Tap.open("mvt4", netns=ns, vnet_hdr=False)
+        try:
+            tap.configure_sync("10.77.1.1/24", mtu=1400)
+            link = ip_sync("link", "show", "mvt4", netns=ns)
+            assert "mtu 1400" in link
+            assert ",UP" in link
+            assert "10.77.1.1/24" in ip_sync("addr", "show", "mvt4", netns=ns)
+            # No vnet header: a frame written is a bare Ethernet frame (an ARP
+            # request for the TAP's own address gets its reply, also bare).
+            me = bytes.fromhex("02aabbccdd04")
+            arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, me, bytes([10, 77, 1, 2]),
+                              bytes(6), bytes([10, 77, 1, 1]))  # fmt: skip
+            os.write(tap.fd, b"\xff" * 6 + me + b"\x08\x06" + arp)
+            for _ in range(20):
+                frame = _read_frame(tap)
+                if frame[12:14] == b"\x08\x06":
+                    break
+            assert frame[:6] == me
+        finally:
+            tap.close()
+    finally:
+        delete_netns_sync(ns)
+    assert not netns_exists(ns)
+    delete_netns_sync(ns)  # gone already: nothing
 
 
 @pytest.mark.asyncio
