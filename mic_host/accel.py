@@ -30,11 +30,11 @@ import contextlib
 import os
 import socket
 from collections.abc import Sequence
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import virtio.errors as verrors
+from mic_host.paths import accel_socket_path
 from transport import FramedSocket, LinkLost, Mmio, MmioLayout, NotifyMode, NotifyPolicy, Region
 from virtio.accel import (
     IV_MAX,
@@ -91,11 +91,6 @@ Data = bytes | bytearray | memoryview
 #: output cap, then offsets from the request's heap start of the aad and the
 #: output, and the heap bytes it takes (:meth:`OffloadSession._item`)
 _Item = tuple[Data, Data, bytes | None, int, int, int, int]
-
-
-def accel_socket_path(state_dir: str | os.PathLike[str], card: str) -> Path:
-    """Where card ``card`` of the daemon in ``state_dir`` listens for offload channels."""
-    return Path(state_dir) / f"{card}-accel.sock"
 
 
 def _error_from(reply: dict[str, Any]) -> MicError:

@@ -26,12 +26,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mic_host.accel import accel_socket_path
 from mic_host.agent import DEFAULT_EXEC_TIMEOUT, MAX_EXEC_OUTPUT
 from mic_host.backends import Backend, create_backend
 from mic_host.backends.console import ConsoleBackend, ConsolePty
 from mic_host.config import CardConfig, DeviceConfig, validate_device_options
 from mic_host.lifecycle import CardEvent, CardLifecycle, CardState, ShutdownStatus
+from mic_host.paths import accel_socket_path
 from mic_host.vop import Vop
 from transport import CardIdentity, PcieConfig, PcieHost, Perm
 from transport.link import MessageLink

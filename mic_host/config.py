@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from mic_host.paths import STATE_DIR_ENV, default_state_dir, resolve_state_dir
 from virtio.errors import ConfigError
 
 __all__ = [
@@ -74,8 +75,6 @@ __all__ = [
     "check_device_types",
 ]
 
-#: Environment variable naming the state directory (daemon, micctl, client).
-STATE_DIR_ENV = "MIC_STATE_DIR"
 CARD_NAME_RE = re.compile(r"^mic[0-9]+$")
 _DEVICE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 _TYPE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -101,28 +100,6 @@ type = "block"
 name = "disk"
 options = { image = "{state_dir}/mic0.img", size = "64M", create = true }
 """
-
-
-def default_state_dir() -> Path:
-    """The state directory when neither ``--state-dir`` nor ``$MIC_STATE_DIR`` says one.
-
-    ``$XDG_STATE_HOME/mic-vop`` (``~/.local/state/mic-vop``): per user, the same
-    from any working directory (so ``micctl`` finds the daemon wherever it is
-    run), persistent (block images live there), and short enough for the
-    108-byte limit of a Unix socket path.
-    """
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "mic-vop"
-
-
-def resolve_state_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """``explicit`` if given, else ``$MIC_STATE_DIR`` if set, else :func:`default_state_dir`."""
-    if explicit is not None and str(explicit) != "":
-        return Path(explicit).expanduser()
-    env = os.environ.get(STATE_DIR_ENV)
-    if env:
-        return Path(env).expanduser()
-    return default_state_dir()
 
 
 # --------------------------------------------------------------------- sizes

@@ -1,0 +1,116 @@
+"""The state directory and every path in it: one place for the daemon and the client.
+
+A daemon and the ``micctl``/client side that talks to it must agree on where
+things are without talking first, so the rules live here and nowhere else:
+
+| path | what |
+|---|---|
+| ``STATE_DIR/control.sock`` | the daemon's control socket |
+| ``STATE_DIR/mic-host.lock`` / ``mic-host.log`` | the daemon's lock and log |
+| ``STATE_DIR/CARD.sock`` | the card's control link (transport) |
+| ``STATE_DIR/CARD-accel.sock`` | the card OS's accelerator offload endpoint |
+| ``STATE_DIR/CARD-card.log`` | the card OS's log (its dmesg, persisted) |
+| ``STATE_DIR/CARD-SUFFIX.log`` | per-card logs (``console``...) |
+| ``STATE_DIR/CARD-DEVICE.netns`` | the record of a NIC's network namespace |
+| ``STATE_DIR/launch-config.toml`` | the config a client ``launch()`` wrote |
+
+Imports only the standard library and ``virtio.errors``: both the daemon side
+and the client library sit above it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from virtio.errors import ConfigError
+
+__all__ = [
+    "STATE_DIR_ENV",
+    "SOCKET_NAME",
+    "default_state_dir",
+    "resolve_state_dir",
+    "control_socket_path",
+    "daemon_lock_path",
+    "daemon_log_path",
+    "card_link_path",
+    "accel_socket_path",
+    "card_log_path",
+    "netns_record_path",
+    "launch_config_path",
+]
+
+#: Environment variable naming the state directory (daemon, micctl, client).
+STATE_DIR_ENV = "MIC_STATE_DIR"
+SOCKET_NAME = "control.sock"
+#: sockaddr_un.sun_path is 108 bytes including the NUL (unix(7)).
+_SUN_PATH_MAX = 107
+
+
+def default_state_dir() -> Path:
+    """The state directory when neither ``--state-dir`` nor ``$MIC_STATE_DIR`` says one.
+
+    ``$XDG_STATE_HOME/mic-vop`` (``~/.local/state/mic-vop``): per user, the same
+    from any working directory (so ``micctl`` finds the daemon wherever it is
+    run), persistent (block images live there), and short enough for the
+    108-byte limit of a Unix socket path.
+    """
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "mic-vop"
+
+
+def resolve_state_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """``explicit`` if given, else ``$MIC_STATE_DIR`` if set, else :func:`default_state_dir`."""
+    if explicit is not None and str(explicit) != "":
+        return Path(explicit).expanduser()
+    env = os.environ.get(STATE_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    return default_state_dir()
+
+
+def control_socket_path(state_dir: str | os.PathLike[str]) -> Path:
+    """``STATE_DIR/control.sock``.
+
+    Raises:
+        ConfigError: the path is too long for a Unix socket (108 bytes).
+    """
+    path = Path(state_dir).expanduser().absolute() / SOCKET_NAME
+    if len(os.fsencode(path)) > _SUN_PATH_MAX:
+        raise ConfigError(
+            f"{path}: control socket path is longer than {_SUN_PATH_MAX} bytes "
+            "(a Unix socket limit); choose a shorter state directory"
+        )
+    return path
+
+
+def daemon_lock_path(state_dir: Path) -> Path:
+    return state_dir / "mic-host.lock"
+
+
+def daemon_log_path(state_dir: Path) -> Path:
+    return state_dir / "mic-host.log"
+
+
+def card_link_path(state_dir: Path, card: str) -> Path:
+    """Where the daemon listens for card ``card``'s control link."""
+    return state_dir / f"{card}.sock"
+
+
+def accel_socket_path(state_dir: str | os.PathLike[str], card: str) -> Path:
+    """Where card ``card`` of the daemon in ``state_dir`` listens for offload channels."""
+    return Path(state_dir) / f"{card}-accel.sock"
+
+
+def card_log_path(state_dir: Path, card: str, suffix: str) -> Path:
+    """``STATE_DIR/CARD-SUFFIX.log`` (``card`` for the card OS, ``console``...)."""
+    return state_dir / f"{card}-{suffix}.log"
+
+
+def netns_record_path(state_dir: Path, card: str, device: str) -> Path:
+    """The file recording the network namespace a NIC of ``card`` made."""
+    return state_dir / f"{card}-{device}.netns"
+
+
+def launch_config_path(state_dir: Path) -> Path:
+    return state_dir / "launch-config.toml"
