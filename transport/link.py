@@ -60,12 +60,30 @@ def encode_frame(msg: dict[str, Any], max_message: int) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"duplicate key {dup!r:.60}")
+    return obj
+
+
 def decode_body(body: bytes) -> dict[str, Any]:
-    """Decode a frame body; raises RemoteProtocolError unless it is a JSON object."""
+    """Decode a frame body; raises RemoteProtocolError unless it is a JSON object.
+
+    Duplicate keys are refused (a message means one thing), and so is nesting
+    deep enough to exhaust the parser's recursion (``[[[[...``): both are the
+    peer's fault, never a crash of the reader.
+    """
     try:
-        obj = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        obj = json.loads(
+            body.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys
+        )
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise RemoteProtocolError(f"frame is not valid JSON: {e}", reason="json") from e
+    except RecursionError as e:
+        raise RemoteProtocolError("frame nests JSON too deeply", reason="json") from e
     if not isinstance(obj, dict):
         raise RemoteProtocolError(
             f"frame is JSON {type(obj).__name__}, not an object", reason="json"

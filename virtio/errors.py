@@ -110,8 +110,9 @@ class WireError:
     @classmethod
     def from_exception(cls, exc: BaseException, message: str | None = None) -> WireError:
         """The wire form of ``exc``. A builtin :class:`TimeoutError` travels as
-        ``MicTimeoutError``; anything else that is not a :class:`MicError` as
-        :data:`INTERNAL_ERROR`. ``message`` replaces ``str(exc)`` if given."""
+        ``MicTimeoutError``; anything else that is not a :class:`MicError` keeps
+        its class name with base :data:`INTERNAL_ERROR` (a bug, or user code).
+        ``message`` replaces ``str(exc)`` if given."""
         if isinstance(exc, MicError):
             base = next(
                 (c.__name__ for c in type(exc).__mro__ if _WIRE_CLASSES.get(c.__name__) is c),
@@ -121,7 +122,7 @@ class WireError:
         elif isinstance(exc, TimeoutError):
             etype = base = "MicTimeoutError"
         else:
-            etype = base = INTERNAL_ERROR
+            etype, base = type(exc).__name__, INTERNAL_ERROR
         text = str(exc) if message is None else message
         if len(text) > MAX_WIRE_MESSAGE:
             text = text[:MAX_WIRE_MESSAGE] + " [truncated]"
