@@ -16,12 +16,10 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from transport import Region
+from transport.messages import SHUTDOWN_STATUSES
 from virtio.memory import Memory
 
 __all__ = ["SHUTDOWN_STATUSES", "CardServices"]
-
-#: the statuses a card may end itself with (``card.shutdown(status)``)
-SHUTDOWN_STATUSES = ("halted", "poweroff", "restart")
 
 
 class CardServices(Protocol):
