@@ -9,7 +9,12 @@ bytes (``docs/console.md`` is the reference)::
     -> {"id": 1, "op": "exec", "argv": ["sha256sum", "/dev/vda"], "timeout": 30}
     <- {"id": 1, "ok": true, "result": {"status": 0, "stdout": "<base64>",
         "stderr": "", "truncated": false, "timed_out": false, "elapsed": 0.2}}
-    <- {"id": null, "ok": false, "error": {"type": "BadRequest", "message": "..."}}
+    <- {"id": null, "ok": false, "error": {"type": "BadRequest",
+        "base": "RemoteProtocolError", "message": "..."}}
+
+Errors travel as :class:`virtio.errors.WireError` objects (the older
+``{"type", "message"}`` form is read as well); a refusal raises
+:class:`~virtio.errors.RemoteProtocolError` naming the agent's error type.
 
 Everything the card sends is untrusted: a line that is not a well-formed
 response is logged and dropped, a response to no pending request is dropped.
@@ -42,6 +47,7 @@ from virtio.errors import (
     MicError,
     MicTimeoutError,
     RemoteProtocolError,
+    WireError,
 )
 
 __all__ = [
@@ -166,11 +172,14 @@ class AgentClient:
                     f"{self.label}: agent answer to {op} has no result object", reason="agent"
                 )
             return result
-        err = msg.get("error")
-        etype = err.get("type") if isinstance(err, dict) else None
-        emsg = err.get("message") if isinstance(err, dict) else None
+        try:
+            err = WireError.from_wire(msg.get("error"))
+        except RemoteProtocolError as e:
+            raise RemoteProtocolError(
+                f"{self.label}: agent refused {op} with a malformed error: {e}", reason="agent"
+            ) from None
         raise RemoteProtocolError(
-            f"{self.label}: agent refused {op}: {etype}: {emsg}", reason="agent"
+            f"{self.label}: agent refused {op}: {err.type}: {err.message}", reason="agent"
         )
 
     async def ping(self, timeout: float = 5.0) -> dict[str, Any]:

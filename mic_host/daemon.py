@@ -1,10 +1,10 @@
 """``mic-host``: the host daemon (Linux: the MIC host driver + ``mpssd``).
 
 Owns the cards of its config (:class:`mic_host.card.CardManager` each), the
-control socket (``STATE_DIR/control.sock``, :mod:`mic_host.protocol`) that
+control socket (``STATE_DIR/control.sock``, :mod:`mic_host.control`) that
 ``micctl`` and the client library speak, the state-directory lock, logging
 (stderr and ``STATE_DIR/mic-host.log``) and host suspend/resume. It is the
-:class:`~mic_host.protocol.ControlHandler`: each control op lands in one of
+:class:`~mic_host.control.server.ControlHandler`: each control op lands in one of
 the methods below, and every card fault stays inside that card.
 
 Run: ``mic-host [--state-dir DIR] [--config FILE]`` or ``python -m mic_host.daemon``.
@@ -26,23 +26,22 @@ from typing import Any
 
 from mic_host.backends import available_backends
 from mic_host.card import CardManager
-from mic_host.config import (
-    DaemonConfig,
-    check_device_types,
-    default_config,
-    load_config,
+from mic_host.config import DaemonConfig, check_device_types, default_config, load_config
+from mic_host.control.server import ControlServer
+from mic_host.control.wire import PROTOCOL_VERSION
+from mic_host.lifecycle import CardState
+from mic_host.paths import (
+    control_socket_path,
+    daemon_lock_path,
+    daemon_log_path,
     resolve_state_dir,
 )
-from mic_host.lifecycle import CardState
-from mic_host.protocol import ControlServer, control_socket_path
 from virtio.agent import exec_problem
 from virtio.errors import ConfigError, LocalProtocolError, MicError, ResourceError
 
 __all__ = ["Daemon", "main"]
 
 log = logging.getLogger("mic_host")
-
-PROTOCOL_VERSION = 1
 
 
 class Daemon:
@@ -198,7 +197,7 @@ class _StateLock:
     """An flock on ``STATE_DIR/mic-host.lock``: one daemon per state directory."""
 
     def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / "mic-host.lock"
+        self.path = daemon_lock_path(state_dir)
         self.fd = -1
 
     def __enter__(self) -> _StateLock:
@@ -225,7 +224,7 @@ def _setup_logging(state_dir: Path, level: str) -> None:
     root.setLevel(level.upper())
     err = logging.StreamHandler(sys.stderr)
     err.setFormatter(fmt)
-    filelog = logging.FileHandler(state_dir / "mic-host.log")
+    filelog = logging.FileHandler(daemon_log_path(state_dir))
     filelog.setFormatter(fmt)
     root.addHandler(err)
     root.addHandler(filelog)

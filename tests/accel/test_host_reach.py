@@ -26,8 +26,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 import mic_host
 from mic_card.accel import AccelError
 from mic_card.card import Card
-from mic_host.accel import AccelRequestError, accel_socket_path
 from mic_host.client import CardClient
+from mic_host.client.accel import AccelRequestError
+from mic_host.paths import accel_socket_path
 from transport import FramedSocket
 from virtio.accel import Status
 from virtio.errors import LocalProtocolError, ResourceError

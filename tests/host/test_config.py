@@ -13,14 +13,13 @@ from mic_host.config import (
     DaemonConfig,
     check_device_types,
     default_config,
-    default_state_dir,
     format_size,
     load_config,
     parse_config,
     parse_size,
-    resolve_state_dir,
     validate_device_options,
 )
+from mic_host.paths import default_state_dir, resolve_state_dir
 from virtio.errors import ConfigError
 
 SD = Path("/srv/mic-state")

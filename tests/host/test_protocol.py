@@ -1,4 +1,4 @@
-"""mic_host.protocol, the client library and micctl, over real Unix sockets.
+"""The control socket (mic_host.control), the client library and micctl, over real Unix sockets.
 
 The daemon here is a small handler class (and, for ``launch``, a small fake
 daemon module run as a real child process); the real daemon's integration
@@ -24,25 +24,22 @@ import pytest_asyncio
 
 from mic_host import micctl
 from mic_host.client import Client, connect, launch
-from mic_host.protocol import (
-    INTERNAL_ERROR,
+from mic_host.control.server import ControlServer, serve_connection
+from mic_host.control.wire import (
     MAX_MESSAGE,
     OPS,
     PROTOCOL_VERSION,
     BadRequest,
-    ControlServer,
     Request,
-    control_socket_path,
     decode_request,
     decode_response,
     encode_error,
     encode_request,
     encode_response,
-    error_from_wire,
-    error_to_wire,
-    serve_connection,
 )
+from mic_host.paths import control_socket_path
 from virtio.errors import (
+    INTERNAL_ERROR,
     BrokenResourceError,
     ClosedResourceError,
     ConfigError,
@@ -51,6 +48,7 @@ from virtio.errors import (
     MicTimeoutError,
     RemoteProtocolError,
     ResourceError,
+    WireError,
 )
 
 # ------------------------------------------------------------ encode/decode
@@ -71,7 +69,7 @@ def test_request_round_trip_fills_defaults() -> None:
 
 
 def test_every_op_has_a_handler_method_in_the_protocol_class() -> None:
-    from mic_host.protocol import ControlHandler
+    from mic_host.control.server import ControlHandler
 
     for op in OPS:
         assert callable(getattr(ControlHandler, op))
@@ -141,24 +139,28 @@ def test_decode_request_rejects_garbage(line: bytes, match: str, rid: int | None
 def test_response_round_trip() -> None:
     ok = decode_response(encode_response(3, {"state": "online"}))
     assert (ok.id, ok.ok, ok.unwrap()) == (3, True, {"state": "online"})
-    err = decode_response(encode_error(4, "LocalProtocolError", "cannot boot mic0"))
-    assert (err.id, err.ok, err.error_type, err.error_base) == (
+    wire = WireError.from_exception(LocalProtocolError("cannot boot mic0"))
+    err = decode_response(encode_error(4, wire))
+    assert (err.id, err.ok, err.error) == (
         4,
         False,
-        "LocalProtocolError",
-        "LocalProtocolError",
+        WireError("LocalProtocolError", "LocalProtocolError", "cannot boot mic0"),
     )
     with pytest.raises(LocalProtocolError, match=r"^cannot boot mic0$"):
         err.unwrap()
-    assert decode_response(encode_error(None, "X", "m")).id is None
+    assert decode_response(encode_error(None, WireError("X", "X", "m"))).id is None
+    old = decode_response(
+        b'{"id": 5, "ok": false, "error": {"type": "ConfigError", "message": "m"}}'
+    )
+    assert old.error == WireError("ConfigError", "ConfigError", "m")  # base defaults to type
     with pytest.raises(ValueError, match="Out of range float"):
         encode_response(1, {"x": float("nan")})
 
 
 def test_oversized_error_message_is_truncated() -> None:
-    line = encode_error(1, "MicError", "m" * MAX_MESSAGE)
+    line = encode_error(1, WireError("MicError", "MicError", "m" * MAX_MESSAGE))
     assert len(line) <= MAX_MESSAGE
-    assert decode_response(line).error_message.endswith("[truncated]")  # type: ignore[union-attr]
+    assert decode_response(line).error.message.endswith("[truncated]")  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(
@@ -175,6 +177,8 @@ def test_oversized_error_message_is_truncated() -> None:
         b'{"id": 1, "ok": false, "error": {"type": 1, "message": "m"}}\n',
         b'{"id": 1, "ok": false, "error": {"type": "T"}}\n',
         b'{"id": 1, "ok": false, "error": {"type": "T", "message": "m", "base": 3}}\n',
+        b'{"id": 1, "ok": false, "error": {"type": "T", "message": "m", "extra": 1}}\n',
+        b'{"id": 1, "ok": false, "error": "T: m"}\n',
     ],
 )
 def test_decode_response_rejects_garbage(line: bytes) -> None:
@@ -186,18 +190,30 @@ class CardGone(BrokenResourceError):
     """A subclass outside virtio.errors, as transport defines them."""
 
 
-def test_error_mapping() -> None:
-    assert error_to_wire(ConfigError("x")) == ("ConfigError", "ConfigError")
-    assert error_to_wire(CardGone("x")) == ("CardGone", "BrokenResourceError")
-    assert error_to_wire(TimeoutError()) == ("MicTimeoutError", "MicTimeoutError")
-    assert error_to_wire(KeyError("x")) == (INTERNAL_ERROR, INTERNAL_ERROR)
-    e = error_from_wire("CardGone", "gone", "BrokenResourceError")
+def test_errors_travel_as_wire_errors() -> None:
+    """The control socket's errors are virtio.errors.WireError: type, base, message."""
+
+    def round_trip(exc: BaseException) -> MicError:
+        line = encode_error(1, WireError.from_exception(exc))
+        with pytest.raises(MicError) as ei:
+            decode_response(line).unwrap()
+        return ei.value
+
+    assert WireError.from_exception(ConfigError("x")).to_wire() == {
+        "type": "ConfigError",
+        "base": "ConfigError",
+        "message": "x",
+    }
+    assert WireError.from_exception(CardGone("x")).base == "BrokenResourceError"
+    assert WireError.from_exception(TimeoutError()).type == "MicTimeoutError"
+    assert WireError.from_exception(KeyError("x")).base == INTERNAL_ERROR
+    e = round_trip(CardGone("gone"))
     assert type(e) is BrokenResourceError
     assert str(e) == "gone"
-    assert type(error_from_wire("MicTimeoutError", "t")) is MicTimeoutError
-    assert type(error_from_wire(INTERNAL_ERROR, "bug", INTERNAL_ERROR)) is MicError
-    assert type(error_from_wire("SystemExit", "no")) is MicError  # only MicError classes
-    rpe = error_from_wire("RemoteProtocolError", "bad")
+    assert type(round_trip(TimeoutError("t"))) is MicTimeoutError
+    assert type(round_trip(RuntimeError("bug"))) is MicError
+    assert type(round_trip(SystemExit("no"))) is MicError  # only MicError classes
+    rpe = round_trip(RemoteProtocolError("bad"))
     assert isinstance(rpe, RemoteProtocolError)
     assert rpe.reason == "daemon"
 
@@ -369,6 +385,22 @@ async def test_internal_errors_do_not_kill_the_server(client: Client) -> None:
 
 
 @pytest.mark.asyncio
+async def test_error_responses_on_the_wire(daemon: FakeDaemon, state_dir: Path) -> None:
+    data = b'{"id": 1, "op": "stats", "card": "mic0"}\n{"id": 2, "op": "reset", "card": "mic0"}\n'
+    errors = {r["id"]: r["error"] for r in await raw_exchange(state_dir, data, 2)}
+    assert errors[1] == {
+        "type": "RuntimeError",
+        "base": INTERNAL_ERROR,
+        "message": "internal error in stats: RuntimeError: stats bug (see the daemon log)",
+    }
+    assert errors[2] == {
+        "type": "CardGone",
+        "base": "BrokenResourceError",
+        "message": "mic0: link lost during reset",
+    }
+
+
+@pytest.mark.asyncio
 async def test_requests_on_one_connection_run_concurrently(client: Client) -> None:
     card = client.card("mic0")
     waiter = asyncio.create_task(card.wait("online", timeout=5))
@@ -511,7 +543,7 @@ async def test_client_rejects_bad_requests_locally(client: Client) -> None:
 FAKE_DAEMON = textwrap.dedent(
     """
     import argparse, asyncio, os, signal, sys
-    from mic_host.protocol import ControlServer
+    from mic_host.control.server import ControlServer
 
     class H:
         async def ping(self):

@@ -17,7 +17,7 @@ from tests.integration.helpers import alive, app, block_toml, card_toml, config
 def test_plugin_is_loaded_from_the_entry_point(pytestconfig: pytest.Config) -> None:
     plugin = pytestconfig.pluginmanager.get_plugin("mic_vop")
     assert plugin is not None
-    assert plugin.__name__ == "mic_host.pytest_plugin"
+    assert plugin.__name__ == "mic_host.client.pytest_plugin"
 
 
 @pytest.fixture

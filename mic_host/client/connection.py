@@ -1,15 +1,17 @@
-"""The Python client library of the mic-host daemon.
+"""A connection to the mic-host daemon: :class:`Client`, :class:`CardClient`, :func:`connect`.
 
-Owns :func:`connect` (talk to a running daemon through ``STATE_DIR/control.sock``),
-:func:`launch` (start a daemon as a child process, talk to it, stop it), and
-the :class:`Client` / :class:`CardClient` API over :mod:`mic_host.protocol`.
-Error responses are re-raised as the ``virtio.errors`` class they name.
-Imports asyncio, ``mic_host.protocol`` and ``mic_host.config``; never the
-daemon module itself (it is only ever run as ``python -m mic_host.daemon``).
+Owns the client end of the control socket (``STATE_DIR/control.sock``): one
+connection, requests with their own ids answered in any order, error
+responses re-raised as the ``virtio.errors`` class they name
+(:class:`virtio.errors.WireError`), and the per-card API on top (lifecycle,
+devices, apps, shell commands, consoles, accelerator channels).
 
-::
+Imports the control socket's codec (:mod:`mic_host.control.wire`),
+``mic_host.paths``, ``mic_host.lifecycle`` (state names) and the client's own
+lower modules (:mod:`~mic_host.client.console`, :mod:`~mic_host.client.accel`);
+never the daemon side (card manager, VOP, backends, control server)::
 
-    async with mic_host.launch(state_dir=tmp) as client:
+    async with mic_host.connect(state_dir) as client:
         card = client.card("mic0")
         await card.wait("online", timeout=60)
         print(await card.stats())
@@ -18,50 +20,35 @@ daemon module itself (it is only ever run as ``python -m mic_host.daemon``).
 from __future__ import annotations
 
 import asyncio
-import collections
+import base64
 import contextlib
 import itertools
 import logging
 import os
-import signal
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from mic_host.config import parse_config, resolve_state_dir
+from mic_host.client.console import ConsoleStream, ExecResult, find_console
+from mic_host.control.wire import MAX_MESSAGE, decode_response, encode_request
 from mic_host.lifecycle import CardState
-from mic_host.protocol import (
-    MAX_MESSAGE,
-    SOCKET_NAME,
-    control_socket_path,
-    decode_response,
-    encode_request,
-)
+from mic_host.paths import SOCKET_NAME, control_socket_path, resolve_state_dir
 from virtio.errors import (
     BrokenResourceError,
     ClosedResourceError,
-    ConfigError,
     LocalProtocolError,
     MicError,
-    MicTimeoutError,
     RemoteProtocolError,
 )
 
 if TYPE_CHECKING:
-    from contextlib import AbstractAsyncContextManager
+    from mic_host.client.accel import OffloadPool, OffloadSession
 
-    from mic_host.accel import OffloadPool, OffloadSession
-    from mic_host.terminal import ConsoleStream, ExecResult
-
-__all__ = ["CardClient", "Client", "connect", "launch", "DEFAULT_DAEMON_MODULE"]
+__all__ = ["CardClient", "Client", "connect", "open_connection"]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_DAEMON_MODULE = "mic_host.daemon"
-_TAIL_LINES = 40
 
 
 class Client:
@@ -113,8 +100,8 @@ class Client:
                     break
                 fut = self._pending.pop(resp.id, None) if resp.id is not None else None
                 if fut is None:
-                    if not resp.ok:
-                        log.warning("mic-host daemon: %s: %s", resp.error_type, resp.error_message)
+                    if resp.error is not None:
+                        log.warning("mic-host daemon: %s: %s", resp.error.type, resp.error.message)
                     continue
                 if not fut.done():
                     try:
@@ -340,7 +327,7 @@ class CardClient:
             BrokenResourceError: the card is not online; ResourceError: its
             accelerator is busy; LocalProtocolError: a bad spec.
         """
-        from mic_host.accel import open_session
+        from mic_host.client.accel import open_session
 
         s = await open_session(self.client.state_dir, self.name, alg, **spec)
         try:
@@ -355,7 +342,7 @@ class CardClient:
         """``channels`` accelerator channels (one card engine each) used together:
         ``outs = await p.do_many(items)`` runs the shares in parallel. As
         :meth:`accel_session` otherwise."""
-        from mic_host.accel import open_pool
+        from mic_host.client.accel import open_pool
 
         p = await open_pool(self.client.state_dir, self.name, alg, channels=channels, **spec)
         try:
@@ -381,24 +368,39 @@ class CardClient:
             LocalProtocolError: card not online, or no agent port.
             MicTimeoutError: the agent did not answer.
         """
-        from mic_host.terminal import exec_on
+        args: dict[str, Any] = {
+            "argv": list(argv) if line is None else None,
+            "line": line,
+            "timeout": timeout,
+        }
+        if max_output is not None:
+            args["max_output"] = max_output
+        if stdin is not None:
+            args["stdin"] = base64.b64encode(stdin).decode()
+        return ExecResult.from_result(await self.client.request("exec", self.name, **args))
 
-        return await exec_on(
-            self,
-            list(argv) if line is None else None,
-            line=line,
-            timeout=timeout,
-            max_output=max_output,
-            stdin=stdin,
-        )
+    async def console_path(self, device: str | None = None) -> str:
+        """The pty path of the card's console (the first one, or ``device``).
 
-    def console(self, device: str | None = None) -> AbstractAsyncContextManager[ConsoleStream]:
-        """``async with card.console() as con:`` a stream over the console's pty
-        (``write``, ``read_until``, ``command``); see :class:`mic_host.terminal.ConsoleStream`.
+        Raises:
+            LocalProtocolError: the card has no such console.
         """
-        from mic_host.terminal import open_console
+        return find_console(await self.status(), self.name, device)
 
-        return open_console(self, device)
+    @asynccontextmanager
+    async def console(self, device: str | None = None) -> AsyncIterator[ConsoleStream]:
+        """``async with card.console() as con:`` a stream over the console's pty
+        (``write``, ``read_until``, ``command``); see :class:`mic_host.client.ConsoleStream`.
+
+        Raises:
+            LocalProtocolError: the card has no such console.
+            BrokenResourceError: the pty cannot be opened.
+        """
+        stream = await ConsoleStream.open(await self.console_path(device))
+        try:
+            yield stream
+        finally:
+            await stream.aclose()
 
     async def console_resize(self, cols: int, rows: int, device: str | None = None) -> None:
         """Set the console's window size (the card gets VIRTIO_CONSOLE_RESIZE)."""
@@ -408,7 +410,13 @@ class CardClient:
 # ------------------------------------------------------------------ connect
 
 
-async def _open(state_dir: Path) -> Client:
+async def open_connection(state_dir: Path) -> Client:
+    """A :class:`Client` connected to the daemon of ``state_dir`` (close it with ``aclose``).
+
+    Raises:
+        BrokenResourceError: no daemon there, or it refuses connections.
+        ConfigError: the socket path is too long.
+    """
     path = control_socket_path(state_dir)
     if not path.exists():
         raise BrokenResourceError(f"no mic-host daemon at {state_dir} ({SOCKET_NAME} missing)")
@@ -433,216 +441,15 @@ async def connect(
     state_dir: str | os.PathLike[str] | None = None,
 ) -> AsyncIterator[Client]:
     """Connect to the daemon serving ``state_dir`` (default: ``$MIC_STATE_DIR``, then the
-    per-user default of :func:`mic_host.config.default_state_dir`).
+    per-user default of :func:`mic_host.paths.default_state_dir`).
 
     Raises:
         BrokenResourceError: no daemon there ("no mic-host daemon at DIR
             (control.sock missing)"), or it refuses connections.
         ConfigError: the socket path is too long.
     """
-    client = await _open(resolve_state_dir(state_dir).absolute())
+    client = await open_connection(resolve_state_dir(state_dir).absolute())
     try:
         yield client
     finally:
         await client.aclose()
-
-
-# ------------------------------------------------------------------- launch
-
-
-class _Output:
-    """Drains the daemon's merged stdout/stderr, logs it, keeps the tail for errors."""
-
-    def __init__(self, stream: asyncio.StreamReader | None) -> None:
-        self.tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
-        self._task = asyncio.get_running_loop().create_task(
-            self._drain(stream), name="mic-host-daemon-output"
-        )
-
-    async def _drain(self, stream: asyncio.StreamReader | None) -> None:
-        if stream is None:
-            return
-        out = logging.getLogger("mic_host.daemon.output")
-        while line := await stream.readline():
-            text = line.decode("utf-8", "replace").rstrip()
-            self.tail.append(text)
-            out.debug("%s", text)
-
-    async def finish(self, timeout: float = 2.0) -> None:
-        try:
-            async with asyncio.timeout(timeout):
-                await asyncio.shield(self._task)
-        except TimeoutError:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    def text(self) -> str:
-        if not self.tail:
-            return "(no output)"
-        return "\n".join(f"  | {line}" for line in self.tail)
-
-
-def _config_file(state_dir: Path, config: str | os.PathLike[str] | None) -> Path | None:
-    if config is None:
-        return None
-    if isinstance(config, str):
-        # TOML text: check it here, so a bad config fails in the caller with
-        # the key path rather than as a daemon that died.
-        if "\n" not in config and config.strip().endswith(".toml") and "=" not in config:
-            raise ConfigError(
-                f"launch(config={config!r}): a str is TOML text; pass pathlib.Path for a file"
-            )
-        parse_config(config, "launch(config=...)", state_dir=state_dir)
-        path = state_dir / "launch-config.toml"
-        path.write_text(config, encoding="utf-8")
-        return path
-    return Path(config).expanduser().absolute()
-
-
-def _prepare(
-    state_dir: str | os.PathLike[str],
-    config: str | os.PathLike[str] | None,
-    env: dict[str, str] | None,
-    python: str,
-    module: str,
-) -> tuple[Path, list[str], dict[str, str]]:
-    """The daemon's state dir (created), argv and environment (sync file-system work)."""
-    sd = Path(state_dir).expanduser().absolute()
-    control_socket_path(sd)  # fail early on a path too long for a socket
-    sd.mkdir(mode=0o700, parents=True, exist_ok=True)
-    cfg = _config_file(sd, config)
-    # The daemon is this script's: it stops if we die without closing it
-    # (a test runner killed by CI, a Ctrl-C'd script), instead of lingering.
-    argv = [python, "-m", module, "--state-dir", str(sd), "--exit-with-parent"]
-    if cfg is not None:
-        argv += ["--config", str(cfg)]
-    child_env = dict(os.environ)
-    child_env.pop("MIC_STATE_DIR", None)  # --state-dir says it
-    child_env.update(env or {})
-    # The child imports the same mic_host as we do, installed or not.
-    src = str(Path(__file__).resolve().parent.parent)
-    child_env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (src, child_env.get("PYTHONPATH", "")) if p
-    )
-    return sd, argv, child_env
-
-
-async def _stop(proc: asyncio.subprocess.Process, grace: float) -> bool:
-    """SIGTERM, then SIGKILL after ``grace`` seconds; reap. True if it had to be killed."""
-    if proc.returncode is not None:
-        return False
-    # os.kill, not proc.send_signal: Popen.send_signal polls first, which would
-    # reap a dead child behind the child watcher's back (it would then report
-    # 255 instead of the real status). Until the watcher reaps it, the pid
-    # cannot be reused, so signalling it is safe.
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, signal.SIGTERM)
-    try:
-        async with asyncio.timeout(grace):
-            await proc.wait()
-        return False
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGKILL)
-        await proc.wait()
-        return True
-
-
-@asynccontextmanager
-async def launch(
-    state_dir: str | os.PathLike[str],
-    config: str | os.PathLike[str] | None = None,
-    *,
-    startup_timeout: float = 30.0,
-    stop_timeout: float = 10.0,
-    env: dict[str, str] | None = None,
-    python: str = sys.executable,
-    module: str = DEFAULT_DAEMON_MODULE,
-) -> AsyncIterator[Client]:
-    """Start a daemon for ``state_dir``, yield a connected :class:`Client`, stop it.
-
-    ``config``: None for the embedded default; a :class:`~pathlib.Path` (any
-    ``os.PathLike``) to a TOML file; or a ``str`` of TOML text (validated
-    here, written to ``STATE_DIR/launch-config.toml``). The daemon runs as
-    ``python -m module --state-dir DIR [--config FILE]`` with ``env`` added to
-    this process's environment; its output goes to the
-    ``mic_host.daemon.output`` logger (DEBUG). On exit it gets SIGTERM, then
-    SIGKILL after ``stop_timeout`` seconds, and is reaped.
-
-    Raises:
-        ConfigError: ``config`` text is invalid.
-        BrokenResourceError: the daemon exited during startup, or exited on
-            its own while in use (the message has its output's tail).
-        MicTimeoutError: it did not answer ``ping`` within ``startup_timeout``.
-    """
-    sd, argv, child_env = _prepare(state_dir, config, env, python, module)
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env=child_env,
-        start_new_session=True,  # a ^C in the terminal reaches us, not the daemon
-    )
-    output = _Output(proc.stdout)
-    client: Client | None = None
-    try:
-        client = await _wait_ready(proc, output, sd, startup_timeout)
-        try:
-            yield client
-        finally:
-            if proc.returncode is None and client.lost:
-                # The connection broke: give the exit status a moment to arrive.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(2.0):
-                        await proc.wait()
-            died = proc.returncode
-            await client.aclose()
-        if died is not None:
-            await output.finish()
-            raise BrokenResourceError(
-                f"mic-host daemon for {sd} exited with status {died} while in use:\n{output.text()}"
-            )
-    finally:
-        killed = await _stop(proc, stop_timeout)
-        await output.finish()
-        if killed:
-            log.warning(
-                "mic-host daemon for %s ignored SIGTERM for %.1fs and was killed", sd, stop_timeout
-            )
-
-
-async def _wait_ready(
-    proc: asyncio.subprocess.Process, output: _Output, state_dir: Path, bound: float
-) -> Client:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + bound
-    last: Exception | None = None
-    delay = 0.02
-    while True:
-        if proc.returncode is not None:
-            await output.finish()
-            raise BrokenResourceError(
-                f"mic-host daemon for {state_dir} exited with status {proc.returncode} "
-                f"during startup:\n{output.text()}"
-            )
-        if loop.time() >= deadline:
-            raise MicTimeoutError(
-                f"mic-host daemon for {state_dir} did not answer ping within {bound:g}s "
-                f"(last error: {last}):\n{output.text()}"
-            )
-        try:
-            client = await _open(state_dir)
-        except BrokenResourceError as e:
-            last = e
-        else:
-            try:
-                async with asyncio.timeout(max(0.1, deadline - loop.time())):
-                    await client.ping()
-                return client
-            except (MicError, TimeoutError) as e:
-                last = e
-                await client.aclose()
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.2)

@@ -15,6 +15,9 @@ makes these fixtures available in any project (``docs/cli.md`` has an example):
 The fixtures are async (pytest-asyncio, function scope). Without
 pytest-asyncio installed the plugin still loads (it must never break a
 user's pytest) and the async fixtures fail with an explanation.
+
+Part of the client library: imports pytest, the client and ``mic_host.paths``;
+never the daemon side (the daemon runs as a child process).
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from mic_host.client import CardClient, Client, launch
+from mic_host.client.connection import CardClient, Client
+from mic_host.client.launch import launch
 from mic_host.lifecycle import CardState
-from mic_host.protocol import SOCKET_NAME
+from mic_host.paths import SOCKET_NAME
 
 __all__ = ["mic_card", "mic_config", "mic_daemon", "mic_state_dir"]
 

@@ -1,0 +1,249 @@
+"""Device options: the known options of each built-in device type and their checks.
+
+Owns :data:`DEVICE_OPTIONS` (kind, required, help per option), the checks
+and normalisation of option values (sizes to ints, placeholders ``{state_dir}``
+and ``{card}`` expanded, paths made absolute, net addresses and names), and
+:func:`validate_device_options` for hot-attach. The config file parser
+(:mod:`mic_host.config.schema`) checks device tables with the same code
+through :class:`Ctx`. Imports ``mic_host.config.sizes`` and ``virtio.errors``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from mic_host.config.sizes import parse_size
+from virtio.errors import ConfigError
+
+__all__ = [
+    "DEVICE_OPTIONS",
+    "OptionKind",
+    "OptionSpec",
+    "Ctx",
+    "TYPE_RE",
+    "check_options",
+    "type_name",
+    "validate_device_options",
+]
+
+TYPE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+_MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+_PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
+#: virtio-blk's GET_ID answer is 20 bytes (virtio 1.2 §5.2.6)
+_SERIAL_MAX = 20
+
+OptionKind = Literal["str", "path", "bool", "int", "size", "mac", "serial"]
+
+
+@dataclass(frozen=True, slots=True)
+class OptionSpec:
+    """One known option of a device type: its kind, whether it is required, a help line."""
+
+    kind: OptionKind
+    required: bool = False
+    help: str = ""
+
+
+#: Known options of the built-in device types. A plug-in backend may add its
+#: own entry (``DEVICE_OPTIONS["mytype"] = {...}``) before configs are parsed;
+#: types without an entry pass their options through unchecked.
+DEVICE_OPTIONS: dict[str, dict[str, OptionSpec]] = {
+    "block": {
+        "image": OptionSpec("path", required=True, help="backing file"),
+        "size": OptionSpec("size", help="size of the image to create"),
+        "create": OptionSpec("bool", help="create the image (sparse, `size` bytes) if missing"),
+        "read_only": OptionSpec("bool", help="offer VIRTIO_BLK_F_RO; writes fail"),
+        "serial": OptionSpec("serial", help="answer to GET_ID, at most 20 bytes"),
+        "num_queues": OptionSpec("int", help="request queues, 1..4 (> 1 offers VIRTIO_BLK_F_MQ)"),
+        "queue_size": OptionSpec("int", help="entries per queue, a power of two <= 256"),
+        "blk_size": OptionSpec("size", help="logical block size, a power of two 512..64K"),
+        "discard": OptionSpec("bool", help="offer DISCARD and WRITE_ZEROES (default true)"),
+    },
+    "console": {},
+    "net": {
+        "backend": OptionSpec("str", help='"tap" (a host TAP, as mpssd; needs root) or "switch"'),
+        "mac": OptionSpec("mac", help="card-side MAC address, aa:bb:cc:dd:ee:ff"),
+        "mtu": OptionSpec(
+            "int", help="MTU offered with VIRTIO_NET_F_MTU (68..65535, default 1500)"
+        ),
+        "ifname": OptionSpec("str", help="tap: host TAP name (default the card name)"),
+        "host_ip": OptionSpec(
+            "str",
+            help="address/len of the host TAP (tap, default 172.31.N+1.254/24) "
+            "or of the switch's uplink TAP (default 172.31.255.254/24)",
+        ),
+        "card_ip": OptionSpec("str", help="card address/len (tap default 172.31.N+1.1/24)"),
+        "netns": OptionSpec(
+            "str", help="existing namespace for the host TAP (tap) or the switch's uplink TAP"
+        ),
+        "card_netns": OptionSpec(
+            "str", help="namespace the card's TAP lives in (default the card)"
+        ),
+        "card_mode": OptionSpec("str", help='card side: "auto", "tap" (needs root) or "frames"'),
+        "switch": OptionSpec("str", help='switch: name of the switch to join (default "sw0")'),
+        "uplink": OptionSpec("str", help="switch: a host TAP to attach to the switch"),
+        "backlog": OptionSpec(
+            "int", help="switch: frames kept while the card posts no buffers (default 256)"
+        ),
+    },
+}
+
+
+class Ctx:
+    """Where we are: the source (file) and base directory, for messages and paths."""
+
+    __slots__ = ("base_dir", "source", "state_dir")
+
+    def __init__(self, source: str, state_dir: Path, base_dir: Path) -> None:
+        self.source = source
+        self.state_dir = state_dir
+        self.base_dir = base_dir
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        where = f"{self.source}: {key}" if key else self.source
+        return ConfigError(f"{where}: {problem}")
+
+
+def type_name(v: object) -> str:
+    return {
+        bool: "boolean",
+        int: "integer",
+        float: "float",
+        str: "string",
+        list: "array",
+        dict: "table",
+    }.get(type(v), type(v).__name__)
+
+
+def _expand(ctx: Ctx, key: str, text: str, card: str) -> str:
+    values = {"state_dir": str(ctx.state_dir), "card": card}
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name not in values:
+            raise ctx.error(key, f"unknown placeholder {{{name}}} (known: {{state_dir}}, {{card}})")
+        return values[name]
+
+    return _PLACEHOLDER_RE.sub(sub, text)
+
+
+def _check_option(ctx: Ctx, key: str, spec: OptionSpec, value: object, card: str) -> object:
+    kind = spec.kind
+    if kind in ("str", "path", "serial", "mac"):
+        if not isinstance(value, str):
+            raise ctx.error(key, f"expected a string, got {type_name(value)}")
+        if kind == "str":
+            return _expand(ctx, key, value, card)
+        if kind == "path":
+            if not value:
+                raise ctx.error(key, "empty path")
+            p = Path(_expand(ctx, key, value, card)).expanduser()
+            return str(p if p.is_absolute() else ctx.base_dir / p)
+        if kind == "serial":
+            if len(value.encode()) > _SERIAL_MAX:
+                raise ctx.error(key, f"serial {value!r} is longer than {_SERIAL_MAX} bytes")
+            return value
+        if not _MAC_RE.match(value):
+            raise ctx.error(key, f"bad MAC address {value!r}: expected aa:bb:cc:dd:ee:ff")
+        return value.lower()
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ctx.error(key, f"expected true or false, got {type_name(value)}")
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ctx.error(key, f"expected an integer, got {type_name(value)}")
+        if value <= 0:
+            raise ctx.error(key, f"must be positive, got {value}")
+        return value
+    # size
+    try:
+        n = parse_size(value)
+    except ConfigError as e:
+        raise ctx.error(key, str(e)) from None
+    if n <= 0:
+        raise ctx.error(key, f"size must be positive, got {value!r}")
+    return n
+
+
+def check_options(
+    ctx: Ctx, key: str, dtype: str, options: Mapping[str, object], card: str
+) -> dict[str, Any]:
+    specs = DEVICE_OPTIONS.get(dtype)
+    if specs is None:
+        return dict(options)
+    out: dict[str, Any] = {}
+    for name, value in options.items():
+        spec = specs.get(name)
+        if spec is None:
+            known = ", ".join(sorted(specs)) or "none"
+            raise ctx.error(f"{key}.{name}", f"unknown option for {dtype} devices (known: {known})")
+        out[name] = _check_option(ctx, f"{key}.{name}", spec, value, card)
+    for name, spec in specs.items():
+        if spec.required and name not in out:
+            raise ctx.error(f"{key}.{name}", f"required option of {dtype} devices is missing")
+    if dtype == "block" and out.get("create") and "size" not in out:
+        raise ctx.error(f"{key}.size", "create = true needs a size")
+    if dtype == "net":
+        _check_net(ctx, key, out)
+    return out
+
+
+_NET_CHOICES = {"backend": ("tap", "switch"), "card_mode": ("auto", "tap", "frames")}
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+
+
+def _check_net(ctx: Ctx, key: str, out: dict[str, Any]) -> None:
+    """Values of net options that their kind alone does not check."""
+    import ipaddress
+
+    for name, choices in _NET_CHOICES.items():
+        if name in out and out[name] not in choices:
+            raise ctx.error(
+                f"{key}.{name}", f"expected one of {', '.join(choices)}, got {out[name]!r}"
+            )
+    for name in ("host_ip", "card_ip"):
+        if name in out:
+            try:
+                iface = ipaddress.ip_interface(out[name])
+            except ValueError:
+                raise ctx.error(
+                    f"{key}.{name}", f"bad address {out[name]!r}: expected A.B.C.D/len"
+                ) from None
+            if "/" not in out[name]:
+                out[name] = str(iface)  # e.g. 10.0.0.1 -> 10.0.0.1/32
+    for name in ("ifname", "netns", "card_netns", "switch", "uplink"):
+        if name in out and not _IFNAME_RE.match(out[name]):
+            raise ctx.error(f"{key}.{name}", f"bad name {out[name]!r}: 1..15 of A-Z a-z 0-9 _ . -")
+    if "mtu" in out and not 68 <= out["mtu"] <= 65535:
+        raise ctx.error(f"{key}.mtu", f"MTU {out['mtu']} outside 68..65535")
+    if "backlog" in out and out["backlog"] < 1:
+        raise ctx.error(f"{key}.backlog", f"backlog {out['backlog']} is not >= 1")
+
+
+def validate_device_options(
+    dtype: str,
+    options: Mapping[str, object],
+    *,
+    state_dir: str | os.PathLike[str],
+    card: str,
+    source: str = "attach",
+    key: str = "options",
+) -> dict[str, Any]:
+    """Check and normalise ``options`` of a device of type ``dtype`` (for hot-attach).
+
+    The same rules as the config file: sizes become ints, paths are expanded
+    and made absolute (relative to ``state_dir``). Unknown types pass through.
+
+    Raises:
+        ConfigError: "<source>: <key>.<option>: <problem>".
+    """
+    sd = Path(state_dir)
+    if not TYPE_RE.match(dtype):
+        raise ConfigError(f"{source}: type: bad device type {dtype!r}")
+    return check_options(Ctx(source, sd, sd), key, dtype, options, card)

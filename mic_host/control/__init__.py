@@ -1,0 +1,45 @@
+"""The control socket between the mic-host daemon and its clients (``micctl``, scripts).
+
+Two modules, one direction:
+
+- :mod:`mic_host.control.wire`: the codec (op table, requests, responses,
+  encode/decode; no I/O). The client library imports only this.
+- :mod:`mic_host.control.server`: the asyncio server the daemon runs
+  (:class:`~mic_host.control.server.ControlServer`, the
+  :class:`~mic_host.control.server.ControlHandler` seam); it imports the codec.
+
+This ``__init__`` re-exports the codec only, so importing the package (as the
+client does) never loads the server.
+"""
+
+from mic_host.control.wire import (
+    MAX_MESSAGE,
+    OPS,
+    PROTOCOL_VERSION,
+    ArgSpec,
+    BadRequest,
+    OpSpec,
+    Request,
+    Response,
+    decode_request,
+    decode_response,
+    encode_error,
+    encode_request,
+    encode_response,
+)
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "MAX_MESSAGE",
+    "OPS",
+    "ArgSpec",
+    "OpSpec",
+    "Request",
+    "Response",
+    "BadRequest",
+    "encode_request",
+    "decode_request",
+    "encode_response",
+    "encode_error",
+    "decode_response",
+]

@@ -1,0 +1,90 @@
+"""``micctl``'s entry point: build the parser from the registry, run one subcommand.
+
+Exit codes: 0 success, 1 the operation failed (or no daemon), 2 usage error,
+130 interrupted. Every failure prints exactly one line ``micctl: <reason>``
+on stderr. Imports the registry and the modules that fill it (built-in
+commands, console and exec), and the client's :func:`~mic_host.client.connect`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+# imported for their registrations: the built-in subcommands, console and exec
+import mic_host.micctl.commands
+import mic_host.micctl.console  # noqa: F401
+from mic_host.client.connection import connect
+from mic_host.micctl.registry import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    PROG,
+    SUBCOMMANDS,
+    Parser,
+    Run,
+    UsageError,
+)
+from mic_host.paths import STATE_DIR_ENV, resolve_state_dir
+from virtio.errors import MicError
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser, with every registered subcommand."""
+    parser = Parser(
+        prog=PROG,
+        description="Control a running mic-host daemon (see docs/cli.md).",
+        epilog=f"The state directory is --state-dir, else ${STATE_DIR_ENV}, "
+        "else ~/.local/state/mic-vop.",
+    )
+    parser.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help=f"the daemon's state directory (default: ${STATE_DIR_ENV} or ~/.local/state/mic-vop)",
+    )
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for sub in SUBCOMMANDS.values():
+        sp = subs.add_parser(sub.name, help=sub.help, description=sub.help)
+        sub.configure(sp)
+        sp.set_defaults(_run=sub.run, _validate=sub.validate)
+    return parser
+
+
+async def _main(args: argparse.Namespace) -> int:
+    run: Run = args._run
+    async with connect(resolve_state_dir(args.state_dir)) as client:
+        return await run(client, args)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return text or type(e).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``micctl`` with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+        if args._validate is not None:
+            args._validate(args)
+    except UsageError as e:
+        print(f"{PROG}: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else EXIT_OK
+    try:
+        return asyncio.run(_main(args))
+    except UsageError as e:
+        print(f"{PROG}: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except MicError as e:
+        print(f"{PROG}: {_one_line(e)}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
