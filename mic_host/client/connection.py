@@ -320,7 +320,7 @@ class CardClient:
         """A channel to the card's accelerators: ``out = await s.do(data)``.
 
         The data travels through card RAM and the card's engine workers serve
-        it in place (``mic_host.accel``, docs/accel.md). ``spec``: ``op``,
+        it in place (:mod:`mic_host.client.accel`, docs/accel.md). ``spec``: ``op``,
         ``level``, ``key``, ``iv``, ``out_size``, ``heap_size``, ``policy``.
 
         Raises:
