@@ -1,6 +1,7 @@
 """mic_host: the host side of MIC-VOP (daemon, VOP layer, backends, micctl, client).
 
-The client library is the public face for scripts::
+The client library (:mod:`mic_host.client`) is the public face for scripts;
+importing ``mic_host`` loads it and nothing of the daemon side::
 
     async with mic_host.launch(state_dir="/tmp/mic") as client:
         card = client.card("mic0")
