@@ -153,14 +153,22 @@ class _Collector(ast.NodeVisitor):
         finally:
             self._kinds.pop()
 
+    def _function(self, node: ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda) -> None:
+        # decorators and defaults run where the function is defined; the body when it is called
+        body = [node.body] if isinstance(node, ast.Lambda) else node.body
+        for child in ast.iter_child_nodes(node):
+            if child not in body:
+                self.visit(child)
+        self._inside(FUNCTION_KIND, body)
+
     def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
-        self._inside(FUNCTION_KIND, ast.iter_child_nodes(node))
+        self._function(node)
 
     def visit_AsyncFunctionDef(self, node: ast.AsyncFunctionDef) -> None:
-        self._inside(FUNCTION_KIND, ast.iter_child_nodes(node))
+        self._function(node)
 
     def visit_Lambda(self, node: ast.Lambda) -> None:
-        self._inside(FUNCTION_KIND, ast.iter_child_nodes(node))
+        self._function(node)
 
     def visit_If(self, node: ast.If) -> None:
         if not _mentions_type_checking(node.test):

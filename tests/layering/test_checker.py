@@ -97,6 +97,26 @@ def test_every_kind_of_import_is_an_arrow(tmp_path: Path) -> None:
     assert {"asyncio", "socket", "struct", "threading"} <= {i.target for i in graph.imports}
 
 
+def test_decorators_and_defaults_run_where_the_function_is_defined(tmp_path: Path) -> None:
+    files = CLEAN | {
+        "core/proto_x.py": """\
+            import importlib
+            @importlib.import_module("core.base").deco
+            def f(x=__import__("core.ring"), y=lambda: __import__("core.protocol")):
+                import core.base
+            """
+    }
+    graph = scan(tree(tmp_path, files), RULES.packages)
+    found = {(i.target, i.line, i.kinds) for i in graph.imports if i.importer == "core.proto_x"}
+    assert found == {
+        ("importlib", 1, frozenset()),
+        ("core.base", 2, frozenset({"importlib"})),
+        ("core.ring", 3, frozenset({"importlib"})),
+        ("core.protocol", 3, frozenset({"importlib", "in function"})),
+        ("core.base", 4, frozenset({"in function"})),
+    }
+
+
 def test_a_two_file_cycle_is_reported(tmp_path: Path) -> None:
     files = CLEAN | {"app/mid2.py": "from app.mid import device\n"}
     files["app/mid/device.py"] = "import app.mid2\n"
