@@ -105,8 +105,8 @@ LAYERS: dict[str, tuple[tuple[str, ...], ...]] = {
     "mic_host": (
         # vocabulary both the daemon and the client use
         ("paths", "lifecycle"),
-        # configuration, the control-socket wire codec
-        ("config", "protocol"),
+        # configuration, the control-socket wire codec (no I/O)
+        ("config", "control"),
         # daemon side, bottom up: queue endpoint and card-agent client ...
         ("endpoint", "agent"),
         # ... device backends (block, console, net) ...
@@ -115,11 +115,12 @@ LAYERS: dict[str, tuple[tuple[str, ...], ...]] = {
         ("vop",),
         # ... card manager: public operations, one boot session, link dispatch ...
         ("card",),
-        # ... the daemon and its control server
-        ("daemon",),
+        # ... the daemon and its control-socket server
+        ("daemon", "control.server"),
         # client side (never imports the daemon side, see BARRIERS): the client
-        # subpackage, and the old module paths that re-export it
-        ("client", "terminal", "accel", "pytest_plugin"),
+        # subpackage (connection, console streams, offload sessions, launch,
+        # pytest plugin)
+        ("client",),
         # a thin CLI over the client
         ("micctl",),
         ("__init__", "__main__"),
@@ -152,8 +153,8 @@ LAYERS: dict[str, tuple[tuple[str, ...], ...]] = {
 BARRIERS: tuple[Barrier, ...] = (
     Barrier(
         "mic_host",
-        importers=("client", "terminal", "accel", "pytest_plugin", "micctl"),
-        imported=("endpoint", "agent", "backends", "vop", "card", "daemon"),
+        importers=("client", "micctl"),
+        imported=("endpoint", "agent", "backends", "vop", "card", "daemon", "control.server"),
         reason="the client library and micctl never import the daemon side",
     ),
 )
