@@ -167,7 +167,7 @@ class NetRig:
         await self.vop.aclose()
         for nic in nics:
             if isinstance(nic, NetDevice):
-                await nic.wait_closed()  # its namespace is deleted asynchronously
+                await nic.wait_closed()  # a TAP setup still running has ended
 
 
 async def until(pred: Callable[[], bool], what: str = "condition") -> None:
