@@ -18,7 +18,8 @@ link status, and where frames go on the card:
   GUEST_CSUM/GUEST_TSO are not acked, so what arrives is a complete frame.
 
 The mode comes from the boot parameters (``bus.params["net"]``, an entry per
-NIC matched by MAC; see :meth:`NetDevice.supported_features`). Completions
+NIC matched by MAC: :mod:`mic_card.drivers.net_params`); the TAP is opened and
+configured by :mod:`mic_card.drivers.net_tap`. Completions
 are handled in future callbacks, no task per packet (as
 :mod:`mic_card.drivers.console`); one publish and one kick per loop iteration
 is :class:`mic_card.endpoint.DriverEndpoint`'s job.
@@ -30,8 +31,10 @@ does not exist is a tap-mode failure (frames mode follows). The shell's
 ``ifconfig``/``ip``/``netstat`` text lives in :mod:`mic_card.shell.net`,
 which imports this driver; this module never imports the shell.
 
-Must not import ``mic_host``. ``transport.tap`` is imported lazily, only on the
-tap path, so a card without a privileged NIC never loads it (boot time).
+Must not import ``mic_host``; ``transport.tap`` is loaded only on the tap path
+(boot time). :class:`NetDevice` stays one class (~590 lines): receive,
+transmit and the TAP bridge share the same slot pools, which the per-packet
+path reads as plain attributes.
 """
 
 from __future__ import annotations
@@ -44,6 +47,15 @@ import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from mic_card.drivers.net_params import (
+    FRAMES_FEATURES,
+    consistent,
+    feature_names,
+    merge_params,
+    param_mac,
+    plan,
+)
+from mic_card.drivers.net_tap import open_card_tap
 from virtio.constants import NetFeature, NetHdrFlag
 from virtio.errors import (
     BrokenResourceError,
@@ -68,8 +80,6 @@ from virtio.net import (
     guest_offloads,
     host_offloads,
     parse_config,
-    parse_mac,
-    random_mac,
 )
 from virtio.split import gather_segments
 
@@ -105,97 +115,9 @@ _ALIGN = 64
 _MIN_MTU = 68
 _LOGGED = 20  # malformed packets logged per device (then only counted)
 
-_GUEST_OFFLOADS = (
-    NetFeature.GUEST_CSUM | NetFeature.GUEST_TSO4 | NetFeature.GUEST_TSO6 | NetFeature.GUEST_ECN
-)
-#: Frames mode: apps get complete frames, so no receive offloads. (Tap mode
-#: supports everything the device offers, ``virtio.net.DEVICE_FEATURES``.)
-FRAMES_FEATURES = int(DEVICE_FEATURES) & ~int(_GUEST_OFFLOADS)
-
-# Feature dependencies (virtio 1.2 §5.1.3.1): (bit, needs any of).
-_DEPENDS = (
-    (NetFeature.GUEST_TSO4, NetFeature.GUEST_CSUM),
-    (NetFeature.GUEST_TSO6, NetFeature.GUEST_CSUM),
-    (NetFeature.GUEST_ECN, NetFeature.GUEST_TSO4 | NetFeature.GUEST_TSO6),
-    (NetFeature.HOST_TSO4, NetFeature.CSUM),
-    (NetFeature.HOST_TSO6, NetFeature.CSUM),
-    (NetFeature.HOST_ECN, NetFeature.HOST_TSO4 | NetFeature.HOST_TSO6),
-)
 _NEEDS_CSUM = int(NetHdrFlag.NEEDS_CSUM)
 #: drop reasons counted as errors (the rest as drops) by ``ifconfig``/``netstat``
 ERROR_REASONS = frozenset({"runt", "bad_header", "offload", "oversize", "num_buffers"})
-
-
-def _consistent(features: int) -> int:
-    """Drop bits whose prerequisites are missing (§5.1.3.1), in dependency order."""
-    for bit, needs in _DEPENDS:
-        if features & bit and not features & needs:
-            features &= ~int(bit)
-    return features
-
-
-def _feature_names(bits: int) -> list[str]:
-    return [f.name or "" for f in NetFeature if bits & f]
-
-
-# --------------------------------------------------------------------------
-# boot parameters and the mode
-
-
-def _entry_mac(entry: Any) -> bytes | None:
-    if not isinstance(entry, dict):
-        return None
-    try:
-        return parse_mac(str(entry.get("mac", "")))
-    except LocalProtocolError:
-        return None
-
-
-def merge_params(known: list[Any], entries: list[Any]) -> None:
-    """Merge hot-added NICs' parameters into ``boot_params["net"]`` in place:
-    an entry replaces any earlier one with the same MAC (a NIC detached and
-    attached again under the same name keeps its derived MAC, not its old
-    address or mode)."""
-    new = [e for e in entries if isinstance(e, dict)]
-    macs = {m for m in map(_entry_mac, new) if m is not None}
-    known[:] = [k for k in known if _entry_mac(k) not in macs] + new
-
-
-def _entry_for(dev: CardDevice, mac: bytes) -> dict[str, Any] | None:
-    """This NIC's ``bus.params["net"]`` entry (matched by MAC), or None."""
-    entries = getattr(dev.bus, "params", {}).get("net") or []
-    for e in entries:
-        if not isinstance(e, dict):
-            continue
-        try:
-            if parse_mac(str(e.get("mac", ""))) == mac:
-                return e
-        except LocalProtocolError:
-            continue
-    return None
-
-
-def _plan(dev: CardDevice) -> tuple[dict[str, Any] | None, str, str | None]:
-    """(boot entry, planned mode "tap"/"frames", why not tap when tap was asked for).
-
-    Raises:
-        RemoteProtocolError: the config space is too short.
-    """
-    mac = parse_config(dev.read_config()).mac
-    entry = _entry_for(dev, mac)
-    if entry is None:
-        return None, "frames", None
-    mode = str(entry.get("mode") or "auto")
-    if mode == "frames":
-        return entry, "frames", None
-    if mode not in ("auto", "tap"):
-        return entry, "frames", f"unknown mode {mode!r}"
-    from transport.tap import tap_privilege_problem
-
-    problem = tap_privilege_problem()
-    if problem is None:
-        return entry, "tap", None
-    return entry, "frames", problem if mode == "tap" else None
 
 
 # --------------------------------------------------------------------------
@@ -244,9 +166,9 @@ class NetDevice:
         Raises:
             RemoteProtocolError: the config space is too short.
         """
-        _, mode, _ = _plan(dev)
+        _, mode, _ = plan(dev)
         bits = int(DEVICE_FEATURES) if mode == "tap" else FRAMES_FEATURES
-        return _consistent(bits & dev.offered)
+        return consistent(bits & dev.offered)
 
     def __init__(self, dev: CardDevice, *, rx_queue_max: int = RX_QUEUE_MAX) -> None:
         if len(dev.endpoints) < 2:
@@ -258,10 +180,10 @@ class NetDevice:
         self.features = dev.features
         f = self.features
         cfg = parse_config(dev.read_config())
-        entry, planned, problem = _plan(dev)
+        entry, planned, problem = plan(dev)
         entry = entry or {}
         self.params = entry
-        self.mac = cfg.mac if f & NetFeature.MAC else _param_mac(entry, dev.name)
+        self.mac = cfg.mac if f & NetFeature.MAC else param_mac(entry, dev.name)
         self.mtu = (
             cfg.mtu if f & NetFeature.MTU and cfg.mtu >= _MIN_MTU else int(entry.get("mtu") or 1500)
         )
@@ -630,35 +552,25 @@ class NetDevice:
 
     # -- tap mode ---------------------------------------------------------------------
     async def _setup_tap(self) -> None:
-        from transport.tap import Tap, TapError, ip, netns_exists
-
         ns = self.netns or self.name
         self.netns = ns
+        o = self._tx_accepts  # what the host takes from us = what we take from the kernel
         try:
-            if not netns_exists(ns):
-                raise TapError(f"namespace {ns} does not exist: the daemon creates it")
-            tap = Tap.open(self.ifname, netns=ns)
-            self.tap = tap
-            await ip("link", "set", self.ifname, "address", self.mac_str, netns=ns)
-            o = self._tx_accepts  # what the host takes from us = what we take from the kernel
-            tap.set_offloads(csum=o.csum, tso4=o.tso4, tso6=o.tso6, ecn=o.ecn)
-            tap.set_carrier(self.link_up)
-            await tap.configure(self.card_ip, mtu=self.mtu)
-            if self.gateway:
-                await ip("route", "replace", "default", "via", self.gateway, netns=ns)
-        except (TapError, MicError, OSError) as e:
+            tap = await open_card_tap(
+                self.ifname, ns, mac=self.mac_str, offloads=o, link_up=self.link_up,
+                address=self.card_ip, mtu=self.mtu, gateway=self.gateway,
+            )  # fmt: skip
+        except (MicError, OSError) as e:  # TapError is a ConfigError
             self.error = f"tap mode failed: {e}; using frames mode"
             log.error("%s: %s", self.name, self.error)
-            self._close_tap()
             if self._closed is None:
                 self.mode = "frames"
             return
-        except asyncio.CancelledError:
-            self._close_tap()
-            raise
         if self._closed is not None:  # detached while the last step ran
-            self._close_tap()
+            tap.close()
             return
+        self.tap = tap
+        self._carrier()  # a link change while the TAP was being set up
         self.mode = "tap"
         self._tap_fd = tap.fd
         self._resume_tap()
@@ -798,7 +710,7 @@ class NetDevice:
             "running": self._closed is None,
             "ready": self._closed is None and self.mode != "pending",
             "error": self.error,
-            "features": _feature_names(self.features),
+            "features": feature_names(self.features),
             "offloads": {
                 "rx": [k for k in ("csum", "tso4", "tso6", "ecn") if getattr(o_rx, k)],
                 "tx": [k for k in ("csum", "tso4", "tso6", "ecn") if getattr(o_tx, k)],
@@ -806,11 +718,3 @@ class NetDevice:
             "mrg_rxbuf": self._mrg,
             "stats": self.stats(),
         }
-
-
-def _param_mac(entry: dict[str, Any], name: str) -> bytes:
-    """MAC not negotiated: the boot parameter's, else a stable random one."""
-    try:
-        return parse_mac(str(entry["mac"]))
-    except (KeyError, LocalProtocolError):
-        return random_mac(name.encode())
