@@ -16,11 +16,14 @@ Requests ``{"id": N, "op": OP, ...}``:
   still running at ``timeout`` is cancelled: status 124, as ``timeout(1)``.
 
 Answers ``{"id": N, "ok": true, "result": {...}}`` or ``{"id": N|null, "ok":
-false, "error": {"type", "message"}}``. A line that is not a valid request is
+false, "error": {"type", "base", "message"}}`` (the project's one error wire
+form, :class:`virtio.errors.WireError`; a bad request is ``type``
+``BadRequest``, ``base`` ``RemoteProtocolError``). A line that is not a valid request is
 answered with an error (``id`` null if none could be read), logged, and the
 agent carries on; requests run concurrently (at most :data:`MAX_CONCURRENT`).
 
-Must not import ``transport`` or ``mic_host``.
+Depends on :class:`mic_card.services.CardServices` and the shell's registry,
+never on the card OS. Must not import ``transport`` or ``mic_host``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from mic_card.services import CardServices
 from mic_card.shell import (
     COMMANDS,
     MACHINE,
@@ -54,10 +58,9 @@ from virtio.agent import (
     encode,
     exec_problem,
 )
-from virtio.errors import BrokenResourceError, RemoteProtocolError
+from virtio.errors import BrokenResourceError, RemoteProtocolError, WireError
 
 if TYPE_CHECKING:
-    from mic_card.card import Card
     from mic_card.drivers.console import ConsolePort
 
 __all__ = ["AGENT_PORT", "MAX_CONCURRENT", "MAX_LINE", "MAX_OUTPUT", "Agent", "BadRequest"]
@@ -67,12 +70,20 @@ log = logging.getLogger(__name__)
 MAX_CONCURRENT = 8
 
 
-class BadRequest(Exception):
-    """A request line that does not follow the protocol (answered, never fatal)."""
+class BadRequest(RemoteProtocolError):
+    """A request line that does not follow the protocol (answered, never fatal).
+
+    The host's fault, so a :class:`RemoteProtocolError`; it travels back as
+    ``{"type": "BadRequest", "base": "RemoteProtocolError", "message"}``.
+    """
 
     def __init__(self, message: str, rid: int | None = None) -> None:
-        super().__init__(message)
+        super().__init__(message, reason="bad-request")
         self.rid = rid
+
+
+def _error_reply(e: BadRequest) -> dict[str, Any]:
+    return {"id": e.rid, "ok": False, "error": WireError.from_exception(e).to_wire()}
 
 
 def _b64(data: bytes) -> str:
@@ -82,7 +93,9 @@ def _b64(data: bytes) -> str:
 class Agent:
     """The agent on one console port; :meth:`run` serves until the port goes away."""
 
-    def __init__(self, card: Card | None, port: ConsolePort, fs: CardFS | None = None) -> None:
+    def __init__(
+        self, card: CardServices | None, port: ConsolePort, fs: CardFS | None = None
+    ) -> None:
         self.card = card
         self.port = port
         self.fs = fs or CardFS(card)
@@ -105,8 +118,8 @@ class Agent:
                     if overflowed:
                         self.bad_requests += 1
                         log.warning("agent: request line over %d bytes discarded", MAX_LINE)
-                        err = {"type": "BadRequest", "message": f"line over {MAX_LINE} bytes"}
-                        await self._send({"id": None, "ok": False, "error": err})
+                        bad = BadRequest(f"line over {MAX_LINE} bytes")
+                        await self._send(_error_reply(bad))
         except* BrokenResourceError:
             pass
         log.info("agent on %s stopped", self.port.label)
@@ -127,8 +140,7 @@ class Agent:
             except BadRequest as e:
                 self.bad_requests += 1
                 log.warning("agent: rejected request: %s (%.80r)", e, line)
-                reply = {"id": e.rid, "ok": False, "error": {"type": "BadRequest",
-                                                             "message": str(e)}}  # fmt: skip
+                reply = _error_reply(e)
             await self._send(reply)
             if shutdown is not None and self.card is not None:
                 self.card.shutdown(shutdown)

@@ -3,21 +3,14 @@
 Owns the life of one ``mic-card`` process after the link is up: it reads the
 device page address from the scratchpads, runs the :class:`VirtioBus`, pumps
 host->card doorbells into it, answers the host's lifecycle messages (the
-COSM-like protocol below) and runs card apps (``async def main(card)``).
+COSM-like protocol of :mod:`transport.messages`: frozen dataclasses, decoded
+with ``decode_from_host`` and matched on their classes; a message that does
+not decode is logged and ignored) and runs card apps (``async def main(card)``).
 
-Link messages (JSON objects on the transport control link):
-
-| direction | ``type`` | fields | meaning |
-|---|---|---|---|
-| card->host | ``online`` | ``devices`` | boot finished, devices probed |
-| card->host | ``heartbeat`` | ``uptime`` | every ``heartbeat_interval`` s |
-| card->host | ``devices`` | ``id``, ``devices`` | answer to ``devices`` |
-| card->host | ``run_result`` | ``id``, ``ok``, ``result`` or ``error`` | an app finished |
-| card->host | ``shutdown_status`` | ``status`` | halted/poweroff/restart, sent before exiting |
-| card->host | ``crashed`` | ``error`` | the card OS failed (best effort) |
-| host->card | ``shutdown`` | ``status`` (optional) | shut down in order |
-| host->card | ``devices`` | ``id`` | list the bound devices |
-| host->card | ``run`` | ``id``, ``app``, ``args`` | run ``module:function`` |
+The composition root of ``mic_card``: nothing imports this module but
+:mod:`mic_card.main`. What card code (shell, agent, offload, accelerators,
+apps) sees of it is :class:`Card`, an implementation of
+:class:`mic_card.services.CardServices`.
 
 Console services: when a virtio console is bound at boot, the card shell
 (:class:`mic_card.shell.InteractiveShell`) runs on its port 0 (``hvc0``) and the
@@ -45,23 +38,47 @@ from mic_card.bus import CardRamAllocator, VirtioBus
 from mic_card.drivers import DRIVERS
 from mic_card.drivers.console import ConsoleDevice, SinglePortConsole
 from mic_card.drivers.net import merge_params
-from mic_card.offload import (
-    ACCEL_HELP,
-    ACCEL_USAGE,
-    bind_offload_endpoint,
-    serve_offload_endpoint,
-)
+from mic_card.offload import bind_offload_endpoint, serve_offload_endpoint
+from mic_card.services import SHUTDOWN_STATUSES
 from mic_card.shell import CardFS, InteractiveShell, lazy_command
-from transport import PcieCard
+from transport import PcieCard, Region
+from transport.messages import (
+    DevicesReply,
+    DevicesRequest,
+    Heartbeat,
+    NetParams,
+    NetParamsReply,
+    Online,
+    Run,
+    RunResult,
+    Shutdown,
+    decode_from_host,
+    encode,
+)
 from virtio.constants import DeviceType
-from virtio.errors import BrokenResourceError, LocalProtocolError, MicError
+from virtio.errors import (
+    BrokenResourceError,
+    ClosedResourceError,
+    LocalProtocolError,
+    MicError,
+    RemoteProtocolError,
+    WireError,
+)
 from virtio.memory import Memory
 
 if TYPE_CHECKING:
     from mic_card.accel import AccelFramework
 
-# The accelerator stack (engines, cryptography) loads on first use, not at boot.
-lazy_command("accel", "mic_card.accel.commands", help=ACCEL_HELP, usage=ACCEL_USAGE)
+# The accelerator stack (engines, cryptography) loads on first use, not at boot:
+# the help and usage are mic_card.accel.commands' ACCEL_HELP/ACCEL_USAGE (kept
+# equal by tests/accel/test_shell_accel.py), written here so boot does not load it.
+lazy_command(
+    "accel",
+    "mic_card.accel.commands",
+    help="the card's accelerators: list them, or benchmark one",
+    usage="accel list | accel bench --alg ALG --size N --seconds S "
+    "[--batch B] [--mode sva|nosva] [--op OP] [--level L] [--json]",
+)
 
 __all__ = ["AGENT_WAIT", "Card", "CardOS", "DmesgHandler", "load_app"]
 
@@ -69,8 +86,6 @@ log = logging.getLogger("mic_card")
 
 #: How long apps get to see their I/O fail when the host vanishes, before exit.
 _HOST_LOST_GRACE = 0.5
-#: seconds a clean shutdown waits for each NIC to delete its namespace
-_NIC_CLOSE_TIMEOUT = 5.0
 
 #: Card RAM below this is reserved (a "kernel" page nobody allocates).
 _RESERVED = 0x1000
@@ -117,7 +132,8 @@ class _Platform:
 
 
 class Card:
-    """What a card app sees: ``async def main(card)``.
+    """What a card app sees: ``async def main(card)``; the card OS's
+    :class:`~mic_card.services.CardServices`.
 
     ``card.device("vda")`` is the bound driver (a ``BlockDevice``,
     ``ConsoleDevice``...); ``card.devices()`` lists them; ``card.memory`` is
@@ -137,6 +153,10 @@ class Card:
     @property
     def memory(self) -> Memory:
         return self._os.pcie.space
+
+    @property
+    def card_ram(self) -> Region:
+        return self._os.pcie.card_ram
 
     @property
     def bus(self) -> VirtioBus:
@@ -269,15 +289,23 @@ class CardOS:
         self._apps: set[asyncio.Task[None]] = set()
         self._accel: AccelFramework | None = None
         self._accel_lock = asyncio.Lock()
+        #: what runs until shutdown and is stopped before the bus closes (the
+        #: accelerator framework, once started); entered by :meth:`_serve`
+        self._resources: contextlib.AsyncExitStack | None = None
 
     async def accelerators(self) -> AccelFramework:
-        """Start the accelerator framework once (see :meth:`Card.accelerators`)."""
+        """Start the accelerator framework once (see :meth:`Card.accelerators`).
+
+        Raises:
+            ClosedResourceError: the card OS is not serving (booting or shut down).
+        """
         async with self._accel_lock:
             if self._accel is None:
                 from mic_card.accel import AccelFramework, default_devices
 
-                fw = AccelFramework(default_devices())
-                await fw.__aenter__()
+                if self._resources is None:
+                    raise ClosedResourceError(f"{self.name}: the card OS is not running")
+                fw = await self._resources.enter_async_context(AccelFramework(default_devices()))
                 self._accel = fw
                 log.info("%s: accelerators up: %s", self.name, ", ".join(fw.devices))
             return self._accel
@@ -290,18 +318,13 @@ class CardOS:
         if self._apps:
             await asyncio.wait(list(self._apps), timeout=_HOST_LOST_GRACE)
 
-    async def _close_accel(self) -> None:
-        if self._accel is not None:
-            fw, self._accel = self._accel, None
-            await fw.__aexit__(None, None, None)
-
     def request_shutdown(self, status: str = "halted") -> None:
         """Shut the card OS down in order with ``status`` (the card's own decision).
 
         Raises:
             LocalProtocolError: an unknown status.
         """
-        if status not in ("halted", "poweroff", "restart"):
+        if status not in SHUTDOWN_STATUSES:
             raise LocalProtocolError(f"unknown shutdown status {status!r}")
         log.info("%s: %s requested on the card", self.name, status)
         self.shutdown_status = status
@@ -328,19 +351,20 @@ class CardOS:
         link = self.pcie.link
         async with asyncio.TaskGroup() as tg:
             pump = tg.create_task(self._pump(), name="doorbells")
-            async with self.bus:
+            async with self.bus, contextlib.AsyncExitStack() as resources:
+                self._resources = resources
                 log.info("%s: %d device(s) on the bus", self.name, len(self.bus.devices()))
                 # host scripts open accelerator channels here (mic_card.offload):
                 # listening before "online", so an online card always has it
                 offload = bind_offload_endpoint(self.boot_params.get("accel_socket"), self.name)
-                await link.send({"type": "online", "devices": self.bus.devices()})
+                await link.send(encode(Online(self.bus.devices())))
                 hb = tg.create_task(self._heartbeat(interval), name="heartbeat")
                 msgs = tg.create_task(self._messages(tg), name="link")
                 for spec in self.apps:
                     self._start_app(tg, None, spec, [])
                 self._start_console(tg)
                 if offload is not None:
-                    self._track(tg.create_task(serve_offload_endpoint(offload, self)))
+                    self._track(tg.create_task(serve_offload_endpoint(offload, self.card)))
                 await self._stop.wait()
                 log.info("%s: shutting down (%s)", self.name, self.shutdown_status)
                 hb.cancel()
@@ -350,18 +374,13 @@ class CardOS:
                 # host's shutdown_timeout resets it).
                 for app in list(self._apps):
                     app.cancel()
-                await self._close_accel()
-                nics = [
-                    self.bus.driver(d["name"])
-                    for d in self.bus.devices()
-                    if d["type"] == DeviceType.NET and d["driver"] is not None
-                ]
-            # Closing the bus detached the NICs: wait for their namespaces to go
-            # (bounded, all at once), so a clean shutdown leaves nothing in /run/netns.
-            await asyncio.gather(
-                *(asyncio.wait_for(nic.wait_closed(), _NIC_CLOSE_TIMEOUT) for nic in nics),
-                return_exceptions=True,
-            )
+                # the accelerators stop before the bus closes
+                async with self._accel_lock:
+                    self._resources = None
+                    self._accel = None
+                    await resources.aclose()
+            # Closing the bus detached the NICs and closed their TAPs; their
+            # namespaces are the daemon's (it outlives the card).
             pump.cancel()
         return self.shutdown_status
 
@@ -415,64 +434,60 @@ class CardOS:
 
     async def _heartbeat(self, interval: float) -> None:
         while True:
-            await self.pcie.link.send({"type": "heartbeat", "uptime": self.card.uptime})
+            await self.pcie.link.send(encode(Heartbeat(self.card.uptime)))
             await asyncio.sleep(interval)
 
     async def _messages(self, tg: asyncio.TaskGroup) -> None:
         link = self.pcie.link
         while True:
             try:
-                msg = await link.recv()
+                obj = await link.recv()
             except BrokenResourceError as e:
                 await self._host_lost(e)
                 raise
-            kind = msg.get("type")
-            if kind == "shutdown":
-                status = msg.get("status", "halted")
-                self.shutdown_status = (
-                    status if status in ("halted", "poweroff", "restart") else ("halted")
-                )
-                self._stop.set()
-            elif kind == "devices":
-                await link.send(
-                    {"type": "devices", "id": msg.get("id"), "devices": self.bus.devices()}
-                )
-            elif kind == "net-params":
-                # A net device is about to be hot-added: its card-side
-                # parameters (address, namespace, mode), as boot_params["net"].
-                entries = msg.get("net")
-                if isinstance(entries, list):
+            try:
+                msg = decode_from_host(obj)
+            except RemoteProtocolError as e:
+                log.warning("%s: ignoring a message from the host (%s): %.200r", self.name, e, obj)
+                continue
+            match msg:
+                case Shutdown(status=status):
+                    self.shutdown_status = status if status in SHUTDOWN_STATUSES else "halted"
+                    self._stop.set()
+                case DevicesRequest(id=rid):
+                    await link.send(encode(DevicesReply(rid, self.bus.devices())))
+                case NetParams(id=rid, net=entries):
+                    # A net device is about to be hot-added: its card-side
+                    # parameters (address, namespace, mode), as boot_params["net"].
                     known = self.boot_params.setdefault("net", [])
                     if isinstance(known, list):
                         merge_params(known, entries)
-                await link.send({"type": "net-params", "id": msg.get("id")})
-            elif kind == "run":
-                args = msg.get("args") or []
-                self._start_app(tg, msg.get("id"), str(msg.get("app", "")), list(args))
-            else:
-                log.warning("%s: ignoring unknown message from host: %.200r", self.name, msg)
+                    await link.send(encode(NetParamsReply(rid)))
+                case Run(id=rid, app=app, args=args):
+                    self._start_app(tg, rid, app, list(args))
 
-    def _start_app(self, tg: asyncio.TaskGroup, rid: Any, spec: str, args: list[Any]) -> None:
+    def _start_app(
+        self, tg: asyncio.TaskGroup, rid: int | None, spec: str, args: list[Any]
+    ) -> None:
         task = tg.create_task(self._run_app(rid, spec, args), name=f"app {spec}")
         self._apps.add(task)
         task.add_done_callback(self._apps.discard)
 
-    async def _run_app(self, rid: Any, spec: str, args: list[Any]) -> None:
+    async def _run_app(self, rid: int | None, spec: str, args: list[Any]) -> None:
         """Run one app; an app's failure is reported, never fatal to the card OS."""
-        reply: dict[str, Any] = {"type": "run_result", "id": rid, "app": spec}
         try:
             fn = load_app(spec)
             result = await fn(self.card, *args)
-            reply |= {"ok": True, "result": _jsonable(result)}
+            reply = RunResult(rid or 0, spec, ok=True, result=_jsonable(result))
             log.info("app %s finished", spec)
         except asyncio.CancelledError:
             raise
         except MicError as e:
             log.error("app %s failed: %s", spec, e)
-            reply |= {"ok": False, "error": {"type": type(e).__name__, "message": str(e)}}
+            reply = RunResult(rid or 0, spec, ok=False, error=WireError.from_exception(e))
         except Exception as e:  # an app is user code: report anything it raises
             log.exception("app %s crashed", spec)
-            reply |= {"ok": False, "error": {"type": type(e).__name__, "message": str(e)}}
+            reply = RunResult(rid or 0, spec, ok=False, error=WireError.from_exception(e))
         if rid is not None:
             with contextlib.suppress(BrokenResourceError):
-                await self.pcie.link.send(reply)
+                await self.pcie.link.send(encode(reply))

@@ -23,6 +23,7 @@ import sys
 from mic_card.card import CardOS, DmesgHandler
 from transport import PcieCard
 from transport.errors import HandshakeError, LinkLost
+from transport.messages import Crashed, ShutdownStatusReport, encode
 from virtio.errors import BrokenResourceError, MicError, MicTimeoutError
 
 __all__ = ["main"]
@@ -62,14 +63,14 @@ async def _amain(args: argparse.Namespace, dmesg: DmesgHandler) -> int:
             )
             try:
                 status = await os_.run()
-                await pc.link.send({"type": "shutdown_status", "status": status})
+                await pc.link.send(encode(ShutdownStatusReport(status)))
             except BrokenResourceError as e:
                 log.error("%s: link to the host lost: %s", os_.name, e)
                 return 3
             except MicError as e:
                 log.error("%s: card OS crashed: %s", os_.name, e)
                 with contextlib.suppress(MicError):
-                    await pc.link.send({"type": "crashed", "error": str(e)})
+                    await pc.link.send(encode(Crashed(str(e))))
                 return 1
             log.info("%s: %s", os_.name, status)
             return 0

@@ -8,7 +8,8 @@ notifications through its own doorbells (:mod:`mic_card.accel.offload`).
 
 Kept light on purpose: the accelerator stack (engines, ``cryptography``,
 worker processes) loads on the first connection, not at boot. A connection
-that fails never ends the card OS.
+that fails never ends the card OS. Depends on
+:class:`mic_card.services.CardServices`, never on the card OS.
 """
 
 from __future__ import annotations
@@ -18,31 +19,18 @@ import contextlib
 import logging
 import os
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from mic_card.services import CardServices
 from transport import FramedSocket
 
-if TYPE_CHECKING:
-    from mic_card.card import CardOS
-
 __all__ = [
-    "ACCEL_HELP",
-    "ACCEL_USAGE",
     "OffloadEndpoint",
     "bind_offload_endpoint",
     "serve_offload_endpoint",
 ]
 
 log = logging.getLogger("mic_card")
-
-#: the ``accel`` shell command's help and usage: the card OS registers the
-#: command lazily at boot and ``mic_card.accel.commands`` replaces it on first
-#: use, so the text lives here, in a module the card imports at boot anyway
-ACCEL_HELP = "the card's accelerators: list them, or benchmark one"
-ACCEL_USAGE = (
-    "accel list | accel bench --alg ALG --size N --seconds S "
-    "[--batch B] [--mode sva|nosva] [--op OP] [--level L] [--json]"
-)
 
 
 class OffloadEndpoint:
@@ -78,23 +66,23 @@ def bind_offload_endpoint(path: Any, card: str) -> OffloadEndpoint | None:
     return OffloadEndpoint(path, sock)
 
 
-async def serve_offload_endpoint(ep: OffloadEndpoint, card_os: CardOS) -> None:
+async def serve_offload_endpoint(ep: OffloadEndpoint, card: CardServices) -> None:
     """Accept connections until cancelled, each served in its own task; then close ``ep``."""
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.TaskGroup() as tg:
             while True:
                 conn, _ = await loop.sock_accept(ep.sock)
-                tg.create_task(_connection(conn, card_os), name="offload-connection")
+                tg.create_task(_connection(conn, card), name="offload-connection")
     finally:
         ep.close()
 
 
-async def _connection(conn: socket.socket, card_os: CardOS) -> None:
+async def _connection(conn: socket.socket, card: CardServices) -> None:
     try:
         from mic_card.accel.offload import serve_channel
 
-        await serve_channel(FramedSocket(conn), card_os)
+        await serve_channel(FramedSocket(conn), card)
     except Exception:  # one connection's failure must never end the card OS
-        log.exception("%s: offload connection failed", card_os.name)
+        log.exception("%s: offload connection failed", card.name)
         conn.close()

@@ -1,7 +1,10 @@
 """The ``accel`` card-shell command: ``accel list`` and ``accel bench`` (UADK's columns).
 
-The card OS registers ``accel`` as a lazy command (:func:`mic_card.shell.lazy_command`):
-this module, and the framework behind it, load on the command's first use.
+The card OS registers ``accel`` as a lazy command
+(:func:`mic_card.shell.registry.lazy_command`, with the same help and usage
+as here: a test keeps them equal): this module, and the framework behind it,
+load on the command's first use. Imports only the shell's registry and the
+accelerator tools.
 """
 
 from __future__ import annotations
@@ -9,11 +12,16 @@ from __future__ import annotations
 import json
 
 from mic_card.accel.tools import accel_bench, accel_list_text, bench_args, format_bench
-from mic_card.offload import ACCEL_HELP, ACCEL_USAGE
-from mic_card.shell import ShellContext, command
+from mic_card.shell.registry import ShellContext, command
 from virtio.errors import LocalProtocolError
 
-__all__: list[str] = []
+__all__ = ["ACCEL_HELP", "ACCEL_USAGE"]
+
+ACCEL_HELP = "the card's accelerators: list them, or benchmark one"
+ACCEL_USAGE = (
+    "accel list | accel bench --alg ALG --size N --seconds S "
+    "[--batch B] [--mode sva|nosva] [--op OP] [--level L] [--json]"
+)
 
 
 @command("accel", help=ACCEL_HELP, usage=ACCEL_USAGE, replace=True)

@@ -29,24 +29,17 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterable
-from dataclasses import dataclass
-from enum import IntFlag
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from mic_card.accel.channel import QueueResources, WorkerLink, close_fds, spawn_worker
 from mic_card.accel.engine import CIPHER_ALGS, COMP_ALGS
 from mic_card.accel.errors import AccelError, DeviceIsolated, QueueBusy
 from mic_card.accel.mgmt import FaultEvent, Management
-from mic_card.accel.queue import AccelQueue, QState, QueueStats
-from mic_card.accel.wire import (
-    ALG_NAMES,
-    API,
-    Alg,
-    QueueGeometry,
-    StatusWord,
-    alg_by_name,
-)
+from mic_card.accel.owner import ServedQueue
+from mic_card.accel.queue import AccelQueue
+from mic_card.accel.spec import DevFlag, DeviceSpec, default_devices
+from mic_card.accel.wire import API, Alg, QueueGeometry, StatusWord, alg_by_name
 from transport import LinkLost, NotifyMode, NotifyPolicy
 from virtio.errors import ClosedResourceError, ConfigError, MicError
 
@@ -67,78 +60,6 @@ __all__ = [
 
 log = logging.getLogger("mic_card.accel")
 _HOUR_NS = 3600 * 1_000_000_000
-
-
-class DevFlag(IntFlag):
-    """uacce device flags."""
-
-    SVA = 1  #: UACCE_DEV_SVA: requests may point into memory the app shared with the queue
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceSpec:
-    """A device to register: name, algorithms and resources.
-
-    ``isolate_strategy`` is the number of faults per hour at which the device
-    isolates itself (0 = never), ``workers`` the engine processes kept ready
-    (each started queue has one), ``heap_size`` each queue's shared memory
-    (half bounce pool, half shared buffers on SVA devices).
-    """
-
-    name: str
-    algorithms: tuple[str, ...]
-    max_queues: int = 16
-    workers: int = 2
-    sva: bool = True
-    node: int = 0
-    isolate_strategy: int = 0
-    heap_size: int = 8 << 20
-    chaining: bool = True
-    allow_inject: bool = False
-
-    def __post_init__(self) -> None:
-        for a in self.algorithms:
-            try:
-                alg_by_name(a)
-            except KeyError as e:
-                raise ConfigError(f"device {self.name!r}: {e.args[0]}") from None
-        if not 1 <= self.max_queues <= 1024 or not 1 <= self.workers <= 64:
-            raise ConfigError(f"device {self.name!r}: max_queues/workers out of range")
-        if self.heap_size <= 0 or self.heap_size % 8192:
-            raise ConfigError(f"device {self.name!r}: heap_size must be a multiple of 8 KiB")
-        if not 0 <= self.isolate_strategy <= 65535:
-            raise ConfigError(f"device {self.name!r}: isolate_strategy outside 0..65535")
-
-
-def default_devices(**overrides: Any) -> tuple[DeviceSpec, ...]:
-    """The card's two accelerators: ``mic-zip`` (compression) and ``mic-sec`` (security)."""
-    comp = tuple(ALG_NAMES[a] for a in sorted(COMP_ALGS))
-    sec = tuple(ALG_NAMES[a] for a in sorted(Alg) if a >= Alg.AES_CBC)
-    return (
-        DeviceSpec("mic-zip", comp, **overrides),
-        DeviceSpec("mic-sec", sec, **overrides),
-    )
-
-
-class ServedQueue(Protocol):
-    """What the framework needs of a queue it hands to an engine worker.
-
-    Implemented by :class:`~mic_card.accel.queue.AccelQueue` (a card app's
-    queue, in its own memfd) and :class:`~mic_card.accel.offload.HostChannel`
-    (a host script's queue, in card RAM).
-    """
-
-    qid: int
-    state: QState
-    geometry: QueueGeometry
-    stats: QueueStats
-    _closed: bool
-
-    def status_word(self, w: StatusWord) -> int: ...
-    def attach_request(self) -> tuple[dict[str, Any], list[int]]: ...
-    def _fault(self, reason: str) -> None: ...
-    async def reset(self) -> None: ...
-    async def aclose(self) -> None: ...
 
 
 class _Worker:
@@ -241,7 +162,8 @@ class AccelDevice:
             log.error("accel %s: isolated after %d faults in an hour", self.name, n)
         self.mgmt.notify(FaultEvent(self.name, qid, kind, detail))
 
-    def _ring_fault(self, q: AccelQueue, detail: str) -> None:
+    def ring_fault(self, q: ServedQueue, detail: str) -> None:
+        """A queue's driver side found its ring broken (:class:`QueueOwner`)."""
         self.record_fault("ring", q.qid, detail)
 
     # -- queues -----------------------------------------------------------------------
@@ -253,14 +175,14 @@ class AccelDevice:
             DeviceIsolated: the device isolated itself.
             ClosedResourceError: the framework is not running.
         """
-        qid, pasid = self._admit()
+        qid, pasid = self.admit()
         geo = QueueGeometry(pasid, self.spec.heap_size)
         res = QueueResources.create(geo, self.fw.policy)
         q = AccelQueue(self, qid, res, sva=self.spec.sva, policy=self.fw.policy)
         self.queues[qid] = q
         return q
 
-    def _admit(self) -> tuple[int, int]:
+    def admit(self) -> tuple[int, int]:
         """A queue id and a PASID for a new queue, if the device may take one.
 
         Raises:
@@ -315,7 +237,8 @@ class AccelDevice:
                 async with asyncio.timeout(2):
                     await w.request({"type": "stop"})
 
-    async def _attach(self, q: ServedQueue) -> None:
+    async def attach(self, q: ServedQueue) -> None:
+        """Hand ``q`` to an engine worker of its own (:class:`QueueOwner`)."""
         w = await self._take_worker(q)
         geo = q.geometry
         fw = self.fw
@@ -340,7 +263,8 @@ class AccelDevice:
             self._placement.pop(q, None)
             raise
 
-    async def _detach(self, q: ServedQueue) -> None:
+    async def detach(self, q: ServedQueue) -> None:
+        """Take ``q`` back from its worker (:class:`QueueOwner`)."""
         w = self._placement.pop(q, None)
         if w is None:
             return
@@ -352,8 +276,18 @@ class AccelDevice:
         if len(idle) > self.spec.workers and not w.queues and not self.fw._closing:
             await self._retire(w)
 
-    def _released(self, q: ServedQueue) -> None:
+    def released(self, q: ServedQueue) -> None:
+        """``q`` is freed (:class:`QueueOwner`)."""
         self.queues.pop(q.qid, None)
+
+    def adopt(self, q: ServedQueue) -> None:
+        """Count ``q``, admitted with :meth:`admit`, among the queues (:class:`ChannelOwner`)."""
+        self.queues[q.qid] = q
+
+    def clear_isolation(self) -> None:
+        """Forget the fault history and un-isolate the device (:class:`ManagedDevice`)."""
+        self._faults.clear()
+        self.isolate = False
 
     def worker_of(self, q: ServedQueue) -> int | None:
         """pid of the worker serving ``q`` (None if unattached)."""
@@ -389,7 +323,7 @@ class AccelDevice:
             self.fw._killed.discard(w.pid or 0)
             for q in list(w.queues):
                 self._placement.pop(q, None)
-                q._fault(f"engine {kind} (worker exit {rc})")
+                q.fault(f"engine {kind} (worker exit {rc})")
                 self.record_fault(kind, q.qid, f"worker pid {w.pid} exit {rc}")
             if not w.queues:
                 self.record_fault(kind, None, f"worker pid {w.pid} exit {rc}")
@@ -414,7 +348,7 @@ class AccelDevice:
                     fk = str(msg.get("kind"))
                     self.record_fault(fk, qid, str(msg.get("detail")))
                     if q is not None and fk == "ring":
-                        q._fault(f"ring error: {msg.get('detail')}")
+                        q.fault(f"ring error: {msg.get('detail')}")
 
     async def _stop_workers(self) -> None:
         async def stop(w: _Worker) -> None:
@@ -481,31 +415,45 @@ class AccelFramework:
         self._running = False
         self._killed: set[int] = set()
         self._tg: asyncio.TaskGroup | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
         self._mgmt_tasks: list[asyncio.Task[None]] = []
         self._providers: ProviderRegistry | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
-    async def __aenter__(self) -> AccelFramework:
-        self._tg = asyncio.TaskGroup()
-        await self._tg.__aenter__()
-        try:
-            for d in self.devices.values():
-                for w in d.workers:
-                    self._tg.create_task(d._run_worker(w), name=f"accel-{d.name}-{w.index}")
-            self._tg.create_task(self._watchdog(), name="accel-watchdog")
-            for d in self.devices.values():
-                self._mgmt_tasks.append(
-                    self._tg.create_task(d.mgmt.run(), name=f"accel-mgmt-{d.name}")
-                )
-            async with asyncio.timeout(60):
+    @contextlib.asynccontextmanager
+    async def _lifetime(self) -> AsyncIterator[AccelFramework]:
+        """The framework's task group around its running life: workers, watchdog,
+        management units; on the way out every queue is released, the workers stopped."""
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            try:
                 for d in self.devices.values():
                     for w in d.workers:
-                        await w.ready.wait()
-            self._running = True
-        except BaseException as e:
-            await self._shutdown()
-            await self._tg.__aexit__(type(e), e, e.__traceback__)
-            raise
+                        tg.create_task(d._run_worker(w), name=f"accel-{d.name}-{w.index}")
+                tg.create_task(self._watchdog(), name="accel-watchdog")
+                for d in self.devices.values():
+                    self._mgmt_tasks.append(
+                        tg.create_task(d.mgmt.run(), name=f"accel-mgmt-{d.name}")
+                    )
+                async with asyncio.timeout(60):
+                    for d in self.devices.values():
+                        for w in d.workers:
+                            await w.ready.wait()
+                self._running = True
+                yield self
+            finally:
+                self._tg = None
+                await self._shutdown()
+
+    async def __aenter__(self) -> AccelFramework:
+        """Start every device's workers and wait until they are ready.
+
+        Raises:
+            TimeoutError: the workers did not come up within 60 s.
+        """
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(self._lifetime())
+            self._stack = stack.pop_all()
         return self
 
     async def __aexit__(
@@ -515,13 +463,9 @@ class AccelFramework:
 
     async def aclose(self) -> None:
         """Release every queue, stop the workers (idempotent)."""
-        tg, self._tg = self._tg, None
-        if tg is None:
-            return
-        try:
-            await self._shutdown()
-        finally:
-            await tg.__aexit__(None, None, None)
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.aclose()
 
     async def _shutdown(self) -> None:
         self._running = False
@@ -562,7 +506,7 @@ class AccelFramework:
             now = time.monotonic_ns()
             for d in self.devices.values():
                 for q, w in list(d._placement.items()):
-                    busy = q.status_word(StatusWord.BUSY_SINCE) if not q._closed else 0
+                    busy = q.status_word(StatusWord.BUSY_SINCE) if not q.closed else 0
                     if busy and now - busy > limit and w.wl is not None:
                         log.error(
                             "accel %s: queue %d hung; killing worker %s", d.name, q.qid, w.pid

@@ -41,20 +41,18 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from construct import Bytes, Const, Float64l, Int8ul, Int32sl, Int32ul, Int64ul, Padding, Struct
 
 from mic_card.accel.errors import AccelError
-from mic_card.accel.queue import QState
+from mic_card.accel.owner import ManagedDevice
+from mic_card.accel.qstate import QState
 from mic_card.accel.wire import ALG_NAMES, API, QUEUE_RING_SIZE, Alg, StatusWord, align
 from transport import Mmio, MmioLayout, NotifyMode, NotifyPolicy, Region
 from virtio.errors import MicError, WouldBlock
 from virtio.memory import FlatMemory
 from virtio.split import DeviceQueue, DriverQueue, RingError, SplitLayout
-
-if TYPE_CHECKING:
-    from mic_card.accel.framework import AccelDevice
 
 __all__ = [
     "CAPS_STRUCT",
@@ -254,7 +252,9 @@ class MgmtUnit:
     unit stops serving until the device is re-created).
     """
 
-    def __init__(self, device: AccelDevice, mem: FlatMemory, geo: MgmtGeometry, mmio: Mmio) -> None:
+    def __init__(
+        self, device: ManagedDevice, mem: FlatMemory, geo: MgmtGeometry, mmio: Mmio
+    ) -> None:
         self.device = device
         self.geo = geo
         self.mmio = mmio
@@ -323,8 +323,7 @@ class MgmtUnit:
                 off += QSTATS_STRUCT.size
             return self._status(resp, MgmtStatus.OK, off)
         if op == MgmtOp.CLEAR_ISOLATION:
-            d._faults.clear()
-            d.isolate = False
+            d.clear_isolation()
             return self._status(resp, MgmtStatus.OK)
         if qid not in d.queues:  # RESET_QUEUE
             return self._status(resp, MgmtStatus.NO_QUEUE)
@@ -397,7 +396,7 @@ class Management:
     faults, kept by the device as they happen).
     """
 
-    def __init__(self, device: AccelDevice, policy: NotifyPolicy | None = None) -> None:
+    def __init__(self, device: ManagedDevice, policy: NotifyPolicy | None = None) -> None:
         self._dev = device
         self.log: collections.deque[FaultEvent] = collections.deque(maxlen=256)
         self._subscribers: list[asyncio.Queue[FaultEvent]] = []

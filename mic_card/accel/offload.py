@@ -27,8 +27,9 @@ Endpoint protocol (transport ``FramedSocket`` frames, one channel per connection
 - card->host ``opened``: ``device``, ``qid``, ``pasid``, ``heap_size``,
   ``region_off``, ``region_size``, ``card_ram_size``, ``op``, ``alg``,
   ``alg2``, ``worker``; fd: card RAM;
-- card->host ``error``: ``error`` {``type`` (the nearest ``virtio.errors`` class),
-  ``name`` (the card's own class), ``message``}, then the connection closes;
+- card->host ``error``: ``error``, the project's one error wire form
+  (:class:`virtio.errors.WireError`: ``type`` the card's own class, ``base``
+  the nearest ``virtio.errors`` class, ``message``), then the connection closes;
 - card->host ``fault``: ``reason`` (the channel is disabled);
 - host->card ``close``.
 
@@ -41,11 +42,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from mic_card.accel.api import Accelerators
 from mic_card.accel.channel import close_fds
 from mic_card.accel.errors import NoProvider, QueueStateError
-from mic_card.accel.queue import QState, QueueStats
+from mic_card.accel.owner import ChannelOwner
+from mic_card.accel.qstate import QState, QueueStats
 from mic_card.accel.session import SessionSpec
 from mic_card.accel.wire import (
     OFFLOAD_DEFAULT_HEAP,
@@ -56,12 +59,15 @@ from mic_card.accel.wire import (
     QueueGeometry,
     StatusWord,
 )
+from mic_card.services import CardServices
 from transport import FramedSocket, LinkLost
-from virtio.errors import LocalProtocolError, MicError, RemoteProtocolError, ResourceError
-
-if TYPE_CHECKING:
-    from mic_card.accel.framework import AccelDevice
-    from mic_card.card import CardOS
+from virtio.errors import (
+    LocalProtocolError,
+    MicError,
+    RemoteProtocolError,
+    ResourceError,
+    WireError,
+)
 
 __all__ = ["OFFLOAD_PROTOCOL", "HostChannel", "serve_channel"]
 
@@ -85,11 +91,11 @@ class HostChannel:
 
     def __init__(
         self,
-        device: AccelDevice,
+        device: ChannelOwner,
         qid: int,
         pasid: int,
         heap_size: int,
-        card_os: CardOS,
+        card: CardServices,
         mmio_fds: list[int],
     ) -> None:
         self.device = device
@@ -100,10 +106,10 @@ class HostChannel:
         self.faults: asyncio.Queue[str] = asyncio.Queue()
         self.disabled: str | None = None
         self._closed = False
-        self._card_os = card_os
+        self._card = card
         self._mmio_fds = mmio_fds
-        self._ram = card_os.pcie.card_ram
-        self.offset = card_os.platform.card_ram_alloc(self.geometry.region_size, 4096)
+        self._ram = card.card_ram
+        self.offset = card.alloc(self.geometry.region_size, 4096)
         view = self._ram.view()[self.offset : self.offset + self.geometry.region_size]
         view[:] = bytes(len(view))  # card RAM is reused: no stale ring or status
         self._words = view[:4096].cast("Q")
@@ -111,6 +117,10 @@ class HostChannel:
         self._words[StatusWord.MAGIC] = STATUS_MAGIC
 
     # -- ServedQueue -------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def status_word(self, w: StatusWord) -> int:
         return 0 if self._closed else int(self._words[w])
 
@@ -119,7 +129,7 @@ class HostChannel:
         extra = {"region_off": self.offset, "region_total": self._ram.size}
         return extra, [self._ram.fd, *self._mmio_fds]
 
-    def _fault(self, reason: str) -> None:
+    def fault(self, reason: str) -> None:
         """Disable the channel (engine crash/hang, ring error) and tell the host."""
         if self.state is not QState.STARTED or self.disabled is not None:
             return
@@ -134,7 +144,7 @@ class HostChannel:
 
     async def start(self) -> None:
         """Hand the channel to an engine worker."""
-        await self.device._attach(self)
+        await self.device.attach(self)
         self.state = QState.STARTED
 
     async def aclose(self) -> None:
@@ -147,13 +157,13 @@ class HostChannel:
         try:
             self._words[StatusWord.DISABLED] = 1
             if was_started:
-                await self.device._detach(self)
+                await self.device.detach(self)
         finally:
             self._words.release()
             close_fds(self._mmio_fds)
             self._mmio_fds = []
-            self._card_os.platform.card_ram_free(self.offset)
-            self.device._released(self)
+            self._card.free(self.offset)
+            self.device.released(self)
 
     def opened(self) -> dict[str, Any]:
         """The ``opened`` answer (without the op numbers)."""
@@ -172,10 +182,9 @@ class HostChannel:
 
 
 def _wire_error(e: BaseException) -> dict[str, str]:
-    """An ``error`` answer: ``type`` is the nearest ``virtio.errors`` class of ``e`` (what
-    the host raises), ``name`` its own class (for the message), then ``message``."""
-    base = next((c.__name__ for c in type(e).__mro__ if c.__module__ == "virtio.errors"), None)
-    return {"type": base or "MicError", "name": type(e).__name__, "message": str(e)}
+    """An ``error`` answer's ``error``: the project's one wire form
+    (``{"type", "base", "message"}``, :class:`virtio.errors.WireError`)."""
+    return WireError.from_exception(e).to_wire()
 
 
 def _field(msg: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
@@ -186,7 +195,7 @@ def _field(msg: dict[str, Any], name: str, kind: type, default: Any = None) -> A
 
 
 async def _open(
-    card_os: CardOS, msg: dict[str, Any], fds: list[int]
+    card: CardServices, msg: dict[str, Any], fds: list[int]
 ) -> tuple[HostChannel, dict[str, int]]:
     """Validate an open request and start its channel (takes the fds).
 
@@ -218,14 +227,14 @@ async def _open(
             raise LocalProtocolError(f"level {level} outside -1..9")
         spec = SessionSpec(alg, op=op, level=level)
         wire_op, a1, a2 = spec.resolved()
-        fw = await card_os.accelerators()
+        fw: Accelerators = await card.accelerators()
         devs = fw.find(alg)
         if not devs:
             raise NoProvider(f"no card accelerator offers {alg!r}")
         err: MicError | None = None
         for dev in devs:
             try:
-                qid, pasid = dev._admit()
+                qid, pasid = dev.admit()
             except ResourceError as e:  # busy or isolated: try the next device
                 err = e
                 continue
@@ -233,9 +242,9 @@ async def _open(
         else:
             assert err is not None
             raise err
-        ch = HostChannel(dev, qid, pasid, heap, card_os, fds)
+        ch = HostChannel(dev, qid, pasid, heap, card, fds)
         fds = []  # the channel owns them now
-        dev.queues[qid] = ch
+        dev.adopt(ch)
     except BaseException:
         close_fds(fds)
         raise
@@ -247,7 +256,7 @@ async def _open(
     return ch, {"op": int(wire_op), "alg": int(a1), "alg2": int(a2)}
 
 
-async def serve_channel(fs: FramedSocket, card_os: CardOS) -> None:
+async def serve_channel(fs: FramedSocket, card: CardServices) -> None:
     """Serve one connection of the offload endpoint: open a channel, keep it until closed.
 
     Never raises for what the host sends (errors are answered, then the
@@ -262,13 +271,13 @@ async def serve_channel(fs: FramedSocket, card_os: CardOS) -> None:
             log.warning("offload endpoint: no open request: %s", e)
             return
         try:
-            ch, ops = await _open(card_os, msg, fds)
+            ch, ops = await _open(card, msg, fds)
         except (MicError, ValueError) as e:
             log.warning("offload endpoint: refused %.200r: %s", msg, e)
             with contextlib.suppress(LinkLost, MicError, OSError):
                 await fs.send_frame({"type": "error", "error": _wire_error(e)})
             return
-        await fs.send_frame({**ch.opened(), **ops}, [card_os.pcie.card_ram.fd])
+        await fs.send_frame({**ch.opened(), **ops}, [card.card_ram.fd])
         log.info("offload channel %s/q%d opened by a host script", ch.device.name, ch.qid)
         async with asyncio.TaskGroup() as tg:
             notifier = tg.create_task(_notify_faults(fs, ch))

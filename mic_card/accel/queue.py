@@ -8,8 +8,9 @@ shared memory only: no system call), ``recv_nowait`` and ``await recv()``
 (sleeps on the queue's interrupt vector).
 
 Nothing here talks to the worker process: starting, resetting and putting a
-queue are asked of the owning device (``mic_card.accel.framework``), which
-hands the queue's fds to an engine worker.
+queue are asked of the owning device through
+:class:`mic_card.accel.owner.QueueOwner` (the framework implements it and
+hands the queue's fds to an engine worker). Never imports the framework.
 """
 
 from __future__ import annotations
@@ -18,25 +19,31 @@ import asyncio
 import collections
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 from mic_card.accel.channel import QueueResources
 from mic_card.accel.errors import QueueDisabled, QueueStateError
+from mic_card.accel.owner import QueueOwner
+from mic_card.accel.qstate import TRANSITIONS, QState, QueueStats
+from mic_card.accel.request import (
+    BounceRing,
+    Completion,
+    CompletionSink,
+    Data,
+    Request,
+    SharedBuffer,
+    Ticket,
+)
 from mic_card.accel.wire import (
     RESP_OFF,
     SLOT_SIZE,
-    Alg,
-    Op,
     QueueGeometry,
     Status,
     StatusWord,
-    align,
     pack_request,
     read_response,
 )
-from mic_card.bus import CardRamAllocator
 from transport import NotifyPolicy
 from virtio.errors import (
     ClosedResourceError,
@@ -45,15 +52,17 @@ from virtio.errors import (
     ResourceError,
     WouldBlock,
 )
+from virtio.memory import FirstFitAllocator, FlatMemory
 from virtio.split import DriverQueue, RingError
 
-if TYPE_CHECKING:
-    from mic_card.accel.framework import AccelDevice
-
+# Request values and queue states live below (request.py, qstate.py);
+# re-exported here, where callers have always imported them from.
 __all__ = [
     "TRANSITIONS",
     "AccelQueue",
     "Completion",
+    "CompletionSink",
+    "Data",
     "QState",
     "QueueStats",
     "Request",
@@ -67,168 +76,12 @@ __all__ = [
 PUBLISH_EVERY = 4
 
 
-class QState(StrEnum):
-    """uacce queue states (``include/linux/uacce.h``)."""
-
-    INIT = "init"
-    STARTED = "started"
-    ZOMBIE = "zombie"
-
-
-#: ``(state, event) -> next state``; a pair missing here is refused (STYLE.md §2).
-TRANSITIONS: dict[tuple[QState, str], QState] = {
-    (QState.INIT, "start"): QState.STARTED,
-    (QState.INIT, "put"): QState.ZOMBIE,
-    (QState.STARTED, "put"): QState.ZOMBIE,
-    (QState.STARTED, "reset"): QState.STARTED,
-    (QState.STARTED, "fault"): QState.STARTED,  # disabled until reset
-    (QState.ZOMBIE, "put"): QState.ZOMBIE,
-}
-
-
-class _RingAlloc:
-    """Bounce-pool allocator: a circular log (completions come back mostly in order)."""
-
-    __slots__ = ("blocks", "head", "size", "tail")
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.head = 0
-        self.tail = 0
-        self.blocks: collections.deque[list[int]] = collections.deque()
-
-    def alloc(self, n: int) -> list[int] | None:
-        n = align(max(n, 1))
-        size = self.size
-        pos = self.head % size
-        waste = size - pos if pos + n > size else 0
-        if n > size or self.head + waste + n - self.tail > size:
-            return None
-        if waste:
-            self.blocks.append([self.head, waste, 1])
-            self.head += waste
-        blk = [self.head, n, 0]
-        self.blocks.append(blk)
-        self.head += n
-        return blk
-
-    def free(self, blk: list[int]) -> None:
-        blk[2] = 1
-        blocks = self.blocks
-        while blocks and blocks[0][2]:
-            b = blocks.popleft()
-            self.tail = b[0] + b[1]
-
-    def reset(self) -> None:
-        self.head = self.tail = 0
-        self.blocks.clear()
-
-
-@dataclass(eq=False, slots=True)
-class SharedBuffer:
-    """Memory shared with one queue (SVA mode): ``view`` is zero-copy, ``addr`` its bus address.
-
-    Only the queue that made it can use it; another queue's engine refuses it
-    (``Status.ACCESS_FAULT``). ``free()`` gives it back.
-    """
-
-    queue: AccelQueue
-    addr: int
-    size: int
-    view: memoryview
-    _off: int
-
-    def free(self) -> None:
-        self.queue._free_shared(self)
-
-    def __len__(self) -> int:
-        return self.size
-
-
-Data = bytes | bytearray | memoryview
-
-
-@dataclass(slots=True)
-class Request:
-    """One request as the session layer builds it (see ``wire.ReqHeader``).
-
-    ``src``/``aad`` are bytes (copied through the bounce pool) or
-    :class:`SharedBuffer` (zero copy, SVA); ``dst`` likewise, or None to get
-    a bounce buffer of ``dst_len`` bytes whose content comes back as bytes.
-    ``src_addr``/``dst_addr`` override the addresses (raw access, e.g. tests).
-    """
-
-    op: Op
-    alg: Alg = Alg.NONE
-    alg2: Alg = Alg.NONE
-    level: int = 0
-    flags: int = 0
-    stream_id: int = 0
-    key: bytes = b""
-    iv: bytes = b""
-    tag_len: int = 0
-    src: Data | SharedBuffer = b""
-    aad: Data | SharedBuffer = b""
-    dst: SharedBuffer | None = None
-    dst_len: int = 0
-    src_addr: int | None = None
-    dst_addr: int | None = None
-
-
-class _Owner(Protocol):
-    _ready: collections.deque[Completion]
-
-
-@dataclass(eq=False, slots=True)
-class Ticket:
-    """An in-flight request: where its header and bounce buffers are, who waits for it."""
-
-    slot: int
-    owner: _Owner
-    tag: Any
-    dst: SharedBuffer | None
-    dst_view: memoryview | None
-    bounce: list[list[int]] | tuple[()]
-    future: asyncio.Future[Completion] | None = None
-    done: bool = False
-
-
-@dataclass(slots=True)
-class Completion:
-    """A finished request: ``status`` and ``output`` (bytes, or a view of your SharedBuffer).
-
-    A value, but not ``frozen``: one is made per request on the hot path and a
-    frozen dataclass's ``__init__`` (``object.__setattr__`` per field) costs
-    about 1.2 µs more, an eighth of the per-request budget. Treat it as read-only.
-    """
-
-    status: Status
-    consumed: int
-    produced: int
-    output: bytes | memoryview
-    tag: Any = None
-    detail: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return self.status is Status.OK
-
-
-@dataclass(slots=True)
-class QueueStats:
-    submitted: int = 0
-    completed: int = 0
-    doorbells: int = 0
-    sleeps: int = 0
-    faults: int = 0
-
-
 @dataclass(slots=True)
 class _Pools:
-    bounce: _RingAlloc
+    bounce: BounceRing
     bounce_off: int
     #: first fit over offsets ``[0, shared size)`` of the shared half; None without SVA
-    shared: CardRamAllocator | None
+    shared: FirstFitAllocator | None
     shared_off: int
     shared_live: dict[int, SharedBuffer] = field(default_factory=dict)
 
@@ -243,7 +96,7 @@ class AccelQueue:
 
     def __init__(
         self,
-        device: AccelDevice,
+        device: QueueOwner,
         qid: int,
         res: QueueResources,
         *,
@@ -261,8 +114,6 @@ class AccelQueue:
         self.geometry: QueueGeometry = geo
         self.pasid = geo.pasid
         self._whole = res.region.view()
-        from virtio.memory import FlatMemory
-
         self.memory = FlatMemory(self._whole, base=geo.base)
         self._words = self._whole[:4096].cast("Q")
         self._dq: DriverQueue[Ticket] = DriverQueue(self.memory, geo.layout, 0)
@@ -271,9 +122,9 @@ class AccelQueue:
         half = geo.heap_size // 2 if sva else geo.heap_size
         half -= half % 4096
         self._pools = _Pools(
-            _RingAlloc(geo.heap_size - half if sva else geo.heap_size),
+            BounceRing(geo.heap_size - half if sva else geo.heap_size),
             geo.heap_off,
-            CardRamAllocator(0, half) if sva and half > 0 else None,
+            FirstFitAllocator(0, half, what="shared heap") if sva and half > 0 else None,
             geo.heap_off + (geo.heap_size - half),
         )
         self._free_slots = list(range(geo.slots - 1, -1, -1))
@@ -306,7 +157,7 @@ class AccelQueue:
         """
         if (self.state, "start") not in TRANSITIONS:
             self._move("start")
-        await self.device._attach(self)
+        await self.device.attach(self)
         self._move("start")
 
     async def put(self) -> None:
@@ -317,7 +168,7 @@ class AccelQueue:
         self._move("put")
         self._words[StatusWord.DISABLED] = 1
         if was_started:
-            await self.device._detach(self)
+            await self.device.detach(self)
         self._fail_all(Status.QUEUE_RESET, "queue put")
 
     async def reset(self) -> None:
@@ -330,7 +181,7 @@ class AccelQueue:
         """
         self._move("reset")
         self._words[StatusWord.DISABLED] = 1
-        await self.device._detach(self)
+        await self.device.detach(self)
         self._fail_all(Status.QUEUE_RESET, "queue reset")
         self._res.renew_mmio(self.policy)
         self._dq.reset()
@@ -339,7 +190,7 @@ class AccelQueue:
         self._disabled = None
         for w in (StatusWord.BUSY_SINCE, StatusWord.DISABLED):
             self._words[w] = 0
-        await self.device._attach(self)
+        await self.device.attach(self)
 
     async def aclose(self) -> None:
         """Put the queue and free its memory (idempotent)."""
@@ -359,7 +210,7 @@ class AccelQueue:
             del self.memory
             self._whole.release()
             self._res.close()
-            self.device._released(self)
+            self.device.released(self)
 
     async def __aenter__(self) -> AccelQueue:
         if self.state is QState.INIT:
@@ -389,8 +240,12 @@ class AccelQueue:
     def status_word(self, w: StatusWord) -> int:
         return int(self._words[w])
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     # -- faults (called by the framework) ------------------------------------------
-    def _fault(self, reason: str) -> None:
+    def fault(self, reason: str) -> None:
         """Disable the queue and fail everything in flight with ENGINE_FAULT."""
         if self.state is not QState.STARTED:
             return
@@ -427,7 +282,7 @@ class AccelQueue:
         shared = self._pools.shared
         try:
             off = shared.alloc(size) if shared is not None else None
-        except ResourceError:  # CardRamAllocator: exhausted
+        except ResourceError:  # FirstFitAllocator: exhausted
             off = None
         if off is None:
             raise WouldBlock(f"shared heap of queue {self.qid} is full")
@@ -437,7 +292,8 @@ class AccelQueue:
         self._pools.shared_live[off] = buf
         return buf
 
-    def _free_shared(self, buf: SharedBuffer) -> None:
+    def free_shared(self, buf: SharedBuffer) -> None:
+        """Give a shared buffer back (``buf.free()``)."""
         if self._pools.shared_live.pop(buf._off, None) is buf:
             buf.view.release()
             assert self._pools.shared is not None  # a buffer came from it
@@ -480,7 +336,7 @@ class AccelQueue:
             view[:] = data
         return self.geometry.base + off, n, view
 
-    def _add(self, req: Request, owner: _Owner, tag: Any) -> Ticket:
+    def _add(self, req: Request, owner: CompletionSink, tag: Any) -> Ticket:
         free = self._free_slots
         if not free:
             raise WouldBlock(f"queue {self.qid}: all {self.geometry.slots} slots in flight")
@@ -530,7 +386,9 @@ class AccelQueue:
         self._tickets[slot] = t
         return t
 
-    def submit(self, req: Request, *, tag: Any = None, owner: _Owner | None = None) -> Ticket:
+    def submit(
+        self, req: Request, *, tag: Any = None, owner: CompletionSink | None = None
+    ) -> Ticket:
         """Submit one request and ring the doorbell.
 
         Raises:
@@ -540,7 +398,7 @@ class AccelQueue:
         return self.submit_many(((req, tag),), owner=owner)[0]
 
     def submit_many(
-        self, reqs: Iterable[tuple[Request, Any]], *, owner: _Owner | None = None
+        self, reqs: Iterable[tuple[Request, Any]], *, owner: CompletionSink | None = None
     ) -> list[Ticket]:
         """Submit a batch with one doorbell. On WouldBlock the requests before it are sent.
 
@@ -548,7 +406,7 @@ class AccelQueue:
             WouldBlock: out of slots or bounce space part-way (already-added ones go out).
         """
         self._check_usable()
-        own: _Owner = owner if owner is not None else self
+        own: CompletionSink = owner if owner is not None else self
         out: list[Ticket] = []
         add = self._add
         every = self.publish_every
@@ -598,13 +456,13 @@ class AccelQueue:
         if self._closed or self.state is not QState.STARTED:
             return 0
         if self._disabled is None and self._words[StatusWord.DISABLED] and self._tickets:
-            self._fault("disabled by the framework")
+            self.fault("disabled by the framework")
             return 0
         try:
             done = self._dq.get_used_many()
         except (RingError, MicError) as e:
-            self._fault(f"used ring: {e}")
-            self.device._ring_fault(self, str(e))
+            self.fault(f"used ring: {e}")
+            self.device.ring_fault(self, str(e))
             return 0
         if not done:
             return 0

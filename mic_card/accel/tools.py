@@ -22,7 +22,7 @@ from mic_card.accel.wire import Op
 from virtio.errors import LocalProtocolError
 
 if TYPE_CHECKING:
-    from mic_card.accel.framework import AccelFramework
+    from mic_card.accel.api import Accelerators
 
 __all__ = [
     "accel_bench",
@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 
-def accel_list_text(fw: AccelFramework) -> str:
+def accel_list_text(fw: Accelerators) -> str:
     """One block per device with its uacce attributes (``accel list``)."""
     lines = []
     for d in fw.devices.values():
@@ -76,7 +76,7 @@ def bench_spec(alg: str, op: str | None = None, level: int = 1) -> SessionSpec:
 
 
 async def accel_bench(
-    fw: AccelFramework,
+    fw: Accelerators,
     alg: str = "zlib",
     size: int = 4096,
     seconds: float = 1.0,

@@ -5,8 +5,8 @@ posted on receiveq (queue 0), the transmit slots it sends from on transmitq
 (queue 1), the reassembly and checking of every packet the host writes, the
 link status, and where frames go on the card:
 
-- **tap mode** (the card process is privileged): the driver creates network
-  namespace ``netns`` and TAP ``ifname`` inside it (``IFF_VNET_HDR``, the
+- **tap mode** (the card process is privileged): the driver opens TAP
+  ``ifname`` inside the network namespace ``netns`` (``IFF_VNET_HDR``, the
   12-byte header in front of each frame), gives it the virtio MAC, the card
   address, MTU and default route. Frames move between the TAP and card RAM
   with ``os.readv``/``os.writev`` straight into/out of the ring buffers, the
@@ -18,22 +18,28 @@ link status, and where frames go on the card:
   GUEST_CSUM/GUEST_TSO are not acked, so what arrives is a complete frame.
 
 The mode comes from the boot parameters (``bus.params["net"]``, an entry per
-NIC matched by MAC; see :meth:`NetDevice.supported_features`). Completions
+NIC matched by MAC: :mod:`mic_card.drivers.net_params`); the TAP is opened and
+configured by :mod:`mic_card.drivers.net_tap`. Completions
 are handled in future callbacks, no task per packet (as
 :mod:`mic_card.drivers.console`); one publish and one kick per loop iteration
 is :class:`mic_card.endpoint.DriverEndpoint`'s job.
 
-Also owns the text of the card shell's ``ifconfig``, ``ip addr`` and
-``netstat -i`` (registered in :mod:`mic_card.shell`).
+The namespace has one owner, the host daemon: it creates it before the card
+boots or the NIC is hot-added and deletes it when its net backend closes
+(it outlives the card). The card only opens its TAP there; a namespace that
+does not exist is a tap-mode failure (frames mode follows). The shell's
+``ifconfig``/``ip``/``netstat`` text lives in :mod:`mic_card.shell.net`,
+which imports this driver; this module never imports the shell.
 
-Must not import ``mic_host``. ``transport.tap`` is imported lazily, only on the
-tap path, so a card without a privileged NIC never loads it (boot time).
+Must not import ``mic_host``; ``transport.tap`` is loaded only on the tap path
+(boot time). :class:`NetDevice` stays one class (~590 lines): receive,
+transmit and the TAP bridge share the same slot pools, which the per-packet
+path reads as plain attributes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import collections
 import functools
 import logging
@@ -41,7 +47,16 @@ import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from virtio.constants import DeviceType, NetFeature, NetHdrFlag
+from mic_card.drivers.net_params import (
+    FRAMES_FEATURES,
+    consistent,
+    feature_names,
+    merge_params,
+    param_mac,
+    plan,
+)
+from mic_card.drivers.net_tap import open_card_tap
+from virtio.constants import NetFeature, NetHdrFlag
 from virtio.errors import (
     BrokenResourceError,
     LocalProtocolError,
@@ -65,25 +80,20 @@ from virtio.net import (
     guest_offloads,
     host_offloads,
     parse_config,
-    parse_mac,
-    random_mac,
 )
 from virtio.split import gather_segments
 
 if TYPE_CHECKING:
     from mic_card.bus import CardDevice
     from mic_card.endpoint import DriverEndpoint
-    from mic_card.shell import ShellContext
     from transport.tap import Tap
 
 __all__ = [
+    "ERROR_REASONS",
     "FRAMES_FEATURES",
     "MRG_BUFFER",
     "NetDevice",
     "merge_params",
-    "shell_ifconfig",
-    "shell_ip",
-    "shell_netstat",
 ]
 
 log = logging.getLogger(__name__)
@@ -105,151 +115,9 @@ _ALIGN = 64
 _MIN_MTU = 68
 _LOGGED = 20  # malformed packets logged per device (then only counted)
 
-_GUEST_OFFLOADS = (
-    NetFeature.GUEST_CSUM | NetFeature.GUEST_TSO4 | NetFeature.GUEST_TSO6 | NetFeature.GUEST_ECN
-)
-#: Frames mode: apps get complete frames, so no receive offloads. (Tap mode
-#: supports everything the device offers, ``virtio.net.DEVICE_FEATURES``.)
-FRAMES_FEATURES = int(DEVICE_FEATURES) & ~int(_GUEST_OFFLOADS)
-
-# Feature dependencies (virtio 1.2 §5.1.3.1): (bit, needs any of).
-_DEPENDS = (
-    (NetFeature.GUEST_TSO4, NetFeature.GUEST_CSUM),
-    (NetFeature.GUEST_TSO6, NetFeature.GUEST_CSUM),
-    (NetFeature.GUEST_ECN, NetFeature.GUEST_TSO4 | NetFeature.GUEST_TSO6),
-    (NetFeature.HOST_TSO4, NetFeature.CSUM),
-    (NetFeature.HOST_TSO6, NetFeature.CSUM),
-    (NetFeature.HOST_ECN, NetFeature.HOST_TSO4 | NetFeature.HOST_TSO6),
-)
 _NEEDS_CSUM = int(NetHdrFlag.NEEDS_CSUM)
-_ERROR_REASONS = frozenset({"runt", "bad_header", "offload", "oversize", "num_buffers"})
-
-
-def _consistent(features: int) -> int:
-    """Drop bits whose prerequisites are missing (§5.1.3.1), in dependency order."""
-    for bit, needs in _DEPENDS:
-        if features & bit and not features & needs:
-            features &= ~int(bit)
-    return features
-
-
-def _feature_names(bits: int) -> list[str]:
-    return [f.name or "" for f in NetFeature if bits & f]
-
-
-# --------------------------------------------------------------------------
-# boot parameters and the mode
-
-
-def _entry_mac(entry: Any) -> bytes | None:
-    if not isinstance(entry, dict):
-        return None
-    try:
-        return parse_mac(str(entry.get("mac", "")))
-    except LocalProtocolError:
-        return None
-
-
-def merge_params(known: list[Any], entries: list[Any]) -> None:
-    """Merge hot-added NICs' parameters into ``boot_params["net"]`` in place:
-    an entry replaces any earlier one with the same MAC (a NIC detached and
-    attached again under the same name keeps its derived MAC, not its old
-    address or mode)."""
-    new = [e for e in entries if isinstance(e, dict)]
-    macs = {m for m in map(_entry_mac, new) if m is not None}
-    known[:] = [k for k in known if _entry_mac(k) not in macs] + new
-
-
-def _entry_for(dev: CardDevice, mac: bytes) -> dict[str, Any] | None:
-    """This NIC's ``bus.params["net"]`` entry (matched by MAC), or None."""
-    entries = getattr(dev.bus, "params", {}).get("net") or []
-    for e in entries:
-        if not isinstance(e, dict):
-            continue
-        try:
-            if parse_mac(str(e.get("mac", ""))) == mac:
-                return e
-        except LocalProtocolError:
-            continue
-    return None
-
-
-def _plan(dev: CardDevice) -> tuple[dict[str, Any] | None, str, str | None]:
-    """(boot entry, planned mode "tap"/"frames", why not tap when tap was asked for).
-
-    Raises:
-        RemoteProtocolError: the config space is too short.
-    """
-    mac = parse_config(dev.read_config()).mac
-    entry = _entry_for(dev, mac)
-    if entry is None:
-        return None, "frames", None
-    mode = str(entry.get("mode") or "auto")
-    if mode == "frames":
-        return entry, "frames", None
-    if mode not in ("auto", "tap"):
-        return entry, "frames", f"unknown mode {mode!r}"
-    from transport.tap import tap_privilege_problem
-
-    problem = tap_privilege_problem()
-    if problem is None:
-        return entry, "tap", None
-    return entry, "frames", problem if mode == "tap" else None
-
-
-# --------------------------------------------------------------------------
-# namespaces this process created: deleted on detach, and at exit if the
-# event loop ended before the asynchronous delete did.
-
-_OWNED_NETNS: set[str] = set()
-_DELETING: dict[str, asyncio.Task[None]] = {}
-_atexit_registered = False
-
-
-def _own_netns(name: str) -> None:
-    global _atexit_registered
-    _OWNED_NETNS.add(name)
-    if not _atexit_registered:
-        atexit.register(_delete_owned_netns_sync)
-        _atexit_registered = True
-
-
-def _delete_owned_netns_sync() -> None:
-    """At interpreter exit: delete namespaces whose asynchronous delete never ran."""
-    from transport.tap import TapError, delete_netns_sync
-
-    for name in sorted(_OWNED_NETNS):
-        try:
-            delete_netns_sync(name)
-        except TapError as e:
-            log.error("network namespace %s not deleted: %s", name, e)
-    _OWNED_NETNS.clear()
-
-
-async def _delete_netns(name: str) -> None:
-    from transport.tap import delete_netns
-
-    try:
-        await delete_netns(name)
-    except MicError as e:
-        log.error("network namespace %s not deleted: %s", name, e)
-    else:
-        _OWNED_NETNS.discard(name)
-    finally:
-        _DELETING.pop(name, None)
-
-
-def _schedule_netns_delete(name: str) -> asyncio.Task[None] | None:
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:  # no loop: do it now
-        _delete_owned_netns_sync()
-        return None
-    task = _DELETING.get(name)
-    if task is None:
-        task = loop.create_task(_delete_netns(name), name=f"netns-del-{name}")
-        _DELETING[name] = task
-    return task
+#: drop reasons counted as errors (the rest as drops) by ``ifconfig``/``netstat``
+ERROR_REASONS = frozenset({"runt", "bad_header", "offload", "oversize", "num_buffers"})
 
 
 # --------------------------------------------------------------------------
@@ -298,9 +166,9 @@ class NetDevice:
         Raises:
             RemoteProtocolError: the config space is too short.
         """
-        _, mode, _ = _plan(dev)
+        _, mode, _ = plan(dev)
         bits = int(DEVICE_FEATURES) if mode == "tap" else FRAMES_FEATURES
-        return _consistent(bits & dev.offered)
+        return consistent(bits & dev.offered)
 
     def __init__(self, dev: CardDevice, *, rx_queue_max: int = RX_QUEUE_MAX) -> None:
         if len(dev.endpoints) < 2:
@@ -312,10 +180,10 @@ class NetDevice:
         self.features = dev.features
         f = self.features
         cfg = parse_config(dev.read_config())
-        entry, planned, problem = _plan(dev)
+        entry, planned, problem = plan(dev)
         entry = entry or {}
         self.params = entry
-        self.mac = cfg.mac if f & NetFeature.MAC else _param_mac(entry, dev.name)
+        self.mac = cfg.mac if f & NetFeature.MAC else param_mac(entry, dev.name)
         self.mtu = (
             cfg.mtu if f & NetFeature.MTU and cfg.mtu >= _MIN_MTU else int(entry.get("mtu") or 1500)
         )
@@ -357,8 +225,6 @@ class NetDevice:
         self._tap_fd = -1
         self._reading = False
         self._setup_task: asyncio.Task[None] | None = None
-        self._delete_task: asyncio.Task[None] | None = None
-        self._netns_owned: str | None = None
         self._rx = self._rx_pool()
         try:
             self._tx = self._tx_pool()
@@ -448,7 +314,7 @@ class NetDevice:
 
     def _rx_drop(self, reason: str, why: str, parts: list[tuple[int, int]]) -> None:
         self.rx_dropped[reason] += 1
-        if reason in _ERROR_REASONS and self._logged < _LOGGED:
+        if reason in ERROR_REASONS and self._logged < _LOGGED:
             self._logged += 1
             log.warning("%s: dropped a malformed packet from the host: %s", self.name, why)
         for j, _ in parts:
@@ -686,51 +552,25 @@ class NetDevice:
 
     # -- tap mode ---------------------------------------------------------------------
     async def _setup_tap(self) -> None:
-        from transport.tap import Tap, TapError, create_netns, ip, netns_exists
-
         ns = self.netns or self.name
         self.netns = ns
-        pending = _DELETING.get(ns)
-        if pending is not None:  # a previous incarnation (reset) is still deleting it
-            await asyncio.shield(pending)
+        o = self._tx_accepts  # what the host takes from us = what we take from the kernel
         try:
-            if netns_exists(ns):  # left by someone else: never ours to delete
-                raise TapError(f"network namespace {ns!r} already exists")
-            # Ours from here on, so a cancel while `ip netns add` runs still deletes it.
-            self._netns_owned = ns
-            _own_netns(ns)
-            create = asyncio.ensure_future(create_netns(ns))
-            try:
-                await asyncio.shield(create)
-            except asyncio.CancelledError:
-                # Let `ip netns add` finish so the delete that follows finds it.
-                await asyncio.gather(create, return_exceptions=True)
-                raise
-            tap = Tap.open(self.ifname, netns=ns)
-            self.tap = tap
-            await ip("link", "set", self.ifname, "address", self.mac_str, netns=ns)
-            o = self._tx_accepts  # what the host takes from us = what we take from the kernel
-            tap.set_offloads(csum=o.csum, tso4=o.tso4, tso6=o.tso6, ecn=o.ecn)
-            tap.set_carrier(self.link_up)
-            await tap.configure(self.card_ip, mtu=self.mtu)
-            if self.gateway:
-                await ip("route", "replace", "default", "via", self.gateway, netns=ns)
-        except (TapError, MicError, OSError) as e:
+            tap = await open_card_tap(
+                self.ifname, ns, mac=self.mac_str, offloads=o, link_up=self.link_up,
+                address=self.card_ip, mtu=self.mtu, gateway=self.gateway,
+            )  # fmt: skip
+        except (MicError, OSError) as e:  # TapError is a ConfigError
             self.error = f"tap mode failed: {e}; using frames mode"
             log.error("%s: %s", self.name, self.error)
-            self._close_tap()
-            self._delete_owned_netns()
             if self._closed is None:
                 self.mode = "frames"
             return
-        except asyncio.CancelledError:
-            self._close_tap()
-            self._delete_owned_netns()
-            raise
         if self._closed is not None:  # detached while the last step ran
-            self._close_tap()
-            self._delete_owned_netns()
+            tap.close()
             return
+        self.tap = tap
+        self._carrier()  # a link change while the TAP was being set up
         self.mode = "tap"
         self._tap_fd = tap.fd
         self._resume_tap()
@@ -799,30 +639,23 @@ class NetDevice:
         if self.tap is not None:
             self.tap.close()
 
-    def _delete_owned_netns(self) -> None:
-        ns, self._netns_owned = self._netns_owned, None
-        if ns is not None:
-            self._delete_task = _schedule_netns_delete(ns)
-
     async def wait_closed(self) -> None:
-        """After a detach: wait until the namespace this NIC created is deleted."""
+        """After a detach: wait until a TAP setup that was running has ended (the
+        TAP is closed then). The namespace is the daemon's: it stays."""
         if self._setup_task is not None:
             await asyncio.gather(self._setup_task, return_exceptions=True)
-        if self._delete_task is not None:
-            await asyncio.shield(self._delete_task)
 
     # -- Driver -------------------------------------------------------------------------
     def detach(self, exc: BrokenResourceError) -> None:
-        """The device went away: close the TAP, delete the namespace, free card RAM,
-        fail every waiter with ``exc``."""
+        """The device went away: close the TAP (the namespace stays: the daemon's),
+        free card RAM, fail every waiter with ``exc``."""
         if self._closed is not None:
             return
         self._closed = exc
         if self._setup_task is not None and not self._setup_task.done():
-            self._setup_task.cancel()  # its handler closes the TAP, deletes the namespace
+            self._setup_task.cancel()  # its handler closes the TAP
         else:
             self._close_tap()
-            self._delete_owned_netns()
         # The endpoints failed before this call: the host no longer touches the pools.
         self._rx_parts = []
         self._rx_need = 0
@@ -877,7 +710,7 @@ class NetDevice:
             "running": self._closed is None,
             "ready": self._closed is None and self.mode != "pending",
             "error": self.error,
-            "features": _feature_names(self.features),
+            "features": feature_names(self.features),
             "offloads": {
                 "rx": [k for k in ("csum", "tso4", "tso6", "ecn") if getattr(o_rx, k)],
                 "tx": [k for k in ("csum", "tso4", "tso6", "ecn") if getattr(o_tx, k)],
@@ -885,177 +718,3 @@ class NetDevice:
             "mrg_rxbuf": self._mrg,
             "stats": self.stats(),
         }
-
-
-def _param_mac(entry: dict[str, Any], name: str) -> bytes:
-    """MAC not negotiated: the boot parameter's, else a stable random one."""
-    try:
-        return parse_mac(str(entry["mac"]))
-    except (KeyError, LocalProtocolError):
-        return random_mac(name.encode())
-
-
-# --------------------------------------------------------------------------
-# card shell: ifconfig, ip addr, netstat -i
-
-
-def _nics(ctx: ShellContext) -> list[NetDevice]:
-    card = ctx.card
-    if card is None:
-        return []
-    out: list[NetDevice] = []
-    for d in card.devices():
-        if d.get("type") == DeviceType.NET and d.get("driver"):
-            try:
-                drv = card.device(d["name"])
-            except MicError:
-                continue
-            if isinstance(drv, NetDevice):
-                out.append(drv)
-    return out
-
-
-def _pick(ctx: ShellContext, name: str | None) -> list[NetDevice]:
-    nics = _nics(ctx)
-    if name is None:
-        return nics
-    return [n for n in nics if name in (n.name, n.ifname)]
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{n} B"  # pragma: no cover
-
-
-def _addr(nic: NetDevice) -> tuple[str, int, str, str] | None:
-    """(address, prefix length, netmask, broadcast) of the card address, if any."""
-    if not nic.card_ip:
-        return None
-    import ipaddress
-
-    try:
-        iface = ipaddress.ip_interface(nic.card_ip)
-    except ValueError:
-        return None
-    net = iface.network
-    return str(iface.ip), net.prefixlen, str(net.netmask), str(net.broadcast_address)
-
-
-def _errors_dropped(c: collections.Counter[str]) -> tuple[int, int]:
-    errors = sum(v for k, v in c.items() if k in _ERROR_REASONS)
-    return errors, sum(c.values()) - errors
-
-
-def ifconfig_text(nic: NetDevice) -> str:
-    """One net-tools ``ifconfig`` block for ``nic``."""
-    running = nic.link_up and nic.running
-    flags = 0x1003 | (0x40 if running else 0)  # UP BROADCAST [RUNNING] MULTICAST
-    names = "UP,BROADCAST,RUNNING,MULTICAST" if running else "UP,BROADCAST,MULTICAST"
-    lines = [f"{nic.name}: flags={flags}<{names}>  mtu {nic.mtu}"]
-    a = _addr(nic)
-    if a is not None:
-        lines.append(f"        inet {a[0]}  netmask {a[2]}  broadcast {a[3]}")
-    lines.append(f"        ether {nic.mac_str}  txqueuelen 1000  (Ethernet)")
-    rx_err, rx_drop = _errors_dropped(nic.rx_dropped)
-    tx_err, tx_drop = _errors_dropped(nic.tx_dropped)
-    lines += [
-        f"        RX packets {nic.rx_packets}  bytes {nic.rx_bytes} ({_human(nic.rx_bytes)})",
-        f"        RX errors {rx_err}  dropped {rx_drop}  overruns 0  frame 0",
-        f"        TX packets {nic.tx_packets}  bytes {nic.tx_bytes} ({_human(nic.tx_bytes)})",
-        f"        TX errors {tx_err}  dropped {tx_drop} overruns 0  carrier 0  collisions 0",
-    ]
-    where = f"TAP {nic.ifname} in netns {nic.netns}" if nic.mode == "tap" else nic.mode
-    lines.append(f"        virtio-net  mode {where}")
-    return "\n".join(lines) + "\n"
-
-
-def ip_addr_text(index: int, nic: NetDevice) -> str:
-    """One iproute2 ``ip addr`` entry for ``nic``."""
-    up = nic.link_up and nic.running
-    flags = "BROADCAST,MULTICAST,UP,LOWER_UP" if up else "NO-CARRIER,BROADCAST,MULTICAST,UP"
-    lines = [
-        f"{index}: {nic.name}: <{flags}> mtu {nic.mtu} qdisc pfifo_fast state "
-        f"{'UP' if up else 'DOWN'} group default qlen 1000",
-        f"    link/ether {nic.mac_str} brd ff:ff:ff:ff:ff:ff",
-    ]
-    if nic.mode == "tap":
-        lines[-1] += f" link-netns {nic.netns}"
-    a = _addr(nic)
-    if a is not None:
-        lines.append(f"    inet {a[0]}/{a[1]} brd {a[3]} scope global {nic.name}")
-        lines.append("       valid_lft forever preferred_lft forever")
-    return "\n".join(lines) + "\n"
-
-
-def netstat_text(nics: list[NetDevice]) -> str:
-    """net-tools ``netstat -i``: the kernel interface table."""
-    rows = ["Kernel Interface table"]
-    rows.append(
-        f"{'Iface':<10}{'MTU':>6}{'RX-OK':>9}{'RX-ERR':>7}{'RX-DRP':>7}{'RX-OVR':>7}"
-        f"{'TX-OK':>9}{'TX-ERR':>7}{'TX-DRP':>7}{'TX-OVR':>7} Flg"
-    )
-    for nic in nics:
-        rx_err, rx_drop = _errors_dropped(nic.rx_dropped)
-        tx_err, tx_drop = _errors_dropped(nic.tx_dropped)
-        flg = "BMRU" if nic.link_up and nic.running else "BMU"
-        rows.append(
-            f"{nic.name:<10}{nic.mtu:>6}{nic.rx_packets:>9}{rx_err:>7}{rx_drop:>7}{0:>7}"
-            f"{nic.tx_packets:>9}{tx_err:>7}{tx_drop:>7}{0:>7} {flg}"
-        )
-    return "\n".join(rows) + "\n"
-
-
-async def shell_ifconfig(ctx: ShellContext, args: list[str]) -> int:
-    """``ifconfig [-a] [IFACE]``."""
-    args = [a for a in args if a != "-a"]
-    if len(args) > 1:
-        await ctx.err("usage: ifconfig [-a] [IFACE]\n")
-        return 2
-    nics = _pick(ctx, args[0] if args else None)
-    if args and not nics:
-        await ctx.err(f"{args[0]}: error fetching interface information: Device not found\n")
-        return 1
-    await ctx.out("\n".join(ifconfig_text(n) for n in nics))
-    return 0
-
-
-async def shell_ip(ctx: ShellContext, args: list[str]) -> int:
-    """``ip addr|a [show [IFACE]]`` (and ``ip link`` without addresses)."""
-    if not args or args[0] not in ("addr", "a", "address", "link", "l"):
-        await ctx.err("usage: ip addr [show [IFACE]] | ip link\n")
-        return 2
-    rest = args[1:]
-    if rest and rest[0] in ("show", "list", "ls"):
-        rest = rest[1:]
-    if rest and rest[0] == "dev":
-        rest = rest[1:]
-    if len(rest) > 1:
-        await ctx.err("usage: ip addr [show [dev] IFACE]\n")
-        return 2
-    name = rest[-1] if rest else None
-    nics = _pick(ctx, name)
-    if name is not None and not nics:
-        await ctx.err(f'Device "{name}" does not exist.\n')
-        return 1
-    all_nics = _nics(ctx)
-    text = ""
-    for nic in nics:
-        entry = ip_addr_text(all_nics.index(nic) + 1, nic)
-        if args[0] in ("link", "l"):
-            entry = "".join(entry.splitlines(keepends=True)[:2])
-        text += entry
-    await ctx.out(text)
-    return 0
-
-
-async def shell_netstat(ctx: ShellContext, args: list[str]) -> int:
-    """``netstat -i``."""
-    if args != ["-i"]:
-        await ctx.err("usage: netstat -i\n")
-        return 2
-    await ctx.out(netstat_text(_nics(ctx)))
-    return 0

@@ -99,11 +99,6 @@ def _error_from(reply: dict[str, Any]) -> MicError:
     """The card's ``error`` answer (a :class:`~virtio.errors.WireError`) as the
     ``virtio.errors`` class it names; a malformed one is a ``RemoteProtocolError``."""
     err = reply.get("error")
-    if isinstance(err, dict) and set(err) == {"type", "name", "message"}:
-        # Transitional: the card's pre-WireError form ({"type": base, "name": own
-        # class, "message"}) until mic_card/accel/offload.py sends WireError
-        # (issue 12). Delete this branch once it does.
-        err = {"type": err["name"], "base": err["type"], "message": err["message"]}
     try:
         wire = WireError.from_wire(err)
     except RemoteProtocolError as e:

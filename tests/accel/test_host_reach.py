@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 import mic_host
 from mic_card.accel import AccelError
-from mic_card.card import Card
+from mic_card.services import CardServices
 from mic_host.client import CardClient
 from mic_host.client.accel import AccelRequestError
 from mic_host.paths import accel_socket_path
@@ -50,7 +50,7 @@ async def card() -> AsyncIterator[CardClient]:
         shutil.rmtree(state, ignore_errors=True)
 
 
-async def channel_stats(card: Card) -> dict[str, Any]:
+async def channel_stats(card: CardServices) -> dict[str, Any]:
     """Card app: the accelerators' per-queue counters (what the engines did)."""
     fw = await card.accelerators()
     return {
@@ -62,7 +62,7 @@ async def channel_stats(card: Card) -> dict[str, Any]:
     }
 
 
-async def reset_queue(card: Card, device: str, qid: int) -> str:
+async def reset_queue(card: CardServices, device: str, qid: int) -> str:
     """Card app: ask the device's management queue to reset queue ``qid``."""
     fw = await card.accelerators()
     try:

@@ -15,8 +15,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from mic_card.card import Card
 from mic_card.drivers.block import BlockDevice, BlockIOError
+from mic_card.services import CardServices
 from tests.block import storm
 from virtio.errors import BrokenResourceError, MicError
 
@@ -27,19 +27,19 @@ def _note(path: str, text: str) -> None:
     Path(path).write_text(text)
 
 
-def _blk(card: Card, dev: str) -> BlockDevice:
+def _blk(card: CardServices, dev: str) -> BlockDevice:
     d = card.device(dev)
     assert isinstance(d, BlockDevice)
     return d
 
 
-async def info(card: Card, dev: str) -> dict[str, Any]:
+async def info(card: CardServices, dev: str) -> dict[str, Any]:
     """``BlockDevice.info()`` plus the serial (what ``blkinfo`` will print)."""
     blk = _blk(card, dev)
     return blk.info() | {"serial": (await blk.get_id()).decode()}
 
 
-async def apply_ops(card: Card, dev: str, ops: list[list[Any]]) -> list[Any]:
+async def apply_ops(card: CardServices, dev: str, ops: list[list[Any]]) -> list[Any]:
     """Run ``ops`` in order: ``["w", sector, hex]``, ``["r", sector, count]``,
     ``["z", sector, count]`` (write_zeroes), ``["d", sector, count]`` (discard),
     ``["f"]`` (flush). Each answer: hex data for reads, "ok", or the error's
@@ -67,7 +67,7 @@ async def apply_ops(card: Card, dev: str, ops: list[list[Any]]) -> list[Any]:
     return out
 
 
-async def concurrent_ops(card: Card, dev: str, ops: list[list[Any]]) -> list[Any]:
+async def concurrent_ops(card: CardServices, dev: str, ops: list[list[Any]]) -> list[Any]:
     """Like :func:`apply_ops`, but every op is in flight at once (ops must not overlap)."""
     blk = _blk(card, dev)
 
@@ -80,7 +80,7 @@ async def concurrent_ops(card: Card, dev: str, ops: list[list[Any]]) -> list[Any
     return list(await asyncio.gather(*(one(op) for op in ops)))
 
 
-async def queue_use(card: Card, dev: str, n: int) -> dict[str, Any]:
+async def queue_use(card: CardServices, dev: str, n: int) -> dict[str, Any]:
     """``n`` concurrent 4 KiB reads; how many requests each queue carried."""
     blk = _blk(card, dev)
     before = [q.submitted for q in blk.queues]
@@ -91,7 +91,7 @@ async def queue_use(card: Card, dev: str, n: int) -> dict[str, Any]:
     }
 
 
-async def refusals(card: Card, dev: str) -> dict[str, Any]:
+async def refusals(card: CardServices, dev: str) -> dict[str, Any]:
     """What a read-only device / out-of-range requests answer (status per attempt)."""
     blk = _blk(card, dev)
     res: dict[str, Any] = {"read_only": blk.read_only}
@@ -114,7 +114,7 @@ async def refusals(card: Card, dev: str) -> dict[str, Any]:
     return res
 
 
-async def digest(card: Card, dev: str) -> str:
+async def digest(card: CardServices, dev: str) -> str:
     """sha256 of the whole device, read in 1 MiB requests at depth 8."""
     blk = _blk(card, dev)
     step = 2048
@@ -131,7 +131,7 @@ async def digest(card: Card, dev: str) -> str:
     return h.hexdigest()
 
 
-async def io_until_removed(card: Card, dev: str, seconds: float) -> dict[str, Any]:
+async def io_until_removed(card: CardServices, dev: str, seconds: float) -> dict[str, Any]:
     """Reads and writes at depth 16 until the device goes away (or ``seconds``);
     counts what succeeded and what failed, and how."""
     blk = _blk(card, dev)
@@ -160,7 +160,7 @@ async def io_until_removed(card: Card, dev: str, seconds: float) -> dict[str, An
 
 
 async def write_storm(
-    card: Card, dev: str, journal: str, seed: int, depth: int, limit: int, side_file: str
+    card: CardServices, dev: str, journal: str, seed: int, depth: int, limit: int, side_file: str
 ) -> dict[str, Any]:
     """Random 4 KiB writes at ``depth`` on ``dev``, a FLUSH every few ms; after each
     completed FLUSH, the acknowledged prefix it covers is recorded in sector 0

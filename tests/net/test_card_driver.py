@@ -19,7 +19,8 @@ import pytest
 import pytest_asyncio
 
 from mic_card.bus import CardRamAllocator, VirtioBus
-from mic_card.drivers.net import MRG_BUFFER, NetDevice, _consistent, merge_params
+from mic_card.drivers.net import MRG_BUFFER, NetDevice, merge_params
+from mic_card.drivers.net_params import consistent
 from mic_host.backends import BackendContext
 from mic_host.vop import Vop
 from tests.vop.rig import CARD_HEAP, CardPlat, HostPlat, TwoRegionMemory
@@ -167,7 +168,7 @@ class NetRig:
         await self.vop.aclose()
         for nic in nics:
             if isinstance(nic, NetDevice):
-                await nic.wait_closed()  # its namespace is deleted asynchronously
+                await nic.wait_closed()  # a TAP setup still running has ended
 
 
 async def until(pred: Callable[[], bool], what: str = "condition") -> None:
@@ -229,7 +230,7 @@ class OffloadFrames(NetDevice):
 
     @classmethod
     def supported_features(cls, dev: Any) -> int:
-        return _consistent(int(DEVICE_FEATURES) & dev.offered)
+        return consistent(int(DEVICE_FEATURES) & dev.offered)
 
 
 # --------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """The card's virtio-net driver in tap mode: a real TAP in a real namespace.
 
 Needs root (TAP devices, namespaces); skipped with the reason otherwise. Each
-test uses a uniquely named namespace and makes sure it is gone afterwards.
+test uses a uniquely named namespace that it creates and deletes itself, as the
+daemon (its one owner) does around a card; the card only opens its TAP there
+and must leave the namespace in place.
 The host side is the in-process device of ``test_card_driver`` (:class:`RingNet`).
 """
 
@@ -31,11 +33,19 @@ PEER_IP = "10.77.0.2"
 
 @pytest.fixture
 def ns() -> Iterator[str]:
+    """A namespace created before the card sees the NIC, deleted after (the daemon's job)."""
     name = f"mvtest-{uuid.uuid4().hex[:8]}"
-    yield name
-    if netns_exists(name):
-        ip_sync("netns", "del", name)
-        pytest.fail(f"namespace {name} outlived the test")
+    ip_sync("netns", "add", name)
+    try:
+        yield name
+        assert netns_exists(name), "the card deleted the daemon's namespace"
+    finally:
+        if netns_exists(name):
+            ip_sync("netns", "del", name)
+
+
+def has_tap(ns: str) -> bool:
+    return "eth0" in ip_sync("-o", "link", "show", netns=ns)
 
 
 @pytest_asyncio.fixture
@@ -180,48 +190,47 @@ async def test_carrier_follows_the_link_status(rig: NetRig, ns: str) -> None:
 
 
 @pytest.mark.asyncio
-async def test_removal_closes_the_tap_and_deletes_the_namespace(rig: NetRig, ns: str) -> None:
+async def test_removal_closes_the_tap_and_leaves_the_namespace(rig: NetRig, ns: str) -> None:
     dev = RingNet()
     nic = await tap_nic(rig, dev, ns)
-    assert netns_exists(ns)
+    assert has_tap(ns)
     await rig.vop.remove_device("net0")
     await until(lambda: not nic.running, "detached")
     await nic.wait_closed()
-    assert not netns_exists(ns)
+    assert not has_tap(ns)
+    assert netns_exists(ns)  # the daemon's: it deletes it when its backend closes
 
 
 @pytest.mark.asyncio
-async def test_card_shutdown_deletes_the_namespace(rig: NetRig, ns: str) -> None:
+async def test_card_shutdown_closes_the_tap_and_leaves_the_namespace(rig: NetRig, ns: str) -> None:
     dev = RingNet()
     nic = await tap_nic(rig, dev, ns)
     assert rig.bus is not None
     await rig.bus.aclose()  # what the card OS does on shutdown
     await nic.wait_closed()
-    assert not netns_exists(ns)
+    assert not has_tap(ns)
+    assert netns_exists(ns)
 
 
 @pytest.mark.asyncio
-async def test_existing_namespace_is_left_alone_and_frames_mode_used(
-    rig: NetRig, ns: str, caplog: pytest.LogCaptureFixture
+async def test_missing_namespace_is_a_clear_error_and_frames_mode_used(
+    rig: NetRig, caplog: pytest.LogCaptureFixture
 ) -> None:
-    ip_sync("netns", "add", ns)
-    try:
-        dev = RingNet()
-        with caplog.at_level(logging.ERROR):
-            await rig.boot(dev, params=params(ns, mode="tap"))
-            nic = rig.nic()
-            await until(lambda: nic.mode != "pending", "setup gave up")
-        assert nic.mode == "frames"
-        assert "already exists" in nic.error
-        assert any("already exists" in r.getMessage() for r in caplog.records)
-        assert netns_exists(ns)  # not ours
-        await rig.bus.aclose() if rig.bus else None
-        await nic.wait_closed()
-        assert netns_exists(ns)
-        # frames still flow (offloads were acked for tap: checksums completed here)
-        assert nic.features & NetFeature.GUEST_CSUM
-    finally:
-        ip_sync("netns", "del", ns)
+    missing = f"mvtest-{uuid.uuid4().hex[:8]}"
+    dev = RingNet()
+    with caplog.at_level(logging.ERROR):
+        await rig.boot(dev, params=params(missing, mode="tap"))
+        nic = rig.nic()
+        await until(lambda: nic.mode != "pending", "setup gave up")
+    assert nic.mode == "frames"
+    want = f"namespace {missing} does not exist: the daemon creates it"
+    assert want in nic.error
+    assert any(want in r.getMessage() for r in caplog.records)
+    assert not netns_exists(missing)  # the card never creates one
+    # frames still flow (offloads were acked for tap: checksums completed here)
+    assert nic.features & NetFeature.GUEST_CSUM
+    await dev.inject(arp_request(CARD_IP))
+    assert await asyncio.wait_for(nic.recv(), 5) == arp_request(CARD_IP)
 
 
 @pytest.mark.asyncio
@@ -233,4 +242,5 @@ async def test_setup_cancelled_by_an_early_removal_leaves_nothing(rig: NetRig, n
     await rig.vop.remove_device("net0")
     await until(lambda: not nic.running, "detached")
     await nic.wait_closed()
-    assert not netns_exists(ns)
+    assert not has_tap(ns)
+    assert netns_exists(ns)

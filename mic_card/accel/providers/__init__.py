@@ -27,7 +27,7 @@ from mic_card.accel.session import SessionLike, SessionSpec
 from virtio.errors import ResourceError
 
 if TYPE_CHECKING:
-    from mic_card.accel.framework import AccelFramework
+    from mic_card.accel.api import Accelerators
 
 __all__ = ["ENTRY_POINT_GROUP", "Provider", "ProviderFactory", "ProviderRegistry"]
 
@@ -49,18 +49,18 @@ class Provider(Protocol):
     async def aclose(self) -> None: ...
 
 
-ProviderFactory = Callable[["AccelFramework | None"], Provider | None]
+ProviderFactory = Callable[["Accelerators | None"], Provider | None]
 
 
 class ProviderRegistry:
     """Providers by name; ``open_session(alg, ...)`` picks by priority with fallback."""
 
-    def __init__(self, framework: AccelFramework | None = None) -> None:
+    def __init__(self, framework: Accelerators | None = None) -> None:
         self.framework = framework
         self._providers: dict[str, Provider] = {}
 
     @classmethod
-    def default(cls, framework: AccelFramework | None) -> ProviderRegistry:
+    def default(cls, framework: Accelerators | None) -> ProviderRegistry:
         """The built-ins plus every entry point of :data:`ENTRY_POINT_GROUP`."""
         from mic_card.accel.providers.mic import MicProvider
         from mic_card.accel.providers.soft import SoftProvider

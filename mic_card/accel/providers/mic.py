@@ -18,7 +18,7 @@ from mic_card.accel.queue import AccelQueue, QState
 from mic_card.accel.session import Session, SessionLike, SessionSpec
 
 if TYPE_CHECKING:
-    from mic_card.accel.framework import AccelDevice, AccelFramework
+    from mic_card.accel.api import Accelerator, Accelerators
 
 __all__ = ["MicProvider", "factory"]
 
@@ -29,14 +29,14 @@ class MicProvider:
     name = "mic"
     priority = 100
 
-    def __init__(self, framework: AccelFramework) -> None:
+    def __init__(self, framework: Accelerators) -> None:
         self.fw = framework
         self._pools: dict[str, list[AccelQueue]] = {}
 
     def supports(self, alg: str) -> bool:
         return bool(self.fw.find(alg))
 
-    async def queues(self, device: AccelDevice) -> list[AccelQueue]:
+    async def queues(self, device: Accelerator) -> list[AccelQueue]:
         """The started queues this provider shares on ``device`` (opened on first use).
 
         Raises:
@@ -63,7 +63,7 @@ class MicProvider:
         self,
         spec: SessionSpec,
         *,
-        device: AccelDevice | None = None,
+        device: Accelerator | None = None,
         queues: Sequence[AccelQueue] | None = None,
     ) -> SessionLike:
         """A session on this provider's queues (or on ``queues`` / ``device``).
@@ -101,6 +101,6 @@ class MicProvider:
         self._pools.clear()
 
 
-def factory(framework: AccelFramework | None) -> MicProvider | None:
+def factory(framework: Accelerators | None) -> MicProvider | None:
     """Entry-point factory (None without a running framework)."""
     return None if framework is None else MicProvider(framework)

@@ -1,0 +1,201 @@
+"""The interactive shell on a console port (:class:`InteractiveShell`): the card's "getty + sh".
+
+The pty on the host is raw, so the shell echoes, edits the line (backspace,
+Ctrl-U, Ctrl-C, Ctrl-D) and writes ``\\r\\n``. Commands run through
+:func:`mic_card.shell.registry.run_line`.
+
+Imports the registry, :mod:`mic_card.shell.fs` and :mod:`mic_card.shell.base`;
+never the card OS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from mic_card.services import CardServices
+from mic_card.shell.base import STATUS_INTERRUPTED, SYSNAME, VERSION
+from mic_card.shell.fs import CardFS
+from mic_card.shell.registry import PortOutput, ShellContext, run_line
+from virtio.errors import BrokenResourceError
+
+if TYPE_CHECKING:
+    from mic_card.drivers.console import ConsolePort
+
+__all__ = ["InteractiveShell"]
+
+log = logging.getLogger("mic_card.shell")
+
+
+class _Input:
+    """Typed bytes from the console port, read in the background, with Ctrl-C detection."""
+
+    def __init__(self, port: ConsolePort) -> None:
+        self.port = port
+        self.buf = bytearray()
+        self.event = asyncio.Event()
+        self.closed: BaseException | None = None
+
+    async def pump(self) -> None:
+        try:
+            while True:
+                data = await self.port.read()
+                self.buf += data
+                self.event.set()
+        except BrokenResourceError as e:
+            self.closed = e
+            self.event.set()
+
+    async def byte(self) -> int:
+        while not self.buf:
+            if self.closed is not None:
+                raise BrokenResourceError(str(self.closed))
+            self.event.clear()
+            await self.event.wait()
+        b = self.buf[0]
+        del self.buf[0]
+        return b
+
+    async def wait_interrupt(self) -> None:
+        """Return once Ctrl-C is typed (typeahead up to it is discarded)."""
+        while True:
+            i = self.buf.find(b"\x03")
+            if i >= 0:
+                del self.buf[: i + 1]
+                return
+            if self.closed is not None:
+                await asyncio.Event().wait()  # nothing more will come
+            self.event.clear()
+            await self.event.wait()
+
+
+class InteractiveShell:
+    """The shell on a console port: banner, prompt, line editing, commands.
+
+    ``exit``/Ctrl-D end a session and a new one starts (a getty's respawn);
+    ``reboot``/``poweroff`` ask the card OS to shut down. Returns only when
+    the port goes away.
+    """
+
+    def __init__(
+        self, card: CardServices | None, port: ConsolePort, fs: CardFS | None = None
+    ) -> None:
+        self.card = card
+        self.port = port
+        self.fs = fs or CardFS(card)
+        self.out = PortOutput(port)
+        self.status = 0
+        self.sessions = 0
+
+    @property
+    def prompt(self) -> str:
+        name = self.card.name if self.card is not None else "card"
+        return f"{name}:~# "
+
+    async def run(self) -> None:
+        inp = _Input(self.port)
+        async with asyncio.TaskGroup() as tg:
+            pump = tg.create_task(inp.pump())
+            try:
+                while True:
+                    self.sessions += 1
+                    if not await self._session(inp):
+                        break
+            except BrokenResourceError as e:
+                log.info("shell on %s ended: %s", self.port.label, e)
+            pump.cancel()
+
+    async def _write(self, text: str) -> None:
+        await self.out.write(text.encode())
+
+    async def _session(self, inp: _Input) -> bool:
+        """One login session; False when the card is shutting down."""
+        name = self.card.name if self.card is not None else "card"
+        await self._write(
+            f"\n{SYSNAME} {VERSION} card OS ({name}) {self.port.label}\n"
+            "Type 'help' for the commands.\n\n"
+        )
+        while True:
+            await self._write(self.prompt)
+            line = await self._readline(inp)
+            if line is None:  # Ctrl-D on an empty line
+                await self._write("logout\n")
+                return True
+            if not line.strip():
+                continue
+            ctx = ShellContext(self.card, self.fs, self.out, self.out, interactive=True,
+                               size=self.port.size)  # fmt: skip
+            task = asyncio.ensure_future(run_line(ctx, line))
+            intr = asyncio.ensure_future(inp.wait_interrupt())
+            try:
+                await asyncio.wait({task, intr}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                intr.cancel()
+                if not task.done():
+                    task.cancel()
+                await asyncio.gather(task, intr, return_exceptions=True)
+            if task.cancelled():
+                await self._write("^C\n")
+                self.status = STATUS_INTERRUPTED
+                continue
+            exc = task.exception()
+            if exc is not None:
+                raise exc
+            self.status = task.result()
+            if ctx.shutdown is not None and self.card is not None:
+                self.card.shutdown(ctx.shutdown)
+                return False
+            if ctx.exit_requested:
+                await self._write("logout\n")
+                return True
+
+    async def _readline(self, inp: _Input) -> str | None:
+        """One edited line; None for Ctrl-D on an empty line."""
+        buf: list[str] = []
+        raw = bytearray()  # an incomplete UTF-8 sequence
+        last_cr = False
+        while True:
+            b = await inp.byte()
+            if b == 0x0A and last_cr:  # \r\n from a terminal that sends both
+                last_cr = False
+                continue
+            last_cr = b == 0x0D
+            if b in (0x0D, 0x0A):
+                await self._write("\n")
+                return "".join(buf)
+            if b == 0x03:  # Ctrl-C: drop the line
+                await self._write("^C\n")
+                return ""
+            if b == 0x04:  # Ctrl-D
+                if not buf:
+                    return None
+                continue
+            if b in (0x7F, 0x08):  # backspace / DEL
+                if buf:
+                    buf.pop()
+                    await self._write("\b \b")
+                continue
+            if b == 0x15:  # Ctrl-U: kill the line
+                if buf:
+                    await self._write("\b \b" * len(buf))
+                    buf.clear()
+                continue
+            if b == 0x1B:  # an escape sequence (arrows...): swallow it
+                nxt = await inp.byte()
+                if nxt == ord("["):
+                    while not 0x40 <= await inp.byte() <= 0x7E:
+                        pass
+                continue
+            if b < 0x20:
+                continue
+            raw.append(b)
+            try:
+                ch = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                if len(raw) < 4:
+                    continue
+                ch = "\ufffd"
+            raw.clear()
+            buf.append(ch)
+            await self._write(ch)
