@@ -19,6 +19,7 @@ import pytest
 import pytest_asyncio
 
 from mic_card.bus import CardRamAllocator, VirtioBus
+from mic_card.drivers import DRIVERS
 from mic_card.drivers.net import MRG_BUFFER, NetDevice, _consistent, merge_params
 from mic_host.backends import BackendContext
 from mic_host.vop import Vop
@@ -146,6 +147,7 @@ class NetRig:
         for b in backends:
             self.vop.add_device(b)
         self.cp.heap = CardRamAllocator(CARD_HEAP, self.card_ram)
+        kw.setdefault("drivers", DRIVERS)
         bus = VirtioBus(self.cp, timeout=2.0, **kw)
         bus.params = params or {}
         self.hp.target = bus
