@@ -64,6 +64,8 @@ log = logging.getLogger("mic_host.vop")
 HOST_TRANSPORT_FEATURES = TRANSPORT_FEATURES
 #: Re-check period while waiting for ``guest_ack`` (Linux polls every 100 ms).
 _CONFIG_POLL = 0.1
+#: The events are values without fields: one instance each (doorbells are hot).
+_DOORBELL, _TICK = Doorbell(), Tick()
 
 
 class DeviceOwner(Protocol):
@@ -221,7 +223,7 @@ class VopDevice:
         """The card rang this device's c2h doorbell. Never raises for card faults."""
         self.doorbells += 1
         self._ctrl_event.set()
-        self._act(self.hs.receive(Doorbell()))
+        self._act(self.hs.receive(_DOORBELL))
         if self.hs.state is HostState.SERVING:
             for ep in self.endpoints:
                 ep.notify()
@@ -245,6 +247,7 @@ class VopDevice:
                         # card pointed outside its memory: only this device pays
                         self._act(self.hs.receive(Fault(str(e))))
                 case StopQueues(reason):
+                    self.log.info("%s: queues stopped: %s", self.name, reason)
                     self.stop_queues(EndpointState.IDLE, reason)
                 case NeedsReset(reason):
                     self.errors += 1
@@ -333,7 +336,7 @@ class VopDevice:
                         async with asyncio.timeout(_CONFIG_POLL):
                             await self._ctrl_event.wait()
                     except TimeoutError:
-                        self._act(self.hs.receive(Tick()))
+                        self._act(self.hs.receive(_TICK))
         except TimeoutError as e:
             raise MicTimeoutError(
                 f"{self.name}: card did not acknowledge config change {kind.name} within {limit} s"

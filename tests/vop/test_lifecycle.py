@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from mic_card.bus import VirtioBus
 from mic_card.drivers import BlockDevice, ConsoleDevice
 from mic_host.backends.block import BlockBackend
 from mic_host.backends.console import ConsoleBackend
@@ -22,7 +23,9 @@ from virtio.errors import (
     ClosedResourceError,
     LocalProtocolError,
     MicTimeoutError,
+    RemoteProtocolError,
 )
+from virtio.handshake import CardState
 from virtio.layouts import iter_device_page
 from virtio.status import DevState
 
@@ -175,6 +178,44 @@ async def test_vdev_reset_handshake(rig: Rig, image: Path, used_in_card: bool) -
     await d2.write(2, b"b" * 512)
     assert contents(image)[1024:1536] == b"b" * 512
     assert rig.cp.heap.free_bytes == heap  # the old rings' card memory was returned
+
+
+@pytest.mark.asyncio
+async def test_card_refuses_a_bad_host_ack(rig: Rig, image: Path) -> None:
+    """The card half's peer check reaches the bus: RemoteProtocolError, not a 2 s timeout."""
+    rig.add(BlockBackend(image, name="d0"))
+    bus = await rig.boot()
+    cdev = bus.device("vda")
+    rig.cp.connected = False  # the host never hears the reset request
+    task = asyncio.create_task(bus.reset_device("vda"))
+    await rig.settle()
+    cdev.view.set_ctrl(Ctrl.HOST_ACK, 2)
+    bus.on_doorbell(cdev.h2c_db)
+    async with asyncio.timeout(1):
+        with pytest.raises(RemoteProtocolError, match="host_ack 2"):
+            await task
+    assert cdev.hs.state is CardState.IDLE  # the adapter stopped waiting cleanly
+
+
+@pytest.mark.asyncio
+async def test_config_change_cancelled_clears_the_fields(rig: Rig, image: Path) -> None:
+    rig.add(BlockBackend(image, name="d0"))
+    await rig.boot()
+    dev = rig.vop.device("d0")
+    rig.hp.connected = False  # the card never hears of it
+    task = asyncio.create_task(dev.update_config(dev.view.config))
+    await rig.settle()
+    assert dev.view.ctrl(Ctrl.CONFIG_CHANGE) == 2
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert dev.view.ctrl(Ctrl.CONFIG_CHANGE) == 0
+    assert not dev.hs.config_pending
+
+
+def test_bus_takes_its_driver_table_from_the_caller(rig: Rig) -> None:
+    with pytest.raises(TypeError):
+        VirtioBus(rig.cp)  # type: ignore[call-arg]
 
 
 @pytest.mark.asyncio
