@@ -84,7 +84,10 @@ class Ctrl(IntEnum):
     H2C_VDEV_DB = 14  # s8, picked by the card; -1 = none
 
 
-_SIGNED_CTRL = frozenset({Ctrl.C2H_VDEV_DB, Ctrl.H2C_VDEV_DB})
+# Plain ints for the accessors: on Python 3.11 an enum attribute lookup costs
+# more than the byte load it names, and doorbell handlers read ctrl fields.
+_VDEV = int(Ctrl.VDEV)
+_SIGNED_CTRL = frozenset({int(Ctrl.C2H_VDEV_DB), int(Ctrl.H2C_VDEV_DB)})
 BOOT_H2C_CONFIG_DB = field_offset(MicBootparam, "h2c_config_db")
 
 
@@ -178,14 +181,14 @@ class EntryView:
 
     def ctrl(self, field: Ctrl) -> int:
         """One ctrl field as it is now (doorbells as s8: -1 = none)."""
-        if field is Ctrl.VDEV:
+        if field == _VDEV:
             return self._int(self._ctrl, 8)
-        v = self._u8(self._ctrl + field)
-        return s8(v) if field in _SIGNED_CTRL else v
+        v: int = self._mv[self._ctrl + field]
+        return v - 256 if v > 127 and field in _SIGNED_CTRL else v
 
     def set_ctrl(self, field: Ctrl, value: int) -> None:
         """Store one ctrl field (one byte store; ``vdev`` eight)."""
-        if field is Ctrl.VDEV:
+        if field == _VDEV:
             self._put(self._ctrl, 8, value)
         else:
             self._mv[self._ctrl + field] = value & 0xFF

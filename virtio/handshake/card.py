@@ -10,8 +10,6 @@ Imports only ``virtio`` modules below it; no asyncio, no clock.
 
 from __future__ import annotations
 
-from enum import Enum
-
 from virtio.constants import DeviceType, MicConfigChange
 from virtio.devpage import Ctrl, EntryView
 from virtio.errors import LocalProtocolError, RemoteProtocolError
@@ -31,6 +29,7 @@ from virtio.handshake.events import (
     ResetAcked,
     RingPeer,
     StatusAcked,
+    TableEnum,
     Tick,
     TimedOut,
     UsedRingsTaken,
@@ -41,7 +40,7 @@ from virtio.handshake.events import (
 __all__ = ["CARD_TRANSITIONS", "CardHandshake", "CardInput", "CardState"]
 
 
-class CardState(Enum):
+class CardState(TableEnum):
     """Where the card's side of one device's handshakes is."""
 
     IDLE = "idle"
@@ -53,7 +52,7 @@ class CardState(Enum):
     REMOVED = "removed"
 
 
-class CardInput(Enum):
+class CardInput(TableEnum):
     WRITE_STATUS = "write_status"
     REQUEST_RESET = "request_reset"
     MOVE_USED_RINGS = "move_used_rings"

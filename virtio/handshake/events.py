@@ -50,6 +50,7 @@ __all__ = [
     "UsedRingsTaken",
     "WriteStatus",
     "publish",
+    "TableEnum",
     "step",
 ]
 
@@ -294,6 +295,18 @@ def publish(
 
 
 # ---------------------------------------------------------------------------
+
+
+class TableEnum(Enum):
+    """Base of the tables' states and inputs: members hash by identity.
+
+    Enum members are singletons, so identity hashing is exact; it is a C slot,
+    where Enum's own ``__hash__`` (by name) runs Python code on every table
+    lookup, and the host looks the table up on every doorbell.
+    """
+
+    __hash__ = object.__hash__
+
 
 _S = TypeVar("_S", bound=Enum)
 _I = TypeVar("_I", bound=Enum)

@@ -11,7 +11,6 @@ Imports only ``virtio`` modules below it; no asyncio, no clock.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from enum import Enum
 
 from virtio.constants import MicConfigChange
 from virtio.devpage import H2C_DOORBELLS, Ctrl, EntryView
@@ -35,6 +34,7 @@ from virtio.handshake.events import (
     StartQueues,
     Stop,
     StopQueues,
+    TableEnum,
     Tick,
     TimedOut,
     step,
@@ -57,7 +57,7 @@ def _clear_config() -> list[Action]:
     return [Publish(Ctrl.CONFIG_CHANGE, 0), Publish(Ctrl.GUEST_ACK, 0)]
 
 
-class HostState(Enum):
+class HostState(TableEnum):
     """What the host serves for card-initiated handshakes."""
 
     SERVING = "serving"
@@ -65,7 +65,7 @@ class HostState(Enum):
     STOPPED = "stopped"  # being removed (or a zombie): doorbells only answer config acks
 
 
-class HostInput(Enum):
+class HostInput(TableEnum):
     CARD_WRITE = "card_write"  # doorbell: status / used-ring move / host_ack
     RESET_REQUEST = "reset_request"  # doorbell with vdev_reset set
     RESET_DRAINED = "reset_drained"
@@ -103,14 +103,14 @@ for _st in HostState:
 del _st
 
 
-class ConfigState(Enum):
+class ConfigState(TableEnum):
     """The host-initiated config handshake (config change or hot remove)."""
 
     IDLE = "idle"
     AWAITING_ACK = "awaiting_ack"
 
 
-class ConfigInput(Enum):
+class ConfigInput(TableEnum):
     START = "start"
     GUEST_ACK = "guest_ack"  # doorbell or tick found guest_ack set
     GIVE_UP = "give_up"
@@ -182,12 +182,15 @@ class HostHandshake:
         """
         match event:
             case Doorbell():
-                inp = HostInput.RESET_REQUEST if self.view.ctrl(Ctrl.VDEV_RESET) else _HI.CARD_WRITE
+                # the hot path (one per card kick): names bound once, below the class
+                inp = _RESET_REQUEST if self.view.ctrl(_VDEV_RESET) else _CARD_WRITE
                 prev, self.state = self.state, step(HOST_TRANSITIONS, self.state, inp)
                 out: list[Action] = []
-                if prev is HostState.SERVING:
-                    out = [BeginReset()] if inp is _HI.RESET_REQUEST else self._card_wrote()
-                return out + self._check_guest_ack()
+                if prev is _SERVING:
+                    out = [BeginReset()] if inp is _RESET_REQUEST else self._card_wrote()
+                if self.config_state is _AWAITING_ACK:
+                    out += self._check_guest_ack()
+                return out
             case Tick():
                 return self._check_guest_ack()
             case ResetDrained():
@@ -224,9 +227,9 @@ class HostHandshake:
     def _card_wrote(self) -> list[Action]:
         """Apply the status, then a used-ring move, then acknowledge with ``host_ack``."""
         out = self._status()
-        if not any(isinstance(a, NeedsReset) for a in out):
+        if not out or not isinstance(out[-1], NeedsReset):
             out += self._used_move()
-        if self.view.ctrl(Ctrl.HOST_ACK) == 0:
+        if self.view.ctrl(_HOST_ACK) == 0:
             out += [Publish(Ctrl.HOST_ACK, 1), RingPeer()]  # the status write is applied
         return out
 
@@ -251,7 +254,7 @@ class HostHandshake:
         return out
 
     def _used_move(self) -> list[Action]:
-        if not self.view.ctrl(Ctrl.USED_ADDRESS_UPDATED):
+        if not self.view.ctrl(_USED_ADDRESS_UPDATED):
             return []
         # vop_virtio_init_post: clear the flag so the card stops waiting, whatever we decide
         done: list[Action] = [Publish(Ctrl.USED_ADDRESS_UPDATED, 0), RingPeer()]
@@ -306,3 +309,13 @@ class HostHandshake:
             return []
         self.config_state = step(CONFIG_TRANSITIONS, self.config_state, ConfigInput.GUEST_ACK)
         return [*_clear_config(), ConfigAcked(self.config_kind)]
+
+
+# Hot-path names: on Python 3.11 each enum attribute lookup costs ~0.2 us.
+_SERVING = HostState.SERVING
+_AWAITING_ACK = ConfigState.AWAITING_ACK
+_RESET_REQUEST = HostInput.RESET_REQUEST
+_CARD_WRITE = HostInput.CARD_WRITE
+_VDEV_RESET = Ctrl.VDEV_RESET
+_HOST_ACK = Ctrl.HOST_ACK
+_USED_ADDRESS_UPDATED = Ctrl.USED_ADDRESS_UPDATED
