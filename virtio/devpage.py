@@ -11,12 +11,13 @@ write. Sans-IO: works on a memoryview; imports no asyncio, OS or transport.
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 from virtio.constants import MIC_VIRTIO_RING_ALIGN, Feature
 from virtio.errors import LocalProtocolError
 from virtio.layouts import (
     DeviceEntry,
     MicBootparam,
-    MicDeviceCtrl,
     MicDeviceDesc,
     MicVqconfig,
     entry_size,
@@ -35,8 +36,8 @@ __all__ = [
     "MAX_QUEUE_SIZE",
     "TRANSPORT_FEATURES",
     "BOOT_H2C_CONFIG_DB",
-    "CTRL_OFFSETS",
     "VQ_USED",
+    "Ctrl",
     "EntryView",
     "s8",
     "vring_info_offset",
@@ -63,19 +64,30 @@ _DESC_STATUS = field_offset(MicDeviceDesc, "status")
 _VQ_ADDRESS = field_offset(MicVqconfig, "address")
 VQ_USED = field_offset(MicVqconfig, "used_address")
 _VQ_NUM = field_offset(MicVqconfig, "num")
-CTRL_OFFSETS = {
-    name: field_offset(MicDeviceCtrl, name)
-    for name in (
-        "vdev",
-        "config_change",
-        "vdev_reset",
-        "guest_ack",
-        "host_ack",
-        "used_address_updated",
-        "c2h_vdev_db",
-        "h2c_vdev_db",
-    )
-}
+
+
+class Ctrl(IntEnum):
+    """The fields of ``struct mic_device_ctrl``; the value is the field's offset.
+
+    The handshakes (:mod:`virtio.handshake`) name fields by this enum, never by
+    string; ``tests/virtio/test_handshake.py`` checks every offset against the
+    construct declaration :data:`virtio.layouts.MicDeviceCtrl`.
+    """
+
+    VDEV = 0  # u64: the card's virtio_device pointer (Linux debug aid; unused here)
+    CONFIG_CHANGE = 8
+    VDEV_RESET = 9
+    GUEST_ACK = 10
+    HOST_ACK = 11
+    USED_ADDRESS_UPDATED = 12
+    C2H_VDEV_DB = 13  # s8, picked by the host; -1 = none
+    H2C_VDEV_DB = 14  # s8, picked by the card; -1 = none
+
+
+# Plain ints for the accessors: on Python 3.11 an enum attribute lookup costs
+# more than the byte load it names, and doorbell handlers read ctrl fields.
+_VDEV = int(Ctrl.VDEV)
+_SIGNED_CTRL = frozenset({int(Ctrl.C2H_VDEV_DB), int(Ctrl.H2C_VDEV_DB)})
 BOOT_H2C_CONFIG_DB = field_offset(MicBootparam, "h2c_config_db")
 
 
@@ -167,17 +179,19 @@ class EntryView:
     def set_vq_used_address(self, i: int, addr: int) -> None:
         self._put(mic_vq_config(i) + VQ_USED, 8, addr)
 
-    def ctrl(self, name: str) -> int:
-        if name == "vdev":
+    def ctrl(self, field: Ctrl) -> int:
+        """One ctrl field as it is now (doorbells as s8: -1 = none)."""
+        if field == _VDEV:
             return self._int(self._ctrl, 8)
-        v = self._u8(self._ctrl + CTRL_OFFSETS[name])
-        return s8(v) if name in ("c2h_vdev_db", "h2c_vdev_db") else v
+        v: int = self._mv[self._ctrl + field]
+        return v - 256 if v > 127 and field in _SIGNED_CTRL else v
 
-    def set_ctrl(self, name: str, value: int) -> None:
-        if name == "vdev":
+    def set_ctrl(self, field: Ctrl, value: int) -> None:
+        """Store one ctrl field (one byte store; ``vdev`` eight)."""
+        if field == _VDEV:
             self._put(self._ctrl, 8, value)
         else:
-            self._mv[self._ctrl + CTRL_OFFSETS[name]] = value & 0xFF
+            self._mv[self._ctrl + field] = value & 0xFF
 
     @property
     def raw(self) -> memoryview:

@@ -19,6 +19,7 @@ import pytest
 import pytest_asyncio
 
 from mic_card.bus import CardRamAllocator, VirtioBus
+from mic_card.drivers import DRIVERS
 from mic_card.drivers.net import MRG_BUFFER, NetDevice, merge_params
 from mic_card.drivers.net_params import consistent
 from mic_host.backends import BackendContext
@@ -147,6 +148,7 @@ class NetRig:
         for b in backends:
             self.vop.add_device(b)
         self.cp.heap = CardRamAllocator(CARD_HEAP, self.card_ram)
+        kw.setdefault("drivers", DRIVERS)
         bus = VirtioBus(self.cp, timeout=2.0, **kw)
         bus.params = params or {}
         self.hp.target = bus

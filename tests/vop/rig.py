@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mic_card.bus import CardRamAllocator, VirtioBus
+from mic_card.drivers import DRIVERS
 from mic_host.backends import Backend
 from mic_host.vop import Vop
 from virtio.memory import FlatMemory, MemoryFault
@@ -93,6 +94,7 @@ class Rig:
 
     async def boot(self, **bus_kw: Any) -> VirtioBus:
         bus_kw.setdefault("timeout", 2.0)
+        bus_kw.setdefault("drivers", DRIVERS)
         self.cp.heap = CardRamAllocator(CARD_HEAP, CARD_RAM)
         self.cp.connected = True
         self.hp.connected = True

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from mic_card.bus import VirtioBus
 from mic_card.drivers import BlockDevice, ConsoleDevice
 from mic_host.backends.block import BlockBackend
 from mic_host.backends.console import ConsoleBackend
@@ -16,12 +17,15 @@ from mic_host.endpoint import EndpointState
 from mic_host.vop import VopDeviceState, vring_info_offset
 from tests.vop.rig import Rig, names
 from virtio.constants import DeviceStatus, DeviceType
+from virtio.devpage import Ctrl
 from virtio.errors import (
     BrokenResourceError,
     ClosedResourceError,
     LocalProtocolError,
     MicTimeoutError,
+    RemoteProtocolError,
 )
+from virtio.handshake import CardState
 from virtio.layouts import iter_device_page
 from virtio.status import DevState
 
@@ -136,15 +140,15 @@ async def test_config_change(rig: Rig, image: Path) -> None:
     await dev.update_config(bytes(cfg))
     assert d.config_changes == 1
     assert d.capacity == 1000
-    assert dev.view.ctrl("config_change") == 0
-    assert dev.view.ctrl("guest_ack") == 0
+    assert dev.view.ctrl(Ctrl.CONFIG_CHANGE) == 0
+    assert dev.view.ctrl(Ctrl.GUEST_ACK) == 0
     with pytest.raises(LocalProtocolError):
         await dev.update_config(b"short")
     rig.hp.connected = False
     rig.vop.config_timeout = 0.3
     with pytest.raises(MicTimeoutError):
         await dev.update_config(bytes(cfg))
-    assert dev.view.ctrl("config_change") == 0
+    assert dev.view.ctrl(Ctrl.CONFIG_CHANGE) == 0
 
 
 # -- resets ----------------------------------------------------------------------
@@ -164,8 +168,8 @@ async def test_vdev_reset_handshake(rig: Rig, image: Path, used_in_card: bool) -
     dev = rig.vop.device("d0")
     assert dev.resets == 1
     assert dev.machine.state is DevState.LIVE
-    assert dev.view.ctrl("vdev_reset") == 0
-    assert dev.view.ctrl("host_ack") == 1
+    assert dev.view.ctrl(Ctrl.VDEV_RESET) == 0
+    assert dev.view.ctrl(Ctrl.HOST_ACK) == 1
     with pytest.raises(BrokenResourceError):
         await d.read(0, 1)  # the old driver object is dead
     d2 = await block_of(rig)
@@ -174,6 +178,44 @@ async def test_vdev_reset_handshake(rig: Rig, image: Path, used_in_card: bool) -
     await d2.write(2, b"b" * 512)
     assert contents(image)[1024:1536] == b"b" * 512
     assert rig.cp.heap.free_bytes == heap  # the old rings' card memory was returned
+
+
+@pytest.mark.asyncio
+async def test_card_refuses_a_bad_host_ack(rig: Rig, image: Path) -> None:
+    """The card half's peer check reaches the bus: RemoteProtocolError, not a 2 s timeout."""
+    rig.add(BlockBackend(image, name="d0"))
+    bus = await rig.boot()
+    cdev = bus.device("vda")
+    rig.cp.connected = False  # the host never hears the reset request
+    task = asyncio.create_task(bus.reset_device("vda"))
+    await rig.settle()
+    cdev.view.set_ctrl(Ctrl.HOST_ACK, 2)
+    bus.on_doorbell(cdev.h2c_db)
+    async with asyncio.timeout(1):
+        with pytest.raises(RemoteProtocolError, match="host_ack 2"):
+            await task
+    assert cdev.hs.state is CardState.IDLE  # the adapter stopped waiting cleanly
+
+
+@pytest.mark.asyncio
+async def test_config_change_cancelled_clears_the_fields(rig: Rig, image: Path) -> None:
+    rig.add(BlockBackend(image, name="d0"))
+    await rig.boot()
+    dev = rig.vop.device("d0")
+    rig.hp.connected = False  # the card never hears of it
+    task = asyncio.create_task(dev.update_config(dev.view.config))
+    await rig.settle()
+    assert dev.view.ctrl(Ctrl.CONFIG_CHANGE) == 2
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert dev.view.ctrl(Ctrl.CONFIG_CHANGE) == 0
+    assert not dev.hs.config_pending
+
+
+def test_bus_takes_its_driver_table_from_the_caller(rig: Rig) -> None:
+    with pytest.raises(TypeError):
+        VirtioBus(rig.cp)  # type: ignore[call-arg]
 
 
 @pytest.mark.asyncio
@@ -190,7 +232,7 @@ async def test_card_reset_then_reboot(rig: Rig, image: Path, tmp_path: Path) -> 
     for dev in rig.vop.devices.values():
         assert dev.machine.status == 0
         assert dev.view.status == 0
-        assert dev.view.ctrl("h2c_vdev_db") == -1
+        assert dev.view.ctrl(Ctrl.H2C_VDEV_DB) == -1
         assert all(ep.state is EndpointState.IDLE for ep in dev.endpoints)
     assert rig.vop.page.h2c_config_db == -1
     # and boots again
@@ -287,9 +329,9 @@ async def test_bad_used_address(rig: Rig, image: Path) -> None:
         v.status = st
         rig.vop.on_doorbell(dev.c2h_db)
     v.set_vq_used_address(0, 0xDEAD_0000_0000)  # nowhere
-    v.set_ctrl("used_address_updated", 1)
+    v.set_ctrl(Ctrl.USED_ADDRESS_UPDATED, 1)
     rig.vop.on_doorbell(dev.c2h_db)
-    assert v.ctrl("used_address_updated") == 0  # the card is not left waiting
+    assert v.ctrl(Ctrl.USED_ADDRESS_UPDATED) == 0  # the card is not left waiting
     assert v.status & S.DEVICE_NEEDS_RESET
     assert "unreachable" in dev.last_error
 
@@ -340,10 +382,10 @@ async def test_endpoint_get_raises_on_reset_and_close(rig: Rig, image: Path) -> 
     ep = dev.endpoints[1]  # tx: nothing pending (rx has the card's posted buffers)
     waiter = asyncio.create_task(ep.get())
     await rig.settle()
-    dev._stop_queues(EndpointState.IDLE, "test reset")
+    dev.stop_queues(EndpointState.IDLE, "test reset")
     with pytest.raises(BrokenResourceError):
         await asyncio.wait_for(waiter, 2)
-    dev._stop_queues(EndpointState.CLOSED, "test close")
+    dev.stop_queues(EndpointState.CLOSED, "test close")
     with pytest.raises(ClosedResourceError):
         await ep.get()
 
@@ -358,7 +400,7 @@ async def test_used_ring_in_host_ram_refused(rig: Rig, image: Path) -> None:
         v.status = st
         rig.vop.on_doorbell(dev.c2h_db)
     v.set_vq_used_address(0, rig.hp.host_ram_bus)  # over the device page
-    v.set_ctrl("used_address_updated", 1)
+    v.set_ctrl(Ctrl.USED_ADDRESS_UPDATED, 1)
     rig.vop.on_doorbell(dev.c2h_db)
     assert v.status & S.DEVICE_NEEDS_RESET
     assert "host RAM" in dev.last_error

@@ -13,6 +13,7 @@ from mic_host.backends.block import BlockBackend
 from mic_host.backends.console import ConsoleBackend
 from tests.vop.rig import SMPT_BASE, Rig, names
 from virtio.constants import BlkFeature, BlkReqType, BlkStatus, DeviceStatus, Feature
+from virtio.devpage import Ctrl
 from virtio.layouts import iter_device_page
 from virtio.status import DevState
 
@@ -49,7 +50,7 @@ async def test_probe_reaches_driver_ok(rig: Rig, image: Path, tmp_path: Path) ->
         assert dev.features & Feature.VERSION_1
         assert dev.features & Feature.EVENT_IDX
         assert dev.features & Feature.INDIRECT_DESC
-        assert dev.view.ctrl("h2c_vdev_db") >= 0
+        assert dev.view.ctrl(Ctrl.H2C_VDEV_DB) >= 0
     info = {d["name"]: d for d in bus.devices()}
     assert info["vda"]["queue_sizes"] == [128]
     assert info["hvc0"]["queue_sizes"] == [64] * 6  # port 0, control, the agent's port

@@ -20,6 +20,7 @@ from mic_host.backends.console import ConsoleBackend
 from mic_host.vop import DevicePage, HostRamAllocator, vring_alloc_size, vring_info_offset
 from tests.vop.rig import Rig
 from virtio.constants import MIC_MAGIC, DeviceType
+from virtio.devpage import Ctrl
 from virtio.errors import ConfigError, LocalProtocolError, ResourceError
 from virtio.layouts import DeviceEntry, VqConfig, entry_size, iter_device_page
 
@@ -179,7 +180,7 @@ async def test_add_device_checks_and_ring_magic(rig: Rig, image: Path) -> None:
     )
     assert magic == MIC_MAGIC + DeviceType.BLOCK + 0
     assert dev.view.vq_address(0) == rig.hp.host_ram_bus + vr.offset
-    assert dev.view.ctrl("c2h_vdev_db") == dev.c2h_db
+    assert dev.view.ctrl(Ctrl.C2H_VDEV_DB) == dev.c2h_db
     with pytest.raises(LocalProtocolError, match="already exists"):
         rig.vop.add_device(BlockBackend(image, name="d0"))
     with pytest.raises(LocalProtocolError, match="power of two"):

@@ -1,0 +1,38 @@
+"""The card's virtio bus: discovers devices on the host's device page and binds drivers.
+
+Follows Linux ``drivers/misc/mic/vop/vop_main.c`` and the virtio core's probe
+sequence (virtio 1.2 §3.1.1); the device-page handshakes are the card half of
+:mod:`virtio.handshake`, shared with the host.
+
+Modules, lowest first (imports point down):
+
+- :mod:`~mic_card.bus.device`: one device (:class:`CardDevice`: probe, queues,
+  the handshake adapter) and the protocols around it (:class:`CardPlatform`,
+  :class:`Driver`, :class:`BusOwner`), the :class:`CardRamAllocator`;
+- :mod:`~mic_card.bus.devices`: the bus itself (:class:`VirtioBus`: scan, bind,
+  config changes, hot add/remove, reset), given its driver table by the caller.
+
+Must not import the drivers, ``transport`` or ``mic_host``.
+"""
+
+from mic_card.bus.device import (
+    CARD_TRANSPORT_FEATURES,
+    BusOwner,
+    CardDevice,
+    CardPlatform,
+    CardRamAllocator,
+    Driver,
+    DriverFactory,
+)
+from mic_card.bus.devices import VirtioBus
+
+__all__ = [
+    "CARD_TRANSPORT_FEATURES",
+    "BusOwner",
+    "CardDevice",
+    "CardPlatform",
+    "CardRamAllocator",
+    "Driver",
+    "DriverFactory",
+    "VirtioBus",
+]
