@@ -1,9 +1,10 @@
 """Top-level composition: one card's PCIe link, host side and card side.
 
 Owns the handshake and the lifetime of everything one link holds (regions,
-MMIO, eventfds, address spaces, DMA engine, message link, the listening
-socket). Built from the other transport modules; imports nothing above
-``transport``.
+MMIO, eventfds, address spaces, message link, the listening socket). A DMA
+engine is not started with the link: a data path that copies with DMA opens
+one over the side's address space with ``async with link.dma() as dma``.
+Built from the other transport modules; imports nothing above ``transport``.
 
 Handshake (version 1), on the per-card Unix socket (created 0600)::
 
@@ -30,10 +31,10 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import asdict, dataclass, field
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 from transport.dma import DmaEngine, DmaPolicy
 from transport.errors import HandshakeError, LinkLost, RegionError
@@ -145,6 +146,29 @@ def _dict(d: Mapping[str, Any], key: str) -> dict[str, Any]:
     return v
 
 
+class _LinkOwner(Protocol):
+    _link: MessageLink | None
+    _reader: asyncio.Task[None] | None
+    _tg: asyncio.TaskGroup | None
+
+
+@contextlib.asynccontextmanager
+async def _link_tasks(owner: _LinkOwner) -> AsyncIterator[None]:
+    """The task group the link's reader runs in, open for the owner's life
+    (``owner._tg`` while open). Leaving it closes the link and ends the reader.
+    """
+    async with asyncio.TaskGroup() as tg:
+        owner._tg = tg
+        try:
+            yield
+        finally:
+            owner._tg = None
+            if owner._link is not None:
+                owner._link.close()
+            if owner._reader is not None:
+                owner._reader.cancel()
+
+
 # --------------------------------------------------------------------------- host
 
 
@@ -152,9 +176,9 @@ class PcieHost:
     """Host side of one card's PCIe link; an async context manager.
 
     On entry it creates the card's regions (card RAM, host RAM, MMIO + eventfds),
-    the SMPT, the aperture address space and the DMA engine, and listens on
-    ``path`` (mode 0600). All of them are usable before the card connects
-    (write the device page, open windows, set SPAD14/15, DMA into card RAM).
+    the SMPT and the aperture address space, and listens on ``path`` (mode
+    0600). All of them are usable before the card connects (write the device
+    page, open windows, set SPAD14/15, DMA into card RAM with :meth:`dma`).
     :meth:`accept` then waits for a card to complete the handshake and returns
     the :class:`MessageLink`. One ``PcieHost`` serves one boot: to boot the card
     again, close it and create a new one (fresh regions, as after a reset).
@@ -184,7 +208,7 @@ class PcieHost:
         self._sock_ino: int | None = None
         self._link: MessageLink | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._tg: asyncio.TaskGroup | None = None
+        self._tg: asyncio.TaskGroup | None = None  # set while _link_tasks() is open
         self._entered = False
         self._closed = False
 
@@ -212,10 +236,16 @@ class PcieHost:
             self.card_ram, self.host_ram, self.smpt, enforce_windows=self._enforce
         )
         st.callback(self.aperture.release)
-        self.dma = await st.enter_async_context(DmaEngine(self.aperture, self._dma_policy))
-        self._tg = asyncio.TaskGroup()
-        await self._tg.__aenter__()
+        await st.enter_async_context(_link_tasks(self))
         self._listen()
+        st.callback(self._unlisten)
+
+    def dma(self, policy: DmaPolicy | None = None) -> DmaEngine:
+        """A DMA engine over the aperture (``policy`` defaults to the ``dma=`` given
+        to the constructor): ``async with host.dma() as dma: await dma.copy(...)``.
+        The caller owns it; close it before the link.
+        """
+        return DmaEngine(self.aperture, policy or self._dma_policy)
 
     def _listen(self) -> None:
         p = self.path
@@ -255,24 +285,19 @@ class PcieHost:
     ) -> None:
         await self.aclose()
 
-    async def aclose(self) -> None:
-        """Close the link, stop the DMA engine, unlink the socket, free everything (idempotent)."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._link is not None:
-            self._link.close()
-        if self._reader is not None:
-            self._reader.cancel()
-        if self._tg is not None:
-            tg, self._tg = self._tg, None
-            await tg.__aexit__(None, None, None)
+    def _unlisten(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
             with contextlib.suppress(OSError):
                 if os.lstat(self.path).st_ino == self._sock_ino:
                     os.unlink(self.path)
+
+    async def aclose(self) -> None:
+        """Close the link, unlink the socket, free everything (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
         await self._stack.aclose()
 
     # -- the card --------------------------------------------------------------
@@ -397,7 +422,8 @@ class PcieCard:
     ``async with PcieCard.connect(path) as card:`` connects, runs the handshake
     and maps everything. Then: ``card.card_ram`` (Region), ``card.space``
     (card-physical address space with the SMPT windows), ``card.mmio``,
-    ``card.dma``, ``card.link``, ``card.boot_params``, ``card.identity``.
+    ``card.link``, ``card.boot_params``, ``card.identity``, and
+    ``card.dma()`` to open a DMA engine over ``card.space``.
 
     Raises on entry:
         LinkLost: the host socket is not there / refused the connection / vanished.
@@ -478,12 +504,19 @@ class PcieCard:
             fs.close()
             raise
         fs.max_message = self.max_message
-        self.dma = await self._stack.enter_async_context(DmaEngine(self.space, self._dma_policy))
-        self._link = MessageLink(fs)
-        self._tg = asyncio.TaskGroup()
-        await self._tg.__aenter__()
-        self._link.add_lost_callback(self.mmio.fail)
-        self._reader = self._tg.create_task(self._link.run(), name="card-link")
+        link = MessageLink(fs)
+        self._link = link
+        link.add_lost_callback(self.mmio.fail)
+        await self._stack.enter_async_context(_link_tasks(self))
+        assert self._tg is not None
+        self._reader = self._tg.create_task(link.run(), name="card-link")
+
+    def dma(self, policy: DmaPolicy | None = None) -> DmaEngine:
+        """A DMA engine over :attr:`space` (``policy`` defaults to the ``dma=`` given
+        to :meth:`connect`): ``async with card.dma() as dma: await dma.copy(...)``.
+        The caller owns it; close it before the link.
+        """
+        return DmaEngine(self.space, policy or self._dma_policy)
 
     async def _handshake(self, fs: FramedSocket) -> None:
         await fs.send_frame(
@@ -573,18 +606,13 @@ class PcieCard:
         self.region_sizes = sizes
 
     async def aclose(self) -> None:
-        """Close the link, stop DMA, unmap everything (idempotent)."""
+        """Close the link, unmap everything (idempotent)."""
         if self._closed:
             return
         self._closed = True
-        if self._link is not None:
-            self._link.close()
-        if self._reader is not None:
-            self._reader.cancel()
-        if self._tg is not None:
-            tg, self._tg = self._tg, None
-            await tg.__aexit__(None, None, None)
         await self._stack.aclose()
+        if self._link is not None:
+            self._link.close()  # idempotent: also when the task group never opened
 
     @property
     def link(self) -> MessageLink:
