@@ -6,6 +6,8 @@
 - :mod:`mic_host.card.session`: :class:`~mic_host.card.session.BootSession`,
   what lives for one boot (link server, ``PcieHost``, VOP, child process,
   watchers) and the one reason it ended;
+- :mod:`mic_host.card.devices`: the device list that outlives boots (host
+  names, console ptys and logs, one backend per entry at each boot);
 - :mod:`mic_host.card.dispatch`: the host end of the control link (typed
   messages in, replies matched to requests);
 - :mod:`mic_host.card.process`: starting and killing the ``mic-card`` process.

@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from mic_host.agent import DEFAULT_EXEC_TIMEOUT, MAX_EXEC_OUTPUT
-from mic_host.backends import Backend, create_backend
-from mic_host.backends.console import ConsoleBackend, ConsolePty
+from mic_host.backends.console import ConsoleBackend
+from mic_host.card.devices import DeviceSet
 from mic_host.card.dispatch import CardLink
 from mic_host.card.session import BootSession, net_params
-from mic_host.config import CardConfig, DeviceConfig, validate_device_options
+from mic_host.config import CardConfig, validate_device_options
 from mic_host.lifecycle import CardEvent, CardLifecycle, CardState, ShutdownStatus
-from mic_host.paths import card_link_path, card_log_path
+from mic_host.paths import card_link_path
 from mic_host.vop import Vop
 from transport.messages import DevicesReply, DevicesRequest, NetParams, Run, RunResult, Shutdown
 from virtio.errors import (
@@ -59,7 +59,9 @@ class CardManager:
         self.state_dir = state_dir
         self.node_id = node_id
         self.lifecycle = CardLifecycle(cfg.name)
-        self.devices: list[DeviceConfig] = list(cfg.devices)
+        self.device_set = DeviceSet(
+            cfg.name, list(cfg.devices), state_dir=state_dir, node_id=node_id
+        )
         self.last_error = ""
         self.boots = 0
         self.boot_seconds: float | None = None
@@ -68,20 +70,7 @@ class CardManager:
         self._session_task: asyncio.Task[None] | None = None
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
-        #: one pty per console device, for the daemon's life (survives reboots)
-        self._ptys: dict[str, ConsolePty] = {}
-        for i, d in enumerate(self.devices):
-            if d.type == "console":
-                self._pty(self._dev_name(d, i))
         self.lifecycle.add_listener(self._on_transition)
-
-    def _pty(self, device: str) -> ConsolePty:
-        pty = self._ptys.get(device)
-        if pty is None or pty.closed:
-            pty = self._ptys[device] = ConsolePty(f"{self.name} {device}")
-            # mpssd's words, so scripts that grep for them keep working
-            log.info("%s console message goes to %s", self.name, pty.path)
-        return pty
 
     # -- state -------------------------------------------------------------
     @property
@@ -158,15 +147,15 @@ class CardManager:
             hb = time.monotonic() - session.last_heartbeat
         names = self._card_names()
         devs: list[dict[str, Any]] = []
-        for i, d in enumerate(self.devices):
-            name = self._dev_name(d, i)
+        ptys = self.device_set.ptys
+        for name, d in self.device_set.named():
             entry: dict[str, Any] = {"device": names.get(name), "type": d.type, "name": name}
             if self.vop is not None and name in self.vop.devices:
                 vdev = self.vop.devices[name]
                 entry |= {"status": vdev.machine.status, "features": vdev.machine.features}
-            if name in self._ptys:
-                entry["pty"] = self._ptys[name].path
-                entry["log"] = str(self._console_log(name))
+            if name in ptys:
+                entry["pty"] = ptys[name].path
+                entry["log"] = str(self.device_set.console_log(name))
             devs.append(entry)
         return {
             "name": self.name,
@@ -191,7 +180,7 @@ class CardManager:
             raise LocalProtocolError(f"{self.name}: no statistics, the card is {self.state}")
         raw = self.vop.stats()
         names = self._card_names()
-        types = {self._dev_name(d, i): d.type for i, d in enumerate(self.devices)}
+        types = {n: d.type for n, d in self.device_set.named()}
         devices = []
         for name, d in raw.pop("devices").items():
             queues = [q | {"bytes": int(q["bytes_in"]) + int(q["bytes_out"])} for q in d["queues"]]
@@ -325,42 +314,7 @@ class CardManager:
                     await task
         for t in list(self._tasks):
             t.cancel()
-        for pty in self._ptys.values():
-            pty.close()
-
-    # -- devices and backends -------------------------------------------------
-    def _dev_name(self, dev: DeviceConfig, index: int) -> str:
-        return dev.name or f"{dev.type}{index}"
-
-    def make_backend(self, dev: DeviceConfig, index: int) -> Backend:
-        """The backend for device ``index`` (console pty and log, net defaults filled in).
-
-        Raises:
-            ConfigError: bad options, or what the backend refuses (a TAP...).
-        """
-        opts = dict(dev.options)
-        name = self._dev_name(dev, index)
-        if dev.type == "block":
-            opts["path"] = opts.pop("image")
-        elif dev.type == "console":
-            opts.setdefault("log_path", str(self._console_log(name)))
-            opts["pty"] = self._pty(name)
-        elif dev.type == "net":
-            # Defaults (TAP name, mpssd's 172.31.N+1.x addresses, MAC) derive from the card.
-            opts |= {"card": self.name, "node": self.node_id, "state_dir": str(self.state_dir)}
-        backend = create_backend(dev.type, name=name, **opts)
-        if isinstance(backend, ConsoleBackend) and backend.agent is not None:
-            backend.agent.label = self.name
-        return backend
-
-    def _console_log(self, device: str) -> Path:
-        """``<card>-console.log`` for the first console, ``<card>-<device>.log`` for others."""
-        first = next(
-            (self._dev_name(d, i) for i, d in enumerate(self.devices) if d.type == "console"),
-            device,
-        )
-        suffix = "console" if device == first else device
-        return card_log_path(self.state_dir, self.name, suffix)
+        self.device_set.close()
 
     def _after_session(self, event: CardEvent, status: ShutdownStatus | None) -> None:
         st = self.state
@@ -438,12 +392,9 @@ class CardManager:
         opts = dict(options)
         name = opts.pop("name", None)
         checked = validate_device_options(dtype, opts, state_dir=self.state_dir, card=self.name)
-        index = len(self.devices)
-        dev = DeviceConfig(type=dtype, name=name or f"{dtype}{index}", options=checked)
-        taken = {self._dev_name(d, i) for i, d in enumerate(self.devices)}
-        if dev.name in taken:
-            raise LocalProtocolError(f"{self.name}: a device named {dev.name!r} exists")
-        backend = self.make_backend(dev, index)  # validates (opens/creates the image)
+        devices = self.device_set
+        dev = devices.new_entry(dtype, name, checked)
+        backend = devices.make_backend(dev, len(devices.entries))  # validates (opens the image)
         card_name = None
         if self.vop is not None:
             try:
@@ -460,7 +411,7 @@ class CardManager:
                 card_name = await self._card_name_of(vdev.view.offset, timeout)
         else:
             await backend.aclose()
-        self.devices.append(dev)
+        devices.append(dev)
         return {"card": self.name, "name": dev.name, "device": card_name, "type": dtype}
 
     async def _card_name_of(self, offset: int, timeout: float) -> str:
@@ -477,8 +428,7 @@ class CardManager:
 
     def _find(self, device: str) -> int:
         by_card = {d.get("offset"): d.get("name") for d in self.card_devices}
-        for i, d in enumerate(self.devices):
-            name = self._dev_name(d, i)
+        for i, (name, _) in enumerate(self.device_set.named()):
             if device == name:
                 return i
             if (
@@ -499,21 +449,10 @@ class CardManager:
         if self.vop is not None and self.state is CardState.ONLINE:
             with contextlib.suppress(MicError):
                 await self.refresh_devices()
-        i = self._find(device)
-        dev = self.devices.pop(i)
-        name = self._dev_name(dev, i)
-        # later devices keep their (explicit or derived) names
-        for j in range(i, len(self.devices)):
-            d = self.devices[j]
-            if d.name is None:
-                self.devices[j] = DeviceConfig(
-                    type=d.type, name=self._dev_name(d, j + 1), options=d.options
-                )
+        name = self.device_set.remove(self._find(device))
         if self.vop is not None and name in self.vop.devices:
             await self.vop.remove_device(name)
-        pty = self._ptys.pop(name, None)
-        if pty is not None:
-            pty.close()
+        self.device_set.drop_pty(name)
         return {"card": self.name, "removed": name}
 
     # -- console and agent -------------------------------------------------------
@@ -527,13 +466,12 @@ class CardManager:
             LocalProtocolError: no such device, not a net device, or a link
                 change while the card is not running.
         """
-        nets = [(self._dev_name(d, i), d) for i, d in enumerate(self.devices) if d.type == "net"]
+        nets = self.device_set.named("net")
         if device is not None:
-            idx = self._find(device)
-            d = self.devices[idx]
+            name, d = self.device_set.named()[self._find(device)]
             if d.type != "net":
                 raise LocalProtocolError(f"{self.name}: {device} is a {d.type} device, not net")
-            nets = [(self._dev_name(d, idx), d)]
+            nets = [(name, d)]
         vop = self.vop
         if link is not None:
             if vop is None:
@@ -610,7 +548,7 @@ class CardManager:
         Raises:
             LocalProtocolError: no such console, or a bad size.
         """
-        names = [self._dev_name(d, i) for i, d in enumerate(self.devices) if d.type == "console"]
+        names = [n for n, _ in self.device_set.named("console")]
         if device is not None:
             if device not in names:
                 by_card = {n for n, c in self._card_names().items() if c == device}
@@ -624,7 +562,7 @@ class CardManager:
         name = names[0]
         if not (0 < cols < 65536 and 0 < rows < 65536):
             raise LocalProtocolError(f"bad window size {cols}x{rows}")
-        self._pty(name).resize(cols, rows)
+        self.device_set.pty(name).resize(cols, rows)
         if self.vop is not None and name in self.vop.devices:
             backend = self.vop.devices[name].backend
             if isinstance(backend, ConsoleBackend):

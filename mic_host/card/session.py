@@ -14,10 +14,10 @@ manager maps it through the table (:mod:`mic_host.lifecycle`).
 Whatever the card does, a session never lets it crash the daemon: card
 faults end the session and are reported in ``last_error``.
 
-What the session needs from its card (config, lifecycle, the device list and
-how to build a backend) is the :class:`SessionOwner` protocol; it never
+What the session needs from its card (config, lifecycle, the device set that
+builds its backends) is the :class:`SessionOwner` protocol; it never
 imports the card manager. Imports below it: ``mic_host.card.dispatch``,
-``mic_host.card.process``, ``mic_host.vop``, ``mic_host.lifecycle``,
+``mic_host.card.devices``, ``mic_host.card.process``, ``mic_host.vop``, ``mic_host.lifecycle``,
 ``mic_host.paths``, ``transport``.
 """
 
@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Any, Protocol, assert_never
 
 from mic_host.backends import Backend
+from mic_host.card.devices import DeviceSet
 from mic_host.card.dispatch import CardLink, card_devices
 from mic_host.card.process import spawn_card_os, stop_card_os
-from mic_host.config import CardConfig, DeviceConfig
+from mic_host.config import CardConfig
 from mic_host.lifecycle import CardEvent, CardLifecycle, CardState, ShutdownStatus
 from mic_host.paths import accel_socket_path, card_link_path
 from mic_host.vop import Vop
@@ -67,13 +68,9 @@ class SessionOwner(Protocol):
     node_id: int
     state_dir: Path
     lifecycle: CardLifecycle
-    devices: list[DeviceConfig]
+    device_set: DeviceSet
     last_error: str
     boot_seconds: float | None
-
-    def make_backend(self, dev: DeviceConfig, index: int) -> Backend:
-        """The backend for device ``index`` (raises ``ConfigError`` and the like)."""
-        ...
 
 
 def net_params(backends: list[Backend]) -> list[dict[str, Any]]:
@@ -176,8 +173,8 @@ class BootSession:
         try:
             # Backends first: a TAP that cannot be created fails the boot with
             # its own message, and the card's boot parameters come from them.
-            for i, dev in enumerate(o.devices):
-                backends.append(o.make_backend(dev, i))
+            for i, dev in enumerate(o.device_set.entries):
+                backends.append(o.device_set.make_backend(dev, i))
             async with PcieHost(
                 str(sock),
                 card=CardIdentity(o.name, node_id=o.node_id),
