@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from mic_host.backends.net import NetBackend
-from mic_host.backends.net.core import scatter
+from mic_host.backends.net.frames import scatter
 from mic_host.endpoint import EndpointState, QueueEndpoint
 from transport.tap import create_netns, delete_netns, ip, run_in_netns, tap_privilege_problem
 from virtio.constants import Feature, NetFeature

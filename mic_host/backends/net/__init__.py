@@ -2,7 +2,7 @@
 
 - :mod:`.core`: :class:`NetBackend`, the device core every card NIC shares
   (rings, header checks, RX buffer accounting, counters, ``info()``);
-- :mod:`.netns`: the card's network namespace, owned by the daemon;
+- :mod:`.frames`: frames on scatter lists (header, copies, constants);
 - :mod:`.tap`: :class:`TapNetBackend` (``backend = "tap"``, mpssd's model);
 - :mod:`.uplink`: a host TAP as a switch port;
 - :mod:`.switch`: :class:`L2Switch`, :class:`SwitchRegistry` and
@@ -11,12 +11,11 @@
 
 Who owns what: the factory (one :class:`NetBackendFactory` object, the one
 the backend registry calls for ``net``) owns the switches
-(:class:`SwitchRegistry`) and the card namespaces it created
-(:class:`~mic_host.backends.net.netns.NetnsOwner`); backends receive them,
+(:class:`SwitchRegistry`); backends receive it,
 nothing reaches a module global. In the daemon that is one factory per
 process, so cards on the same switch name share one switch.
 
-Imports point down: this module -> switch -> uplink -> core -> netns. Must
+Imports point down: this module -> switch -> uplink -> core -> frames. Must
 not import ``mic_card``; uses ``transport.tap`` for the kernel plumbing only.
 """
 

@@ -10,12 +10,11 @@ one chain; the offer is :data:`virtio.net.DEVICE_FEATURES`.
 (header checks against what the card negotiated, bad frames dropped and
 counted by reason, never an exception), the receiveq buffer accounting
 (chains held between packets, ``num_buffers`` for MRG_RXBUF §5.1.6.4, no busy
-loop when the card posts no buffers), the card's network namespace (through
-:mod:`mic_host.backends.net.netns`), counters and :meth:`~NetBackend.info`.
+loop when the card posts no buffers), the card network namespace
+bookkeeping, counters and :meth:`~NetBackend.info`.
 Where frames go and come from is a subclass's: :mod:`.tap`, :mod:`.switch`.
 
-Bottom of ``mic_host.backends.net``: imports nothing of the package but
-:mod:`.netns`; must not import ``mic_card``.
+Imports of the package only :mod:`.frames`; must not import ``mic_card``.
 """
 
 from __future__ import annotations
@@ -30,9 +29,15 @@ from pathlib import Path
 from typing import Any
 
 from mic_host.backends import BackendContext
+from mic_host.backends.net.frames import (
+    IOV_MAX,
+    NO_OFFLOADS,
+    read_hdr,
+    set_num_buffers,
+)
 from mic_host.endpoint import EndpointState, QueueEndpoint
+from mic_host.paths import netns_record_path
 from transport.tap import (
-    Tap,
     TapError,
     delete_netns,
     delete_netns_sync,
@@ -47,10 +52,7 @@ from virtio.errors import (
 )
 from virtio.net import (
     DEVICE_FEATURES,
-    NET_HDR,
     NET_HDR_SIZE,
-    NUM_BUFFERS,
-    NUM_BUFFERS_OFFSET,
     FrameError,
     Offloads,
     build_config,
@@ -77,10 +79,6 @@ TX_BATCH = 128
 SWITCH_BACKLOG = 256
 _RXQ, _TXQ = 0, 1
 _NEEDS_CSUM = int(NetHdrFlag.NEEDS_CSUM)
-VLAN = 4
-MAC_HDR = NET_HDR_SIZE + 12  # header + destination + source MAC
-IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
-NO_OFFLOADS = Offloads()
 _CARD_MODES = ("auto", "tap", "frames")
 #: drop reasons, card -> host (always present in ``info()["counters"]["drops"]["tx"]``)
 _TX_REASONS = ("runt", "bad_header", "offload", "oversize", "link_down", "tap_full", "tap_error")
@@ -97,63 +95,6 @@ _RX_REASONS = (
     "backlog",
     "tap_error",
 )
-
-
-def read_hdr(views: Sequence[memoryview]) -> tuple[int, int, int, int, int, int, int]:
-    """The 12-byte header at the start of a scatter list (it may span descriptors)."""
-    v0 = views[0]
-    if len(v0) >= NET_HDR_SIZE:
-        hdr: tuple[int, int, int, int, int, int, int] = NET_HDR.unpack_from(v0)
-        return hdr
-    buf = bytearray(NET_HDR_SIZE)
-    gather_segments(views, memoryview(buf))
-    hdr = NET_HDR.unpack_from(buf)
-    return hdr
-
-
-def scatter(src: Sequence[memoryview], dst: Sequence[memoryview], total: int) -> int:
-    """Copy ``total`` bytes from one scatter list into another in one pass (no
-    joins); returns bytes copied (fewer when either list ends first)."""
-    if len(src) == 1:
-        return scatter_segments(dst, src[0][:total])
-    di = doff = done = 0
-    nd = len(dst)
-    for seg in src:
-        sn = min(len(seg), total - done)
-        soff = 0
-        while soff < sn:
-            if di == nd:
-                return done
-            d = dst[di]
-            take = min(sn - soff, len(d) - doff)
-            d[doff : doff + take] = seg[soff : soff + take]
-            soff += take
-            done += take
-            doff += take
-            if doff == len(d):
-                di += 1
-                doff = 0
-        if done == total:
-            break
-    return done
-
-
-def _set_num_buffers(chain: Chain, n: int) -> None:
-    """§5.1.6.4: the device sets ``num_buffers`` in the first buffer's header
-    (a TAP's read does not write it)."""
-    w0 = chain.writable[0]
-    if len(w0) >= NET_HDR_SIZE:
-        NUM_BUFFERS.pack_into(w0, NUM_BUFFERS_OFFSET, n)
-    else:
-        chain.write(NUM_BUFFERS.pack(n), NUM_BUFFERS_OFFSET)
-
-
-def address_of(cidr: str | None) -> str | None:
-    return cidr.split("/", 1)[0] if cidr else None
-
-
-def set_tap_offloads(tap: Tap, o: Offloads) -> None:
-    tap.set_offloads(csum=o.csum, tso4=o.tso4, tso6=o.tso6, ecn=o.ecn)
 
 
 # ---------------------------------------------------------------------------
@@ -325,7 +266,7 @@ class NetBackend:
     def _netns_file(self) -> Path | None:
         if self.state_dir is None:
             return None
-        return self.state_dir / f"{self.card}-{self.name}.netns"
+        return netns_record_path(self.state_dir, self.card, self.name)
 
     def _claim_card_netns(self) -> None:
         """Make sure the card can create ``card_netns``: delete one a crashed card
@@ -521,7 +462,7 @@ class NetBackend:
         wl = first.writable_len
         self._held_cap -= wl
         if n <= wl or not self._mrg:
-            _set_num_buffers(first, 1)
+            set_num_buffers(first, 1)
             q.put(first, min(n, wl))
             return
         used = [(first, wl)]
@@ -533,7 +474,7 @@ class NetBackend:
             take = cl if cl < left else left
             used.append((c, take))
             left -= take
-        _set_num_buffers(first, len(used))
+        set_num_buffers(first, len(used))
         for c, take in used:
             q.put(c, take)
 

@@ -23,12 +23,11 @@ import logging
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from mic_host.backends.net.core import (
+from mic_host.backends.net.core import SWITCH_BACKLOG, NetBackend
+from mic_host.backends.net.frames import (
     MAC_HDR,
     NO_OFFLOADS,
-    SWITCH_BACKLOG,
     VLAN,
-    NetBackend,
     address_of,
     scatter,
 )

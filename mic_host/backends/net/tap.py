@@ -15,12 +15,11 @@ import logging
 import os
 from typing import Any
 
-from mic_host.backends.net.core import (
+from mic_host.backends.net.core import RX_BATCH, NetBackend
+from mic_host.backends.net.frames import (
     IOV_MAX,
     NO_OFFLOADS,
-    RX_BATCH,
     VLAN,
-    NetBackend,
     address_of,
     read_hdr,
     set_tap_offloads,

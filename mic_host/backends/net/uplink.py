@@ -16,9 +16,9 @@ import os
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from mic_host.backends.net.core import (
+from mic_host.backends.net.core import RX_BATCH
+from mic_host.backends.net.frames import (
     NO_OFFLOADS,
-    RX_BATCH,
     set_tap_offloads,
 )
 from transport.tap import (
