@@ -6,8 +6,9 @@ outlives every boot, and so do the consoles' ptys (a terminal attached to
 entry (:meth:`DeviceSet.make_backend`), filling in what derives from the card
 (console pty and log, the net defaults: TAP name, addresses, MAC, state dir).
 
-Imports the backend registry, the config and ``mic_host.paths``; never the
-session or the manager above it.
+Imports the backend registry (and the ``net`` factory, owner of the card
+namespaces), the config and ``mic_host.paths``; never the session or the
+manager above it.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Any
 
 from mic_host.backends import Backend, create_backend
 from mic_host.backends.console import ConsoleBackend, ConsolePty
+from mic_host.backends.net import create_net_backend
 from mic_host.config import DeviceConfig
-from mic_host.paths import card_log_path
+from mic_host.paths import card_log_path, netns_record_path
 from virtio.errors import LocalProtocolError
 
 __all__ = ["DeviceSet"]
@@ -120,12 +122,23 @@ class DeviceSet:
                 )
         return name
 
-    def drop_pty(self, device: str) -> None:
+    async def release(self, device: str) -> None:
+        """Device ``device`` is gone for good (detached; its backend is closed):
+        close its pty, and let go of the card namespace a NIC made for it (the
+        daemon owns that namespace: it outlives boots, not the device)."""
         pty = self.ptys.pop(device, None)
         if pty is not None:
             pty.close()
+        await create_net_backend.namespaces.release(
+            netns_record_path(self.state_dir, self.card, device)
+        )
 
-    def close(self) -> None:
-        """Close every pty (daemon exit)."""
+    async def aclose(self) -> None:
+        """Daemon exit (the card is down): close every pty, delete the card
+        namespaces its NICs made."""
         for pty in self.ptys.values():
             pty.close()
+        for name, _ in self.named("net"):
+            await create_net_backend.namespaces.release(
+                netns_record_path(self.state_dir, self.card, name)
+            )

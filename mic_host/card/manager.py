@@ -314,7 +314,7 @@ class CardManager:
                     await task
         for t in list(self._tasks):
             t.cancel()
-        self.device_set.close()
+        await self.device_set.aclose()
 
     def _after_session(self, event: CardEvent, status: ShutdownStatus | None) -> None:
         st = self.state
@@ -406,6 +406,7 @@ class CardManager:
                 vdev = self.vop.add_device(backend)
             except MicError:
                 await backend.aclose()
+                await devices.release(devices.name_of(dev, len(devices.entries)))
                 raise
             if self.state is CardState.ONLINE:
                 card_name = await self._card_name_of(vdev.view.offset, timeout)
@@ -452,7 +453,7 @@ class CardManager:
         name = self.device_set.remove(self._find(device))
         if self.vop is not None and name in self.vop.devices:
             await self.vop.remove_device(name)
-        self.device_set.drop_pty(name)
+        await self.device_set.release(name)
         return {"card": self.name, "removed": name}
 
     # -- console and agent -------------------------------------------------------

@@ -3,6 +3,8 @@
 - :mod:`.core`: :class:`NetBackend`, the device core every card NIC shares
   (rings, header checks, RX buffer accounting, counters, ``info()``);
 - :mod:`.frames`: frames on scatter lists (header, copies, constants);
+- :mod:`.netns`: the card's network namespace, owned by the daemon
+  (created when the backend is built, deleted when the device goes for good);
 - :mod:`.tap`: :class:`TapNetBackend` (``backend = "tap"``, mpssd's model);
 - :mod:`.uplink`: a host TAP as a switch port;
 - :mod:`.switch`: :class:`L2Switch`, :class:`SwitchRegistry` and
@@ -11,11 +13,13 @@
 
 Who owns what: the factory (one :class:`NetBackendFactory` object, the one
 the backend registry calls for ``net``) owns the switches
-(:class:`SwitchRegistry`); backends receive it,
+(:class:`SwitchRegistry`) and the card namespaces it created
+(:class:`~mic_host.backends.net.netns.NetnsOwner`); backends receive them,
 nothing reaches a module global. In the daemon that is one factory per
 process, so cards on the same switch name share one switch.
 
-Imports point down: this module -> switch -> uplink -> core -> frames. Must
+Imports point down: this module -> switch -> uplink -> core -> frames,
+netns. Must
 not import ``mic_card``; uses ``transport.tap`` for the kernel plumbing only.
 """
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 from mic_host.backends.net.core import NET_QUEUE_SIZE, NetBackend
+from mic_host.backends.net.netns import NetnsOwner
 from mic_host.backends.net.switch import L2Switch, SwitchNetBackend, SwitchRegistry
 from mic_host.backends.net.tap import TapNetBackend
 from virtio.errors import ConfigError
@@ -35,6 +40,7 @@ __all__ = [
     "L2Switch",
     "NetBackend",
     "NetBackendFactory",
+    "NetnsOwner",
     "SwitchNetBackend",
     "SwitchRegistry",
     "TapNetBackend",
@@ -46,11 +52,13 @@ __all__ = [
 class NetBackendFactory:
     """The ``net`` backend factory: ``backend = "tap"`` (default) or ``"switch"``.
 
-    Owns the switches its ``switch`` backends plug into (:attr:`switches`).
+    Owns the switches its ``switch`` backends plug into (:attr:`switches`) and
+    the card namespaces its backends acquired (:attr:`namespaces`).
     """
 
     def __init__(self) -> None:
         self.switches = SwitchRegistry()
+        self.namespaces = NetnsOwner()
 
     def __call__(self, *, backend: str = "tap", **options: Any) -> NetBackend:
         """Build one card NIC backend.
@@ -61,9 +69,9 @@ class NetBackendFactory:
                 when a TAP cannot be created.
         """
         if backend == "tap":
-            return TapNetBackend(**options)
+            return TapNetBackend(namespaces=self.namespaces, **options)
         if backend == "switch":
-            return SwitchNetBackend(registry=self.switches, **options)
+            return SwitchNetBackend(registry=self.switches, namespaces=self.namespaces, **options)
         raise ConfigError(f"net: unknown backend {backend!r} (tap or switch)")
 
 

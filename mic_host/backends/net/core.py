@@ -10,11 +10,12 @@ one chain; the offer is :data:`virtio.net.DEVICE_FEATURES`.
 (header checks against what the card negotiated, bad frames dropped and
 counted by reason, never an exception), the receiveq buffer accounting
 (chains held between packets, ``num_buffers`` for MRG_RXBUF §5.1.6.4, no busy
-loop when the card posts no buffers), the card network namespace
-bookkeeping, counters and :meth:`~NetBackend.info`.
+loop when the card posts no buffers), the card's network namespace (through
+:mod:`mic_host.backends.net.netns`), counters and :meth:`~NetBackend.info`.
 Where frames go and come from is a subclass's: :mod:`.tap`, :mod:`.switch`.
 
-Imports of the package only :mod:`.frames`; must not import ``mic_card``.
+Imports of the package only :mod:`.frames` and :mod:`.netns`; must not
+import ``mic_card``.
 """
 
 from __future__ import annotations
@@ -35,14 +36,9 @@ from mic_host.backends.net.frames import (
     read_hdr,
     set_num_buffers,
 )
+from mic_host.backends.net.netns import NetnsOwner, card_needs_netns
 from mic_host.endpoint import EndpointState, QueueEndpoint
 from mic_host.paths import netns_record_path
-from transport.tap import (
-    TapError,
-    delete_netns,
-    delete_netns_sync,
-    netns_exists,
-)
 from virtio.constants import DeviceType, NetFeature, NetHdrFlag
 from virtio.errors import (
     ConfigError,
@@ -109,7 +105,10 @@ class NetBackend:
     ``random_mac(f"{card}/{name}")``), ``mtu`` (68..65535, default 1500),
     ``card_ip``, ``card_netns`` (namespace the card puts its TAP in; default
     the card name), ``card_mode`` (``auto``/``tap``/``frames``). Both queues
-    have :data:`NET_QUEUE_SIZE` entries.
+    have :data:`NET_QUEUE_SIZE` entries. ``namespaces`` (given by the factory)
+    is the owner of the card namespaces: the backend acquires ``card_netns``
+    from it when the card side will open a TAP there (see
+    :mod:`mic_host.backends.net.netns`); without one it leaves namespaces alone.
 
     Counters are plain ints (``tx_drops``/``rx_drops`` map a reason to a count;
     ``tx`` is card -> host, ``rx`` host -> card, as the card's ``ifconfig`` sees it).
@@ -133,6 +132,7 @@ class NetBackend:
         card_ip: str | None = None,
         card_netns: str | None = None,
         card_mode: str = "auto",
+        namespaces: NetnsOwner | None = None,
     ) -> None:
         self.name = name
         self.card = card
@@ -161,7 +161,7 @@ class NetBackend:
         self._ctx: BackendContext | None = None
         self._rxq: QueueEndpoint | None = None
         self._txq: QueueEndpoint | None = None
-        self._netns_claimed = False
+        self._namespaces = namespaces
         self._closed = False
         # session: from the first chain after DRIVER_OK to the next reset
         self._live = False
@@ -214,27 +214,15 @@ class NetBackend:
             self._end_session()
 
     async def aclose(self) -> None:
-        """Release the host side (subclasses), then delete the card's network
-        namespace if it is still there (left by the card) and forget it.
-
-        Raises nothing for a namespace that cannot be deleted (logged).
+        """Release the host side (subclasses). The card's namespace stays: it
+        outlives this boot and goes when the device does
+        (:meth:`NetnsOwner.release <mic_host.backends.net.netns.NetnsOwner.release>`).
         """
         if self._closed:
             return
         self._closed = True
         self._end_session()
         self._close_host_side()
-        if self._netns_claimed:
-            self._netns_claimed = False
-            try:
-                await delete_netns(self.card_netns)
-            except TapError as e:
-                log.warning("%s: cannot delete namespace %s: %s", self.name, self.card_netns, e)
-                return
-            path = self._netns_file()
-            if path is not None:
-                with contextlib.suppress(OSError):
-                    path.unlink()
 
     # -- hooks for subclasses ----------------------------------------------------
     def _started(self) -> None:
@@ -263,41 +251,21 @@ class NetBackend:
         return {}
 
     # -- the card's network namespace --------------------------------------------
-    def _netns_file(self) -> Path | None:
+    def netns_record(self) -> Path | None:
+        """``STATE_DIR/CARD-DEVICE.netns``: the record of the card namespace this NIC uses."""
         if self.state_dir is None:
             return None
         return netns_record_path(self.state_dir, self.card, self.name)
 
-    def _claim_card_netns(self) -> None:
-        """Make sure the card can create ``card_netns``: delete one a crashed card
-        left (recorded in ``STATE_DIR/<card>-<device>.netns``), refuse a foreign one.
+    def _acquire_card_netns(self) -> None:
+        """Make sure ``card_netns`` exists and is ours before the card boots, when
+        the card side will open its TAP there (the last step of a constructor).
 
         Raises:
-            ConfigError: the namespace exists and is not recorded as ours, or
-                the stale one cannot be deleted.
+            ConfigError: the namespace exists and is not ours, or cannot be made.
         """
-        if self.card_mode == "frames" or not self.card_netns:
-            return
-        ns = self.card_netns
-        path = self._netns_file()
-        recorded = None
-        if path is not None:
-            with contextlib.suppress(OSError):
-                recorded = path.read_text().strip() or None
-        if netns_exists(ns):
-            if recorded != ns:
-                raise ConfigError(
-                    f"network namespace {ns!r} already exists (not created by this daemon): "
-                    "remove it or set card_netns"
-                )
-            log.warning("%s: deleting namespace %s left by a previous boot", self.name, ns)
-            delete_netns_sync(ns)
-        if path is not None:
-            try:
-                path.write_text(ns + "\n")
-            except OSError as e:
-                raise ConfigError(f"net {self.name}: cannot write {path}: {e.strerror}") from e
-        self._netns_claimed = True
+        if self._namespaces is not None and card_needs_netns(self.card_mode, self.card_netns):
+            self._namespaces.acquire(self.card_netns, self.netns_record())
 
     # -- sessions ------------------------------------------------------------------
     def _begin_session(self) -> None:

@@ -270,7 +270,7 @@ class SwitchNetBackend(NetBackend):
         try:
             if uplink:
                 sw.attach_uplink(uplink, self.host_ip, netns, self.mtu)
-            self._claim_card_netns()
+            self._acquire_card_netns()
         except BaseException:
             sw.leave(self)  # drops a switch that has no card port (and its uplink)
             raise

@@ -103,7 +103,7 @@ class TapNetBackend(NetBackend):
             set_tap_offloads(tap, NO_OFFLOADS)
             tap.set_carrier(False)
             tap.configure_sync(self.host_ip, mtu=self.mtu)
-            self._claim_card_netns()
+            self._acquire_card_netns()
         except BaseException:
             tap.close()
             raise
