@@ -20,13 +20,19 @@ engine is given the side's address space (``HostAddressSpace`` or
   Copies at or above ``thread_threshold`` run in a worker thread; copies above
   ``chunk`` run in chunks that return to the event loop in between (see
   docs/transport.md "Performance" for which one wins on this machine).
+
+An engine runs only where a data path uses it: nothing starts one at boot.
+A data path opens one for as long as it needs it, ``async with
+host.dma() as dma`` (:meth:`transport.pcie.PcieHost.dma`,
+:meth:`transport.pcie.PcieCard.dma`), or ``async with DmaEngine(space)``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
-from collections.abc import Generator
+from collections.abc import AsyncIterator, Generator
 from dataclasses import dataclass
 from enum import IntEnum
 from types import TracebackType
@@ -256,16 +262,32 @@ class DmaEngine:
         self._cookies = itertools.count(1)
         self._stats = _Counters()
         self._outstanding: set[asyncio.Future[DmaCompletion]] = set()
-        self._tg: asyncio.TaskGroup | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._running = False
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------------
     async def __aenter__(self) -> DmaEngine:
-        self._tg = asyncio.TaskGroup()
-        await self._tg.__aenter__()
-        for ch in self._channels:
-            self._tg.create_task(self._worker(ch), name=f"dma-ch{ch.index}")
+        if self._closed or self._stack is not None:
+            raise ClosedResourceError("a DmaEngine can be entered once")
+        stack = contextlib.AsyncExitStack()
+        await stack.enter_async_context(self._workers())
+        self._stack = stack
         return self
+
+    @contextlib.asynccontextmanager
+    async def _workers(self) -> AsyncIterator[None]:
+        """One worker task per channel, for as long as the engine is open."""
+        async with asyncio.TaskGroup() as tg:
+            for ch in self._channels:
+                tg.create_task(self._worker(ch), name=f"dma-ch{ch.index}")
+            self._running = True
+            try:
+                yield
+            finally:
+                self._running = False
+                for ch in self._channels:
+                    ch._queue.put_nowait(None)  # each worker ends after what is queued
 
     async def __aexit__(
         self,
@@ -280,11 +302,9 @@ class DmaEngine:
         if self._closed:
             return
         self._closed = True
-        for ch in self._channels:
-            ch._queue.put_nowait(None)
-        tg, self._tg = self._tg, None
-        if tg is not None:
-            await tg.__aexit__(None, None, None)
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.aclose()
         for fut in list(self._outstanding):
             if not fut.done():
                 fut.set_exception(ClosedResourceError("DMA engine closed"))
@@ -346,7 +366,7 @@ class DmaEngine:
         status_value: int,
         fence: bool,
     ) -> DmaRequest:
-        if self._closed or self._tg is None:
+        if self._closed or not self._running:
             raise ClosedResourceError("DMA engine is not running (use `async with`)")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[DmaCompletion] = loop.create_future()

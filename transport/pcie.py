@@ -1,18 +1,19 @@
 """Top-level composition: one card's PCIe link, host side and card side.
 
 Owns the handshake and the lifetime of everything one link holds (regions,
-MMIO, eventfds, address spaces, DMA engine, message link, the listening
-socket). Built from the other transport modules; imports nothing above
-``transport``.
+MMIO, eventfds, address spaces, message link, the listening socket). A DMA
+engine is not started with the link: a data path that copies with DMA opens
+one over the side's address space with ``async with link.dma() as dma``.
+Built from the other transport modules; imports nothing above ``transport``.
 
-Handshake (version 1), on the per-card Unix socket (created 0600)::
+Handshake (version 1, messages in :mod:`transport.handshake`), on the
+per-card Unix socket (created 0600)::
 
-    card -> host  {"type": "hello", "protocol": "mic-vop-pcie", "version": 1, "card": name|null}
-    host -> card  {"type": "offer", ..., "fds": [...names]}  + SCM_RIGHTS fds:
-                  card_ram, host_ram, mmio memfds, then the card vectors' eventfds,
-                  then the host vectors' eventfds
-    card -> host  {"type": "ready", "version": 1}
-    either side   {"type": "refuse", "reason": ..., "message": ..., "versions": [1]}
+    card -> host  Hello
+    host -> card  Offer + SCM_RIGHTS fds: card_ram, host_ram, mmio memfds, then
+                  the card vectors' eventfds, then the host vectors' eventfds
+    card -> host  Ready
+    either side   Refuse
 
 Anything else (garbage, another protocol or version, missing or extra fds, a
 region that is not a sealed memfd of the announced size) is refused with a
@@ -30,13 +31,24 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 from transport.dma import DmaEngine, DmaPolicy
 from transport.errors import HandshakeError, LinkLost, RegionError
+from transport.handshake import (
+    MAX_MESSAGE_CAP,
+    PROTOCOL,
+    PROTOCOL_VERSION,
+    REGIONS,
+    CardIdentity,
+    Hello,
+    Offer,
+    Ready,
+    Refuse,
+)
 from transport.link import DEFAULT_MAX_MESSAGE, FramedSocket, MessageLink
 from transport.mmio import Mmio, MmioLayout
 from transport.notify import NotifyPolicy
@@ -63,21 +75,6 @@ log = logging.getLogger(__name__)
 #: what ``PcieHost.refused`` records for each refused peer
 RefusalError = RemoteProtocolError | LinkLost | MicTimeoutError
 
-PROTOCOL = "mic-vop-pcie"
-PROTOCOL_VERSION = 1
-_MAX_MESSAGE_CAP = 16 << 20
-_REGIONS = ("card_ram", "host_ram", "mmio")
-
-
-@dataclass(frozen=True, slots=True)
-class CardIdentity:
-    """Who the card is (sent to the card in the handshake)."""
-
-    name: str = "mic0"
-    node_id: int = 1
-    family: str = "x100"
-    stepping: str = "C0"
-
 
 @dataclass(frozen=True, slots=True)
 class PcieConfig:
@@ -94,8 +91,8 @@ class PcieConfig:
             v = getattr(self, name)
             if v <= 0 or v % PAGE_SIZE:
                 raise ValueError(f"{name} = {v}: must be a positive multiple of 4 KiB")
-        if not 64 <= self.max_message <= _MAX_MESSAGE_CAP:
-            raise ValueError(f"max_message = {self.max_message}: must be in 64..{_MAX_MESSAGE_CAP}")
+        if not 64 <= self.max_message <= MAX_MESSAGE_CAP:
+            raise ValueError(f"max_message = {self.max_message}: must be in 64..{MAX_MESSAGE_CAP}")
 
 
 def _json_dict(obj: Mapping[str, Any], what: str) -> dict[str, Any]:
@@ -107,19 +104,10 @@ def _json_dict(obj: Mapping[str, Any], what: str) -> dict[str, Any]:
     return out
 
 
-def _refusal(reason: str, message: str) -> dict[str, Any]:
-    return {
-        "type": "refuse",
-        "reason": reason,
-        "message": message,
-        "versions": [PROTOCOL_VERSION],
-    }
-
-
 async def _refuse(fs: FramedSocket, reason: str, message: str) -> HandshakeError:
     """Tell the peer why (best effort) and return the local error to raise."""
     with contextlib.suppress(LinkLost, ClosedResourceError, OSError):
-        await fs.send_frame(_refusal(reason, message))
+        await fs.send_frame(Refuse(reason, message).to_wire())
     return HandshakeError(message, reason=reason)
 
 
@@ -130,19 +118,27 @@ def _is_eventfd(fd: int) -> bool:
         return False
 
 
-def _int(d: Mapping[str, Any], key: str, lo: int = 0, hi: int = 1 << 62) -> int:
-    v = d.get(key)
-    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise HandshakeError(f"offer field {key!r} = {v!r} is not an integer in {lo}..{hi}",
-                             reason="malformed")  # fmt: skip
-    return v
+class _LinkOwner(Protocol):
+    _link: MessageLink | None
+    _reader: asyncio.Task[None] | None
+    _tg: asyncio.TaskGroup | None
 
 
-def _dict(d: Mapping[str, Any], key: str) -> dict[str, Any]:
-    v = d.get(key)
-    if not isinstance(v, dict):
-        raise HandshakeError(f"offer field {key!r} is not an object", reason="malformed")
-    return v
+@contextlib.asynccontextmanager
+async def _link_tasks(owner: _LinkOwner) -> AsyncIterator[None]:
+    """The task group the link's reader runs in, open for the owner's life
+    (``owner._tg`` while open). Leaving it closes the link and ends the reader.
+    """
+    async with asyncio.TaskGroup() as tg:
+        owner._tg = tg
+        try:
+            yield
+        finally:
+            owner._tg = None
+            if owner._link is not None:
+                owner._link.close()
+            if owner._reader is not None:
+                owner._reader.cancel()
 
 
 # --------------------------------------------------------------------------- host
@@ -152,9 +148,9 @@ class PcieHost:
     """Host side of one card's PCIe link; an async context manager.
 
     On entry it creates the card's regions (card RAM, host RAM, MMIO + eventfds),
-    the SMPT, the aperture address space and the DMA engine, and listens on
-    ``path`` (mode 0600). All of them are usable before the card connects
-    (write the device page, open windows, set SPAD14/15, DMA into card RAM).
+    the SMPT and the aperture address space, and listens on ``path`` (mode
+    0600). All of them are usable before the card connects (write the device
+    page, open windows, set SPAD14/15, DMA into card RAM with :meth:`dma`).
     :meth:`accept` then waits for a card to complete the handshake and returns
     the :class:`MessageLink`. One ``PcieHost`` serves one boot: to boot the card
     again, close it and create a new one (fresh regions, as after a reset).
@@ -184,7 +180,7 @@ class PcieHost:
         self._sock_ino: int | None = None
         self._link: MessageLink | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._tg: asyncio.TaskGroup | None = None
+        self._tg: asyncio.TaskGroup | None = None  # set while _link_tasks() is open
         self._entered = False
         self._closed = False
 
@@ -212,10 +208,16 @@ class PcieHost:
             self.card_ram, self.host_ram, self.smpt, enforce_windows=self._enforce
         )
         st.callback(self.aperture.release)
-        self.dma = await st.enter_async_context(DmaEngine(self.aperture, self._dma_policy))
-        self._tg = asyncio.TaskGroup()
-        await self._tg.__aenter__()
+        await st.enter_async_context(_link_tasks(self))
         self._listen()
+        st.callback(self._unlisten)
+
+    def dma(self, policy: DmaPolicy | None = None) -> DmaEngine:
+        """A DMA engine over the aperture (``policy`` defaults to the ``dma=`` given
+        to the constructor): ``async with host.dma() as dma: await dma.copy(...)``.
+        The caller owns it; close it before the link.
+        """
+        return DmaEngine(self.aperture, policy or self._dma_policy)
 
     def _listen(self) -> None:
         p = self.path
@@ -255,24 +257,19 @@ class PcieHost:
     ) -> None:
         await self.aclose()
 
-    async def aclose(self) -> None:
-        """Close the link, stop the DMA engine, unlink the socket, free everything (idempotent)."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._link is not None:
-            self._link.close()
-        if self._reader is not None:
-            self._reader.cancel()
-        if self._tg is not None:
-            tg, self._tg = self._tg, None
-            await tg.__aexit__(None, None, None)
+    def _unlisten(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
             with contextlib.suppress(OSError):
                 if os.lstat(self.path).st_ino == self._sock_ino:
                     os.unlink(self.path)
+
+    async def aclose(self) -> None:
+        """Close the link, unlink the socket, free everything (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
         await self._stack.aclose()
 
     # -- the card --------------------------------------------------------------
@@ -335,39 +332,29 @@ class PcieHost:
 
     def _offer(self) -> dict[str, Any]:
         cfg = self.config
-        lay = cfg.layout
-        return {
-            "type": "offer",
-            "protocol": PROTOCOL,
-            "version": PROTOCOL_VERSION,
-            "card": asdict(self.identity),
-            "regions": {
+        return Offer(
+            card=self.identity,
+            regions={
                 "card_ram": cfg.card_ram_size,
                 "host_ram": cfg.host_ram_size,
-                "mmio": lay.size,
+                "mmio": cfg.layout.size,
             },
-            "layout": asdict(lay),
-            "max_message": cfg.max_message,
-            "boot": self.boot_params,
-            "fds": [*_REGIONS]
-            + [f"card_vec{i}" for i in range(lay.card_vectors)]
-            + [f"host_vec{i}" for i in range(lay.host_vectors)],
-        }
+            layout=cfg.layout,
+            max_message=cfg.max_message,
+            boot=self.boot_params,
+        ).to_wire()
 
     async def _handshake(self, fs: FramedSocket) -> None:
-        hello, fds = await fs.recv_frame()
+        obj, fds = await fs.recv_frame()
         if fds:
             for fd in fds:
                 os.close(fd)
             raise await _refuse(fs, "fds", "hello must not carry fds")
-        if hello.get("type") != "hello" or hello.get("protocol") != PROTOCOL:
-            raise await _refuse(fs, "protocol", f"not a {PROTOCOL} hello: {str(hello)[:200]}")
-        version = hello.get("version")
-        if version != PROTOCOL_VERSION or isinstance(version, bool):
-            raise await _refuse(
-                fs, "version", f"version {version!r} not supported (host speaks {PROTOCOL_VERSION})"
-            )
-        want = hello.get("card")
+        try:
+            hello = Hello.from_wire(obj)
+        except HandshakeError as e:
+            raise await _refuse(fs, e.reason, str(e)) from e
+        want = hello.card
         if want is not None and want != self.identity.name:
             raise await _refuse(
                 fs, "identity", f"this socket serves {self.identity.name!r}, not {want!r}"
@@ -379,13 +366,16 @@ class PcieHost:
             for fd in fds:
                 os.close(fd)
             raise await _refuse(fs, "fds", "ready must not carry fds")
-        if reply.get("type") == "refuse":
+        refusal = Refuse.from_wire(reply)
+        if refusal is not None:
             raise HandshakeError(
-                f"card refused the offer: {reply.get('reason')}: {reply.get('message')}",
-                reason=str(reply.get("reason", "refused")),
+                f"card refused the offer: {refusal.reason}: {refusal.message}",
+                reason=refusal.reason,
             )
-        if reply.get("type") != "ready" or reply.get("version") != PROTOCOL_VERSION:
-            raise await _refuse(fs, "protocol", f"expected ready, got {str(reply)[:200]}")
+        try:
+            Ready.from_wire(reply)
+        except HandshakeError as e:
+            raise await _refuse(fs, e.reason, str(e)) from e
 
 
 # --------------------------------------------------------------------------- card
@@ -397,7 +387,8 @@ class PcieCard:
     ``async with PcieCard.connect(path) as card:`` connects, runs the handshake
     and maps everything. Then: ``card.card_ram`` (Region), ``card.space``
     (card-physical address space with the SMPT windows), ``card.mmio``,
-    ``card.dma``, ``card.link``, ``card.boot_params``, ``card.identity``.
+    ``card.link``, ``card.boot_params``, ``card.identity``, and
+    ``card.dma()`` to open a DMA engine over ``card.space``.
 
     Raises on entry:
         LinkLost: the host socket is not there / refused the connection / vanished.
@@ -478,76 +469,56 @@ class PcieCard:
             fs.close()
             raise
         fs.max_message = self.max_message
-        self.dma = await self._stack.enter_async_context(DmaEngine(self.space, self._dma_policy))
-        self._link = MessageLink(fs)
-        self._tg = asyncio.TaskGroup()
-        await self._tg.__aenter__()
-        self._link.add_lost_callback(self.mmio.fail)
-        self._reader = self._tg.create_task(self._link.run(), name="card-link")
+        link = MessageLink(fs)
+        self._link = link
+        link.add_lost_callback(self.mmio.fail)
+        await self._stack.enter_async_context(_link_tasks(self))
+        assert self._tg is not None
+        self._reader = self._tg.create_task(link.run(), name="card-link")
+
+    def dma(self, policy: DmaPolicy | None = None) -> DmaEngine:
+        """A DMA engine over :attr:`space` (``policy`` defaults to the ``dma=`` given
+        to :meth:`connect`): ``async with card.dma() as dma: await dma.copy(...)``.
+        The caller owns it; close it before the link.
+        """
+        return DmaEngine(self.space, policy or self._dma_policy)
 
     async def _handshake(self, fs: FramedSocket) -> None:
-        await fs.send_frame(
-            {
-                "type": "hello",
-                "protocol": PROTOCOL,
-                "version": PROTOCOL_VERSION,
-                "card": self._expect,
-            }
-        )
-        offer, fds = await fs.recv_frame()
+        await fs.send_frame(Hello(card=self._expect).to_wire())
+        obj, fds = await fs.recv_frame()
+        refusal = Refuse.from_wire(obj)
         try:
-            if offer.get("type") == "refuse":
+            if refusal is not None:
                 raise HandshakeError(
-                    f"host refused: {offer.get('reason')}: {offer.get('message')}",
-                    reason=str(offer.get("reason", "refused")),
+                    f"host refused: {refusal.reason}: {refusal.message}", reason=refusal.reason
                 )
-            self._parse_offer(offer, fds)  # consumes fds
+            self._take_offer(Offer.from_wire(obj), fds)  # consumes fds
             fds = []
         except HandshakeError as e:
             for fd in fds:
                 os.close(fd)
-            if e.reason != "refused" and offer.get("type") != "refuse":
+            if e.reason != "refused" and refusal is None:
                 with contextlib.suppress(LinkLost, ClosedResourceError, OSError):
-                    await fs.send_frame(_refusal(e.reason, str(e)))
+                    await fs.send_frame(Refuse(e.reason, str(e)).to_wire())
             raise
-        await fs.send_frame({"type": "ready", "version": PROTOCOL_VERSION})
+        await fs.send_frame(Ready().to_wire())
 
-    def _parse_offer(self, offer: dict[str, Any], fds: list[int]) -> None:
-        if offer.get("type") != "offer" or offer.get("protocol") != PROTOCOL:
-            raise HandshakeError(f"not a {PROTOCOL} offer: {str(offer)[:200]}", reason="protocol")
-        if offer.get("version") != PROTOCOL_VERSION:
-            raise HandshakeError(f"offer version {offer.get('version')!r} not supported",
-                                 reason="version")  # fmt: skip
-        card = _dict(offer, "card")
-        regions = _dict(offer, "regions")
-        lay = _dict(offer, "layout")
-        boot = _dict(offer, "boot")
-        try:
-            layout = MmioLayout(**{k: _int(lay, k, 1, 64) for k in MmioLayout.__dataclass_fields__})
-            ident = CardIdentity(
-                name=str(card["name"]),
-                node_id=_int(card, "node_id", 0, 1 << 16),
-                family=str(card["family"]),
-                stepping=str(card["stepping"]),
-            )
-        except (KeyError, ValueError, TypeError) as e:
-            raise HandshakeError(f"malformed offer: {e!r}", reason="malformed") from e
-        sizes = {name: _int(regions, name, PAGE_SIZE, 1 << 40) for name in _REGIONS}
-        max_message = _int(offer, "max_message", 64, _MAX_MESSAGE_CAP)
-        want = len(_REGIONS) + layout.card_vectors + layout.host_vectors
+    def _take_offer(self, offer: Offer, fds: list[int]) -> None:
+        layout, ident, sizes = offer.layout, offer.card, offer.regions
+        want = len(REGIONS) + layout.card_vectors + layout.host_vectors
         if len(fds) != want:
             raise HandshakeError(f"offer carried {len(fds)} fds, expected {want}", reason="fds")
         if self._expect is not None and ident.name != self._expect:
             raise HandshakeError(f"host offers card {ident.name!r}, expected {self._expect!r}",
                                  reason="identity")  # fmt: skip
-        vec_fds = fds[len(_REGIONS) :]
+        vec_fds = fds[len(REGIONS) :]
         bad = [fd for fd in vec_fds if not _is_eventfd(fd)]
         if bad:
             raise HandshakeError(f"{len(bad)} vector fds are not eventfds", reason="fds")
         # from here on, ownership moves fd by fd into objects the exit stack closes
         st = self._stack
         regs: list[Region] = []
-        for i, name in enumerate(_REGIONS):
+        for i, name in enumerate(REGIONS):
             try:
                 region = Region.adopt(name, fds[i], sizes[name])
             except RegionError as e:
@@ -567,24 +538,19 @@ class PcieCard:
         self.space = CardAddressSpace(card_ram, host_ram, self.mmio.words)
         st.callback(self.space.release)
         self.identity = ident
-        self.boot_params = boot
+        self.boot_params = offer.boot
         self.layout = layout
-        self.max_message = max_message
+        self.max_message = offer.max_message
         self.region_sizes = sizes
 
     async def aclose(self) -> None:
-        """Close the link, stop DMA, unmap everything (idempotent)."""
+        """Close the link, unmap everything (idempotent)."""
         if self._closed:
             return
         self._closed = True
-        if self._link is not None:
-            self._link.close()
-        if self._reader is not None:
-            self._reader.cancel()
-        if self._tg is not None:
-            tg, self._tg = self._tg, None
-            await tg.__aexit__(None, None, None)
         await self._stack.aclose()
+        if self._link is not None:
+            self._link.close()  # idempotent: also when the task group never opened
 
     @property
     def link(self) -> MessageLink:

@@ -40,6 +40,7 @@ __all__ = [
     "TapError",
     "TapPermissionError",
     "create_netns",
+    "create_netns_sync",
     "delete_netns",
     "delete_netns_sync",
     "ip",
@@ -203,6 +204,22 @@ async def create_netns(name: str) -> None:
         raise TapError(f"network namespace {name!r} already exists")
     await ip("netns", "add", name)
     await ip("link", "set", "lo", "up", netns=name)
+
+
+def create_netns_sync(name: str) -> None:
+    """:func:`create_netns` without an event loop (blocks on ``ip``).
+
+    Raises:
+        TapError: it exists already, or ``ip`` failed.
+    """
+    if netns_exists(name):
+        raise TapError(f"network namespace {name!r} already exists")
+    ip_sync("netns", "add", name)
+    try:
+        ip_sync("link", "set", "lo", "up", netns=name)
+    except TapError:
+        delete_netns_sync(name)
+        raise
 
 
 async def delete_netns(name: str) -> None:

@@ -94,8 +94,8 @@ LAYERS: dict[str, tuple[tuple[str, ...], ...]] = {
         ("errors",),
         # regions, doorbells/interrupts, the typed control-link messages, tap
         ("region", "notify", "messages", "tap"),
-        # MMIO registers, the framed control link, the DMA engine
-        ("mmio", "link", "dma"),
+        # MMIO registers, the framed control link and its boot handshake, the DMA engine
+        ("mmio", "link", "dma", "handshake"),
         # address spaces through windows (aperture, SMPT, IOMMU)
         ("space",),
         # the host and card ends of a PCIe connection

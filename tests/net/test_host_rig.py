@@ -23,7 +23,8 @@ from typing import Any
 
 import pytest
 
-from mic_host.backends.net import NetBackend, _scatter
+from mic_host.backends.net import NetBackend
+from mic_host.backends.net.frames import scatter
 from mic_host.endpoint import EndpointState, QueueEndpoint
 from transport.tap import create_netns, delete_netns, ip, run_in_netns, tap_privilege_problem
 from virtio.constants import Feature, NetFeature
@@ -374,5 +375,5 @@ def test_scatter_copies_between_any_two_scatter_lists(src: list[int], dst: list[
     for n in dst:
         dv.append(memoryview(out)[off : off + n])
         off += n
-    _scatter(sv, dv, 10)
+    scatter(sv, dv, 10)
     assert bytes(out) == data

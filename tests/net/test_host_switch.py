@@ -95,7 +95,10 @@ def tcp_gso_frame(dst: bytes, src: bytes, payload_len: int) -> bytes:
 @pytest.mark.asyncio
 async def test_offer_config_registry_and_card_params() -> None:
     sw = f"t{uid()}"
-    b = create_backend("net", name="net0", card="mic3", node=2, backend="switch", switch=sw)
+    # frames mode: the card opens no TAP, so no card namespace is made for it
+    b = create_backend(
+        "net", name="net0", card="mic3", node=2, backend="switch", switch=sw, card_mode="frames"
+    )
     try:
         assert isinstance(b, SwitchNetBackend)
         assert b.queue_sizes() == (256, 256)

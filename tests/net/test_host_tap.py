@@ -34,7 +34,7 @@ from tests.net.test_host_rig import (
     wait_oper_up,
 )
 from tests.net.test_host_switch import tcp_gso_frame
-from transport.tap import create_netns, delete_netns, ip, netns_exists
+from transport.tap import ip, netns_exists
 from virtio.errors import ConfigError
 from virtio.net import BROADCAST, NET_HDR_SIZE, parse_config
 
@@ -216,15 +216,37 @@ async def test_card_namespace_foreign_refused_stale_deleted(tmp_path: Path) -> N
             )
         assert netns_exists(foreign)  # not ours: left alone
         assert ifname not in await ip("-o", "link", "show", netns=hns)  # TAP closed again
-        # the same name, recorded as ours (a crashed card left it): deleted, then reused
-        (tmp_path / "micx-net0.netns").write_text(foreign + "\n")
+        # the same name, recorded as ours (a daemon that died left it): deleted and made
+        # again by the host before the card boots
+        record = tmp_path / "micx-net0.netns"
+        record.write_text(foreign + "\n")
+        stale = os.stat(f"/run/netns/{foreign}").st_ino
+        owner = create_net_backend.namespaces
         b = create_backend("net", backend="switch", switch=f"t{uid()}", card_netns=foreign, **opts)
+        assert netns_exists(foreign)
+        made = os.stat(f"/run/netns/{foreign}").st_ino
+        assert made != stale
+        assert owner.owns(foreign)
+        assert record.read_text() == foreign + "\n"
+        await b.aclose()  # the boot ended: the namespace outlives it
+        assert netns_exists(foreign)
+        # the next boot's backend reuses it as it is
+        b = create_backend("net", backend="switch", switch=f"t{uid()}", card_netns=foreign, **opts)
+        assert os.stat(f"/run/netns/{foreign}").st_ino == made
+        await b.aclose()
+        # the device goes for good (detach, daemon stop): deleted with its record
+        await owner.release(record)
         assert not netns_exists(foreign)
-        await create_netns(foreign)  # the card creates it during the boot
-        await b.aclose()  # and the host deletes it after the session
+        assert not record.exists()
+        assert not owner.owns(foreign)
+        await owner.release(record)  # twice: nothing left to do
+        # frames mode: the card opens no TAP, the host makes no namespace
+        b = create_backend(
+            "net", backend="switch", switch=f"t{uid()}", card_netns=foreign, card_mode="frames",
+            **opts,
+        )  # fmt: skip
         assert not netns_exists(foreign)
-        assert not (tmp_path / "micx-net0.netns").exists()
-        await delete_netns(foreign)
+        await b.aclose()
 
 
 @needs_tap

@@ -81,7 +81,8 @@ async def execute(card: PcieCard, msg: dict[str, Any]) -> dict[str, Any]:
                 card.mmio.doorbell(msg["db"]).ring()
             return {"ok": True}
         if op == "dma":
-            comp = await card.dma.copy(msg["dst"], msg["src"], msg["len"])
+            async with card.dma() as dma:
+                comp = await dma.copy(msg["dst"], msg["src"], msg["len"])
             return {"ok": True, "path": int(comp.path)}
         if op == "wait_vec":
             card.mmio.vector(msg["vec"]).policy = policy(msg)

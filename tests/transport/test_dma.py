@@ -41,7 +41,7 @@ def _pattern(n: int, seed: int) -> bytes:
 
 @pytest.mark.asyncio
 async def test_dma_is_byte_exact_both_directions(sock_path: str) -> None:
-    async with card_pair(sock_path, config=BIG) as p:
+    async with card_pair(sock_path, config=BIG) as p, p.host.dma() as dma:
         host = p.host
         win = host.smpt.open(0, 32 * MiB)
         hram = host.host_ram.view()
@@ -50,7 +50,7 @@ async def test_dma_is_byte_exact_both_directions(sock_path: str) -> None:
             data = _pattern(n, i)
             # host -> card: source in host RAM (through the window), destination card RAM
             hram[so : so + n] = data
-            comp = await host.dma.copy(do, win.addr(so), n, channel=i % 4)
+            comp = await dma.copy(do, win.addr(so), n, channel=i % 4)
             aligned = not (so | do | n) % 64
             assert comp.path is (DmaPath.DMA if aligned else DmaPath.CPU)
             r = await p.call(op="sha256", addr=do, len=n)
@@ -63,7 +63,7 @@ async def test_dma_is_byte_exact_both_directions(sock_path: str) -> None:
             r = await p.call(op="dma", dst=win.addr(back), src=do, len=n)
             assert r["ok"], r
             assert hashlib.sha256(hram[back : back + n]).digest() == hashlib.sha256(data).digest()
-        st = host.dma.stats()
+        st = dma.stats()
         assert st.ops == len(SIZES)
         assert st.bytes == sum(SIZES)
         unaligned = [(OFFSETS[i % 5][0] | OFFSETS[i % 5][1] | n) % 64 for i, n in enumerate(SIZES)]
@@ -73,7 +73,7 @@ async def test_dma_is_byte_exact_both_directions(sock_path: str) -> None:
 
 @pytest.mark.asyncio
 async def test_out_of_window_dma_is_refused(sock_path: str) -> None:
-    async with card_pair(sock_path) as p:
+    async with card_pair(sock_path) as p, p.host.dma() as dma:
         host = p.host
         win = host.smpt.open(0x10000, 0x10000)
         cases = [
@@ -83,14 +83,14 @@ async def test_out_of_window_dma_is_refused(sock_path: str) -> None:
         ]
         for dst, src, n in cases:
             with pytest.raises(DmaFault) as e:
-                await host.dma.copy(dst, src, n)
+                await dma.copy(dst, src, n)
             assert e.value.fault.addr in (dst, src)
-        assert host.dma.stats().faults == 3
-        assert host.dma.stats().ops == 0
+        assert dma.stats().faults == 3
+        assert dma.stats().ops == 0
         r = await p.call(op="dma", dst=0, src=SMPT_BASE, len=64)
         assert r == {"ok": False, "dma_error": "DmaFault", "msg": r["msg"]}
         # a window closed after submission faults when the queued request runs
-        ch = host.dma.channel(1)
+        ch = dma.channel(1)
         first = ch.submit(0, 0x100000, 0x8000, fence=True)  # fenced: queued, not done inline
         second = ch.submit(0x200000, win.addr(0), 0x1000)  # queued behind it, checked at submit
         host.smpt.close(win)
@@ -197,3 +197,29 @@ def test_engine_must_run_in_a_loop() -> None:
         mmio.close()
         card.close()
         host.close()
+
+
+def _dma_tasks() -> list[str]:
+    return [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("dma-ch")]
+
+
+@pytest.mark.asyncio
+async def test_no_engine_runs_until_a_data_path_opens_one(sock_path: str) -> None:
+    """A link starts no DMA workers; ``host.dma()`` opens an engine (one worker
+    per channel) that stops when its block ends, and can be entered once."""
+    async with card_pair(sock_path) as p:
+        host = p.host
+        assert _dma_tasks() == []
+        async with host.dma(DmaPolicy(channels=2)) as dma:
+            assert sorted(_dma_tasks()) == ["dma-ch0", "dma-ch1"]
+            host.smpt.open(0, 4096)
+            await dma.copy(0, SMPT_BASE, 64)
+            with pytest.raises(ClosedResourceError):
+                await dma.__aenter__()
+        await asyncio.sleep(0)
+        assert _dma_tasks() == []
+        with pytest.raises(ClosedResourceError):
+            dma.channel(0).submit(0, SMPT_BASE, 64)
+        # the card's engine: opened for one copy and closed again
+        r = await p.call(op="dma", dst=SMPT_BASE, src=0, len=64)
+        assert r["ok"], r

@@ -260,3 +260,44 @@ def test_decode_body_refuses_deep_nesting(body: bytes) -> None:
 def test_decode_body_refuses_what_is_not_a_json_object(body: bytes) -> None:
     with pytest.raises(RemoteProtocolError):
         decode_body(body)
+
+
+def test_run_result_errors_in_the_one_wire_form_and_the_old_one() -> None:
+    err = WireError.from_exception(KeyError("k"))
+    msg = decode_from_card(encode(RunResult(id=1, app="a", ok=False, error=err)))
+    assert isinstance(msg, RunResult)
+    assert msg.error == err
+    # today's card sends {type, message}: base defaults to the type
+    old = decode_from_card(
+        {
+            "type": "run_result",
+            "id": 1,
+            "app": "a",
+            "ok": False,
+            "error": {"type": "MicTimeoutError", "message": "slow"},
+        }
+    )
+    assert isinstance(old, RunResult)
+    assert old.error is not None
+    assert (old.error.type, old.error.base, old.error.message) == (
+        "MicTimeoutError",
+        "MicTimeoutError",
+        "slow",
+    )
+    with pytest.raises(RemoteProtocolError, match="error object"):
+        decode_from_card(
+            {
+                "type": "run_result",
+                "id": 1,
+                "app": "a",
+                "ok": False,
+                "error": {"type": "X", "message": "m", "trace": "..."},
+            }
+        )
+
+
+def test_direction_matters() -> None:
+    with pytest.raises(RemoteProtocolError, match="unknown message type 'run'"):
+        decode_from_card(encode(Run(id=1, app="a")))
+    with pytest.raises(RemoteProtocolError, match="unknown message type 'online'"):
+        decode_from_host(encode(Online(devices=[])))

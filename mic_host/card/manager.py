@@ -1,40 +1,37 @@
-"""One card as the host daemon runs it: lifecycle, PCIe link, VOP, card process.
+"""The public operations on one card of the daemon (what ``micctl`` and the client reach).
 
-Owns everything per card that lives longer than a boot (its config, the
-devices attached at run time, the lifecycle state machine) and, per boot, a
-*session*: a fresh :class:`transport.PcieHost` (zeroed regions, like a reset
-card), a :class:`mic_host.vop.Vop` with one backend per device, the
-``mic-card`` child process, and the tasks that pump doorbells, read link
-messages and watch heartbeats. A session ends for exactly one reason (the
-card shut down, crashed, went silent, never came online, or was reset); the
-lifecycle table (:mod:`mic_host.lifecycle`) decides what state that leads to.
+Owns everything per card that lives longer than a boot: its config, the
+devices attached at run time, the consoles' ptys, the lifecycle state machine
+(:mod:`mic_host.lifecycle`) and the current :class:`~mic_host.card.session.BootSession`.
+Each operation (status, stats, boot, shutdown, reset, run, attach, detach,
+net, exec, console resize) checks the state, acts on the session, and maps
+the reason a session ended to a table event. Whatever the card does, this
+module never lets it crash the daemon.
 
-Whatever the card does, this module never lets it crash the daemon: card
-faults end the card's session and are reported in its state and log.
+Top of ``mic_host.card``: imports the session and the link dispatch below it,
+never the daemon.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import os
-import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from mic_host.agent import DEFAULT_EXEC_TIMEOUT, MAX_EXEC_OUTPUT
-from mic_host.backends import Backend, create_backend
-from mic_host.backends.console import ConsoleBackend, ConsolePty
-from mic_host.config import CardConfig, DeviceConfig, validate_device_options
+from mic_host.backends.console import ConsoleBackend
+from mic_host.card.devices import DeviceSet
+from mic_host.card.dispatch import CardLink
+from mic_host.card.session import BootSession, net_params
+from mic_host.config import CardConfig, validate_device_options
 from mic_host.lifecycle import CardEvent, CardLifecycle, CardState, ShutdownStatus
-from mic_host.paths import accel_socket_path
+from mic_host.paths import card_link_path
 from mic_host.vop import Vop
-from transport import CardIdentity, PcieConfig, PcieHost, Perm
-from transport.link import MessageLink
+from transport.messages import DevicesReply, DevicesRequest, NetParams, Run, RunResult, Shutdown
 from virtio.errors import (
     BrokenResourceError,
     LocalProtocolError,
@@ -42,7 +39,6 @@ from virtio.errors import (
     MicTimeoutError,
     RemoteProtocolError,
 )
-from virtio.memory import Memory
 
 __all__ = ["CardManager"]
 
@@ -50,60 +46,6 @@ log = logging.getLogger("mic_host.card")
 
 #: AF_UNIX sun_path holds 108 bytes including the terminating NUL.
 _SUN_PATH_MAX = 107
-#: How long a lost link may precede the process exit before we call it a crash.
-_LINK_GRACE = 2.0
-
-
-def _net_params(backends: list[Backend]) -> list[dict[str, Any]]:
-    """The card-side parameters of the net backends among ``backends``."""
-    out = []
-    for b in backends:
-        card_params = getattr(b, "card_params", None)
-        if callable(card_params):
-            out.append(dict(card_params()))
-    return out
-
-
-def _card_devices(raw: object) -> list[dict[str, Any]]:
-    """The card's device list (``online``/``devices`` messages), keeping only
-    well-formed entries (``offset`` an int, ``name`` a string): the card is
-    untrusted, and status/stats/detach index this list.
-    """
-    if not isinstance(raw, list):
-        return []
-    return [
-        d
-        for d in raw
-        if isinstance(d, dict) and type(d.get("offset")) is int and isinstance(d.get("name"), str)
-    ]
-
-
-class _SessionOver(Exception):
-    """Raised inside a session's task group to end it (never escapes)."""
-
-
-class _Platform:
-    """:class:`mic_host.vop.HostPlatform` over a :class:`PcieHost`."""
-
-    def __init__(self, pcie: PcieHost, host_ram_bus: int) -> None:
-        self._pcie = pcie
-        self._bus = host_ram_bus
-        self._ram = pcie.host_ram.view()
-
-    @property
-    def host_ram(self) -> memoryview:
-        return self._ram
-
-    @property
-    def host_ram_bus(self) -> int:
-        return self._bus
-
-    @property
-    def card_view(self) -> Memory:
-        return self._pcie.aperture
-
-    def ring_card(self, db: int) -> None:
-        self._pcie.mmio.doorbell(db).ring()
 
 
 class CardManager:
@@ -117,42 +59,42 @@ class CardManager:
         self.state_dir = state_dir
         self.node_id = node_id
         self.lifecycle = CardLifecycle(cfg.name)
-        self.devices: list[DeviceConfig] = list(cfg.devices)
-        self.pid: int | None = None
-        self.vop: Vop | None = None
-        self.link: MessageLink | None = None
-        self.card_devices: list[dict[str, Any]] = []
+        self.device_set = DeviceSet(
+            cfg.name, list(cfg.devices), state_dir=state_dir, node_id=node_id
+        )
         self.last_error = ""
         self.boots = 0
         self.boot_seconds: float | None = None
+        #: the current (or last) boot, and the task running it
+        self._session: BootSession | None = None
         self._session_task: asyncio.Task[None] | None = None
-        self._end: asyncio.Future[tuple[CardEvent, ShutdownStatus | None]] | None = None
         self._changed = asyncio.Condition()
-        self._last_heartbeat = 0.0
-        self._boot_started = 0.0
-        self._reported_status: ShutdownStatus | None = None
-        self._ids = itertools.count(1)
-        self._replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        #: one pty per console device, for the daemon's life (survives reboots)
-        self._ptys: dict[str, ConsolePty] = {}
-        for i, d in enumerate(self.devices):
-            if d.type == "console":
-                self._pty(self._dev_name(d, i))
         self.lifecycle.add_listener(self._on_transition)
-
-    def _pty(self, device: str) -> ConsolePty:
-        pty = self._ptys.get(device)
-        if pty is None or pty.closed:
-            pty = self._ptys[device] = ConsolePty(f"{self.name} {device}")
-            # mpssd's words, so scripts that grep for them keep working
-            log.info("%s console message goes to %s", self.name, pty.path)
-        return pty
 
     # -- state -------------------------------------------------------------
     @property
     def state(self) -> CardState:
         return self.lifecycle.state
+
+    @property
+    def vop(self) -> Vop | None:
+        """The running boot's VOP layer (None when the card is down)."""
+        return self._session.vop if self._session is not None else None
+
+    @property
+    def link(self) -> CardLink | None:
+        """The running boot's control link (None before the card connects)."""
+        return self._session.link if self._session is not None else None
+
+    @property
+    def pid(self) -> int | None:
+        return self._session.pid if self._session is not None else None
+
+    @property
+    def card_devices(self) -> list[dict[str, Any]]:
+        """The devices the card OS reported (last ``online``/``devices`` message)."""
+        return self._session.card_devices if self._session is not None else []
 
     def _on_transition(self, *_: object) -> None:
         log.info(
@@ -199,18 +141,21 @@ class CardManager:
 
     def status(self) -> dict[str, Any]:
         """JSON-ready status (what ``micctl status`` shows)."""
-        hb = (time.monotonic() - self._last_heartbeat) if self.link is not None else None
+        session = self._session
+        hb = None
+        if session is not None and session.link is not None:
+            hb = time.monotonic() - session.last_heartbeat
         names = self._card_names()
         devs: list[dict[str, Any]] = []
-        for i, d in enumerate(self.devices):
-            name = self._dev_name(d, i)
+        ptys = self.device_set.ptys
+        for name, d in self.device_set.named():
             entry: dict[str, Any] = {"device": names.get(name), "type": d.type, "name": name}
             if self.vop is not None and name in self.vop.devices:
                 vdev = self.vop.devices[name]
                 entry |= {"status": vdev.machine.status, "features": vdev.machine.features}
-            if name in self._ptys:
-                entry["pty"] = self._ptys[name].path
-                entry["log"] = str(self._console_log(name))
+            if name in ptys:
+                entry["pty"] = ptys[name].path
+                entry["log"] = str(self.device_set.console_log(name))
             devs.append(entry)
         return {
             "name": self.name,
@@ -235,7 +180,7 @@ class CardManager:
             raise LocalProtocolError(f"{self.name}: no statistics, the card is {self.state}")
         raw = self.vop.stats()
         names = self._card_names()
-        types = {self._dev_name(d, i): d.type for i, d in enumerate(self.devices)}
+        types = {n: d.type for n, d in self.device_set.named()}
         devices = []
         for name, d in raw.pop("devices").items():
             queues = [q | {"bytes": int(q["bytes_in"]) + int(q["bytes_out"])} for q in d["queues"]]
@@ -263,7 +208,7 @@ class CardManager:
         """
         if self.state in (CardState.CRASHED, CardState.RESET_FAILED):
             await self.reset()
-        sock = self.state_dir / f"{self.name}.sock"
+        sock = card_link_path(self.state_dir, self.name)
         if len(os.fsencode(sock)) > _SUN_PATH_MAX:
             raise LocalProtocolError(f"{self.name}: socket path {sock} too long for AF_UNIX")
         self.lifecycle.fire(CardEvent.BOOT)
@@ -281,11 +226,15 @@ class CardManager:
 
     def _start_session(self) -> None:
         self.last_error = ""
-        self._reported_status = None
-        self._boot_started = time.monotonic()
         self.boots += 1
-        task = asyncio.get_running_loop().create_task(self._session(), name=f"{self.name} session")
-        self._session_task = task
+        session = self._session = BootSession(self)
+        self._session_task = asyncio.get_running_loop().create_task(
+            self._run_session(session), name=f"{self.name} session"
+        )
+
+    async def _run_session(self, session: BootSession) -> None:
+        event, status = await session.run()
+        self._after_session(event, status)
 
     async def shutdown(
         self,
@@ -307,7 +256,7 @@ class CardManager:
         try:
             if link is None:
                 raise BrokenResourceError("no link")
-            await link.send({"type": "shutdown", "status": status})
+            await link.send(Shutdown(status=status))
         except BrokenResourceError:
             self._finish(CardEvent.CRASH)
         self._spawn(self._shutdown_watchdog())
@@ -346,8 +295,8 @@ class CardManager:
 
     def _finish(self, event: CardEvent, status: ShutdownStatus | None = None) -> None:
         """End the current session for ``event`` (the first reason wins)."""
-        if self._end is not None and not self._end.done():
-            self._end.set_result((event, status))
+        if self._session is not None:
+            self._session.finish(event, status)
 
     async def aclose(self) -> None:
         """Daemon exit: shut an online card down (bounded), kill anything left."""
@@ -365,132 +314,7 @@ class CardManager:
                     await task
         for t in list(self._tasks):
             t.cancel()
-        for pty in self._ptys.values():
-            pty.close()
-
-    # -- the session ---------------------------------------------------------
-    def _dev_name(self, dev: DeviceConfig, index: int) -> str:
-        return dev.name or f"{dev.type}{index}"
-
-    def _backend(self, dev: DeviceConfig, index: int) -> Backend:
-        opts = dict(dev.options)
-        name = self._dev_name(dev, index)
-        if dev.type == "block":
-            opts["path"] = opts.pop("image")
-        elif dev.type == "console":
-            opts.setdefault("log_path", str(self._console_log(name)))
-            opts["pty"] = self._pty(name)
-        elif dev.type == "net":
-            # Defaults (TAP name, mpssd's 172.31.N+1.x addresses, MAC) derive from the card.
-            opts |= {"card": self.name, "node": self.node_id, "state_dir": str(self.state_dir)}
-        backend = create_backend(dev.type, name=name, **opts)
-        if isinstance(backend, ConsoleBackend) and backend.agent is not None:
-            backend.agent.label = self.name
-        return backend
-
-    def _console_log(self, device: str) -> Path:
-        """``<card>-console.log`` for the first console, ``<card>-<device>.log`` for others."""
-        first = next(
-            (self._dev_name(d, i) for i, d in enumerate(self.devices) if d.type == "console"),
-            device,
-        )
-        suffix = "console" if device == first else device
-        return self.state_dir / f"{self.name}-{suffix}.log"
-
-    def _boot_params(self, backends: list[Backend]) -> dict[str, Any]:
-        return {
-            "heartbeat_interval": self.cfg.heartbeat_interval,
-            "used_ring_in_card": self.cfg.used_ring_in_card,
-            "node_id": self.node_id,
-            # What the card's net driver needs beyond the config space
-            # (address, namespace, mode): mpssd put it on the kernel cmdline.
-            "net": _net_params(backends),
-            # where host scripts open accelerator channels (mic_host.accel)
-            "accel_socket": str(accel_socket_path(self.state_dir, self.name)),
-        }
-
-    async def _spawn_card(self, sock: Path) -> asyncio.subprocess.Process:
-        logf = self.state_dir / f"{self.name}-card.log"
-        env = dict(os.environ)
-        # Card apps (module:function) resolve like they would in the daemon.
-        paths = [os.getcwd(), *[p for p in sys.path if p]]
-        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-        with logf.open("ab") as out:
-            return await asyncio.create_subprocess_exec(
-                *self.cfg.card_command,
-                sys.executable,
-                "-m",
-                "mic_card",
-                "--socket",
-                str(sock),
-                "--card",
-                self.name,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-                env=env,
-                start_new_session=True,
-            )
-
-    async def _session(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._end = loop.create_future()
-        sock = self.state_dir / f"{self.name}.sock"
-        pcfg = PcieConfig(card_ram_size=self.cfg.card_ram, host_ram_size=self.cfg.host_ram)
-        proc: asyncio.subprocess.Process | None = None
-        event, status = CardEvent.CRASH, None
-        backends: list[Backend] = []
-        try:
-            # Backends first: a TAP that cannot be created fails the boot with
-            # its own message, and the card's boot parameters come from them.
-            for i, dev in enumerate(self.devices):
-                backends.append(self._backend(dev, i))
-            async with PcieHost(
-                str(sock),
-                card=CardIdentity(self.name, node_id=self.node_id),
-                config=pcfg,
-                boot_params=self._boot_params(backends),
-            ) as pcie:
-                win = pcie.smpt.open(0, self.cfg.host_ram, Perm.RW)
-                async with Vop(_Platform(pcie, win.addr(0))) as vop:
-                    self.vop = vop
-                    while backends:
-                        vop.add_device(backends[0])
-                        backends.pop(0)  # the Vop owns (and closes) it now
-                    pcie.mmio.spad.set_device_page(win.addr(0))
-                    for db in range(pcie.config.layout.c2h_doorbells):
-                        pcie.mmio.route(db, 0)
-                    proc = await self._spawn_card(sock)
-                    self.pid = proc.pid
-                    log.info("%s: booting, card OS pid %d", self.name, proc.pid)
-                    try:
-                        async with asyncio.TaskGroup() as tg:
-                            tg.create_task(self._watch_process(proc))
-                            tg.create_task(self._watchdog())
-                            tg.create_task(self._accept(pcie, vop, tg))
-                            event, status = await self._end
-                            raise _SessionOver
-                    except* _SessionOver:
-                        pass
-                    await self._stop_process(proc)
-                    self._fail_replies(BrokenResourceError(f"{self.name} went {event}"))
-                    self.link = None
-                    await vop.reset_all()
-        except* (MicError, OSError) as eg:
-            event, status = CardEvent.CRASH, ShutdownStatus.CRASHED
-            self.last_error = f"boot session failed: {eg.exceptions[0]}"
-            log.error("%s: %s", self.name, self.last_error, exc_info=eg.exceptions[0])
-        finally:
-            for backend in backends:  # built but never handed to a Vop
-                with contextlib.suppress(MicError, OSError):
-                    await backend.aclose()
-            if proc is not None:
-                await self._stop_process(proc)
-            self.vop = None
-            self.link = None
-            self.pid = None
-            self._fail_replies(BrokenResourceError(f"{self.name} is down"))
-        self._after_session(event, status)
+        await self.device_set.aclose()
 
     def _after_session(self, event: CardEvent, status: ShutdownStatus | None) -> None:
         st = self.state
@@ -513,129 +337,12 @@ class CardManager:
         except LocalProtocolError as e:  # a race between reasons: report, stay consistent
             log.error("%s: after session (%s): %s", self.name, event, e)
 
-    async def _stop_process(self, proc: asyncio.subprocess.Process) -> None:
-        # The card OS runs in its own session/process group (start_new_session):
-        # kill the whole group, so what a card_command wrapper (or the card)
-        # started does not outlive the boot.
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            await proc.wait()
-
-    async def _accept(self, pcie: PcieHost, vop: Vop, tg: asyncio.TaskGroup) -> None:
-        link = await pcie.accept()
-        self.link = link
-        self._last_heartbeat = time.monotonic()
-        tg.create_task(self._pump(pcie, vop))
-        tg.create_task(self._messages(link))
-
-    async def _pump(self, pcie: PcieHost, vop: Vop) -> None:
-        """Card->host doorbells (all routed to vector 0) into the VOP layer."""
-        vec = pcie.mmio.vector(0)
-        mmio = pcie.mmio
-        try:
-            while True:
-                await vec.wait()
-                for db in sorted(mmio.ack_doorbells(0)):
-                    vop.on_doorbell(db)
-        except BrokenResourceError:
-            return  # link lost: the process watcher and link reader decide why
-
-    async def _messages(self, link: MessageLink) -> None:
-        try:
-            while True:
-                msg = await link.recv()
-                self._on_message(msg)
-        except BrokenResourceError as e:
-            if self.state is not CardState.SHUTTING_DOWN or self._reported_status is None:
-                log.warning("%s: link lost: %s", self.name, e)
-            await asyncio.sleep(_LINK_GRACE)
-            self.last_error = self.last_error or f"link lost: {e}"
-            self._finish(CardEvent.CRASH)
-
-    def _on_message(self, msg: dict[str, Any]) -> None:
-        kind = msg.get("type")
-        if kind == "heartbeat":
-            self._last_heartbeat = time.monotonic()
-        elif kind == "online":
-            self.card_devices = _card_devices(msg.get("devices"))
-            self._last_heartbeat = time.monotonic()
-            if self.state is CardState.BOOTING:
-                self.boot_seconds = round(time.monotonic() - self._boot_started, 4)
-                self.lifecycle.fire(CardEvent.ONLINE)
-        elif kind == "shutdown_status":
-            try:
-                self._reported_status = ShutdownStatus(str(msg.get("status")))
-            except ValueError:
-                log.warning("%s: bad shutdown status %.100r", self.name, msg.get("status"))
-                self._reported_status = ShutdownStatus.HALTED
-        elif kind == "crashed":
-            self.last_error = f"card OS crashed: {str(msg.get('error'))[:500]}"
-            self._reported_status = ShutdownStatus.CRASHED
-        elif kind in ("devices", "run_result", "net-params"):
-            if kind == "devices" and isinstance(msg.get("devices"), list):
-                self.card_devices = _card_devices(msg["devices"])
-            rid = msg.get("id")
-            fut = None
-            if isinstance(rid, int) and not isinstance(rid, bool):
-                fut = self._replies.pop(rid, None)
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
-        else:
-            log.warning("%s: unknown message from card: %.200r", self.name, msg)
-
-    async def _watch_process(self, proc: asyncio.subprocess.Process) -> None:
-        rc = await proc.wait()
-        status = self._reported_status
-        if status is not None and status is not ShutdownStatus.CRASHED and rc == 0:
-            self._finish(CardEvent.SHUTDOWN_DONE, status)
-        else:
-            self.last_error = self.last_error or f"card OS exited with status {rc}"
-            log.error("%s: %s", self.name, self.last_error)
-            self._finish(CardEvent.CRASH)
-
-    async def _watchdog(self) -> None:
-        """Boot timeout and heartbeat loss (COSM's heartbeat monitor)."""
-        period = min(0.25, self.cfg.heartbeat_interval)
-        while True:
-            await asyncio.sleep(period)
-            now = time.monotonic()
-            if self.state is CardState.BOOTING and now - self._boot_started > self.cfg.boot_timeout:
-                self.last_error = f"card did not come online within {self.cfg.boot_timeout}s"
-                self._finish(CardEvent.BOOT_TIMEOUT)
-            elif (
-                self.state is CardState.ONLINE
-                and now - self._last_heartbeat > self.cfg.heartbeat_timeout
-            ):
-                self.last_error = f"no heartbeat for {self.cfg.heartbeat_timeout}s"
-                self._finish(CardEvent.HEARTBEAT_LOST)
-
     # -- requests to the card OS -------------------------------------------
-    async def _ask(self, msg: dict[str, Any], timeout: float | None) -> dict[str, Any]:
-        if self.state is not CardState.ONLINE or self.link is None:
+    def _online_link(self) -> CardLink:
+        link = self.link
+        if self.state is not CardState.ONLINE or link is None:
             raise LocalProtocolError(f"{self.name} is {self.state}, not online")
-        rid = next(self._ids)
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._replies[rid] = fut
-        try:
-            await self.link.send({**msg, "id": rid})
-            async with asyncio.timeout(timeout):
-                return await fut
-        except TimeoutError:
-            raise MicTimeoutError(
-                f"{self.name}: no answer to {msg.get('type')} in {timeout}s"
-            ) from None
-        finally:
-            self._replies.pop(rid, None)
-
-    def _fail_replies(self, exc: MicError) -> None:
-        for fut in self._replies.values():
-            if not fut.done():
-                fut.set_exception(exc)
-        self._replies.clear()
+        return link
 
     async def run(self, app: str, args: list[Any], timeout: float | None = None) -> dict[str, Any]:
         """Run ``module:function`` on the card OS; return its result.
@@ -645,18 +352,29 @@ class CardManager:
             RemoteProtocolError: the app failed (its error type and message).
             BrokenResourceError: the card went down meanwhile.
         """
-        reply = await self._ask({"type": "run", "app": app, "args": args}, timeout)
-        if not reply.get("ok"):
-            err = reply.get("error") or {}
+        link = self._online_link()
+        reply = await link.ask(lambda rid: Run(id=rid, app=app, args=args), timeout)
+        if not isinstance(reply, RunResult):
+            raise RemoteProtocolError(f"{self.name} answered run with {reply.TYPE}")
+        if not reply.ok:
+            err = reply.error
+            etype, message = (err.type, err.message) if err is not None else (None, None)
             raise RemoteProtocolError(
-                f"{app} failed on {self.name}: {err.get('type')}: {err.get('message')}",
-                reason="app",
+                f"{app} failed on {self.name}: {etype}: {message}", reason="app"
             )
-        return {"card": self.name, "app": app, "value": reply.get("result")}
+        return {"card": self.name, "app": app, "value": reply.result}
 
     async def refresh_devices(self) -> list[dict[str, Any]]:
-        reply = await self._ask({"type": "devices"}, 10.0)
-        return self.card_devices if reply else []
+        """Ask the card OS for its device list (and remember it).
+
+        Raises:
+            LocalProtocolError: card not online.
+            MicTimeoutError: no answer in 10 s.
+        """
+        reply = await self._online_link().ask(lambda rid: DevicesRequest(id=rid), 10.0)
+        if not isinstance(reply, DevicesReply):
+            raise RemoteProtocolError(f"{self.name} answered devices with {reply.TYPE}")
+        return self.card_devices
 
     # -- hot plug --------------------------------------------------------------
     async def attach(
@@ -674,28 +392,27 @@ class CardManager:
         opts = dict(options)
         name = opts.pop("name", None)
         checked = validate_device_options(dtype, opts, state_dir=self.state_dir, card=self.name)
-        index = len(self.devices)
-        dev = DeviceConfig(type=dtype, name=name or f"{dtype}{index}", options=checked)
-        taken = {self._dev_name(d, i) for i, d in enumerate(self.devices)}
-        if dev.name in taken:
-            raise LocalProtocolError(f"{self.name}: a device named {dev.name!r} exists")
-        backend = self._backend(dev, index)  # validates (opens/creates the image)
+        devices = self.device_set
+        dev = devices.new_entry(dtype, name, checked)
+        backend = devices.make_backend(dev, len(devices.entries))  # validates (opens the image)
         card_name = None
         if self.vop is not None:
             try:
-                params = _net_params([backend])
+                params = net_params([backend])
                 if params and self.state is CardState.ONLINE:
                     # Before the device appears, so the card's driver finds them.
-                    await self._ask({"type": "net-params", "net": params}, timeout)
+                    link = self._online_link()
+                    await link.ask(lambda rid: NetParams(id=rid, net=params), timeout)
                 vdev = self.vop.add_device(backend)
             except MicError:
                 await backend.aclose()
+                await devices.release(devices.name_of(dev, len(devices.entries)))
                 raise
             if self.state is CardState.ONLINE:
                 card_name = await self._card_name_of(vdev.view.offset, timeout)
         else:
             await backend.aclose()
-        self.devices.append(dev)
+        devices.append(dev)
         return {"card": self.name, "name": dev.name, "device": card_name, "type": dtype}
 
     async def _card_name_of(self, offset: int, timeout: float) -> str:
@@ -712,8 +429,7 @@ class CardManager:
 
     def _find(self, device: str) -> int:
         by_card = {d.get("offset"): d.get("name") for d in self.card_devices}
-        for i, d in enumerate(self.devices):
-            name = self._dev_name(d, i)
+        for i, (name, _) in enumerate(self.device_set.named()):
             if device == name:
                 return i
             if (
@@ -734,21 +450,10 @@ class CardManager:
         if self.vop is not None and self.state is CardState.ONLINE:
             with contextlib.suppress(MicError):
                 await self.refresh_devices()
-        i = self._find(device)
-        dev = self.devices.pop(i)
-        name = self._dev_name(dev, i)
-        # later devices keep their (explicit or derived) names
-        for j in range(i, len(self.devices)):
-            d = self.devices[j]
-            if d.name is None:
-                self.devices[j] = DeviceConfig(
-                    type=d.type, name=self._dev_name(d, j + 1), options=d.options
-                )
+        name = self.device_set.remove(self._find(device))
         if self.vop is not None and name in self.vop.devices:
             await self.vop.remove_device(name)
-        pty = self._ptys.pop(name, None)
-        if pty is not None:
-            pty.close()
+        await self.device_set.release(name)
         return {"card": self.name, "removed": name}
 
     # -- console and agent -------------------------------------------------------
@@ -762,13 +467,12 @@ class CardManager:
             LocalProtocolError: no such device, not a net device, or a link
                 change while the card is not running.
         """
-        nets = [(self._dev_name(d, i), d) for i, d in enumerate(self.devices) if d.type == "net"]
+        nets = self.device_set.named("net")
         if device is not None:
-            idx = self._find(device)
-            d = self.devices[idx]
+            name, d = self.device_set.named()[self._find(device)]
             if d.type != "net":
                 raise LocalProtocolError(f"{self.name}: {device} is a {d.type} device, not net")
-            nets = [(self._dev_name(d, idx), d)]
+            nets = [(name, d)]
         vop = self.vop
         if link is not None:
             if vop is None:
@@ -845,7 +549,7 @@ class CardManager:
         Raises:
             LocalProtocolError: no such console, or a bad size.
         """
-        names = [self._dev_name(d, i) for i, d in enumerate(self.devices) if d.type == "console"]
+        names = [n for n, _ in self.device_set.named("console")]
         if device is not None:
             if device not in names:
                 by_card = {n for n, c in self._card_names().items() if c == device}
@@ -859,7 +563,7 @@ class CardManager:
         name = names[0]
         if not (0 < cols < 65536 and 0 < rows < 65536):
             raise LocalProtocolError(f"bad window size {cols}x{rows}")
-        self._pty(name).resize(cols, rows)
+        self.device_set.pty(name).resize(cols, rows)
         if self.vop is not None and name in self.vop.devices:
             backend = self.vop.devices[name].backend
             if isinstance(backend, ConsoleBackend):

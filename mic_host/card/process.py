@@ -1,0 +1,65 @@
+"""The card OS child process: how the daemon starts one and how it makes sure it is gone.
+
+``mic-card`` runs in its own session (process group) with its output in the
+card's log (``STATE_DIR/CARD-card.log``); stopping it kills the whole group,
+so what a ``card_command`` wrapper (or the card) started does not outlive
+the boot.
+
+Imports only ``mic_host.config`` and ``mic_host.paths``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from pathlib import Path
+
+from mic_host.config import CardConfig
+from mic_host.paths import card_log_path
+
+__all__ = ["spawn_card_os", "stop_card_os"]
+
+
+async def spawn_card_os(
+    cfg: CardConfig, *, state_dir: Path, link_path: Path
+) -> asyncio.subprocess.Process:
+    """Start ``mic-card`` for card ``cfg.name``, connecting to ``link_path``.
+
+    Raises:
+        OSError: the process could not be started.
+    """
+    logf = card_log_path(state_dir, cfg.name, "card")
+    env = dict(os.environ)
+    # Card apps (module:function) resolve like they would in the daemon.
+    paths = [os.getcwd(), *[p for p in sys.path if p]]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    with logf.open("ab") as out:
+        return await asyncio.create_subprocess_exec(
+            *cfg.card_command,
+            sys.executable,
+            "-m",
+            "mic_card",
+            "--socket",
+            str(link_path),
+            "--card",
+            cfg.name,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            env=env,
+            start_new_session=True,
+        )
+
+
+async def stop_card_os(proc: asyncio.subprocess.Process) -> None:
+    """Kill the card OS and its process group (if still there), then reap it."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        await proc.wait()
