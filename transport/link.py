@@ -60,6 +60,13 @@ def encode_frame(msg: dict[str, Any], max_message: int) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):  # 1e400 overflows to infinity
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
     if len(obj) != len(pairs):
@@ -78,7 +85,10 @@ def decode_body(body: bytes) -> dict[str, Any]:
     """
     try:
         obj = json.loads(
-            body.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys
+            body.decode("utf-8"),
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+            object_pairs_hook=_unique_keys,
         )
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise RemoteProtocolError(f"frame is not valid JSON: {e}", reason="json") from e

@@ -23,8 +23,10 @@ to its class. Both sides ``match`` on the classes, never on strings
 
 Errors travel in the project's one wire form (:class:`virtio.errors.WireError`).
 A decoder raises :class:`RemoteProtocolError` for an unknown ``type``, a
-missing, unknown or mistyped field; duplicate keys are refused by the link's
-JSON decoder before a message gets here. Imports only ``virtio.errors``.
+missing, unknown or mistyped field, or fields that contradict each other (a
+failed ``run_result`` without an error). A ``shutdown`` to a status the card
+does not know still decodes: the card halts. Duplicate keys are refused by the
+link's JSON decoder before a message gets here. Imports only ``virtio.errors``.
 """
 
 from __future__ import annotations
@@ -83,6 +85,10 @@ _CHECKS: dict[str, tuple[Callable[[object], bool], str]] = {
 class _Message:
     TYPE: ClassVar[str] = ""
 
+    def problem(self) -> str | None:
+        """What is wrong with a decoded message beyond its field types (None: nothing)."""
+        return None
+
 
 # ------------------------------------------------------------- card -> host
 
@@ -118,6 +124,13 @@ class RunResult(_Message):
     ok: bool
     result: Any = None
     error: WireError | None = None
+
+    def problem(self) -> str | None:
+        if self.ok and self.error is not None:
+            return "an ok result carries an error"
+        if not self.ok and self.error is None:
+            return "a failed result carries no error"
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,7 +253,11 @@ def _decode(obj: dict[str, Any], table: dict[str, type[_Message]], peer: str) ->
         if str(f.type) == "WireError | None" and value is not None:
             value = WireError.from_wire(value)
         kwargs[name] = value
-    return cls(**kwargs)
+    msg = cls(**kwargs)
+    problem = msg.problem()
+    if problem is not None:
+        raise RemoteProtocolError(f"{kind} from the {peer}: {problem}")
+    return msg
 
 
 def decode_from_card(obj: dict[str, Any]) -> CardMessage:

@@ -301,3 +301,31 @@ def test_direction_matters() -> None:
         decode_from_card(encode(Run(id=1, app="a")))
     with pytest.raises(RemoteProtocolError, match="unknown message type 'online'"):
         decode_from_host(encode(Online(devices=[])))
+
+
+@pytest.mark.parametrize(
+    ("obj", "decode", "match"),
+    [
+        ({"type": "run_result", "id": 1, "app": "a", "ok": False}, decode_from_card, "no error"),
+        (
+            {
+                "type": "run_result",
+                "id": 1,
+                "app": "a",
+                "ok": True,
+                "error": {"type": "X", "message": "m"},
+            },
+            decode_from_card,
+            "carries an error",
+        ),
+    ],
+)
+def test_contradictory_fields_are_the_peers_fault(obj: Any, decode: Any, match: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=match):
+        decode(obj)
+
+
+def test_the_link_refuses_numbers_that_overflow_to_infinity() -> None:
+    with pytest.raises(RemoteProtocolError, match="out of range"):
+        decode_body(b'{"type": "heartbeat", "uptime": 1e400}')
+    assert decode_body(b'{"uptime": 1.5e300}') == {"uptime": 1.5e300}
