@@ -86,6 +86,7 @@ __all__ = [
     # virtio-console (spec 5.3)
     "ConsoleConfig",
     "ConsoleControl",
+    "ConsoleResize",
     # MIC device page (mic_common.h)
     "MicBootparam",
     "MicDeviceDesc",
@@ -339,6 +340,14 @@ ConsoleControl = Struct(
     "id" / Int32ul,
     "event" / Int16ul,
     "value" / Int16ul,
+)
+
+#: The payload after a RESIZE control message: 4 bytes. Rows first, as Linux
+#: ``virtio_console.c`` reads it (the spec's ``struct virtio_console_resize``
+#: lists cols first; we follow the driver that exists).
+ConsoleResize = Struct(
+    "rows" / Int16ul,
+    "cols" / Int16ul,
 )
 
 

@@ -44,6 +44,19 @@ from mic_host.agent import AgentClient
 from mic_host.backends import BackendContext
 from mic_host.endpoint import QueueEndpoint
 from virtio.agent import AGENT_PORT
+from virtio.console import (
+    CONTROL_RX,
+    CONTROL_TX,
+    ControlError,
+    build_config,
+    max_ports,
+    num_queues,
+    pack_control,
+    pack_resize,
+    parse_control,
+    port_name_problem,
+    port_queues,
+)
 from virtio.constants import ConsoleEvent, ConsoleFeature, DeviceType
 from virtio.errors import (
     BrokenResourceError,
@@ -52,35 +65,23 @@ from virtio.errors import (
     LocalProtocolError,
     MicError,
 )
-from virtio.layouts import ConsoleConfig
+from virtio.layouts import MAX_NUM_VQ
 
 __all__ = [
     "AGENT_PORT",
     "CONSOLE_QUEUE_SIZE",
-    "CONTROL_SIZE",
     "ConsoleBackend",
     "ConsolePty",
     "HostPort",
-    "port_queues",
 ]
 
 log = logging.getLogger(__name__)
 
 CONSOLE_QUEUE_SIZE = 64
-#: ``struct virtio_console_control``: le32 id, le16 event, le16 value.
-_CTRL = struct.Struct("<IHH")
-CONTROL_SIZE = _CTRL.size
-#: RESIZE payload (Linux virtio_console.c: rows first, then cols).
-_RESIZE = struct.Struct("<HH")
-_CONTROL_RX, _CONTROL_TX = 2, 3
-_MAX_PORTS = 4  # 8 queues per VOP device: port 0, control, 3 named ports
-_MAX_NAME = 120
+#: Ports one device can have: a VOP device has at most 8 queues (port 0, the
+#: control pair, then a pair per named port).
+_MAX_PORTS = max_ports(MAX_NUM_VQ)
 _LOGGED_ERRORS = 20  # control errors logged per backend (then only counted)
-
-
-def port_queues(port: int) -> tuple[int, int]:
-    """(receiveq, transmitq) queue indices of ``port`` (§5.3.2)."""
-    return (0, 1) if port == 0 else (2 + 2 * port, 3 + 2 * port)
 
 
 # --------------------------------------------------------------------------
@@ -351,10 +352,12 @@ class ConsoleBackend:
             ports = [ports]
         ports = list(ports) if multiport else []
         if len(ports) > _MAX_PORTS - 1:
-            raise ConfigError(f"console {name}: at most {_MAX_PORTS - 1} named ports (8 queues)")
+            raise ConfigError(
+                f"console {name}: at most {_MAX_PORTS - 1} named ports ({MAX_NUM_VQ} queues)"
+            )
         for p in ports:
-            raw = p.encode("utf-8", "replace")
-            if not p or len(raw) > _MAX_NAME or not p.isprintable() or " " in p:
+            # Names go on micctl command lines: no spaces, on top of the wire rule.
+            if port_name_problem(p) is not None or " " in p:
                 raise ConfigError(f"console {name}: bad port name {p!r}")
         if len(set(ports)) != len(ports):
             raise ConfigError(f"console {name}: duplicate port names {ports}")
@@ -401,14 +404,10 @@ class ConsoleBackend:
         return int(f)
 
     def config_bytes(self) -> bytes:
-        data: bytes = ConsoleConfig.build(
-            {"cols": self.cols, "rows": self.rows, "max_nr_ports": len(self.ports), "emerg_wr": 0}
-        )
-        return data
+        return build_config(self.cols, self.rows, len(self.ports))
 
     def queue_sizes(self) -> Sequence[int]:
-        n = 2 + (2 + 2 * (len(self.ports) - 1) if self.multiport else 0)
-        return (self.queue_size,) * n
+        return (self.queue_size,) * num_queues(len(self.ports), self.multiport)
 
     async def run(self, ctx: BackendContext) -> None:
         self._ctx = ctx
@@ -424,8 +423,8 @@ class ConsoleBackend:
                     tg.create_task(p.tx_loop(ctx.queues[tx]))
                     tg.create_task(p.rx_loop(ctx.queues[rx]))
                 if self.multiport:
-                    tg.create_task(self._control_in(ctx.queues[_CONTROL_TX]))
-                    tg.create_task(self._control_out(ctx.queues[_CONTROL_RX]))
+                    tg.create_task(self._control_in(ctx.queues[CONTROL_TX]))
+                    tg.create_task(self._control_out(ctx.queues[CONTROL_RX]))
         finally:
             if self.pty is not None:
                 self.pty.detach()
@@ -524,11 +523,11 @@ class ConsoleBackend:
             await ctx.update_config(self.config_bytes())
 
     def _send_resize(self) -> None:
-        self._send(0, ConsoleEvent.RESIZE, 0, _RESIZE.pack(self.rows, self.cols))
+        self._send(0, ConsoleEvent.RESIZE, 0, pack_resize(self.cols, self.rows))
 
     # -- control queue -----------------------------------------------------------------
     def _send(self, port_id: int, event: ConsoleEvent, value: int, extra: bytes = b"") -> None:
-        self._ctrl_out.append(_CTRL.pack(port_id, int(event), value) + extra)
+        self._ctrl_out.append(pack_control(port_id, event, value, extra))
         self._ctrl_event.set()
 
     def _send_raw(self, data: bytes) -> None:
@@ -578,10 +577,12 @@ class ConsoleBackend:
 
     def _on_control(self, data: bytes) -> None:
         """One message from the card (untrusted): act on it or reject it."""
-        if len(data) != CONTROL_SIZE:
-            self._reject(f"{len(data)} bytes, want {CONTROL_SIZE}: {data[:16].hex()}")
+        try:
+            msg = parse_control(data, from_driver=True)
+        except ControlError as e:
+            self._reject(str(e))
             return
-        pid, event, value = _CTRL.unpack(data)
+        pid, event, value = msg.port, msg.event, msg.value
         if event == ConsoleEvent.DEVICE_READY:
             if value != 1:
                 log.error("%s: the card's driver failed to initialise (DEVICE_READY 0)", self.name)
