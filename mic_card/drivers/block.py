@@ -29,13 +29,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from mic_card.endpoint import DriverEndpoint
 from virtio.blk import (
     ID_BYTES,
-    REQ_HEADER,
     STATUS_SIZE,
     WRITE_ZEROES_FLAG_UNMAP,
     build_segments,
     parse_config,
     status_name,
 )
+from virtio.blk import REQ_HEADER as _REQ_HEADER
 from virtio.constants import SECTOR_SIZE, BlkFeature, BlkReqType, BlkStatus
 from virtio.errors import BrokenResourceError, LocalProtocolError, MicError, RemoteProtocolError
 
@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 
 __all__ = ["ID_BYTES", "BlockDevice", "BlockIOError", "DmaBuffer"]
 
+#: Bound by assignment so that ``REQ_HEADER.pack_into(...)`` compiles to
+#: LOAD_METHOD (CPython 3.11 does not use it on names bound by an import).
+REQ_HEADER = _REQ_HEADER
 _ALIGN = 64  # the X100 DMA granule: requests are cache-line aligned
 #: Largest data segment when the host does not say (no SIZE_MAX).
 _DEFAULT_SIZE_MAX = 1 << 20

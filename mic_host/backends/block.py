@@ -46,14 +46,9 @@ from pathlib import Path
 
 from mic_host.backends import BackendContext
 from mic_host.endpoint import QueueEndpoint
-from virtio.blk import (
-    ID_BYTES,
-    REQ_HEADER,
-    SEGMENT,
-    STATUS_SIZE,
-    WRITE_ZEROES_FLAG_UNMAP,
-    segment_flags_ok,
-)
+from virtio.blk import ID_BYTES, STATUS_SIZE, WRITE_ZEROES_FLAG_UNMAP, segment_flags_ok
+from virtio.blk import REQ_HEADER as _REQ_HEADER
+from virtio.blk import SEGMENT as _SEGMENT
 from virtio.constants import SECTOR_SIZE, BlkFeature, BlkReqType, BlkStatus, DeviceType
 from virtio.errors import ConfigError
 from virtio.layouts import BlkConfig
@@ -83,6 +78,11 @@ SIZE_MAX = 4 << 20
 MAX_DISCARD_SECTORS = 1 << 23  # 4 GiB per segment
 MAX_DISCARD_SEG = 32
 
+#: The request header and segment twins, bound by assignment so that
+#: ``REQ_HEADER.unpack_from(...)`` compiles to LOAD_METHOD (CPython 3.11 does not
+#: use it on names bound by an import; see ``virtio/split/device.py``).
+REQ_HEADER = _REQ_HEADER
+SEGMENT = _SEGMENT
 _ZEROS = bytes(1 << 20)
 
 # -- fallocate through ctypes (os has posix_fallocate, but no mode flags) ---------------

@@ -23,12 +23,12 @@ from virtio.split.faults import QueueBroken, RingError, RingFault
 from virtio.split.fence import full_fence
 from virtio.split.layout import (
     CHAIN_BYTES_LIMIT,
-    DESC,
     DESC_SIZE,
     SplitLayout,
     need_event,
     ring_views,
 )
+from virtio.split.layout import DESC as _DESC_STRUCT
 
 __all__ = ["DriverQueue"]
 
@@ -38,6 +38,11 @@ _INDIRECT = int(DescFlag.INDIRECT)
 _NO_INTERRUPT = int(RingFlag.NO_INTERRUPT)
 _NO_NOTIFY = int(RingFlag.NO_NOTIFY)
 _U32_LIMIT = CHAIN_BYTES_LIMIT
+#: Bound by assignment, not by the import: CPython 3.11 compiles
+#: ``NAME.method(...)`` without LOAD_METHOD (a bound method built per call) when
+#: ``NAME`` was bound by an import, and ``DESC.pack_into``/``unpack_from`` run
+#: once per descriptor.
+DESC = _DESC_STRUCT
 
 T = TypeVar("T")
 
