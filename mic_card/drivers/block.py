@@ -23,27 +23,30 @@ Must not import ``transport`` or ``mic_host``.
 from __future__ import annotations
 
 import asyncio
-import struct
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from construct import ConstructError
-
 from mic_card.endpoint import DriverEndpoint
+from virtio.blk import (
+    ID_BYTES,
+    STATUS_SIZE,
+    WRITE_ZEROES_FLAG_UNMAP,
+    build_segments,
+    parse_config,
+    status_name,
+)
+from virtio.blk import REQ_HEADER as _REQ_HEADER
 from virtio.constants import SECTOR_SIZE, BlkFeature, BlkReqType, BlkStatus
 from virtio.errors import BrokenResourceError, LocalProtocolError, MicError, RemoteProtocolError
-from virtio.layouts import BlkConfig, BlkDiscardWriteZeroes, BlkReqHeader
 
 if TYPE_CHECKING:
     from mic_card.bus import CardDevice
 
 __all__ = ["ID_BYTES", "BlockDevice", "BlockIOError", "DmaBuffer"]
 
-ID_BYTES = 20
-_HDR = struct.Struct("<IIQ")  # BlkReqHeader (tests/block check they agree)
-_SEG = struct.Struct("<QII")  # BlkDiscardWriteZeroes
-assert _HDR.size == BlkReqHeader.sizeof()
-assert _SEG.size == BlkDiscardWriteZeroes.sizeof()
+#: Bound by assignment so that ``REQ_HEADER.pack_into(...)`` compiles to
+#: LOAD_METHOD (CPython 3.11 does not use it on names bound by an import).
+REQ_HEADER = _REQ_HEADER
 _ALIGN = 64  # the X100 DMA granule: requests are cache-line aligned
 #: Largest data segment when the host does not say (no SIZE_MAX).
 _DEFAULT_SIZE_MAX = 1 << 20
@@ -87,10 +90,6 @@ class DmaBuffer:
 
     def __len__(self) -> int:
         return self.size
-
-
-def _status_name(status: int) -> str:
-    return BlkStatus(status).name if status in (0, 1, 2) else str(status)
 
 
 class BlockDevice:
@@ -142,13 +141,10 @@ class BlockDevice:
         self._read_config()
 
     def _read_config(self) -> None:
-        raw = self.dev.read_config()
         try:
-            cfg = BlkConfig.parse(raw)
-        except ConstructError as e:
-            raise RemoteProtocolError(
-                f"{self.name}: block config of {len(raw)} B does not parse: {e}", reason="config"
-            ) from e
+            cfg = parse_config(self.dev.read_config())
+        except RemoteProtocolError as e:
+            raise RemoteProtocolError(f"{self.name}: {e}", reason="config") from e
         f = self.dev.features
         self.capacity = int(cfg.capacity)
         if f & BlkFeature.BLK_SIZE and cfg.blk_size:
@@ -237,13 +233,13 @@ class BlockDevice:
             raise BrokenResourceError(str(self._closed))
         dev = self.dev
         mem = dev.mem
-        meta = _HDR.size + len(extra_out)
-        addr = dev.alloc(meta + 1, _ALIGN)
+        meta = REQ_HEADER.size + len(extra_out)
+        addr = dev.alloc(meta + STATUS_SIZE, _ALIGN)
         try:
-            hv = mem.view(addr, meta + 1, True)
-            _HDR.pack_into(hv, 0, req_type, 0, sector)
+            hv = mem.view(addr, meta + STATUS_SIZE, True)
+            REQ_HEADER.pack_into(hv, 0, req_type, sector)
             if extra_out:
-                hv[_HDR.size : meta] = extra_out
+                hv[REQ_HEADER.size : meta] = extra_out
             hv[meta] = 0xFF
         except BaseException:
             dev.free(addr)
@@ -254,7 +250,7 @@ class BlockDevice:
             readable += self._data_segments(*out)
         if into is not None and into[1]:
             writable += self._data_segments(*into)
-        writable.append((addr + meta, 1))
+        writable.append((addr + meta, STATUS_SIZE))
         await self._pick().submit(readable, writable, release=lambda: dev.free(addr))
         try:
             return int(mem.view(addr + meta, 1)[0])
@@ -288,7 +284,7 @@ class BlockDevice:
 
     def _check(self, op: str, status: int) -> None:
         if status != BlkStatus.OK:
-            raise BlockIOError(f"{self.name}: {op} failed with {_status_name(status)}", status)
+            raise BlockIOError(f"{self.name}: {op} failed with {status_name(status)}", status)
 
     def _args(self, sector: int, nbytes: int) -> None:
         if sector < 0 or nbytes < 0:
@@ -431,7 +427,7 @@ class BlockDevice:
             ]
         for i in range(0, len(segs), max_seg):
             chunk = segs[i : i + max_seg]
-            payload = b"".join(_SEG.pack(s, n, flags) for s, n in chunk)
+            payload = build_segments(chunk, flags)
             status = await self._submit(req_type, 0, None, None, extra_out=payload)
             self._check(f"{what} of {sum(n for _, n in chunk)} sectors", status)
 
@@ -456,7 +452,7 @@ class BlockDevice:
         Raises: as :meth:`discard`.
         """
         if count:
-            flags = 1 if unmap and self.write_zeroes_may_unmap else 0
+            flags = WRITE_ZEROES_FLAG_UNMAP if unmap and self.write_zeroes_may_unmap else 0
             await self._ranges(BlkReqType.WRITE_ZEROES, [(sector, count)], flags, "write_zeroes")
 
     async def read_many(self, requests: list[tuple[int, int]]) -> list[bytes]:

@@ -28,16 +28,31 @@ import asyncio
 import collections
 import functools
 import logging
-import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
-
-from construct import ConstructError
+from typing import TYPE_CHECKING, ClassVar
 
 from mic_card.endpoint import DriverEndpoint
+from virtio.console import (
+    CONTROL_RX,
+    CONTROL_TX,
+    ConsoleConfigValues,
+    ControlError,
+    max_ports,
+    pack_control,
+    parse_config,
+    parse_control,
+    parse_port_name,
+    parse_resize,
+    port_queues,
+)
 from virtio.constants import ConsoleEvent, ConsoleFeature
-from virtio.errors import BrokenResourceError, LocalProtocolError, MicError, WouldBlock
-from virtio.layouts import ConsoleConfig
+from virtio.errors import (
+    BrokenResourceError,
+    LocalProtocolError,
+    MicError,
+    RemoteProtocolError,
+    WouldBlock,
+)
 
 if TYPE_CHECKING:
     from mic_card.bus import CardDevice
@@ -49,8 +64,6 @@ log = logging.getLogger(__name__)
 RX_BUFFER = 512
 TX_CHUNK = 4096
 CONTROL_BUFFER = 256
-_CTRL = struct.Struct("<IHH")
-_RESIZE = struct.Struct("<HH")  # rows, cols
 _LOGGED_ERRORS = 20
 
 
@@ -237,9 +250,9 @@ class ConsoleDevice:
         self._ctrl_backlog: collections.deque[bytes] = collections.deque()
         cols, rows = self._config_size()
         if self.multiport:
-            self.max_nr_ports = max(1, min(self._config_ports(), (dev.num_vq - 2) // 2))
-            self._ctrl_rx = dev.endpoints[2]
-            self._ctrl_tx = dev.endpoints[3]
+            self.max_nr_ports = max(1, min(self._config_ports(), max_ports(dev.num_vq)))
+            self._ctrl_rx = dev.endpoints[CONTROL_RX]
+            self._ctrl_tx = dev.endpoints[CONTROL_TX]
             for _ in range(min(16, self._ctrl_rx.size)):
                 try:
                     addr = dev.alloc(CONTROL_BUFFER, 64)
@@ -255,10 +268,10 @@ class ConsoleDevice:
             port.size = (cols, rows)
 
     # -- config ----------------------------------------------------------------------
-    def _config(self) -> Any:
+    def _config(self) -> ConsoleConfigValues | None:
         try:
-            return ConsoleConfig.parse(self.dev.read_config())
-        except ConstructError as e:
+            return parse_config(self.dev.read_config())
+        except RemoteProtocolError as e:
             log.error("%s: console config does not parse: %s", self.name, e)
             return None
 
@@ -266,16 +279,16 @@ class ConsoleDevice:
         cfg = self._config()
         if cfg is None or not self.dev.features & ConsoleFeature.SIZE:
             return (0, 0)
-        return (int(cfg.cols), int(cfg.rows))
+        return (cfg.cols, cfg.rows)
 
     def _config_ports(self) -> int:
         cfg = self._config()
-        return 1 if cfg is None else int(cfg.max_nr_ports)
+        return 1 if cfg is None else cfg.max_nr_ports
 
     # -- ports -----------------------------------------------------------------------
     def _add_port(self, port_id: int) -> ConsolePort:
-        rx = 0 if port_id == 0 else 2 + 2 * port_id
-        port = ConsolePort(self, port_id, rx, rx + 1)
+        rx, tx = port_queues(port_id)
+        port = ConsolePort(self, port_id, rx, tx)
         self.ports[port_id] = port
         port._start(self._rx_buffers)
         self._signal()
@@ -336,7 +349,7 @@ class ConsoleDevice:
     # -- control queue -----------------------------------------------------------------
     def _control(self, port_id: int, event: ConsoleEvent, value: int) -> None:
         if self.multiport and self._closed is None:
-            self._send_control(_CTRL.pack(port_id, int(event), value))
+            self._send_control(pack_control(port_id, event, value))
 
     def send_control_raw(self, data: bytes) -> None:
         """Fault injection: put ``data`` on the control transmitq as one buffer.
@@ -406,11 +419,12 @@ class ConsoleDevice:
 
     def _on_control(self, data: bytes) -> None:
         """One control message from the host (untrusted)."""
-        if len(data) < _CTRL.size:
-            self._reject(f"{len(data)} bytes, need {_CTRL.size}: {data[:16].hex()}")
+        try:
+            msg = parse_control(data, from_driver=False)
+        except ControlError as e:
+            self._reject(str(e))
             return
-        pid, event, value = _CTRL.unpack_from(data)
-        extra = data[_CTRL.size :]
+        pid, event, value = msg.port, msg.event, msg.value
         if pid >= self.max_nr_ports:
             self._reject(f"event {event} for port {pid}, max_nr_ports is {self.max_nr_ports}")
             return
@@ -434,18 +448,20 @@ class ConsoleDevice:
                 port.open()  # virtio 1.2 §5.3.6.2: a console port is always open
                 self._signal()
         elif event == ConsoleEvent.RESIZE:
-            if len(extra) < _RESIZE.size:
-                self._reject(f"RESIZE for port {pid} with {len(extra)} bytes of size")
+            try:
+                cols, rows = parse_resize(msg.payload)
+            except ControlError as e:
+                self._reject(f"port {pid}: {e}")
                 return
-            rows, cols = _RESIZE.unpack_from(extra)
             port._resize(cols, rows)
         elif event == ConsoleEvent.PORT_OPEN:
             port.host_connected = bool(value)
             self._signal()
         elif event == ConsoleEvent.PORT_NAME:
-            name = extra.rstrip(b"\0").decode("utf-8", "replace")
-            if not name or len(name) > 120 or not name.isprintable():
-                self._reject(f"bad PORT_NAME for port {pid}: {extra[:40]!r}")
+            try:
+                name = parse_port_name(msg.payload)
+            except ControlError as e:
+                self._reject(f"port {pid}: {e}")
                 return
             if any(p.name == name for p in self.ports.values() if p is not port):
                 self._reject(f"PORT_NAME {name!r} for port {pid} is taken")

@@ -39,7 +39,6 @@ import ctypes
 import errno
 import logging
 import os
-import struct
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,9 +46,12 @@ from pathlib import Path
 
 from mic_host.backends import BackendContext
 from mic_host.endpoint import QueueEndpoint
+from virtio.blk import ID_BYTES, STATUS_SIZE, WRITE_ZEROES_FLAG_UNMAP, segment_flags_ok
+from virtio.blk import REQ_HEADER as _REQ_HEADER
+from virtio.blk import SEGMENT as _SEGMENT
 from virtio.constants import SECTOR_SIZE, BlkFeature, BlkReqType, BlkStatus, DeviceType
 from virtio.errors import ConfigError
-from virtio.layouts import BlkConfig, BlkDiscardWriteZeroes, BlkReqHeader
+from virtio.layouts import BlkConfig
 from virtio.split import Chain, slice_segments
 
 __all__ = [
@@ -67,8 +69,6 @@ log = logging.getLogger(__name__)
 BLOCK_QUEUE_SIZE = 128
 #: Most request queues one device offers (Linux VOP allowed 4 vqs per device).
 MAX_QUEUES = 4
-#: GET_ID answers exactly this many bytes (VIRTIO_BLK_ID_BYTES).
-ID_BYTES = 20
 #: Requests moving more bytes than this run in a worker thread. Measured (bench/block.py,
 #: host_io): a 1 MiB preadv inline runs at ~5.8 GB/s, through a thread hop at ~3.3 GB/s.
 THREAD_THRESHOLD = 4 << 20
@@ -78,15 +78,11 @@ SIZE_MAX = 4 << 20
 MAX_DISCARD_SECTORS = 1 << 23  # 4 GiB per segment
 MAX_DISCARD_SEG = 32
 
-#: ``struct virtio_blk_req`` header and one DISCARD/WRITE_ZEROES segment: the
-#: hot-path twins of :data:`virtio.layouts.BlkReqHeader` /
-#: :data:`~virtio.layouts.BlkDiscardWriteZeroes` (tests/block check they agree).
-HDR = struct.Struct("<IIQ")
-SEG = struct.Struct("<QII")
-assert HDR.size == BlkReqHeader.sizeof()
-assert SEG.size == BlkDiscardWriteZeroes.sizeof()
-
-_UNMAP = 1  # VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+#: The request header and segment twins, bound by assignment so that
+#: ``REQ_HEADER.unpack_from(...)`` compiles to LOAD_METHOD (CPython 3.11 does not
+#: use it on names bound by an import; see ``virtio/split/device.py``).
+REQ_HEADER = _REQ_HEADER
+SEGMENT = _SEGMENT
 _ZEROS = bytes(1 << 20)
 
 # -- fallocate through ctypes (os has posix_fallocate, but no mode flags) ---------------
@@ -338,7 +334,7 @@ class BlockBackend:
             elif status == BlkStatus.UNSUPP:
                 self.unsupported += 1
             chain.writable[-1][-1] = status  # the status byte is the last writable byte
-            n += 1
+            n += STATUS_SIZE
         q.put(chain, n)
 
     # -- checking (on the loop: cheap, no I/O) ----------------------------------------
@@ -350,17 +346,17 @@ class BlockBackend:
             log.warning("%s: request without a status byte; completed empty", self.name)
             return None, 0
         first = chain.readable[0] if chain.readable else b""
-        if len(first) >= HDR.size:
-            rtype, _, sector = HDR.unpack_from(first)
-        elif chain.readable_len >= HDR.size:
-            hdr = bytearray(HDR.size)
+        if len(first) >= REQ_HEADER.size:
+            rtype, sector = REQ_HEADER.unpack_from(first)
+        elif chain.readable_len >= REQ_HEADER.size:
+            hdr = bytearray(REQ_HEADER.size)
             chain.read_into(memoryview(hdr))
-            rtype, _, sector = HDR.unpack_from(hdr)
+            rtype, sector = REQ_HEADER.unpack_from(hdr)
         else:
             self.malformed += 1
             return BlkStatus.IOERR, 0
-        data_in = chain.writable_len - 1  # writable room before the status byte
-        data_out = chain.readable_len - HDR.size
+        data_in = chain.writable_len - STATUS_SIZE  # writable room before the status byte
+        data_out = chain.readable_len - REQ_HEADER.size
         if rtype == BlkReqType.IN:
             if data_out:  # data must be device-writable (spec 5.2.6)
                 self.malformed += 1
@@ -376,7 +372,7 @@ class BlockBackend:
                 return BlkStatus.IOERR, 0
             if self.read_only or not self._range_ok(sector, data_out):
                 return BlkStatus.IOERR, 0
-            bufs = slice_segments(chain.readable, HDR.size, data_out)
+            bufs = slice_segments(chain.readable, REQ_HEADER.size, data_out)
             return _Io(rtype, sector * SECTOR_SIZE, data_out, bufs)
         if rtype == BlkReqType.FLUSH:
             return _Io(rtype)
@@ -405,7 +401,7 @@ class BlockBackend:
             return BlkStatus.UNSUPP, 0  # not negotiated (or not offered)
         if self.read_only:
             return BlkStatus.IOERR, 0
-        n, rest = divmod(data_out, SEG.size)
+        n, rest = divmod(data_out, SEGMENT.size)
         if data_in or rest or not 1 <= n <= MAX_DISCARD_SEG:
             self.malformed += 1
             return BlkStatus.IOERR, 0
@@ -413,9 +409,8 @@ class BlockBackend:
         chain.read_into(memoryview(raw))
         segments = []
         for i in range(n):
-            sector, count, flags = SEG.unpack_from(raw, HDR.size + i * SEG.size)
-            if flags & ~_UNMAP or (rtype == BlkReqType.DISCARD and flags & _UNMAP):
-                # spec 5.2.6.2: reserved flags, and "unmap" on a DISCARD, are UNSUPP
+            sector, count, flags = SEGMENT.unpack_from(raw, REQ_HEADER.size + i * SEGMENT.size)
+            if not segment_flags_ok(rtype, flags):
                 return BlkStatus.UNSUPP, 0
             if count > MAX_DISCARD_SECTORS or not self._range_ok(sector, count * SECTOR_SIZE):
                 return BlkStatus.IOERR, 0
@@ -448,7 +443,7 @@ class BlockBackend:
                 return BlkStatus.OK, 0
             assert io.segments is not None
             for off, length, flags in io.segments:
-                if kind == BlkReqType.DISCARD or flags & _UNMAP:
+                if kind == BlkReqType.DISCARD or flags & WRITE_ZEROES_FLAG_UNMAP:
                     if not punch_hole(fd, off, length):
                         _write_zeros(fd, off, length)
                 else:

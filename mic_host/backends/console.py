@@ -1,23 +1,23 @@
 """virtio-console backend (virtio 1.2 §5.3): the card's ``hvc0`` on a host pty, plus named ports.
 
-Queues (§5.3.2): 0/1 are port 0's receiveq/transmitq (receiveq: host -> card,
-the card posts empty buffers the host fills; transmitq: card -> host), and,
-with ``VIRTIO_CONSOLE_F_MULTIPORT``, 2/3 are the control receiveq/transmitq
-and 4+2k/5+2k the queues of port k+1. VOP allows 8 queues per device, so at
-most three named ports.
+Queues (§5.3.2, :func:`virtio.console.port_queues`): 0/1 are port 0's
+receiveq/transmitq (receiveq: host -> card, the card posts empty buffers the
+host fills; transmitq: card -> host), and, with ``VIRTIO_CONSOLE_F_MULTIPORT``,
+2/3 are the control receiveq/transmitq and 4+2k/5+2k the queues of port k+1.
+VOP allows 8 queues per device, so at most two named ports.
 
 Control protocol (§5.3.6.2, Linux ``drivers/char/virtio_console.c``, QEMU
 ``hw/char/virtio-serial-bus.c``): the driver sends DEVICE_READY; we answer
 DEVICE_ADD for every port; on PORT_READY we send CONSOLE_PORT (port 0),
 PORT_NAME (named ports), PORT_OPEN=1 (the host side is always open) and, for
 the console, RESIZE. The driver answers CONSOLE_PORT with PORT_OPEN=1 and
-opens/closes named ports with PORT_OPEN. A control message is
-``{le32 id; le16 event; le16 value}``; PORT_NAME is followed by the name,
-RESIZE by ``{le16 rows; le16 cols}`` (Linux's order). Anything else the card
-sends on the control queue is rejected: logged, counted, and ignored.
+opens/closes named ports with PORT_OPEN. The message formats (header,
+PORT_NAME, RESIZE in Linux's order) are :mod:`virtio.console`'s. Anything else
+the card sends on the control queue is rejected: logged, counted, and ignored.
 
 Port 0 output is appended to ``log_path`` and to an in-memory history, and
-written to a :class:`ConsolePty` when one is given. The pty belongs to the
+written to a :class:`~mic_host.backends.console_pty.ConsolePty` (re-exported
+here) when one is given. The pty belongs to the
 card (the daemon's ``CardManager``), not to this backend: a backend lives for
 one boot, the pty for the daemon's life, so ``/dev/pts/N`` keeps working
 across reboots. Named-port output goes to a per-port callback (the agent).
@@ -29,21 +29,30 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import fcntl
 import logging
 import os
-import struct
-import termios
-import tty
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 from mic_host.agent import AgentClient
 from mic_host.backends import BackendContext
+from mic_host.backends.console_pty import ConsolePty
 from mic_host.endpoint import QueueEndpoint
 from virtio.agent import AGENT_PORT
+from virtio.console import (
+    CONTROL_RX,
+    CONTROL_TX,
+    ControlError,
+    build_config,
+    max_ports,
+    num_queues,
+    pack_control,
+    pack_resize,
+    parse_control,
+    port_name_problem,
+    port_queues,
+)
 from virtio.constants import ConsoleEvent, ConsoleFeature, DeviceType
 from virtio.errors import (
     BrokenResourceError,
@@ -52,170 +61,23 @@ from virtio.errors import (
     LocalProtocolError,
     MicError,
 )
-from virtio.layouts import ConsoleConfig
+from virtio.layouts import MAX_NUM_VQ
 
 __all__ = [
     "AGENT_PORT",
     "CONSOLE_QUEUE_SIZE",
-    "CONTROL_SIZE",
     "ConsoleBackend",
     "ConsolePty",
     "HostPort",
-    "port_queues",
 ]
 
 log = logging.getLogger(__name__)
 
 CONSOLE_QUEUE_SIZE = 64
-#: ``struct virtio_console_control``: le32 id, le16 event, le16 value.
-_CTRL = struct.Struct("<IHH")
-CONTROL_SIZE = _CTRL.size
-#: RESIZE payload (Linux virtio_console.c: rows first, then cols).
-_RESIZE = struct.Struct("<HH")
-_CONTROL_RX, _CONTROL_TX = 2, 3
-_MAX_PORTS = 4  # 8 queues per VOP device: port 0, control, 3 named ports
-_MAX_NAME = 120
+#: Ports one device can have: a VOP device has at most 8 queues (port 0, the
+#: control pair, then a pair per named port).
+_MAX_PORTS = max_ports(MAX_NUM_VQ)
 _LOGGED_ERRORS = 20  # control errors logged per backend (then only counted)
-
-
-def port_queues(port: int) -> tuple[int, int]:
-    """(receiveq, transmitq) queue indices of ``port`` (§5.3.2)."""
-    return (0, 1) if port == 0 else (2 + 2 * port, 3 + 2 * port)
-
-
-# --------------------------------------------------------------------------
-# the pty
-
-
-class ConsolePty:
-    """A host pty serving one card console (mpssd: ``posix_openpt``).
-
-    The master side is read/written here; ``path`` (``/dev/pts/N``) is what
-    users attach to. The slave is put in raw mode (the card's shell does echo
-    and line editing) and kept open by us, so the master never sees EIO when
-    nobody is attached. Output is written without blocking; when nobody reads
-    the slave and more than ``max_backlog`` bytes are waiting, the unread
-    input of the slave is discarded (the console log keeps everything).
-
-    Created once per card by the daemon; a boot's backend :meth:`attach`-es
-    a sink for typed input and :meth:`detach`-es at the end of the boot.
-    """
-
-    def __init__(self, label: str, *, max_backlog: int = 64 * 1024) -> None:
-        """Raises: ConfigError: no pty could be allocated."""
-        try:
-            self._master, self._slave = os.openpty()
-        except OSError as e:
-            raise ConfigError(f"{label}: cannot allocate a pty: {e}") from e
-        self.label = label
-        self.path = os.ttyname(self._slave)
-        tty.setraw(self._slave)
-        os.set_blocking(self._master, False)
-        self.cols = 0
-        self.rows = 0
-        self._sink: Callable[[bytes], bool] | None = None
-        self._reading = False
-        self._backlog = bytearray()
-        self._max_backlog = max_backlog
-        self._writing = False
-        self.dropped = 0
-        self._closed = False
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    # -- input (typed by the user) -> sink ----------------------------------------
-    def attach(self, sink: Callable[[bytes], bool]) -> None:
-        """Deliver typed input to ``sink`` (it returns False to pause reading)."""
-        self._sink = sink
-        self.resume()
-
-    def detach(self) -> None:
-        """Stop reading (input typed meanwhile waits in the kernel for the next boot)."""
-        self._sink = None
-        self._stop_reading()
-
-    def resume(self) -> None:
-        """(Re)start reading the master after the sink paused it."""
-        if self._closed or self._sink is None or self._reading:
-            return
-        asyncio.get_running_loop().add_reader(self._master, self._on_readable)
-        self._reading = True
-
-    def _stop_reading(self) -> None:
-        if self._reading:
-            asyncio.get_running_loop().remove_reader(self._master)
-            self._reading = False
-
-    def _on_readable(self) -> None:
-        try:
-            data = os.read(self._master, 4096)
-        except BlockingIOError:
-            return
-        except OSError as e:
-            log.warning("%s: pty read failed: %s", self.label, e)
-            self._stop_reading()
-            return
-        if data and self._sink is not None and not self._sink(data):
-            self._stop_reading()  # the sink calls resume() when it has room
-
-    # -- output (from the card) -> master -------------------------------------------
-    def write(self, data: bytes) -> None:
-        """Queue card output for whoever is attached; never blocks."""
-        if self._closed or not data:
-            return
-        self._backlog += data
-        if not self._writing:
-            self._flush()
-
-    def _flush(self) -> None:
-        while self._backlog:
-            try:
-                n = os.write(self._master, self._backlog[:4096])
-            except BlockingIOError:
-                break
-            except OSError as e:
-                log.warning("%s: pty write failed: %s", self.label, e)
-                self._backlog.clear()
-                break
-            del self._backlog[:n]
-        if len(self._backlog) > self._max_backlog:
-            # Nobody reads the slave: discard what it holds and the oldest
-            # output, keep the newest, as a serial line would lose it.
-            with contextlib.suppress(OSError, termios.error):
-                termios.tcflush(self._slave, termios.TCIFLUSH)
-            keep = 4096
-            self.dropped += len(self._backlog) - keep
-            del self._backlog[:-keep]
-            self._flush()
-            return
-        loop = asyncio.get_running_loop()
-        if self._backlog and not self._writing:
-            loop.add_writer(self._master, self._flush)
-            self._writing = True
-        elif not self._backlog and self._writing:
-            loop.remove_writer(self._master)
-            self._writing = False
-
-    # -- window size --------------------------------------------------------------
-    def resize(self, cols: int, rows: int) -> None:
-        """Record the window size and set it on the pty (TIOCSWINSZ)."""
-        self.cols, self.rows = cols, rows
-        if not self._closed:
-            with contextlib.suppress(OSError):
-                fcntl.ioctl(self._master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self.detach()
-        if self._writing:
-            asyncio.get_running_loop().remove_writer(self._master)
-            self._writing = False
-        self._closed = True
-        os.close(self._master)
-        os.close(self._slave)
 
 
 # --------------------------------------------------------------------------
@@ -325,7 +187,7 @@ class ConsoleBackend:
     ``cols``/``rows`` (initial window size), ``max_pending`` (input bytes
     queued per port before writers wait), ``multiport`` (offer
     VIRTIO_CONSOLE_F_MULTIPORT, default true), ``ports`` (names of the named
-    ports, default the agent's; at most 3), ``pty`` (a :class:`ConsolePty`
+    ports, default the agent's; at most 2), ``pty`` (a :class:`ConsolePty`
     owned by the caller).
     """
 
@@ -351,10 +213,12 @@ class ConsoleBackend:
             ports = [ports]
         ports = list(ports) if multiport else []
         if len(ports) > _MAX_PORTS - 1:
-            raise ConfigError(f"console {name}: at most {_MAX_PORTS - 1} named ports (8 queues)")
+            raise ConfigError(
+                f"console {name}: at most {_MAX_PORTS - 1} named ports ({MAX_NUM_VQ} queues)"
+            )
         for p in ports:
-            raw = p.encode("utf-8", "replace")
-            if not p or len(raw) > _MAX_NAME or not p.isprintable() or " " in p:
+            # Names go on micctl command lines: no spaces, on top of the wire rule.
+            if port_name_problem(p) is not None or " " in p:
                 raise ConfigError(f"console {name}: bad port name {p!r}")
         if len(set(ports)) != len(ports):
             raise ConfigError(f"console {name}: duplicate port names {ports}")
@@ -401,14 +265,10 @@ class ConsoleBackend:
         return int(f)
 
     def config_bytes(self) -> bytes:
-        data: bytes = ConsoleConfig.build(
-            {"cols": self.cols, "rows": self.rows, "max_nr_ports": len(self.ports), "emerg_wr": 0}
-        )
-        return data
+        return build_config(self.cols, self.rows, len(self.ports))
 
     def queue_sizes(self) -> Sequence[int]:
-        n = 2 + (2 + 2 * (len(self.ports) - 1) if self.multiport else 0)
-        return (self.queue_size,) * n
+        return (self.queue_size,) * num_queues(len(self.ports), self.multiport)
 
     async def run(self, ctx: BackendContext) -> None:
         self._ctx = ctx
@@ -424,8 +284,8 @@ class ConsoleBackend:
                     tg.create_task(p.tx_loop(ctx.queues[tx]))
                     tg.create_task(p.rx_loop(ctx.queues[rx]))
                 if self.multiport:
-                    tg.create_task(self._control_in(ctx.queues[_CONTROL_TX]))
-                    tg.create_task(self._control_out(ctx.queues[_CONTROL_RX]))
+                    tg.create_task(self._control_in(ctx.queues[CONTROL_TX]))
+                    tg.create_task(self._control_out(ctx.queues[CONTROL_RX]))
         finally:
             if self.pty is not None:
                 self.pty.detach()
@@ -524,11 +384,11 @@ class ConsoleBackend:
             await ctx.update_config(self.config_bytes())
 
     def _send_resize(self) -> None:
-        self._send(0, ConsoleEvent.RESIZE, 0, _RESIZE.pack(self.rows, self.cols))
+        self._send(0, ConsoleEvent.RESIZE, 0, pack_resize(self.cols, self.rows))
 
     # -- control queue -----------------------------------------------------------------
     def _send(self, port_id: int, event: ConsoleEvent, value: int, extra: bytes = b"") -> None:
-        self._ctrl_out.append(_CTRL.pack(port_id, int(event), value) + extra)
+        self._ctrl_out.append(pack_control(port_id, event, value, extra))
         self._ctrl_event.set()
 
     def _send_raw(self, data: bytes) -> None:
@@ -578,10 +438,12 @@ class ConsoleBackend:
 
     def _on_control(self, data: bytes) -> None:
         """One message from the card (untrusted): act on it or reject it."""
-        if len(data) != CONTROL_SIZE:
-            self._reject(f"{len(data)} bytes, want {CONTROL_SIZE}: {data[:16].hex()}")
+        try:
+            msg = parse_control(data, from_driver=True)
+        except ControlError as e:
+            self._reject(str(e))
             return
-        pid, event, value = _CTRL.unpack(data)
+        pid, event, value = msg.port, msg.event, msg.value
         if event == ConsoleEvent.DEVICE_READY:
             if value != 1:
                 log.error("%s: the card's driver failed to initialise (DEVICE_READY 0)", self.name)

@@ -10,6 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from virtio import blk as B
+from virtio import console as C
 from virtio import layouts as L
 from virtio import net as N
 from virtio.constants import (
@@ -46,6 +48,7 @@ from virtio.errors import LocalProtocolError, RemoteProtocolError
         (L.NetConfig, 12),
         (L.ConsoleConfig, 12),
         (L.ConsoleControl, 8),
+        (L.ConsoleResize, 4),
         (L.MicBootparam, 24),
         (L.MicDeviceDesc, 8),
         (L.MicVqconfig, 24),
@@ -65,6 +68,9 @@ def test_sizeof(layout: Any, size: int) -> None:
         (L.PACKED_DESC_STRUCT, L.PackedDesc),
         (L.PACKED_EVENT_STRUCT, L.PackedEvent),
         (N.NET_HDR, L.NetHdr),
+        (B.SEGMENT, L.BlkDiscardWriteZeroes),
+        (C.CONTROL, L.ConsoleControl),
+        (C.RESIZE, L.ConsoleResize),
     ],
 )
 def test_hot_path_structs_match_construct(twin: struct.Struct, layout: Any) -> None:
@@ -238,6 +244,12 @@ GOLDEN: list[tuple[str, Any, bytes, dict[str, Any]]] = [
         L.ConsoleControl,
         struct.pack("<IHH", 3, ConsoleEvent.PORT_OPEN, 1),
         {"id": 3, "event": 6, "value": 1},
+    ),
+    (
+        "console-resize",
+        L.ConsoleResize,
+        struct.pack("<HH", 50, 132),
+        {"rows": 50, "cols": 132},
     ),
     (
         "bootparam",

@@ -1,35 +1,24 @@
-"""Every binary layout of MIC-VOP, declared once with ``construct``.
+"""The MIC device page (Linux ``include/uapi/linux/mic_common.h``, v4-v5.9).
 
-This module owns the wire formats: the split and packed virtqueue structures
-(virtio 1.2 §2.7, §2.8), the request headers and config spaces of virtio-blk,
-virtio-net and virtio-console (§5.1-5.3), and the MIC device page of Linux
-``include/uapi/linux/mic_common.h`` (v4-v5.9): boot parameters, device entries
+Owns the construct declarations of the boot parameters, device entries
 (``desc | vqconfig[num_vq] | host features | guest acks | config | pad8 | ctrl``)
-and the per-vring info block. Everything is little-endian.
+and the per-vring info block; the Linux offset helpers (``mic_desc_size``...);
+the entry dimension rules; and the page's parse boundary: :class:`BootParam`
+and :class:`DeviceEntry` values, :func:`parse_bootparam`,
+:func:`iter_device_page` and :func:`build_device_page`, which either succeed
+or raise :class:`~virtio.errors.RemoteProtocolError` (``reason="device-page"``)
+for what the peer wrote and :class:`~virtio.errors.LocalProtocolError` for bad
+local values. The handshakes on the page's ctrl block are
+:mod:`virtio.devpage`'s.
 
-It must not import asyncio, the OS, or ``transport``: it turns bytes into values
-and values into bytes, nothing else.
-
-Rules kept here (STYLE.md §3, §4):
-
-- ``Const`` for magics, ``Padding`` for reserved bytes, ``Check`` for the
-  invariants of the device page; every size is tested against the C/spec size.
-- Bytes written by the peer are parsed by the ``parse_*``/``iter_*`` helpers and
-  :meth:`DeviceEntry.parse`, which either succeed or raise
-  :class:`~virtio.errors.RemoteProtocolError` (``reason="device-page"``), the
-  ``construct`` error chained with ``from``. Building from bad local values
-  raises :class:`~virtio.errors.LocalProtocolError`.
-- The per-descriptor hot path does not use ``construct`` (about 10 us a parse):
-  the ``*_STRUCT`` objects are precompiled :class:`struct.Struct` twins whose
-  formats are tested against the ``construct`` declarations.
+Imports ``construct``, ``virtio.constants`` and ``virtio.errors`` only; must
+not import the sibling layout modules, asyncio, the OS or ``transport``.
 """
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, NamedTuple
 
 from construct import (
@@ -37,7 +26,6 @@ from construct import (
     Bytes,
     Check,
     Const,
-    Construct,
     ConstructError,
     Int8sl,
     Int8ul,
@@ -53,40 +41,11 @@ from virtio.constants import (
     MIC_DP_SIZE,
     MIC_MAGIC,
     MIC_MAX_DESC_BLK_SIZE,
-    VRING_SIZE_MAX,
     DeviceType,
 )
 from virtio.errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
-    # helpers
-    "field_offset",
-    # split ring (spec 2.7)
-    "SplitDesc",
-    "UsedElem",
-    "split_avail",
-    "split_used",
-    "vring_size",
-    "vring_offsets",
-    "SPLIT_DESC_STRUCT",
-    "USED_ELEM_STRUCT",
-    # packed ring (spec 2.8)
-    "PackedDesc",
-    "PackedEvent",
-    "PACKED_DESC_STRUCT",
-    "PACKED_EVENT_STRUCT",
-    # virtio-blk (spec 5.2)
-    "BlkReqHeader",
-    "BlkDiscardWriteZeroes",
-    "BlkConfig",
-    # virtio-net (spec 5.1)
-    "NetHdrLegacy",
-    "NetHdr",
-    "NetConfig",
-    # virtio-console (spec 5.3)
-    "ConsoleConfig",
-    "ConsoleControl",
-    # MIC device page (mic_common.h)
     "MicBootparam",
     "MicDeviceDesc",
     "MicVqconfig",
@@ -113,233 +72,6 @@ __all__ = [
     "iter_device_page",
     "build_device_page",
 ]
-
-
-def field_offset(layout: Construct, name: str) -> int:
-    """Byte offset of field ``name`` in a fixed-size ``Struct``.
-
-    Used to derive hot-path offsets (and ``struct`` formats) from the one
-    declaration here instead of restating them.
-
-    Raises:
-        LocalProtocolError: ``name`` is not a field of ``layout``.
-    """
-    offset = 0
-    for sub in layout.subcons:
-        if sub.name == name:
-            return offset
-        offset += int(sub.sizeof())
-    raise LocalProtocolError(f"no field {name!r} in {layout!r}")
-
-
-# --- split ring (spec 2.7, Linux include/uapi/linux/virtio_ring.h) ----------
-
-#: ``struct virtq_desc`` (2.7.5): 16 bytes.
-SplitDesc = Struct(
-    "addr" / Int64ul,
-    "len" / Int32ul,
-    "flags" / Int16ul,
-    "next" / Int16ul,
-)
-
-#: ``struct virtq_used_elem`` (2.7.8): 8 bytes.
-UsedElem = Struct(
-    "id" / Int32ul,
-    "len" / Int32ul,
-)
-
-#: Hot-path twins of :data:`SplitDesc` and :data:`UsedElem` (tested equal).
-SPLIT_DESC_STRUCT = struct.Struct("<QIHH")
-USED_ELEM_STRUCT = struct.Struct("<II")
-
-
-def _check_ring_size(size: int) -> None:
-    if not 1 <= size <= VRING_SIZE_MAX:
-        raise LocalProtocolError(f"ring size {size} outside 1..{VRING_SIZE_MAX}")
-
-
-@lru_cache(maxsize=64)
-def split_avail(size: int) -> Construct:
-    """``struct virtq_avail`` (2.7.6) for a ring of ``size`` entries: 6 + 2*size bytes.
-
-    Raises:
-        LocalProtocolError: ``size`` is outside 1..32768.
-    """
-    _check_ring_size(size)
-    return Struct(
-        "flags" / Int16ul,
-        "idx" / Int16ul,
-        "ring" / Array(size, Int16ul),
-        "used_event" / Int16ul,  # only meaningful with VIRTIO_F_EVENT_IDX
-    )
-
-
-@lru_cache(maxsize=64)
-def split_used(size: int) -> Construct:
-    """``struct virtq_used`` (2.7.8) for a ring of ``size`` entries: 6 + 8*size bytes.
-
-    Raises:
-        LocalProtocolError: ``size`` is outside 1..32768.
-    """
-    _check_ring_size(size)
-    return Struct(
-        "flags" / Int16ul,
-        "idx" / Int16ul,
-        "ring" / Array(size, UsedElem),
-        "avail_event" / Int16ul,  # only meaningful with VIRTIO_F_EVENT_IDX
-    )
-
-
-def vring_offsets(num: int, align: int) -> tuple[int, int, int]:
-    """``(desc, avail, used)`` offsets of the legacy single-block vring.
-
-    Same layout as Linux ``vring_init()``: descriptors at 0, the avail ring right
-    after them, the used ring at the next multiple of ``align`` (MIC uses
-    ``MIC_VIRTIO_RING_ALIGN`` = 4096).
-
-    Raises:
-        LocalProtocolError: ``num`` is outside 1..32768 or ``align`` is not a
-            power of two.
-    """
-    _check_ring_size(num)
-    if align <= 0 or align & (align - 1):
-        raise LocalProtocolError(f"vring alignment {align} is not a power of two")
-    avail_off = _DESC_BYTES * num
-    used_off = (avail_off + _RING_HDR + 2 * num + 2 + align - 1) & ~(align - 1)
-    return 0, avail_off, used_off
-
-
-def vring_size(num: int, align: int) -> int:
-    """Total bytes of the legacy vring, as Linux ``vring_size(num, align)``.
-
-    Raises:
-        LocalProtocolError: as :func:`vring_offsets`.
-    """
-    _, _, used_off = vring_offsets(num, align)
-    return used_off + _RING_HDR + _USED_ELEM_BYTES * num + 2
-
-
-# Sizes for the arithmetic above (checked against the construct layouts by the
-# tests): a construct ``sizeof()`` costs ~50 µs, and these run per device add
-# and in SplitLayout.
-_DESC_BYTES = 16  # SplitDesc
-_USED_ELEM_BYTES = 8  # UsedElem
-_RING_HDR = 4  # flags + idx of avail and used; each ring ends with a 2-byte event field
-
-
-# --- packed ring (spec 2.8) ---------------------------------------------------
-
-#: ``struct pvirtq_desc`` (2.8.13): 16 bytes.
-PackedDesc = Struct(
-    "addr" / Int64ul,
-    "len" / Int32ul,
-    "id" / Int16ul,
-    "flags" / Int16ul,
-)
-
-#: ``struct pvirtq_event_suppress`` (2.8.14): ``off_wrap`` is desc_event_off:15 | wrap:1.
-PackedEvent = Struct(
-    "off_wrap" / Int16ul,
-    "flags" / Int16ul,
-)
-
-PACKED_DESC_STRUCT = struct.Struct("<QIHH")
-PACKED_EVENT_STRUCT = struct.Struct("<HH")
-
-
-# --- virtio-blk (spec 5.2, Linux include/uapi/linux/virtio_blk.h) -------------
-
-#: ``struct virtio_blk_req`` header (5.2.6): type, reserved (legacy ioprio), sector.
-BlkReqHeader = Struct(
-    "type" / Int32ul,
-    Padding(4),  # "reserved"; legacy ioprio, ignored by the device
-    "sector" / Int64ul,
-)
-
-#: ``struct virtio_blk_discard_write_zeroes`` (5.2.6): one segment of a
-#: DISCARD/WRITE_ZEROES request; ``flags`` bit 0 is "unmap", the rest reserved
-#: (the device answers UNSUPP to reserved bits, so they are kept, not dropped).
-BlkDiscardWriteZeroes = Struct(
-    "sector" / Int64ul,
-    "num_sectors" / Int32ul,
-    "flags" / Int32ul,
-)
-
-#: ``struct virtio_blk_config`` (5.2.4) up to ``write_zeroes_may_unmap`` and its
-#: 3 ``unused1`` bytes: 60 bytes, as in Linux before the secure-erase fields.
-BlkConfig = Struct(
-    "capacity" / Int64ul,
-    "size_max" / Int32ul,
-    "seg_max" / Int32ul,
-    "geometry"
-    / Struct(
-        "cylinders" / Int16ul,
-        "heads" / Int8ul,
-        "sectors" / Int8ul,
-    ),
-    "blk_size" / Int32ul,
-    "topology"
-    / Struct(
-        "physical_block_exp" / Int8ul,
-        "alignment_offset" / Int8ul,
-        "min_io_size" / Int16ul,
-        "opt_io_size" / Int32ul,
-    ),
-    "writeback" / Int8ul,
-    Padding(1),  # unused0
-    "num_queues" / Int16ul,
-    "max_discard_sectors" / Int32ul,
-    "max_discard_seg" / Int32ul,
-    "discard_sector_alignment" / Int32ul,
-    "max_write_zeroes_sectors" / Int32ul,
-    "max_write_zeroes_seg" / Int32ul,
-    "write_zeroes_may_unmap" / Int8ul,
-    Padding(3),  # unused1
-)
-
-
-# --- virtio-net (spec 5.1, Linux include/uapi/linux/virtio_net.h) -------------
-
-_NET_HDR_LEGACY_FIELDS = (
-    "flags" / Int8ul,
-    "gso_type" / Int8ul,
-    "hdr_len" / Int16ul,
-    "gso_size" / Int16ul,
-    "csum_start" / Int16ul,
-    "csum_offset" / Int16ul,
-)
-
-#: ``struct virtio_net_hdr`` (legacy, no MRG_RXBUF): 10 bytes.
-NetHdrLegacy = Struct(*_NET_HDR_LEGACY_FIELDS)
-
-#: ``struct virtio_net_hdr_mrg_rxbuf`` / the VERSION_1 header: 12 bytes.
-NetHdr = Struct(*_NET_HDR_LEGACY_FIELDS, "num_buffers" / Int16ul)
-
-#: ``struct virtio_net_config`` (5.1.4) up to ``mtu``: 12 bytes.
-NetConfig = Struct(
-    "mac" / Bytes(6),
-    "status" / Int16ul,
-    "max_virtqueue_pairs" / Int16ul,
-    "mtu" / Int16ul,
-)
-
-
-# --- virtio-console (spec 5.3, Linux include/uapi/linux/virtio_console.h) -----
-
-#: ``struct virtio_console_config`` (5.3.4): 12 bytes.
-ConsoleConfig = Struct(
-    "cols" / Int16ul,
-    "rows" / Int16ul,
-    "max_nr_ports" / Int32ul,
-    "emerg_wr" / Int32ul,
-)
-
-#: ``struct virtio_console_control`` (5.3.6.2): 8 bytes; ``event`` is a ConsoleEvent.
-ConsoleControl = Struct(
-    "id" / Int32ul,
-    "event" / Int16ul,
-    "value" / Int16ul,
-)
 
 
 # --- MIC device page (include/uapi/linux/mic_common.h, v4-v5.9) ---------------
