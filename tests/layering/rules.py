@@ -81,13 +81,13 @@ LAYERS: dict[str, tuple[tuple[str, ...], ...]] = {
         # the memory protocol and the byte layouts (construct declarations)
         ("memory", "layouts"),
         # the ring cores (split: layout, chain, device side, driver side, faults, fence)
-        ("split", "packed"),
+        ("split",),
         # the device page: live entry accessors, status negotiation, the
         # handshakes (status/host_ack, config change/guest_ack, used-ring move,
         # vdev reset, hot remove) as host and card halves
         ("devpage", "status", "handshake*"),
         # one module per protocol both sides speak
-        ("net", "blk", "console", "agent", "accel", "vhost*"),
+        ("net", "blk", "console", "agent", "accel"),
         ("__init__",),
     ),
     "transport": (
@@ -141,8 +141,6 @@ LAYERS: dict[str, tuple[tuple[str, ...], ...]] = {
         ("shell", "accel.commands"),
         # the agent serving the host (runs shell commands)
         ("agent",),
-        # the control-link handling and card apps
-        ("link", "apps"),
         # the card OS: the composition root, which nothing below imports
         ("card",),
         ("main", "__main__", "__init__"),

@@ -127,7 +127,8 @@ def test_optional_fields_take_their_defaults() -> None:
         RunResult(id=1, app="a:b", ok=True, result=None, error=None)
     )
     null_error = {"type": "run_result", "id": 1, "app": "a:b", "ok": False, "error": None}
-    assert decode_from_card(null_error).error is None  # type: ignore[union-attr]
+    with pytest.raises(RemoteProtocolError, match="carries no error"):
+        decode_from_card(null_error)  # a failure must say what failed
 
 
 def test_a_decoded_error_is_a_wire_error() -> None:
