@@ -196,7 +196,13 @@ def _tmux(sock: str, *args: str) -> list[str]:
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 async def test_micctl_console_in_tmux(state_dir: Path) -> None:
     sock = f"mic-{state_dir.name}"
-    attach = f"exec {sys.executable} -m mic_host.micctl --state-dir {state_dir} console mic0"
+    micctl = f"{sys.executable} -m mic_host.micctl --state-dir {state_dir} console mic0"
+    attach = f"exec {micctl}"
+    # The first session reports micctl's exit status itself: tmux 3.3a sometimes
+    # never reaps a pane's process (it stays a zombie, pane_dead=1 with an empty
+    # pane_dead_status, about 1 run in 3 here), so #{pane_dead_status} cannot
+    # be trusted; the shell that waited for micctl can.
+    attach_and_report = f'{micctl}; echo "[micctl exited $?]"'
     try:
         async with daemon(state_dir, config(card_toml("mic0", disk=None))) as client:
             card = await booted(client)
@@ -205,7 +211,7 @@ async def test_micctl_console_in_tmux(state_dir: Path) -> None:
                 return (await command(*_tmux(sock, "capture-pane", "-p", "-t", "c"))).out
 
             r = await command(*_tmux(sock, "new-session", "-d", "-s", "c", "-x", "120", "-y",
-                                     "40", "-c", str(REPO), attach))  # fmt: skip
+                                     "40", "-c", str(REPO), attach_and_report))  # fmt: skip
             assert r.rc == 0, r
             await command(*_tmux(sock, "set-option", "-t", "c", "remain-on-exit", "on"))
             await eventually(
@@ -220,10 +226,8 @@ async def test_micctl_console_in_tmux(state_dir: Path) -> None:
             await eventually(
                 lambda: _contains(pane(), "[detached: mic0 console]"), within=10, what="detach"
             )
-            fmt = "#{pane_dead} #{pane_dead_status}"
-            dead = _tmux(sock, "display-message", "-p", "-t", "c", fmt)
             await eventually(
-                lambda: _contains(command(*dead), "1 0"), within=10, what="micctl exited 0"
+                lambda: _contains(pane(), "[micctl exited 0]"), within=10, what="micctl exited 0"
             )
             await command(*_tmux(sock, "kill-session", "-t", "c"))
 
