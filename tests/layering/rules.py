@@ -155,6 +155,34 @@ BARRIERS: tuple[Barrier, ...] = (
         imported=("endpoint", "agent", "backends", "vop", "card", "daemon", "control.server"),
         reason="the client library and micctl never import the daemon side",
     ),
+    Barrier(
+        "mic_card",
+        importers=("accel.*",),
+        imported=("accel.framework",),
+        reason="accelerator children depend on the owner protocols (accel.owner, "
+        "accel.api), never on the framework that implements them",
+    ),
+    Barrier(
+        "mic_card",
+        importers=("accel",),
+        imported=("bus",),
+        reason="accelerators get card RAM through CardServices, not from the virtio bus",
+    ),
+    Barrier(
+        "mic_card",
+        importers=("accel.commands",),
+        imported=(
+            "offload",
+            "shell.base",
+            "shell.core",
+            "shell.files",
+            "shell.fs",
+            "shell.net",
+            "shell.interactive",
+        ),
+        reason="the accel shell command registers into the shell's registry and "
+        "needs nothing else of the shell or of the offload endpoint",
+    ),
 )
 # ==========================================================================
 
