@@ -45,6 +45,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mic_host.backends import BackendContext
+from mic_host.config.files import open_image
+from mic_host.config.limits import (
+    BLK_SIZE_MAX,
+    BLK_SIZE_MIN,
+    BLOCK_MAX_QUEUES,
+    BLOCK_QUEUE_SIZE,
+    BLOCK_QUEUE_SIZE_MIN,
+)
+from mic_host.config.sizes import format_size
 from mic_host.endpoint import QueueEndpoint
 from virtio.blk import ID_BYTES, STATUS_SIZE, WRITE_ZEROES_FLAG_UNMAP, segment_flags_ok
 from virtio.blk import REQ_HEADER as _REQ_HEADER
@@ -66,9 +75,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BLOCK_QUEUE_SIZE = 128
 #: Most request queues one device offers (Linux VOP allowed 4 vqs per device).
-MAX_QUEUES = 4
+#: It, the default queue size and the blk_size range live in mic_host.config.limits:
+#: the config checks the same bounds at load.
+MAX_QUEUES = BLOCK_MAX_QUEUES
 #: Requests moving more bytes than this run in a worker thread. Measured (bench/block.py,
 #: host_io): a 1 MiB preadv inline runs at ~5.8 GB/s, through a thread hop at ~3.3 GB/s.
 THREAD_THRESHOLD = 4 << 20
@@ -131,6 +141,31 @@ def _write_zeros(fd: int, offset: int, length: int) -> None:
         length -= n
 
 
+def _create_image(name: str, path: Path, size: int) -> None:
+    """A new sparse image of ``size`` bytes, 0600 whatever the umask (it holds the
+    card's data); nothing is left behind if it cannot be made whole.
+
+    Raises:
+        ConfigError: it cannot be created (EFBIG: the file system's largest
+            file is smaller than ``size``).
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise ConfigError(f"block {name}: cannot create {path}: {e.strerror}") from e
+    try:
+        os.ftruncate(fd, size)
+    except OSError as e:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        hint = ": the file system's largest file is smaller" if e.errno == errno.EFBIG else ""
+        raise ConfigError(
+            f"block {name}: cannot create {path} with size = {format_size(size)}: "
+            f"{e.strerror}{hint}"
+        ) from e
+    os.close(fd)
+
+
 @dataclass(slots=True)
 class _Io:
     """A checked request, ready to run (inline or in a thread)."""
@@ -149,15 +184,21 @@ class BlockBackend:
     ``path``): ``name`` (host device name), ``read_only``, ``serial`` (GET_ID
     answer, at most 20 bytes; default from the file name), ``create`` +
     ``size`` (create a sparse image of ``size`` bytes if missing),
-    ``queue_size`` (power of two <= 256), ``num_queues`` (1..4; more than one
+    ``queue_size`` (power of two 4..256), ``num_queues`` (1..4; more than one
     offers VIRTIO_BLK_F_MQ), ``blk_size`` (logical block size, power of two
     512..65536: requests must be whole, aligned blocks), ``discard`` (offer
     DISCARD and WRITE_ZEROES, default true), ``thread_threshold`` (bytes).
 
+    The image must be a regular file or a block device (sized by ``lseek``)
+    holding at least one logical block; it is opened without blocking, so a
+    FIFO is refused instead of stalling the daemon. An image created here is
+    0600 whatever the umask.
+
     Raises (constructor):
-        ConfigError: the file is missing or unusable, ``size`` is not a
-            positive multiple of ``blk_size``, the serial is too long, a
-            count or size is out of range.
+        ConfigError: the file is missing or unusable (a FIFO, a character
+            device, empty), ``size`` is not a positive multiple of
+            ``blk_size`` or too large for the file system, the serial is too
+            long, a count or size is out of range.
     """
 
     device_type = int(DeviceType.BLOCK)
@@ -187,29 +228,37 @@ class BlockBackend:
         self.thread_threshold = int(thread_threshold)
         if not 1 <= self.num_queues <= MAX_QUEUES:
             raise ConfigError(f"block {name}: num_queues {num_queues} outside 1..{MAX_QUEUES}")
-        if self.blk_size < SECTOR_SIZE or self.blk_size > 65536 or self.blk_size & (blk_size - 1):
-            raise ConfigError(f"block {name}: blk_size {blk_size} not a power of two 512..65536")
+        if self.queue_size < BLOCK_QUEUE_SIZE_MIN:  # VOP checks the power of two and the top
+            raise ConfigError(
+                f"block {name}: queue_size {queue_size} below {BLOCK_QUEUE_SIZE_MIN} "
+                "(header, data and status need three descriptors)"
+            )
+        bs = self.blk_size
+        if bs < BLK_SIZE_MIN or bs > BLK_SIZE_MAX or bs & (bs - 1):
+            raise ConfigError(
+                f"block {name}: blk_size {blk_size} not a power of two "
+                f"{BLK_SIZE_MIN}..{BLK_SIZE_MAX}"
+            )
         sid = serial if serial is not None else self.path.name[:ID_BYTES]
         self.serial = sid.encode() if isinstance(sid, str) else bytes(sid)
         if len(self.serial) > ID_BYTES:
             raise ConfigError(f"block {name}: serial longer than {ID_BYTES} bytes")
-        if create and not self.path.exists():
+        if create and not os.path.lexists(self.path):
             if size is None or size <= 0 or size % self.blk_size:
                 raise ConfigError(
                     f"block {name}: create needs size, a positive multiple of {self.blk_size}"
                 )
-            try:
-                with self.path.open("xb") as f:
-                    f.truncate(size)
-            except OSError as e:
-                raise ConfigError(f"block {name}: cannot create {self.path}: {e.strerror}") from e
+            _create_image(name, self.path, size)
         try:
-            self._fd: int | None = os.open(self.path, os.O_RDONLY if read_only else os.O_RDWR)
+            fd, nbytes = open_image(self.path, os.O_RDONLY if read_only else os.O_RDWR, bs)
         except OSError as e:
             raise ConfigError(f"block {name}: cannot open {self.path}: {e.strerror}") from e
-        st = os.fstat(self._fd)
+        except ConfigError as e:
+            raise ConfigError(f"block {name}: {e}") from None
+        self._fd: int | None = fd
+        st = os.fstat(fd)
         # mpssd rounded up; rounding down never lets the card write past the file's end.
-        self.capacity = st.st_size // self.blk_size * (self.blk_size // SECTOR_SIZE)
+        self.capacity = nbytes // self.blk_size * (self.blk_size // SECTOR_SIZE)
         self._phys = max(self.blk_size, min(st.st_blksize or 4096, 65536))
         self._lbs = self.blk_size // SECTOR_SIZE  # sectors per logical block
         self._pool: ThreadPoolExecutor | None = None

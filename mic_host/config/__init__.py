@@ -1,11 +1,16 @@
 """The mic-host daemon's configuration: a TOML file, parsed into frozen values.
 
-Three modules, lowest first: :mod:`~mic_host.config.sizes` (``"64M"`` <->
-bytes), :mod:`~mic_host.config.options` (device options and their checks,
-also used for hot-attach) and :mod:`~mic_host.config.schema` (the value
-classes, the file's parsing, the embedded default). The state directory's
-paths live in :mod:`mic_host.paths`. Imports ``tomllib`` and
-``virtio.errors`` only; no asyncio, no ``transport``. The daemon, ``micctl``
+Modules, lowest first: :mod:`~mic_host.config.sizes` (``"64M"`` <->
+bytes), :mod:`~mic_host.config.files` (what a block image may be),
+:mod:`~mic_host.config.limits` (the bounds, and whether a card's devices fit
+its device page and host RAM, with VOP's arithmetic from ``virtio``),
+:mod:`~mic_host.config.options` (device options and their checks, also used
+for hot-attach) and :mod:`~mic_host.config.schema` (the value classes, the
+file's parsing, the embedded default). The state directory's paths live in
+:mod:`mic_host.paths`. Imports ``tomllib``, ``virtio`` and (for the
+card-physical map, in ``limits`` only) ``transport.space``; no asyncio.
+``limits`` is imported when a device or card is checked, not with the
+package, so ``micctl`` starts without ``construct``. The daemon, ``micctl``
 and the client library read their defaults from here so they agree.
 
 Schema (also in ``docs/cli.md``)::
@@ -32,9 +37,11 @@ Schema (also in ``docs/cli.md``)::
 
 Sizes are byte counts or strings with a binary suffix (``K``, ``M``, ``G``,
 ``T``, optionally followed by ``iB`` or ``B``): ``65536``, ``"64K"``,
-``"1GiB"``. RAM sizes must be positive multiples of 4096. Durations are
-positive numbers of seconds, and ``heartbeat_timeout`` must exceed
-``heartbeat_interval``.
+``"1GiB"``. RAM sizes must be positive multiples of 4096 within the bounds of
+:mod:`~mic_host.config.limits` (card RAM below the host RAM window, host RAM
+holding the device page and the devices' rings), and the devices must fit
+the 4 KiB device page. Durations are positive numbers of seconds, and
+``heartbeat_timeout`` must exceed ``heartbeat_interval``.
 
 Device options are checked for the built-in types (see :data:`DEVICE_OPTIONS`);
 options of other (plug-in) types pass through untouched for their backend to
@@ -51,6 +58,7 @@ from mic_host.config.schema import (
     CardConfig,
     DaemonConfig,
     DeviceConfig,
+    check_card_devices,
     check_device_types,
     default_config,
     load_config,
@@ -73,4 +81,5 @@ __all__ = [
     "format_size",
     "validate_device_options",
     "check_device_types",
+    "check_card_devices",
 ]

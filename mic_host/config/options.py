@@ -5,7 +5,10 @@ and normalisation of option values (sizes to ints, placeholders ``{state_dir}``
 and ``{card}`` expanded, paths made absolute, net addresses and names), and
 :func:`validate_device_options` for hot-attach. The config file parser
 (:mod:`mic_host.config.schema`) checks device tables with the same code
-through :class:`Ctx`. Imports ``mic_host.config.sizes`` and ``virtio.errors``.
+through :class:`Ctx`. Block options are bounded by
+:mod:`mic_host.config.limits` (imported when a block device is checked) and
+an existing image checked by :mod:`mic_host.config.files`. Imports those,
+``mic_host.config.sizes`` and ``virtio.errors``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from mic_host.config.files import probe_image
 from mic_host.config.sizes import parse_size
 from virtio.errors import ConfigError
 
@@ -60,7 +64,7 @@ DEVICE_OPTIONS: dict[str, dict[str, OptionSpec]] = {
         "read_only": OptionSpec("bool", help="offer VIRTIO_BLK_F_RO; writes fail"),
         "serial": OptionSpec("serial", help="answer to GET_ID, at most 20 bytes"),
         "num_queues": OptionSpec("int", help="request queues, 1..4 (> 1 offers VIRTIO_BLK_F_MQ)"),
-        "queue_size": OptionSpec("int", help="entries per queue, a power of two <= 256"),
+        "queue_size": OptionSpec("int", help="entries per queue, a power of two 4..256"),
         "blk_size": OptionSpec("size", help="logical block size, a power of two 512..64K"),
         "discard": OptionSpec("bool", help="offer DISCARD and WRITE_ZEROES (default true)"),
     },
@@ -187,11 +191,52 @@ def check_options(
     for name, spec in specs.items():
         if spec.required and name not in out:
             raise ctx.error(f"{key}.{name}", f"required option of {dtype} devices is missing")
-    if dtype == "block" and out.get("create") and "size" not in out:
-        raise ctx.error(f"{key}.size", "create = true needs a size")
+    if dtype == "block":
+        _check_block(ctx, key, out)
     if dtype == "net":
         _check_net(ctx, key, out)
     return out
+
+
+def _check_block(ctx: Ctx, key: str, out: dict[str, Any]) -> None:
+    """Values of block options that their kind alone does not check, and the image."""
+    # Here, not at the top: limits imports construct and transport, which micctl
+    # (a user of this module) does not need to start.
+    import mic_host.config.limits as lim
+
+    nq = out.get("num_queues", 1)
+    if not 1 <= nq <= lim.BLOCK_MAX_QUEUES:
+        raise ctx.error(f"{key}.num_queues", f"{nq} queues: expected 1..{lim.BLOCK_MAX_QUEUES}")
+    qs = out.get("queue_size", lim.BLOCK_QUEUE_SIZE)
+    if not (lim.is_power_of_two(qs) and lim.BLOCK_QUEUE_SIZE_MIN <= qs <= lim.MAX_QUEUE_SIZE):
+        raise ctx.error(
+            f"{key}.queue_size",
+            f"{qs} entries: expected a power of two "
+            f"{lim.BLOCK_QUEUE_SIZE_MIN}..{lim.MAX_QUEUE_SIZE} (the VOP limit)",
+        )
+    bs = out.get("blk_size", lim.BLK_SIZE_MIN)
+    if not (lim.is_power_of_two(bs) and lim.BLK_SIZE_MIN <= bs <= lim.BLK_SIZE_MAX):
+        raise ctx.error(
+            f"{key}.blk_size",
+            f"{bs} B: expected a power of two {lim.BLK_SIZE_MIN}..{lim.BLK_SIZE_MAX}",
+        )
+    size = out.get("size")
+    if out.get("create") and size is None:
+        raise ctx.error(f"{key}.size", "create = true needs a size")
+    if size is not None:
+        if size > lim.IMAGE_SIZE_MAX:
+            raise ctx.error(
+                f"{key}.size",
+                f"{size} B is more than any file can hold ({lim.IMAGE_SIZE_MAX} B, an off_t)",
+            )
+        if size % bs:
+            raise ctx.error(f"{key}.size", f"{size} B is not a whole number of {bs}-byte blocks")
+    # A missing image is created at boot (create = true) or reported then: it
+    # may be made between load and boot. One that exists must make a disk.
+    try:
+        probe_image(out["image"], bs)
+    except ConfigError as e:
+        raise ctx.error(f"{key}.image", str(e)) from None
 
 
 _NET_CHOICES = {"backend": ("tap", "switch"), "card_mode": ("auto", "tap", "frames")}
@@ -238,7 +283,10 @@ def validate_device_options(
     """Check and normalise ``options`` of a device of type ``dtype`` (for hot-attach).
 
     The same rules as the config file: sizes become ints, paths are expanded
-    and made absolute (relative to ``state_dir``). Unknown types pass through.
+    and made absolute (relative to ``state_dir``), block options are bounded
+    and an existing image must make a disk. Unknown types pass through.
+    Whether the card has room for one more device is
+    :func:`~mic_host.config.check_card_devices`.
 
     Raises:
         ConfigError: "<source>: <key>.<option>: <problem>".

@@ -2,10 +2,12 @@
 
 Owns the schema (the frozen value classes), the parsing and validation of
 the file (every error names the file, the key path and the problem) and the
-embedded default configuration. Device options are checked by
-:mod:`mic_host.config.options`, sizes parsed by :mod:`mic_host.config.sizes`.
-Imports ``tomllib``, those two and ``virtio.errors`` only; no asyncio, no
-``transport``.
+embedded default configuration, and :func:`check_card_devices` (does a
+card's device list, e.g. with one more attached, still fit). Device options
+are checked by :mod:`mic_host.config.options`, sizes parsed by
+:mod:`mic_host.config.sizes`, a card's RAM and devices bounded by
+:mod:`mic_host.config.limits` (imported when a card is checked). Imports
+``tomllib``, those and ``virtio.errors``; no asyncio.
 
 The schema itself is described in the package docstring (:mod:`mic_host.config`)
 and ``docs/cli.md``.
@@ -16,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ __all__ = [
     "parse_config",
     "default_config",
     "check_device_types",
+    "check_card_devices",
 ]
 
 CARD_NAME_RE = re.compile(r"^mic[0-9]+$")
@@ -135,6 +138,31 @@ def check_device_types(config: DaemonConfig, known: Mapping[str, object] | set[s
                     f"{config.source}: cards[{i}].devices[{j}].type: unknown device type "
                     f"{d.type!r} (registered: {', '.join(sorted(names)) or 'none'})"
                 )
+
+
+def _card_problem(
+    card_ram: int, host_ram: int, devices: Sequence[DeviceConfig]
+) -> tuple[str, str] | None:
+    # Imported here: see mic_host.config.limits (micctl starts without it).
+    from mic_host.config.limits import card_problem
+
+    return card_problem(card_ram, host_ram, [(d.type, d.options) for d in devices])
+
+
+def check_card_devices(
+    card: CardConfig, devices: Sequence[DeviceConfig], *, source: str = "attach"
+) -> None:
+    """Check that ``devices`` (a card's whole list, e.g. its devices plus one
+    being attached) fit ``card``: the device page and the host RAM window, as
+    :func:`parse_config` checks a card's configured devices.
+
+    Raises:
+        ConfigError: "<source>: <card>.<key>: <problem>", e.g. "attach:
+            mic0.devices[31]: the device page is full: ...".
+    """
+    bad = _card_problem(card.card_ram, card.host_ram, devices)
+    if bad is not None:
+        raise ConfigError(f"{source}: {card.name}.{bad[0]}: {bad[1]}")
 
 
 # ------------------------------------------------------------------- parsing
@@ -266,11 +294,16 @@ def _parse_card(ctx: Ctx, c: object, where: str) -> CardConfig:
                 f"duplicate device name {dev.name!r} (also devices[{seen[dev.name]}])",
             )
         seen[dev.name] = j
+    card_ram = _get_ram(ctx, c, "card_ram", where, d.card_ram)
+    host_ram = _get_ram(ctx, c, "host_ram", where, d.host_ram)
+    bad = _card_problem(card_ram, host_ram, devices)
+    if bad is not None:
+        raise ctx.error(f"{where}.{bad[0]}", bad[1])
     return CardConfig(
         name=name,
         boot_at_start=_get_bool(ctx, c, "boot_at_start", where, d.boot_at_start),
-        card_ram=_get_ram(ctx, c, "card_ram", where, d.card_ram),
-        host_ram=_get_ram(ctx, c, "host_ram", where, d.host_ram),
+        card_ram=card_ram,
+        host_ram=host_ram,
         heartbeat_interval=hb_int,
         heartbeat_timeout=hb_to,
         boot_timeout=_get_seconds(ctx, c, "boot_timeout", where, d.boot_timeout),

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mic_host.config import validate_device_options
+from mic_host.config.files import image_size
 from mic_host.micctl.output import Progress
 from virtio.errors import ConfigError
 
@@ -25,29 +26,38 @@ __all__ = ["prepare_block_image"]
 _CHUNK = 4 << 20
 
 
+def _create(dst: Path) -> int:
+    """A new image file, 0600 whatever the umask: it holds a card's data."""
+    return os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+
+
 def _copy_image(src: Path, dst: Path, size: int | None) -> None:
-    """Copy ``src`` into a new ``dst`` (zero chunks stay holes), grown to ``size``."""
-    total = src.stat().st_size
-    if size is not None and size < total:
-        raise ConfigError(f"--size {size} is smaller than {src} ({total} B)")
-    progress = Progress(f"copying {src.name} -> {dst.name}", total)
-    progress.update(0)
-    buf = bytearray(_CHUNK)
-    zero = bytes(_CHUNK)
-    with src.open("rb") as fin, dst.open("xb") as fout:
-        done = 0
-        while True:
-            n = fin.readinto(buf)
-            if not n:
-                break
-            if buf[:n] == zero[:n]:
-                fout.seek(n, os.SEEK_CUR)  # keep the copy sparse
-            else:
-                fout.write(memoryview(buf)[:n])
-            done += n
-            progress.update(done)
-        fout.truncate(max(done, size or 0))
-        os.fsync(fout.fileno())
+    """Copy ``src`` (a regular file or a block device: a FIFO or ``/dev/zero``
+    would never end) into a new ``dst`` (zero chunks stay holes), grown to ``size``."""
+    fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as fin:
+        total = image_size(fd, src)
+        os.set_blocking(fd, True)
+        if size is not None and size < total:
+            raise ConfigError(f"--size {size} is smaller than {src} ({total} B)")
+        progress = Progress(f"copying {src.name} -> {dst.name}", total)
+        progress.update(0)
+        buf = bytearray(_CHUNK)
+        zero = bytes(_CHUNK)
+        with os.fdopen(_create(dst), "wb") as fout:
+            done = 0
+            while True:
+                n = fin.readinto(buf)
+                if not n:
+                    break
+                if buf[:n] == zero[:n]:
+                    fout.seek(n, os.SEEK_CUR)  # keep the copy sparse
+                else:
+                    fout.write(memoryview(buf)[:n])
+                done += n
+                progress.update(done)
+            fout.truncate(max(done, size or 0))
+            os.fsync(fout.fileno())
     progress.update(total)
 
 
@@ -55,7 +65,7 @@ def _preallocate_image(dst: Path, size: int) -> None:
     """Create ``dst`` with ``size`` bytes allocated (no holes), in chunks, with progress."""
     progress = Progress(f"allocating {dst.name}", size)
     progress.update(0)
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = _create(dst)
     try:
         step = 16 << 20
         for off in range(0, size, step):

@@ -420,3 +420,149 @@ def test_random_io_matches_model(tmp_path: Path, ops: list[tuple[Any, ...]], nq:
 
     asyncio.run(scenario())
     assert path.read_bytes() == bytes(model)
+
+
+# -- images that make no disk, and images the backend creates -------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        (lambda p: os.mkfifo(p), "is a FIFO: an image must be a regular file or a block device"),
+        (lambda p: p.touch(), "is empty: an image must hold at least one 512-byte block"),
+        (lambda p: p.write_bytes(b"x" * 511), "holds 511 B, less than one 512-byte block"),
+        (lambda p: p.mkdir(), "directory"),  # read-write: EISDIR from open
+    ],
+)
+@pytest.mark.parametrize("read_only", [False, True])
+def test_image_must_be_a_file_or_block_device_with_a_block(
+    tmp_path: Path, make: Any, problem: str, read_only: bool
+) -> None:
+    path = tmp_path / "bad.img"
+    make(path)
+    # a FIFO opened read-only must not block the daemon waiting for a writer
+    with pytest.raises(ConfigError, match=rf"^block vdz: .*{path}") as ei:
+        BlockBackend(path, name="vdz", read_only=read_only)
+    assert problem in str(ei.value)
+
+
+@pytest.mark.parametrize("dev", ["/dev/zero", "/dev/null"])
+def test_character_devices_are_refused(dev: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^block vdz: {dev} is a character device"):
+        BlockBackend(dev, name="vdz")
+
+
+def _block_device() -> tuple[str, int] | None:
+    """A readable, non-empty block device and its size, if the machine has one."""
+    for dev in ("/dev/vda", "/dev/sda", "/dev/nvme0n1", "/dev/loop0"):
+        try:
+            fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            size = os.lseek(fd, 0, os.SEEK_END)
+        finally:
+            os.close(fd)
+        if size:
+            return dev, size
+    return None
+
+
+def test_capacity_of_a_block_device_is_its_size() -> None:
+    # st_size of a block device is 0: its size is where lseek(SEEK_END) lands
+    found = _block_device()
+    if found is None:
+        pytest.skip("no readable, non-empty block device")
+    dev, size = found
+    b = BlockBackend(dev, read_only=True)  # read-only: nothing is ever written to it
+    asyncio.run(b.aclose())
+    assert b.capacity == size // S
+
+
+def test_a_block_device_is_sized_by_lseek(disk: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where no block device can be opened (a container): the same path, with the
+    regular file made to look like one (st_size 0, as the kernel reports)."""
+    import stat as st
+
+    from mic_host.config import files
+
+    real = os.fstat
+
+    def as_block_device(fd: int) -> os.stat_result:
+        r = list(real(fd))
+        r[0] = st.S_IFBLK | 0o600
+        r[6] = 0  # st_size
+        return os.stat_result(r)
+
+    monkeypatch.setattr(files.os, "fstat", as_block_device)
+    b = BlockBackend(disk, read_only=True)
+    asyncio.run(b.aclose())
+    assert b.capacity == (4 << 20) // S
+
+
+def test_created_images_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        b = BlockBackend(tmp_path / "new.img", create=True, size=1 << 20)
+    finally:
+        os.umask(old)
+    asyncio.run(b.aclose())
+    st = (tmp_path / "new.img").stat()
+    assert (st.st_size, st.st_mode & 0o777) == (1 << 20, 0o600)
+
+
+def test_an_image_too_large_for_the_file_system_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def efbig(fd: int, size: int) -> None:
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+
+    monkeypatch.setattr(be.os, "ftruncate", efbig)  # ext4 does this above 16 TiB
+    path = tmp_path / "huge.img"
+    with pytest.raises(
+        ConfigError,
+        match=rf"^block vdz: cannot create {path} with size = 100T: File too large: "
+        "the file system's largest file is smaller",
+    ):
+        BlockBackend(path, name="vdz", create=True, size=100 << 40)
+    assert not path.exists()  # nothing half-made is left for the next boot to open
+
+
+def test_queue_size_below_a_request_is_refused(disk: Path) -> None:
+    for n in (1, 2):
+        with pytest.raises(ConfigError, match=f"queue_size {n} below 4"):
+            BlockBackend(disk, queue_size=n)
+
+
+def _attach_args(**kw: Any) -> Any:
+    import argparse
+
+    base = {"card": "mic0", "copy_from": None, "preallocate": False, "create": False}
+    return argparse.Namespace(**(base | kw))
+
+
+def test_micctl_made_images_are_private_and_sources_must_end(tmp_path: Path) -> None:
+    from mic_host.micctl.images import prepare_block_image
+
+    src = tmp_path / "src.img"
+    src.write_bytes(b"data" * 1024)
+    old = os.umask(0)
+    try:
+        opts: dict[str, Any] = {"image": "copy.img", "size": 1 << 20}
+        made = prepare_block_image(tmp_path, _attach_args(copy_from=str(src)), opts)
+        opts = {"image": "pre.img", "size": 1 << 20, "create": True}
+        pre = prepare_block_image(tmp_path, _attach_args(preallocate=True, create=True), opts)
+    finally:
+        os.umask(old)
+    assert made is not None
+    assert pre is not None
+    for p in (made, pre):
+        assert (p.stat().st_mode & 0o777, p.stat().st_size) == (0o600, 1 << 20)
+    assert made.read_bytes()[:4096] == src.read_bytes()
+    # a FIFO or /dev/zero as the source would never end: refused, nothing left behind
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for bad, kind in ((str(fifo), "a FIFO"), ("/dev/zero", "a character device")):
+        with pytest.raises(ConfigError, match=f"is {kind}"):
+            prepare_block_image(tmp_path, _attach_args(copy_from=bad), {"image": "c2.img"})
+        assert not (tmp_path / "c2.img").exists()
