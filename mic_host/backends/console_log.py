@@ -44,6 +44,7 @@ LOG_MAX_BYTES = 8 << 20
 #: Bytes waiting for the disk before the card's console output is held back.
 LOG_MAX_PENDING = 1 << 20
 _WRITE_STEP = 64 << 10  # one executor job writes at most this much
+_BATCH_DELAY = 0.05  # seconds a small write waits for more output to join it
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
 
 
@@ -130,6 +131,11 @@ class ConsoleLog:
             while not self._pending:
                 self._data.clear()
                 await self._data.wait()
+            if len(self._pending) < _WRITE_STEP:
+                # Gather a burst into one write: an interactive console outputs
+                # a few bytes at a time, and a thread round trip for each would
+                # cost the loop more than the echo itself.
+                await asyncio.sleep(_BATCH_DELAY)
             self._step = asyncio.ensure_future(self._write_some())
             await asyncio.shield(self._step)
 
