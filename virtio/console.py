@@ -9,8 +9,9 @@ and the card driver (``mic_card.drivers.console``):
   :func:`max_ports`);
 - the control message ``{le32 id; le16 event; le16 value}`` (§5.3.6.2):
   :data:`CONTROL`, the precompiled twin of :data:`virtio.layouts.ConsoleControl`;
-  what the driver sends is exactly one header, what the device sends may carry
-  a payload after it (:func:`parse_control`);
+  what the driver sends is exactly one header (so a device reads at most
+  :data:`MAX_DRIVER_CONTROL` bytes of a driver's buffer), what the device
+  sends may carry a payload after it (:func:`parse_control`);
 - the payloads: RESIZE ``{le16 rows; le16 cols}`` in Linux's order
   (:data:`RESIZE`, twin of :data:`virtio.layouts.ConsoleResize`) and
   PORT_NAME (:func:`parse_port_name`, :func:`port_name_problem`);
@@ -41,6 +42,7 @@ __all__ = [
     "CONTROL_RX",
     "CONTROL_SIZE",
     "CONTROL_TX",
+    "MAX_DRIVER_CONTROL",
     "MAX_PORT_NAME",
     "RESIZE",
     "ConsoleConfigValues",
@@ -65,6 +67,11 @@ CONTROL = struct.Struct("<IHH")
 CONTROL_SIZE = CONTROL.size  # 8
 #: RESIZE payload: rows, then cols (Linux's order). Twin of ``layouts.ConsoleResize``.
 RESIZE = struct.Struct("<HH")
+#: The most a driver's (card's) control buffer may carry: every message a
+#: driver sends (DEVICE_READY, PORT_READY, PORT_OPEN) is exactly one header
+#: (§5.3.6.2). A device reads no more than this of a control transmitq buffer:
+#: a longer one is malformed and is rejected unread.
+MAX_DRIVER_CONTROL = CONTROL_SIZE
 #: The control receiveq (device -> driver) and transmitq (driver -> device), with MULTIPORT.
 CONTROL_RX, CONTROL_TX = 2, 3
 #: Longest PORT_NAME, in UTF-8 bytes.

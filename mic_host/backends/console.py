@@ -15,12 +15,23 @@ opens/closes named ports with PORT_OPEN. The message formats (header,
 PORT_NAME, RESIZE in Linux's order) are :mod:`virtio.console`'s. Anything else
 the card sends on the control queue is rejected: logged, counted, and ignored.
 
-Port 0 output is appended to ``log_path`` and to an in-memory history, and
+Port 0 output is appended to ``log_path`` (a
+:class:`~mic_host.backends.console_log.ConsoleLog`: written off the loop,
+0600, rotated at a cap) and to an in-memory history, and
 written to a :class:`~mic_host.backends.console_pty.ConsolePty` (re-exported
 here) when one is given. The pty belongs to the
 card (the daemon's ``CardManager``), not to this backend: a backend lives for
 one boot, the pty for the daemon's life, so ``/dev/pts/N`` keeps working
 across reboots. Named-port output goes to a per-port callback (the agent).
+
+What the card can make this backend do is bounded (issue 14): a transmit chain
+is read in pieces of :data:`TX_STEP` bytes, yielding to the loop between them,
+and one over :data:`MAX_TX_CHAIN` is not read at all (returned used, counted:
+the card's fault); a control chain is never read past the one header a card's
+message is (:data:`virtio.console.MAX_DRIVER_CONTROL`); host -> card control
+messages the card does not take are capped; the pty backlog and the log's
+pending bytes are bounded; every daemon-log line the card can trigger goes
+through one :class:`~mic_host.backends.loglimit.LogLimiter` per device.
 
 Must not import ``transport`` or ``mic_card``.
 """
@@ -33,16 +44,20 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO
 
 from mic_host.agent import AgentClient
 from mic_host.backends import BackendContext
+from mic_host.backends.console_log import LOG_MAX_BYTES, ConsoleLog
+from mic_host.backends.console_port import CHAIN_COST, MAX_TX_CHAIN, TX_STEP, HostPort
 from mic_host.backends.console_pty import ConsolePty
+from mic_host.backends.loglimit import LogLimiter
 from mic_host.endpoint import QueueEndpoint
 from virtio.agent import AGENT_PORT
 from virtio.console import (
     CONTROL_RX,
+    CONTROL_SIZE,
     CONTROL_TX,
+    MAX_DRIVER_CONTROL,
     ControlError,
     build_config,
     max_ports,
@@ -66,6 +81,8 @@ from virtio.layouts import MAX_NUM_VQ
 __all__ = [
     "AGENT_PORT",
     "CONSOLE_QUEUE_SIZE",
+    "MAX_TX_CHAIN",
+    "TX_STEP",
     "ConsoleBackend",
     "ConsolePty",
     "HostPort",
@@ -77,102 +94,10 @@ CONSOLE_QUEUE_SIZE = 64
 #: Ports one device can have: a VOP device has at most 8 queues (port 0, the
 #: control pair, then a pair per named port).
 _MAX_PORTS = max_ports(MAX_NUM_VQ)
-_LOGGED_ERRORS = 20  # control errors logged per backend (then only counted)
-
-
-# --------------------------------------------------------------------------
-# ports
-
-
-class HostPort:
-    """The host end of one console port: input queued for the card, output handed on."""
-
-    def __init__(
-        self,
-        backend: ConsoleBackend,
-        port_id: int,
-        name: str | None,
-        on_output: Callable[[bytes], None],
-        *,
-        max_pending: int,
-    ) -> None:
-        self.backend = backend
-        self.id = port_id
-        self.name = name
-        self.console = port_id == 0
-        self.on_output = on_output
-        self.ready = False  # the card added it (PORT_READY 1)
-        self.guest_open = False  # the card has it open (PORT_OPEN from the driver)
-        self._open_changed = asyncio.Event()
-        self._pending = bytearray()
-        self._max_pending = max_pending
-        self._in_event = asyncio.Event()
-        self._room_event = asyncio.Event()
-        self._room_event.set()
-        self.on_room: Callable[[], None] | None = None
-        self.bytes_from_card = 0
-        self.bytes_to_card = 0
-
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
-
-    def set_guest_open(self, value: bool) -> None:
-        self.guest_open = value
-        self._open_changed.set()
-        self._open_changed = asyncio.Event()
-
-    async def wait_open(self) -> None:
-        """Wait until the card has the port open (bound it with ``asyncio.timeout``)."""
-        while not self.guest_open:
-            await self._open_changed.wait()
-
-    def write_nowait(self, data: bytes) -> bool:
-        """Queue ``data`` for the card; False when the queue is over its bound (data kept)."""
-        self._pending += data
-        self._in_event.set()
-        return len(self._pending) < self._max_pending
-
-    async def write(self, data: bytes) -> None:
-        """Queue ``data`` for the card (waits while too much is queued)."""
-        while len(self._pending) >= self._max_pending:
-            self._room_event.clear()
-            await self._room_event.wait()
-        self.write_nowait(data)
-
-    async def rx_loop(self, q: QueueEndpoint) -> None:
-        """Host -> card: fill the buffers the card posts on the port's receiveq."""
-        while True:
-            while not self._pending:
-                self._in_event.clear()
-                await self._in_event.wait()
-            try:
-                chain = await q.get()
-            except BrokenResourceError:
-                try:
-                    await q.wait_live()  # input stays queued across a reset
-                except ClosedResourceError:
-                    return
-                continue
-            except ClosedResourceError:
-                return
-            n = chain.write(self._pending)
-            del self._pending[:n]
-            self.bytes_to_card += n
-            q.put(chain, n)
-            if len(self._pending) < self._max_pending:
-                self._room_event.set()
-                if self.on_room is not None:
-                    self.on_room()
-
-    async def tx_loop(self, q: QueueEndpoint) -> None:
-        """Card -> host: every chain on the port's transmitq is output."""
-        async for chain in q.chains():
-            data = chain.read()
-            q.put(chain, 0)
-            if data:
-                self.bytes_from_card += len(data)
-                self.on_output(data)
+#: Host -> card control messages queued at most (the card posts no buffers for
+#: them, yet keeps asking: DEVICE_READY, PORT_READY...). A driver takes a
+#: handful per port; past this the new ones are dropped.
+_MAX_CTRL_OUT = 256
 
 
 # --------------------------------------------------------------------------
@@ -188,7 +113,9 @@ class ConsoleBackend:
     queued per port before writers wait), ``multiport`` (offer
     VIRTIO_CONSOLE_F_MULTIPORT, default true), ``ports`` (names of the named
     ports, default the agent's; at most 2), ``pty`` (a :class:`ConsolePty`
-    owned by the caller).
+    owned by the caller), ``log_max_bytes`` (rotate the log at this size,
+    default 8 MiB), ``max_chain`` (largest transmit chain read, default
+    :data:`MAX_TX_CHAIN`).
     """
 
     device_type = int(DeviceType.CONSOLE)
@@ -206,9 +133,13 @@ class ConsoleBackend:
         multiport: bool = True,
         ports: Sequence[str] = (AGENT_PORT,),
         pty: ConsolePty | None = None,
+        log_max_bytes: int = LOG_MAX_BYTES,
+        max_chain: int = MAX_TX_CHAIN,
     ) -> None:
-        if history <= 0 or max_pending <= 0:
-            raise ConfigError(f"console {name}: history and max_pending must be positive")
+        if history <= 0 or max_pending <= 0 or max_chain <= 0:
+            raise ConfigError(
+                f"console {name}: history, max_pending and max_chain must be positive"
+            )
         if isinstance(ports, str):
             ports = [ports]
         ports = list(ports) if multiport else []
@@ -230,13 +161,12 @@ class ConsoleBackend:
         self.rows = rows
         self.queue_size = queue_size
         self.multiport = multiport
+        self.max_chain = max_chain
+        self._limiter = LogLimiter(log, name)
         self.log_path = Path(log_path) if log_path is not None else None
-        self._log: BinaryIO | None = None
+        self._log: ConsoleLog | None = None
         if self.log_path is not None:
-            try:
-                self._log = self.log_path.open("ab")
-            except OSError as e:
-                raise ConfigError(f"console {name}: cannot open log {self.log_path}: {e}") from e
+            self._log = ConsoleLog(self.log_path, label=name, max_bytes=log_max_bytes)
         self._history = bytearray()
         self._history_max = history
         self._out_event = asyncio.Event()
@@ -250,12 +180,14 @@ class ConsoleBackend:
                 self.agent = AgentClient(port, name)
                 port.on_output = self.agent.feed
             self.ports.append(port)
+        self.dropped_output = 0  # bytes of named ports nobody reads
         self._ctrl_out: collections.deque[bytes] = collections.deque()
         self._ctrl_event = asyncio.Event()
         self._ctx: BackendContext | None = None
         self.driver_ready = False
         self.control_errors = 0
         self.control_messages = 0
+        self.control_dropped = 0  # host -> card messages over _MAX_CTRL_OUT
 
     # -- Backend -----------------------------------------------------------------
     def features(self) -> int:
@@ -286,6 +218,8 @@ class ConsoleBackend:
                 if self.multiport:
                     tg.create_task(self._control_in(ctx.queues[CONTROL_TX]))
                     tg.create_task(self._control_out(ctx.queues[CONTROL_RX]))
+                if self._log is not None:
+                    tg.create_task(self._log.run())
         finally:
             if self.pty is not None:
                 self.pty.detach()
@@ -295,9 +229,9 @@ class ConsoleBackend:
             self.agent.close(BrokenResourceError(f"{self.name}: the card's console went away"))
         if self.pty is not None:
             self.pty.detach()
+        self._limiter.close()
         if self._log is not None:
-            self._log.close()
-            self._log = None
+            await self._log.aclose()  # writes what is pending; later output is ignored
 
     @property
     def negotiated(self) -> bool:
@@ -322,18 +256,29 @@ class ConsoleBackend:
 
     def _drop(self, port_id: int) -> Callable[[bytes], None]:
         def drop(data: bytes) -> None:
-            log.debug("%s: port %d: %d bytes with no reader dropped", self.name, port_id, len(data))
+            self.dropped_output += len(data)  # no reader for that port: counted only
 
         return drop
+
+    def card_fault(self, msg: str, *args: object) -> None:
+        """A line the card caused: through this device's limiter."""
+        self._limiter.warning(msg, *args)
+
+    async def pause(self) -> None:
+        """Between pieces of card work: let the loop run, wait while the log is behind."""
+        await asyncio.sleep(0)
+        if self._log is not None:
+            await self._log.room()
+
+    async def flush_log(self) -> None:
+        """Wait until the console log file has everything output so far."""
+        if self._log is not None:
+            await self._log.flush()
 
     # -- port 0 output ---------------------------------------------------------------
     def _output(self, data: bytes) -> None:
         if self._log is not None:
-            try:
-                self._log.write(data)
-                self._log.flush()
-            except OSError as e:
-                log.error("%s: console log write failed: %s", self.name, e)
+            self._log.append(data)
         if self.pty is not None:
             self.pty.write(data)
         self._history += data
@@ -388,6 +333,15 @@ class ConsoleBackend:
 
     # -- control queue -----------------------------------------------------------------
     def _send(self, port_id: int, event: ConsoleEvent, value: int, extra: bytes = b"") -> None:
+        if len(self._ctrl_out) >= _MAX_CTRL_OUT:
+            # The card keeps asking (DEVICE_READY, PORT_READY) but posts no
+            # buffers for the answers: do not let the queue grow with it.
+            self.control_dropped += 1
+            self.card_fault(
+                "%s: %d control messages wait for buffers the card does not post; "
+                "dropped %s for port %d", self.name, len(self._ctrl_out), event.name, port_id,
+            )  # fmt: skip
+            return
         self._ctrl_out.append(pack_control(port_id, event, value, extra))
         self._ctrl_event.set()
 
@@ -420,21 +374,33 @@ class ConsoleBackend:
             q.put(chain, chain.write(msg))
 
     async def _control_in(self, q: QueueEndpoint) -> None:
+        budget = 0
         async for chain in q.chains():
-            try:
-                data = chain.read()
-            except MicError as e:  # a chain the card botched: reject, keep serving
-                self._reject(f"unreadable control buffer: {e}")
-                data = b""
+            n = chain.readable_len
+            data = b""
+            if n > MAX_DRIVER_CONTROL:
+                # Every message a driver sends is one 8-byte header (§5.3.6.2):
+                # a longer buffer is malformed, and is not read at all.
+                self._reject(
+                    f"buffer of {n} bytes, a driver's message is {CONTROL_SIZE} (not read)"
+                )
+            else:
+                try:
+                    data = chain.read()
+                except MicError as e:  # a chain the card botched: reject, keep serving
+                    self._reject(f"unreadable control buffer: {e}")
             q.put(chain, 0)
             if data:
                 self.control_messages += 1
                 self._on_control(data)
+            budget += CHAIN_COST
+            if budget >= TX_STEP:
+                budget = 0
+                await asyncio.sleep(0)
 
     def _reject(self, why: str) -> None:
         self.control_errors += 1
-        if self.control_errors <= _LOGGED_ERRORS:
-            log.warning("%s: rejected control message from the card: %s", self.name, why)
+        self.card_fault("%s: rejected control message from the card: %s", self.name, why)
 
     def _on_control(self, data: bytes) -> None:
         """One message from the card (untrusted): act on it or reject it."""
@@ -446,7 +412,9 @@ class ConsoleBackend:
         pid, event, value = msg.port, msg.event, msg.value
         if event == ConsoleEvent.DEVICE_READY:
             if value != 1:
-                log.error("%s: the card's driver failed to initialise (DEVICE_READY 0)", self.name)
+                self._limiter.log(logging.ERROR,
+                                  "%s: the card's driver failed to initialise (DEVICE_READY 0)",
+                                  self.name)  # fmt: skip
                 return
             self.driver_ready = True
             for p in self.ports:
@@ -460,7 +428,8 @@ class ConsoleBackend:
         port = self.ports[pid]
         if event == ConsoleEvent.PORT_READY:
             if value != 1:
-                log.error("%s: the card could not add port %d", self.name, pid)
+                self._limiter.log(logging.ERROR, "%s: the card could not add port %d",
+                                  self.name, pid)  # fmt: skip
                 return
             port.ready = True
             if port.console:
@@ -474,8 +443,8 @@ class ConsoleBackend:
                 self._reject(f"PORT_OPEN value {value} for port {pid}")
                 return
             port.set_guest_open(bool(value))
-            log.info("%s: port %d (%s) %s by the card", self.name, pid, port.name or "console",
-                     "opened" if value else "closed")  # fmt: skip
+            self._limiter.log(logging.INFO, "%s: port %d (%s) %s by the card", self.name, pid,
+                              port.name or "console", "opened" if value else "closed")  # fmt: skip
         else:
             self._reject(f"event {event} (value {value}) for port {pid} is not a driver event")
 
@@ -486,4 +455,10 @@ class ConsoleBackend:
             "pending_input": self.ports[0].pending,
             "control_messages": self.control_messages,
             "control_errors": self.control_errors,
+            "control_dropped": self.control_dropped,
+            "oversized_chains": sum(p.oversized for p in self.ports),
+            "dropped_output": self.dropped_output,
+            "pty_dropped": self.pty.dropped if self.pty is not None else 0,
+            "log_suppressed": self._limiter.total_suppressed,
+            **(self._log.stats() if self._log is not None else {}),
         }

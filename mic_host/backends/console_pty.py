@@ -109,7 +109,9 @@ class ConsolePty:
         if self._closed or not data:
             return
         self._backlog += data
-        if not self._writing:
+        if not self._writing or len(self._backlog) > self._max_backlog:
+            # Waiting for the master to drain and over the bound: _flush drops
+            # (nobody reads, or too slowly); the backlog never grows past it.
             self._flush()
 
     def _flush(self) -> None:

@@ -167,6 +167,7 @@ async def test_console_both_ways(rig: Rig, tmp_path: Path, used_in_card: bool) -
     await c.write(b"card booted\n")
     async with asyncio.timeout(5):
         await backend.wait_output(b"card booted\n")
+        await backend.flush_log()  # the log is written off the loop
     assert contents(log_path) == b"card booted\n"
     await backend.write(b"ls /\n")
     async with asyncio.timeout(5):
@@ -182,6 +183,7 @@ async def test_console_both_ways(rig: Rig, tmp_path: Path, used_in_card: bool) -
     await c.write(blob)
     async with asyncio.timeout(5):
         await backend.wait_output(blob[-100:])
+        await backend.flush_log()
     assert contents(log_path).endswith(blob)
 
 
