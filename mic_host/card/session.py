@@ -12,7 +12,14 @@ down, crashed, went silent, never came online, or was reset) and
 manager maps it through the table (:mod:`mic_host.lifecycle`).
 
 Whatever the card does, a session never lets it crash the daemon: card
-faults end the session and are reported in ``last_error``.
+faults end the session and are reported in ``last_error``. Whatever ends a
+session, even an exception nobody foresaw, :meth:`BootSession.run` returns
+(a crash, with the reason in ``last_error``) after closing everything the
+boot held (the link, the card OS, the backends), so ``reset`` and ``boot``
+work again. Every line the card can make the daemon log in a boot (link
+garbage, forged replies, ring faults in VOP) goes through one
+:class:`virtio.ratelimit.LogBudget` per boot: a few lines per second, and a
+"suppressed N" summary.
 
 What the session needs from its card (config, lifecycle, the device set that
 builds its backends) is the :class:`SessionOwner` protocol; it never
@@ -51,6 +58,7 @@ from transport.messages import (
 )
 from virtio.errors import BrokenResourceError, MicError
 from virtio.memory import Memory
+from virtio.ratelimit import LogBudget
 
 __all__ = ["LINK_GRACE", "BootSession", "SessionOwner", "net_params"]
 
@@ -126,6 +134,9 @@ class BootSession:
         self.started = time.monotonic()
         #: the status the card OS said it is going down with
         self.reported_status: ShutdownStatus | None = None
+        #: what the card can make the daemon log in this boot
+        self.log_budget = LogBudget(self.name, log, time.monotonic)
+        self.log = self.log_budget.logger(log)
         self._end: asyncio.Future[tuple[CardEvent, ShutdownStatus | None]] = (
             asyncio.get_running_loop().create_future()
         )
@@ -182,7 +193,7 @@ class BootSession:
                 boot_params=self._boot_params(backends),
             ) as pcie:
                 win = pcie.smpt.open(0, cfg.host_ram, Perm.RW)
-                async with Vop(_Platform(pcie, win.addr(0))) as vop:
+                async with Vop(_Platform(pcie, win.addr(0)), log_budget=self.log_budget) as vop:
                     self.vop = vop
                     while backends:
                         vop.add_device(backends[0])
@@ -206,10 +217,15 @@ class BootSession:
                     self._fail_replies(BrokenResourceError(f"{o.name} went {event}"))
                     self.link = None
                     await vop.reset_all()
-        except* (MicError, OSError) as eg:
+        except* Exception as eg:
+            # A card fault (MicError, OSError), or a bug of ours a card's data
+            # tripped: either way this boot is over, and it ends as a crash
+            # after everything above was closed (the link socket included).
             event, status = CardEvent.CRASH, ShutdownStatus.CRASHED
-            self._error(f"boot session failed: {eg.exceptions[0]}")
-            log.error("%s: %s", o.name, o.last_error, exc_info=eg.exceptions[0])
+            first = eg.exceptions[0]
+            why = str(first) if isinstance(first, MicError | OSError) else repr(first)
+            self._error(f"boot session failed: {why}")
+            log.error("%s: %s", o.name, o.last_error, exc_info=first)
         finally:
             for backend in backends:  # built but never handed to a Vop
                 with contextlib.suppress(MicError, OSError):
@@ -220,6 +236,7 @@ class BootSession:
             self._fail_replies(BrokenResourceError(f"{o.name} is down"))
             self.link = None
             self.pid = None
+            self.log_budget.flush(final=True)
         return event, status
 
     def _fail_replies(self, exc: MicError) -> None:
@@ -227,7 +244,7 @@ class BootSession:
             self.link.fail_replies(exc)
 
     async def _accept(self, pcie: PcieHost, vop: Vop, tg: asyncio.TaskGroup) -> None:
-        link = CardLink(self.name, await pcie.accept())
+        link = CardLink(self.name, await pcie.accept(), self.log)
         self.link = link
         self.last_heartbeat = time.monotonic()
         tg.create_task(self._pump(pcie, vop))
@@ -269,7 +286,7 @@ class BootSession:
                 try:
                     self.reported_status = ShutdownStatus(reported)
                 except ValueError:
-                    log.warning("%s: bad shutdown status %.100r", self.name, reported)
+                    self.log.warning("%s: bad shutdown status %.100r", self.name, reported)
                     self.reported_status = ShutdownStatus.HALTED
             case Crashed(error=error):
                 self._error(f"card OS crashed: {error[:500]}")
@@ -297,6 +314,7 @@ class BootSession:
         period = min(0.25, cfg.heartbeat_interval)
         while True:
             await asyncio.sleep(period)
+            self.log_budget.flush()  # the "suppressed N" line of a window that ended
             now = time.monotonic()
             if self.state is CardState.BOOTING and now - self.started > cfg.boot_timeout:
                 self._error(f"card did not come online within {cfg.boot_timeout}s")
