@@ -6,8 +6,21 @@ engine is not started with the link: a data path that copies with DMA opens
 one over the side's address space with ``async with link.dma() as dma``.
 Built from the other transport modules; imports nothing above ``transport``.
 
-Handshake (version 1, messages in :mod:`transport.handshake`), on the
-per-card Unix socket (created 0600)::
+Two ways to reach the card's end:
+
+- **a socket pair** (``PcieHost(None)``, what the daemon uses): the host
+  creates a pre-connected pair and hands :attr:`PcieHost.card_fd` to the one
+  process it spawns (``pass_fds``), which runs ``PcieCard(socket)``. Nothing
+  else can reach the link: there is no path to connect to, so no stranger can
+  delay, fail or claim a boot.
+- **a listening path** (``PcieHost(path)``, created 0600): any process of the
+  user may connect. Handshakes are served concurrently (at most
+  :data:`MAX_HANDSHAKES` at once), each within ``handshake_timeout`` (2 s by
+  default): a peer that sends half a hello, or nothing, or connects and
+  closes in a loop, holds one slot for at most that long and never delays
+  another peer's handshake; the first peer to complete one gets the link.
+
+Handshake (version 1, messages in :mod:`transport.handshake`)::
 
     card -> host  Hello
     host -> card  Offer + SCM_RIGHTS fds: card_ram, host_ram, mmio memfds, then
@@ -18,19 +31,24 @@ per-card Unix socket (created 0600)::
 Anything else (garbage, another protocol or version, missing or extra fds, a
 region that is not a sealed memfd of the announced size) is refused with a
 ``refuse`` frame when possible and :class:`~transport.errors.HandshakeError`
-locally. The host keeps listening after refusing a bad peer (``refused``
-lists why); the card gives up.
+locally. On a path the host keeps listening after refusing a bad peer
+(``refused`` keeps the last :data:`MAX_REFUSALS` reasons, ``refusals``
+counts them all, and the log says so a few times per second at most); on a
+socket pair there is no other peer, so a refusal ends :meth:`PcieHost.accept`.
+The card gives up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
 import os
 import socket
 import stat
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -60,8 +78,11 @@ from virtio.errors import (
     MicTimeoutError,
     RemoteProtocolError,
 )
+from virtio.ratelimit import LogBudget
 
 __all__ = [
+    "MAX_HANDSHAKES",
+    "MAX_REFUSALS",
     "PROTOCOL",
     "PROTOCOL_VERSION",
     "CardIdentity",
@@ -74,6 +95,10 @@ log = logging.getLogger(__name__)
 
 #: what ``PcieHost.refused`` records for each refused peer
 RefusalError = RemoteProtocolError | LinkLost | MicTimeoutError
+#: handshakes a listening host serves at once (more connections wait in the backlog)
+MAX_HANDSHAKES = 16
+#: refusals ``PcieHost.refused`` keeps (the newest)
+MAX_REFUSALS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +109,9 @@ class PcieConfig:
     host_ram_size: int = 64 << 20
     layout: MmioLayout = field(default_factory=MmioLayout)
     max_message: int = DEFAULT_MAX_MESSAGE
-    handshake_timeout: float = 10.0
+    #: how long one peer may take from connecting (on a socket pair: from its
+    #: first byte) to ``ready``
+    handshake_timeout: float = 2.0
 
     def __post_init__(self) -> None:
         for name in ("card_ram_size", "host_ram_size"):
@@ -149,8 +176,11 @@ class PcieHost:
 
     On entry it creates the card's regions (card RAM, host RAM, MMIO + eventfds),
     the SMPT and the aperture address space, and listens on ``path`` (mode
-    0600). All of them are usable before the card connects (write the device
-    page, open windows, set SPAD14/15, DMA into card RAM with :meth:`dma`).
+    0600), or with ``path=None`` creates a socket pair whose card end
+    (:attr:`card_fd`) the caller hands to the card process it spawns, then
+    closes with :meth:`close_card_end`. All of them are usable before the card
+    connects (write the device page, open windows, set SPAD14/15, DMA into card
+    RAM with :meth:`dma`).
     :meth:`accept` then waits for a card to complete the handshake and returns
     the :class:`MessageLink`. One ``PcieHost`` serves one boot: to boot the card
     again, close it and create a new one (fresh regions, as after a reset).
@@ -158,7 +188,7 @@ class PcieHost:
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | None,
         *,
         card: CardIdentity | None = None,
         config: PcieConfig | None = None,
@@ -167,16 +197,21 @@ class PcieHost:
         dma: DmaPolicy | None = None,
         enforce_windows: bool = True,
     ) -> None:
-        self.path = os.fspath(path)
+        self.path = os.fspath(path) if path is not None else None
         self.identity = card or CardIdentity()
         self.config = config or PcieConfig()
         self.boot_params = _json_dict(boot_params or {}, "boot_params")
         self._notify = notify
         self._dma_policy = dma
         self._enforce = enforce_windows
-        self.refused: list[RefusalError] = []
+        #: the newest refusals (why each peer was refused), and how many there were
+        self.refused: collections.deque[RefusalError] = collections.deque(maxlen=MAX_REFUSALS)
+        self.refusals = 0
+        self._log = LogBudget(f"card {self.identity.name}", log, time.monotonic).logger(log)
         self._stack = contextlib.AsyncExitStack()
         self._sock: socket.socket | None = None
+        self._pair: socket.socket | None = None  # our end of the socket pair
+        self._card_end: socket.socket | None = None
         self._sock_ino: int | None = None
         self._link: MessageLink | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -209,8 +244,38 @@ class PcieHost:
         )
         st.callback(self.aperture.release)
         await st.enter_async_context(_link_tasks(self))
-        self._listen()
-        st.callback(self._unlisten)
+        if self.path is None:
+            st.callback(self._close_pair)
+            self._pair, self._card_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._pair.setblocking(False)
+        else:
+            self._listen()
+            st.callback(self._unlisten)
+
+    @property
+    def card_fd(self) -> int:
+        """The card's end of the socket pair: hand it to the card process
+        (``pass_fds``), which connects with ``PcieCard(socket.socket(fileno=fd))``.
+
+        Raises:
+            LocalProtocolError: this host listens on a path, or the end was closed.
+        """
+        if self._card_end is None:
+            raise LocalProtocolError("no card end to hand over (a path host, or closed)")
+        return self._card_end.fileno()
+
+    def close_card_end(self) -> None:
+        """Close our copy of the card's end (after the card process has it), so
+        the card's death reads as EOF on the link. Idempotent."""
+        if self._card_end is not None:
+            self._card_end.close()
+            self._card_end = None
+
+    def _close_pair(self) -> None:
+        self.close_card_end()
+        if self._pair is not None:
+            self._pair.close()  # unless a FramedSocket took it over (then it closes it)
+            self._pair = None
 
     def dma(self, policy: DmaPolicy | None = None) -> DmaEngine:
         """A DMA engine over the aperture (``policy`` defaults to the ``dma=`` given
@@ -221,6 +286,7 @@ class PcieHost:
 
     def _listen(self) -> None:
         p = self.path
+        assert p is not None
         try:
             st = os.lstat(p)
         except FileNotFoundError:
@@ -262,7 +328,7 @@ class PcieHost:
             self._sock.close()
             self._sock = None
             with contextlib.suppress(OSError):
-                if os.lstat(self.path).st_ino == self._sock_ino:
+                if self.path is not None and os.lstat(self.path).st_ino == self._sock_ino:
                     os.unlink(self.path)
 
     async def aclose(self) -> None:
@@ -289,46 +355,116 @@ class PcieHost:
         return self._link.peer_pid if self._link is not None else None
 
     async def accept(self) -> MessageLink:
-        """Wait for a card to connect and complete the handshake; returns the link.
+        """Wait for the card to complete the handshake; returns the link.
 
-        A peer that fails the handshake is refused, recorded in ``refused``, and
-        the host keeps waiting. Use ``asyncio.timeout`` to bound the wait.
+        On a path, a peer that fails the handshake is refused, recorded in
+        ``refused``, and the host keeps waiting; peers are served concurrently,
+        each within ``config.handshake_timeout``. On a socket pair the one peer
+        has no timeout until it sends its first byte (the caller bounds the
+        boot), then ``handshake_timeout``. Use ``asyncio.timeout`` to bound the wait.
 
         Raises:
             LocalProtocolError: a card is already connected.
             ClosedResourceError: the host is closed.
+            HandshakeError, LinkLost, MicTimeoutError: (socket pair only) the
+                card failed the handshake; there is no other peer to wait for.
         """
         if self._link is not None:
             raise LocalProtocolError("a card is already connected to this PcieHost")
-        if self._sock is None or self._tg is None:
+        if (self._sock is None and self._pair is None) or self._tg is None:
             raise ClosedResourceError("PcieHost is not open")
+        if self._pair is not None:
+            fs = await self._accept_pair(self._pair)
+        else:
+            assert self._sock is not None
+            fs = await self._accept_listening(self._sock)
+        link = MessageLink(fs)
+        self._link = link
+        link.add_lost_callback(self.mmio.fail)
+        self._reader = self._tg.create_task(link.run(), name=f"{self.identity.name}-link")
+        log.info("card %s connected (pid %s)", self.identity.name, link.peer_pid)
+        return link
+
+    async def _accept_pair(self, sock: socket.socket) -> FramedSocket:
         loop = asyncio.get_running_loop()
-        while True:
-            conn, _ = await loop.sock_accept(self._sock)
-            fs = FramedSocket(conn, self.config.max_message)
+        ready: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(sock.fileno(), readable)
+        try:
+            await ready  # the card process is starting: no deadline until it speaks
+        finally:
+            loop.remove_reader(sock.fileno())
+        self._pair = None  # the FramedSocket owns it now
+        fs = FramedSocket(sock, self.config.max_message)
+        ok = await self._serve_handshake(fs)
+        if not ok:
+            raise self.refused[-1]
+        return fs
+
+    async def _accept_listening(self, lsock: socket.socket) -> FramedSocket:
+        """Serve handshakes concurrently until one completes; the others are closed."""
+        loop = asyncio.get_running_loop()
+        won: asyncio.Future[FramedSocket] = loop.create_future()
+        slots = asyncio.Semaphore(MAX_HANDSHAKES)
+
+        async def one(fs: FramedSocket) -> None:
             try:
-                async with asyncio.timeout(self.config.handshake_timeout):
-                    await self._handshake(fs)
-            except TimeoutError:
-                fs.close()
-                err: RefusalError = MicTimeoutError("card handshake timed out")
-                self.refused.append(err)
-                log.warning("card %s: refused a peer: %s", self.identity.name, err)
-                continue
-            except (RemoteProtocolError, LinkLost) as e:
-                fs.close()
-                self.refused.append(e)
-                log.warning("card %s: refused a peer: %s", self.identity.name, e)
-                continue
+                if await self._serve_handshake(fs) and not won.done():
+                    won.set_result(fs)
+                else:
+                    fs.close()
             except BaseException:
                 fs.close()
                 raise
-            link = MessageLink(fs)
-            self._link = link
-            link.add_lost_callback(self.mmio.fail)
-            self._reader = self._tg.create_task(link.run(), name=f"{self.identity.name}-link")
-            log.info("card %s connected (pid %s)", self.identity.name, link.peer_pid)
-            return link
+            finally:
+                slots.release()
+
+        peers: set[asyncio.Task[None]] = set()
+
+        async def acceptor(tg: asyncio.TaskGroup) -> None:
+            while True:
+                await slots.acquire()
+                conn, _ = await loop.sock_accept(lsock)
+                task = tg.create_task(one(FramedSocket(conn, self.config.max_message)))
+                peers.add(task)
+                task.add_done_callback(peers.discard)
+
+        async with asyncio.TaskGroup() as tg:
+            acc = tg.create_task(acceptor(tg))
+            try:
+                fs = await won
+            finally:
+                acc.cancel()
+                for task in list(peers):
+                    task.cancel()  # the losers: their sockets are closed
+        return fs
+
+    async def _serve_handshake(self, fs: FramedSocket) -> bool:
+        """One peer's handshake within the timeout; False (and recorded) if refused."""
+        try:
+            async with asyncio.timeout(self.config.handshake_timeout):
+                await self._handshake(fs)
+        except TimeoutError:
+            fs.close()
+            self._refuse(MicTimeoutError("card handshake timed out"))
+            return False
+        except (RemoteProtocolError, LinkLost) as e:
+            fs.close()
+            self._refuse(e)
+            return False
+        except BaseException:
+            fs.close()
+            raise
+        return True
+
+    def _refuse(self, err: RefusalError) -> None:
+        self.refused.append(err)
+        self.refusals += 1
+        self._log.warning("card %s: refused a peer: %s", self.identity.name, err)
 
     def _offer(self) -> dict[str, Any]:
         cfg = self.config
@@ -385,10 +521,12 @@ class PcieCard:
     """Card side of the link; an async context manager.
 
     ``async with PcieCard.connect(path) as card:`` connects, runs the handshake
-    and maps everything. Then: ``card.card_ram`` (Region), ``card.space``
-    (card-physical address space with the SMPT windows), ``card.mmio``,
-    ``card.link``, ``card.boot_params``, ``card.identity``, and
-    ``card.dma()`` to open a DMA engine over ``card.space``.
+    and maps everything; ``path`` may also be an already connected socket (the
+    card end of a host's socket pair, :attr:`PcieHost.card_fd`), which it owns.
+    Then: ``card.card_ram`` (Region), ``card.space`` (card-physical address
+    space with the SMPT windows), ``card.mmio``, ``card.link``,
+    ``card.boot_params``, ``card.identity``, and ``card.dma()`` to open a DMA
+    engine over ``card.space``.
 
     Raises on entry:
         LinkLost: the host socket is not there / refused the connection / vanished.
@@ -398,14 +536,15 @@ class PcieCard:
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | socket.socket,
         *,
         expect_card: str | None = None,
         notify: NotifyPolicy | None = None,
         dma: DmaPolicy | None = None,
         timeout: float = 10.0,
     ) -> None:
-        self.path = os.fspath(path)
+        self._given = path if isinstance(path, socket.socket) else None
+        self.path = os.fspath(path) if not isinstance(path, socket.socket) else None
         self._expect = expect_card
         self._notify = notify
         self._dma_policy = dma
@@ -420,14 +559,14 @@ class PcieCard:
     @classmethod
     def connect(
         cls,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | socket.socket,
         *,
         expect_card: str | None = None,
         notify: NotifyPolicy | None = None,
         dma: DmaPolicy | None = None,
         timeout: float = 10.0,
     ) -> PcieCard:
-        """``async with PcieCard.connect(path) as card`` (same as the constructor)."""
+        """``async with PcieCard.connect(path_or_socket) as card`` (same as the constructor)."""
         return cls(path, expect_card=expect_card, notify=notify, dma=dma, timeout=timeout)
 
     async def __aenter__(self) -> Self:
@@ -451,13 +590,18 @@ class PcieCard:
 
     async def _setup(self) -> None:
         loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            await loop.sock_connect(sock, self.path)
-        except OSError as e:
-            sock.close()
-            raise LinkLost(f"cannot reach the host at {self.path}: {e}") from e
+        if self._given is not None:
+            sock, self._given = self._given, None
+            sock.setblocking(False)
+        else:
+            assert self.path is not None
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, self.path)
+            except OSError as e:
+                sock.close()
+                raise LinkLost(f"cannot reach the host at {self.path}: {e}") from e
         fs = FramedSocket(sock, DEFAULT_MAX_MESSAGE)
         try:
             async with asyncio.timeout(self._timeout):
@@ -548,6 +692,9 @@ class PcieCard:
         if self._closed:
             return
         self._closed = True
+        if self._given is not None:  # never entered: the socket we were given
+            self._given.close()
+            self._given = None
         await self._stack.aclose()
         if self._link is not None:
             self._link.close()  # idempotent: also when the task group never opened

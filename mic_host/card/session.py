@@ -43,7 +43,7 @@ from mic_host.card.dispatch import CardLink, card_devices
 from mic_host.card.process import spawn_card_os, stop_card_os
 from mic_host.config import CardConfig
 from mic_host.lifecycle import CardEvent, CardLifecycle, CardState, ShutdownStatus
-from mic_host.paths import accel_socket_path, card_link_path
+from mic_host.paths import accel_socket_path
 from mic_host.vop import Vop
 from transport import CardIdentity, PcieConfig, PcieHost, Perm
 from transport.messages import (
@@ -56,7 +56,7 @@ from transport.messages import (
     RunResult,
     ShutdownStatusReport,
 )
-from virtio.errors import BrokenResourceError, MicError
+from virtio.errors import BrokenResourceError, MicError, MicTimeoutError, RemoteProtocolError
 from virtio.memory import Memory
 from virtio.ratelimit import LogBudget
 
@@ -175,7 +175,6 @@ class BootSession:
         """Boot, serve, and take the card down again; returns why it ended."""
         o = self.owner
         cfg = o.cfg
-        sock = card_link_path(o.state_dir, o.name)
         pcfg = PcieConfig(card_ram_size=cfg.card_ram, host_ram_size=cfg.host_ram)
         proc: asyncio.subprocess.Process | None = None
         event: CardEvent = CardEvent.CRASH
@@ -187,7 +186,7 @@ class BootSession:
             for i, dev in enumerate(o.device_set.entries):
                 backends.append(o.device_set.make_backend(dev, i))
             async with PcieHost(
-                str(sock),
+                None,  # a socket pair: only the process we spawn can reach the link
                 card=CardIdentity(o.name, node_id=o.node_id),
                 config=pcfg,
                 boot_params=self._boot_params(backends),
@@ -201,7 +200,10 @@ class BootSession:
                     pcie.mmio.spad.set_device_page(win.addr(0))
                     for db in range(pcie.config.layout.c2h_doorbells):
                         pcie.mmio.route(db, 0)
-                    proc = await spawn_card_os(cfg, state_dir=o.state_dir, link_path=sock)
+                    try:
+                        proc = await spawn_card_os(cfg, state_dir=o.state_dir, link_fd=pcie.card_fd)
+                    finally:
+                        pcie.close_card_end()  # the child has it: its death is EOF
                     self.pid = proc.pid
                     log.info("%s: booting, card OS pid %d", o.name, proc.pid)
                     try:
@@ -244,7 +246,16 @@ class BootSession:
             self.link.fail_replies(exc)
 
     async def _accept(self, pcie: PcieHost, vop: Vop, tg: asyncio.TaskGroup) -> None:
-        link = CardLink(self.name, await pcie.accept(), self.log)
+        try:
+            raw = await pcie.accept()
+        except (RemoteProtocolError, BrokenResourceError, MicTimeoutError) as e:
+            # the one process that holds the other end failed the handshake:
+            # nobody else can, so the boot is over
+            self._error(f"card handshake failed: {e}")
+            log.error("%s: %s", self.name, self.owner.last_error)
+            self.finish(CardEvent.CRASH)
+            return
+        link = CardLink(self.name, raw, self.log)
         self.link = link
         self.last_heartbeat = time.monotonic()
         tg.create_task(self._pump(pcie, vop))
