@@ -406,10 +406,27 @@ class PcieHost:
         return fs
 
     async def _accept_listening(self, lsock: socket.socket) -> FramedSocket:
-        """Serve handshakes concurrently until one completes; the others are closed."""
+        """Serve handshakes concurrently until one completes; the others are closed.
+
+        Connections are accepted in a reader callback (never by a task that
+        could be cancelled holding an accepted socket), at most
+        :data:`MAX_HANDSHAKES` in progress; more wait in the listen backlog.
+        """
         loop = asyncio.get_running_loop()
         won: asyncio.Future[FramedSocket] = loop.create_future()
-        slots = asyncio.Semaphore(MAX_HANDSHAKES)
+        conns: list[FramedSocket] = []
+        peers: set[asyncio.Task[None]] = set()
+        fd = lsock.fileno()
+        reading = False
+
+        def listen(on: bool) -> None:
+            nonlocal reading
+            if on and not reading and not won.done():
+                loop.add_reader(fd, accept_ready)
+                reading = True
+            elif not on and reading:
+                loop.remove_reader(fd)
+                reading = False
 
         async def one(fs: FramedSocket) -> None:
             try:
@@ -417,31 +434,46 @@ class PcieHost:
                     won.set_result(fs)
                 else:
                     fs.close()
-            except BaseException:
-                fs.close()
-                raise
             finally:
-                slots.release()
+                conns.remove(fs)
+                if fs.closed:
+                    listen(True)  # a slot is free again
 
-        peers: set[asyncio.Task[None]] = set()
-
-        async def acceptor(tg: asyncio.TaskGroup) -> None:
-            while True:
-                await slots.acquire()
-                conn, _ = await loop.sock_accept(lsock)
-                task = tg.create_task(one(FramedSocket(conn, self.config.max_message)))
+        def accept_ready() -> None:
+            while len(conns) < MAX_HANDSHAKES:
+                try:
+                    conn, _ = lsock.accept()
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as e:  # out of fds, say: breathe, then accept again
+                    self._log.warning("card %s: accept failed: %s", self.identity.name, e)
+                    listen(False)
+                    loop.call_later(0.1, listen, True)
+                    return
+                fs = FramedSocket(conn, self.config.max_message)
+                conns.append(fs)
+                task = tg.create_task(one(fs))
                 peers.add(task)
                 task.add_done_callback(peers.discard)
+            listen(False)  # every slot taken: the rest wait in the backlog
 
-        async with asyncio.TaskGroup() as tg:
-            acc = tg.create_task(acceptor(tg))
-            try:
-                fs = await won
-            finally:
-                acc.cancel()
-                for task in list(peers):
-                    task.cancel()  # the losers: their sockets are closed
-        return fs
+        winner: FramedSocket | None = None
+        try:
+            async with asyncio.TaskGroup() as tg:
+                listen(True)
+                try:
+                    winner = await won
+                finally:
+                    listen(False)
+                    for task in list(peers):
+                        task.cancel()  # the losers
+        finally:
+            listen(False)
+            for fs in conns:  # also those whose task never got to run
+                if fs is not winner:
+                    fs.close()
+        assert winner is not None
+        return winner
 
     async def _serve_handshake(self, fs: FramedSocket) -> bool:
         """One peer's handshake within the timeout; False (and recorded) if refused."""
