@@ -277,6 +277,11 @@ class BootSession:
         try:
             await link.serve(self._on_message)
         except BrokenResourceError as e:
+            if isinstance(e.__cause__, RemoteProtocolError):
+                # the card broke the link protocol (garbage framing, a frame
+                # nested too deeply, duplicate keys): that is why it crashed,
+                # whatever its process does next
+                self._error(f"card broke the link protocol: {e.__cause__}")
             if self.state is not CardState.SHUTTING_DOWN or self.reported_status is None:
                 log.warning("%s: link lost: %s", self.name, e)
             await asyncio.sleep(LINK_GRACE)
