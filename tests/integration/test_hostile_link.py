@@ -117,21 +117,34 @@ async def test_a_garbage_flood_gives_a_bounded_log(state_dir: Path) -> None:
         card = await booted(client, "mic0")
         other = await booted(client, "mic1")
         before = len(_daemon_log(state_dir))
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
         assert (await card.run(hostile("garbage_messages"), 20_000))["value"] == 20_000
+        took = loop.time() - t0
 
-        def summary() -> bool:
-            return any("mic0: suppressed" in line for line in _daemon_log(state_dir)[before:])
+        def card_lines() -> list[str]:
+            return [line for line in _daemon_log(state_dir)[before:] if "mic0" in line]
 
-        await eventually(summary, within=10, what="a 'suppressed N' summary line")
+        def accounted() -> int:
+            """Garbage messages logged, or counted in a "suppressed N" summary."""
+            lines = card_lines()
+            bad = sum("bad message from card" in line for line in lines)
+            return bad + sum(
+                int(line.split("suppressed ")[1].split()[0])
+                for line in lines
+                if "suppressed" in line
+            )
+
+        # every one of them is accounted for, once the last window's summary is out
+        await eventually(lambda: accounted() >= 20_000, within=15, what="the summaries")
         await _healthy(card, "mic0")
         await _healthy(other, "mic1")
-        lines = [line for line in _daemon_log(state_dir)[before:] if "mic0" in line]
-        assert len(lines) < 50, "\n".join(lines[:60])
-        suppressed = sum(
-            int(line.split("suppressed ")[1].split()[0]) for line in lines if "suppressed" in line
-        )
-        bad = sum("bad message from card" in line for line in lines)
-        assert bad + suppressed >= 20_000
+        lines = card_lines()
+        # 10 lines a second and one summary per window: < 50 lines when the flood
+        # takes the ~1-2 s it takes on an idle machine, more only on a loaded one
+        budget = max(50, 11 * (int(took) + 2))
+        assert len(lines) < budget, f"{took:.1f} s:\n" + "\n".join(lines[:60])
+        assert any("mic0: suppressed" in line for line in lines)
 
 
 @pytest.mark.asyncio
