@@ -1,41 +1,12 @@
-"""Top-level composition: one card's PCIe link, host side and card side.
+"""The host end of one card's PCIe link: :class:`PcieHost`.
 
-Owns the handshake and the lifetime of everything one link holds (regions,
-MMIO, eventfds, address spaces, message link, the listening socket). A DMA
-engine is not started with the link: a data path that copies with DMA opens
-one over the side's address space with ``async with link.dma() as dma``.
-Built from the other transport modules; imports nothing above ``transport``.
+Owns the card's regions, MMIO, eventfds, SMPT and aperture for one boot, the
+way the card reaches it (a socket pair handed to the one card process, or a
+listening path served concurrently; see :mod:`transport.pcie`), the host
+half of the handshake, and the message link once the card is in.
 
-Two ways to reach the card's end:
-
-- **a socket pair** (``PcieHost(None)``, what the daemon uses): the host
-  creates a pre-connected pair and hands :attr:`PcieHost.card_fd` to the one
-  process it spawns (``pass_fds``), which runs ``PcieCard(socket)``. Nothing
-  else can reach the link: there is no path to connect to, so no stranger can
-  delay, fail or claim a boot.
-- **a listening path** (``PcieHost(path)``, created 0600): any process of the
-  user may connect. Handshakes are served concurrently (at most
-  :data:`MAX_HANDSHAKES` at once), each within ``handshake_timeout`` (2 s by
-  default): a peer that sends half a hello, or nothing, or connects and
-  closes in a loop, holds one slot for at most that long and never delays
-  another peer's handshake; the first peer to complete one gets the link.
-
-Handshake (version 1, messages in :mod:`transport.handshake`)::
-
-    card -> host  Hello
-    host -> card  Offer + SCM_RIGHTS fds: card_ram, host_ram, mmio memfds, then
-                  the card vectors' eventfds, then the host vectors' eventfds
-    card -> host  Ready
-    either side   Refuse
-
-Anything else (garbage, another protocol or version, missing or extra fds, a
-region that is not a sealed memfd of the announced size) is refused with a
-``refuse`` frame when possible and :class:`~transport.errors.HandshakeError`
-locally. On a path the host keeps listening after refusing a bad peer
-(``refused`` keeps the last :data:`MAX_REFUSALS` reasons, ``refusals``
-counts them all, and the log says so a few times per second at most); on a
-socket pair there is no other peer, so a refusal ends :meth:`PcieHost.accept`.
-The card gives up.
+Imports the transport modules below ``pcie``, :mod:`transport.pcie.common`
+and ``virtio``; never :mod:`transport.pcie.card`.
 """
 
 from __future__ import annotations
@@ -43,35 +14,24 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import logging
 import os
 import socket
 import stat
 import time
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Self
 
 from transport.dma import DmaEngine, DmaPolicy
-from transport.errors import HandshakeError, LinkLost, RegionError
-from transport.handshake import (
-    MAX_MESSAGE_CAP,
-    PROTOCOL,
-    PROTOCOL_VERSION,
-    REGIONS,
-    CardIdentity,
-    Hello,
-    Offer,
-    Ready,
-    Refuse,
-)
-from transport.link import DEFAULT_MAX_MESSAGE, FramedSocket, MessageLink
-from transport.mmio import Mmio, MmioLayout
+from transport.errors import HandshakeError, LinkLost
+from transport.handshake import CardIdentity, Hello, Offer, Ready, Refuse
+from transport.link import FramedSocket, MessageLink
+from transport.mmio import Mmio
 from transport.notify import NotifyPolicy
-from transport.region import PAGE_SIZE, Region
-from transport.space import CardAddressSpace, HostAddressSpace, SmptTable
+from transport.pcie.common import PcieConfig, json_dict, link_tasks, refuse
+from transport.region import Region
+from transport.space import HostAddressSpace, SmptTable
 from virtio.errors import (
     ClosedResourceError,
     LocalProtocolError,
@@ -80,18 +40,9 @@ from virtio.errors import (
 )
 from virtio.ratelimit import LogBudget
 
-__all__ = [
-    "MAX_HANDSHAKES",
-    "MAX_REFUSALS",
-    "PROTOCOL",
-    "PROTOCOL_VERSION",
-    "CardIdentity",
-    "PcieCard",
-    "PcieConfig",
-    "PcieHost",
-]
+__all__ = ["MAX_HANDSHAKES", "MAX_REFUSALS", "PcieHost", "RefusalError"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("transport.pcie")
 
 #: what ``PcieHost.refused`` records for each refused peer
 RefusalError = RemoteProtocolError | LinkLost | MicTimeoutError
@@ -99,76 +50,6 @@ RefusalError = RemoteProtocolError | LinkLost | MicTimeoutError
 MAX_HANDSHAKES = 16
 #: refusals ``PcieHost.refused`` keeps (the newest)
 MAX_REFUSALS = 64
-
-
-@dataclass(frozen=True, slots=True)
-class PcieConfig:
-    """Sizes and limits of one card's link (chosen by the host, sent to the card)."""
-
-    card_ram_size: int = 64 << 20
-    host_ram_size: int = 64 << 20
-    layout: MmioLayout = field(default_factory=MmioLayout)
-    max_message: int = DEFAULT_MAX_MESSAGE
-    #: how long one peer may take from connecting (on a socket pair: from its
-    #: first byte) to ``ready``
-    handshake_timeout: float = 2.0
-
-    def __post_init__(self) -> None:
-        for name in ("card_ram_size", "host_ram_size"):
-            v = getattr(self, name)
-            if v <= 0 or v % PAGE_SIZE:
-                raise ValueError(f"{name} = {v}: must be a positive multiple of 4 KiB")
-        if not 64 <= self.max_message <= MAX_MESSAGE_CAP:
-            raise ValueError(f"max_message = {self.max_message}: must be in 64..{MAX_MESSAGE_CAP}")
-
-
-def _json_dict(obj: Mapping[str, Any], what: str) -> dict[str, Any]:
-    try:
-        out = json.loads(json.dumps(dict(obj), allow_nan=False))
-    except (TypeError, ValueError) as e:
-        raise LocalProtocolError(f"{what} must be a JSON-able dict: {e}") from e
-    assert isinstance(out, dict)
-    return out
-
-
-async def _refuse(fs: FramedSocket, reason: str, message: str) -> HandshakeError:
-    """Tell the peer why (best effort) and return the local error to raise."""
-    with contextlib.suppress(LinkLost, ClosedResourceError, OSError):
-        await fs.send_frame(Refuse(reason, message).to_wire())
-    return HandshakeError(message, reason=reason)
-
-
-def _is_eventfd(fd: int) -> bool:
-    try:
-        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
-    except OSError:
-        return False
-
-
-class _LinkOwner(Protocol):
-    _link: MessageLink | None
-    _reader: asyncio.Task[None] | None
-    _tg: asyncio.TaskGroup | None
-
-
-@contextlib.asynccontextmanager
-async def _link_tasks(owner: _LinkOwner) -> AsyncIterator[None]:
-    """The task group the link's reader runs in, open for the owner's life
-    (``owner._tg`` while open). Leaving it closes the link and ends the reader.
-    """
-    async with asyncio.TaskGroup() as tg:
-        owner._tg = tg
-        try:
-            yield
-        finally:
-            owner._tg = None
-            if owner._link is not None:
-                owner._link.close()
-            if owner._reader is not None:
-                owner._reader.cancel()
-
-
-# --------------------------------------------------------------------------- host
 
 
 class PcieHost:
@@ -200,7 +81,7 @@ class PcieHost:
         self.path = os.fspath(path) if path is not None else None
         self.identity = card or CardIdentity()
         self.config = config or PcieConfig()
-        self.boot_params = _json_dict(boot_params or {}, "boot_params")
+        self.boot_params = json_dict(boot_params or {}, "boot_params")
         self._notify = notify
         self._dma_policy = dma
         self._enforce = enforce_windows
@@ -243,7 +124,7 @@ class PcieHost:
             self.card_ram, self.host_ram, self.smpt, enforce_windows=self._enforce
         )
         st.callback(self.aperture.release)
-        await st.enter_async_context(_link_tasks(self))
+        await st.enter_async_context(link_tasks(self))
         if self.path is None:
             st.callback(self._close_pair)
             self._pair, self._card_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -517,14 +398,14 @@ class PcieHost:
         if fds:
             for fd in fds:
                 os.close(fd)
-            raise await _refuse(fs, "fds", "hello must not carry fds")
+            raise await refuse(fs, "fds", "hello must not carry fds")
         try:
             hello = Hello.from_wire(obj)
         except HandshakeError as e:
-            raise await _refuse(fs, e.reason, str(e)) from e
+            raise await refuse(fs, e.reason, str(e)) from e
         want = hello.card
         if want is not None and want != self.identity.name:
-            raise await _refuse(
+            raise await refuse(
                 fs, "identity", f"this socket serves {self.identity.name!r}, not {want!r}"
             )
         fds_out = [self.card_ram.fd, self.host_ram.fd, self.mmio.region.fd, *self.mmio.eventfds]
@@ -533,7 +414,7 @@ class PcieHost:
         if fds:
             for fd in fds:
                 os.close(fd)
-            raise await _refuse(fs, "fds", "ready must not carry fds")
+            raise await refuse(fs, "fds", "ready must not carry fds")
         refusal = Refuse.from_wire(reply)
         if refusal is not None:
             raise HandshakeError(
@@ -543,197 +424,4 @@ class PcieHost:
         try:
             Ready.from_wire(reply)
         except HandshakeError as e:
-            raise await _refuse(fs, e.reason, str(e)) from e
-
-
-# --------------------------------------------------------------------------- card
-
-
-class PcieCard:
-    """Card side of the link; an async context manager.
-
-    ``async with PcieCard.connect(path) as card:`` connects, runs the handshake
-    and maps everything; ``path`` may also be an already connected socket (the
-    card end of a host's socket pair, :attr:`PcieHost.card_fd`), which it owns.
-    Then: ``card.card_ram`` (Region), ``card.space`` (card-physical address
-    space with the SMPT windows), ``card.mmio``, ``card.link``,
-    ``card.boot_params``, ``card.identity``, and ``card.dma()`` to open a DMA
-    engine over ``card.space``.
-
-    Raises on entry:
-        LinkLost: the host socket is not there / refused the connection / vanished.
-        HandshakeError: the host refused us, or its offer was malformed or incomplete.
-        MicTimeoutError: no offer within ``timeout`` seconds.
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str] | socket.socket,
-        *,
-        expect_card: str | None = None,
-        notify: NotifyPolicy | None = None,
-        dma: DmaPolicy | None = None,
-        timeout: float = 10.0,
-    ) -> None:
-        self._given = path if isinstance(path, socket.socket) else None
-        self.path = os.fspath(path) if not isinstance(path, socket.socket) else None
-        self._expect = expect_card
-        self._notify = notify
-        self._dma_policy = dma
-        self._timeout = timeout
-        self._stack = contextlib.AsyncExitStack()
-        self._tg: asyncio.TaskGroup | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._link: MessageLink | None = None
-        self._entered = False
-        self._closed = False
-
-    @classmethod
-    def connect(
-        cls,
-        path: str | os.PathLike[str] | socket.socket,
-        *,
-        expect_card: str | None = None,
-        notify: NotifyPolicy | None = None,
-        dma: DmaPolicy | None = None,
-        timeout: float = 10.0,
-    ) -> PcieCard:
-        """``async with PcieCard.connect(path_or_socket) as card`` (same as the constructor)."""
-        return cls(path, expect_card=expect_card, notify=notify, dma=dma, timeout=timeout)
-
-    async def __aenter__(self) -> Self:
-        if self._entered:
-            raise LocalProtocolError("PcieCard can be entered once")
-        self._entered = True
-        try:
-            await self._setup()
-        except BaseException:
-            await self.aclose()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        et: type[BaseException] | None,
-        e: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def _setup(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self._given is not None:
-            sock, self._given = self._given, None
-            sock.setblocking(False)
-        else:
-            assert self.path is not None
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            try:
-                await loop.sock_connect(sock, self.path)
-            except OSError as e:
-                sock.close()
-                raise LinkLost(f"cannot reach the host at {self.path}: {e}") from e
-        fs = FramedSocket(sock, DEFAULT_MAX_MESSAGE)
-        try:
-            async with asyncio.timeout(self._timeout):
-                await self._handshake(fs)
-        except TimeoutError as e:
-            fs.close()
-            raise MicTimeoutError(f"no handshake from the host within {self._timeout} s") from e
-        except BaseException:
-            fs.close()
-            raise
-        fs.max_message = self.max_message
-        link = MessageLink(fs)
-        self._link = link
-        link.add_lost_callback(self.mmio.fail)
-        await self._stack.enter_async_context(_link_tasks(self))
-        assert self._tg is not None
-        self._reader = self._tg.create_task(link.run(), name="card-link")
-
-    def dma(self, policy: DmaPolicy | None = None) -> DmaEngine:
-        """A DMA engine over :attr:`space` (``policy`` defaults to the ``dma=`` given
-        to :meth:`connect`): ``async with card.dma() as dma: await dma.copy(...)``.
-        The caller owns it; close it before the link.
-        """
-        return DmaEngine(self.space, policy or self._dma_policy)
-
-    async def _handshake(self, fs: FramedSocket) -> None:
-        await fs.send_frame(Hello(card=self._expect).to_wire())
-        obj, fds = await fs.recv_frame()
-        refusal = Refuse.from_wire(obj)
-        try:
-            if refusal is not None:
-                raise HandshakeError(
-                    f"host refused: {refusal.reason}: {refusal.message}", reason=refusal.reason
-                )
-            self._take_offer(Offer.from_wire(obj), fds)  # consumes fds
-            fds = []
-        except HandshakeError as e:
-            for fd in fds:
-                os.close(fd)
-            if e.reason != "refused" and refusal is None:
-                with contextlib.suppress(LinkLost, ClosedResourceError, OSError):
-                    await fs.send_frame(Refuse(e.reason, str(e)).to_wire())
-            raise
-        await fs.send_frame(Ready().to_wire())
-
-    def _take_offer(self, offer: Offer, fds: list[int]) -> None:
-        layout, ident, sizes = offer.layout, offer.card, offer.regions
-        want = len(REGIONS) + layout.card_vectors + layout.host_vectors
-        if len(fds) != want:
-            raise HandshakeError(f"offer carried {len(fds)} fds, expected {want}", reason="fds")
-        if self._expect is not None and ident.name != self._expect:
-            raise HandshakeError(f"host offers card {ident.name!r}, expected {self._expect!r}",
-                                 reason="identity")  # fmt: skip
-        vec_fds = fds[len(REGIONS) :]
-        bad = [fd for fd in vec_fds if not _is_eventfd(fd)]
-        if bad:
-            raise HandshakeError(f"{len(bad)} vector fds are not eventfds", reason="fds")
-        # from here on, ownership moves fd by fd into objects the exit stack closes
-        st = self._stack
-        regs: list[Region] = []
-        for i, name in enumerate(REGIONS):
-            try:
-                region = Region.adopt(name, fds[i], sizes[name])
-            except RegionError as e:
-                for fd in fds[i + 1 :]:
-                    os.close(fd)
-                raise HandshakeError(f"bad region: {e}", reason="region") from e
-            regs.append(region)
-            if name != "mmio":
-                st.callback(region.close)
-        card_ram, host_ram, mmio_region = regs
-        h2c = tuple(vec_fds[: layout.card_vectors])
-        c2h = tuple(vec_fds[layout.card_vectors :])
-        self.mmio = Mmio.adopt(mmio_region, layout, h2c, c2h, self._notify)  # owns them now
-        st.callback(self.mmio.close)
-        self.card_ram = card_ram
-        self._host_ram = host_ram
-        self.space = CardAddressSpace(card_ram, host_ram, self.mmio.words)
-        st.callback(self.space.release)
-        self.identity = ident
-        self.boot_params = offer.boot
-        self.layout = layout
-        self.max_message = offer.max_message
-        self.region_sizes = sizes
-
-    async def aclose(self) -> None:
-        """Close the link, unmap everything (idempotent)."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._given is not None:  # never entered: the socket we were given
-            self._given.close()
-            self._given = None
-        await self._stack.aclose()
-        if self._link is not None:
-            self._link.close()  # idempotent: also when the task group never opened
-
-    @property
-    def link(self) -> MessageLink:
-        """The message link to the host."""
-        if self._link is None:
-            raise ClosedResourceError("card is not connected")
-        return self._link
+            raise await refuse(fs, e.reason, str(e)) from e
