@@ -21,8 +21,15 @@ from transport.messages import (
     NetParamsReply,
     Run,
     RunResult,
+    Shutdown,
+    reply_type,
 )
-from virtio.errors import BrokenResourceError, MicTimeoutError, RemoteProtocolError
+from virtio.errors import (
+    BrokenResourceError,
+    LocalProtocolError,
+    MicTimeoutError,
+    RemoteProtocolError,
+)
 from virtio.ratelimit import LogBudget
 
 #: lines the card's budget allows per window in these tests
@@ -158,3 +165,11 @@ def test_card_devices_keeps_only_well_formed_entries() -> None:
         {"offset": 3},
     ]
     assert card_devices(raw) == [{"name": "vda", "offset": 24}]
+
+
+def test_each_request_has_one_reply_type() -> None:
+    assert reply_type(DevicesRequest(id=1)) is DevicesReply
+    assert reply_type(Run(id=1, app="m:f")) is RunResult
+    assert reply_type(NetParams(id=1, net=[])) is NetParamsReply
+    with pytest.raises(LocalProtocolError, match="expects no reply"):
+        reply_type(Shutdown())  # type: ignore[arg-type]
