@@ -248,7 +248,12 @@ class BootSession:
     async def _accept(self, pcie: PcieHost, vop: Vop, tg: asyncio.TaskGroup) -> None:
         try:
             raw = await pcie.accept()
-        except (RemoteProtocolError, BrokenResourceError, MicTimeoutError) as e:
+        except BrokenResourceError as e:
+            # the card OS hung up before the handshake: its exit status (the
+            # process watcher) or the boot timeout says why
+            log.info("%s: the card OS closed its link before the handshake: %s", self.name, e)
+            return
+        except (RemoteProtocolError, MicTimeoutError) as e:
             # the one process that holds the other end failed the handshake:
             # nobody else can, so the boot is over
             self._error(f"card handshake failed: {e}")
