@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -27,7 +28,7 @@ from transport import (
     PcieConfig,
     PcieHost,
 )
-from transport.pcie import MAX_REFUSALS
+from transport.pcie import MAX_HANDSHAKES, MAX_REFUSALS
 from virtio.errors import (
     BrokenResourceError,
     LocalProtocolError,
@@ -397,3 +398,24 @@ async def test_deep_nesting_and_duplicate_keys_break_the_link(sock_path: str) ->
                 async with asyncio.timeout(5):
                     err = await link.wait_lost()
                 assert isinstance(err.__cause__, RemoteProtocolError)
+
+
+@pytest.mark.asyncio
+async def test_cancelled_accept_closes_every_peer_it_held(sock_path: str) -> None:
+    async with PcieHost(sock_path, config=SMALL) as host:
+        accept = asyncio.create_task(host.accept())
+        peers = [await raw_client(sock_path) for _ in range(MAX_HANDSHAKES + 3)]
+        await asyncio.sleep(0.1)
+        accept.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await accept
+        for r, _w in peers[:MAX_HANDSHAKES]:  # those being served are hung up on
+            async with asyncio.timeout(5):
+                assert await r.read() == b""
+        for _r, w in peers:
+            await close_writer(w)
+        gc.collect()  # an accepted socket nobody closed would warn here
+        # and the host still serves the next accept
+        accept = asyncio.create_task(host.accept())
+        async with PcieCard.connect(sock_path):
+            await accept

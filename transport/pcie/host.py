@@ -298,11 +298,11 @@ class PcieHost:
         conns: list[FramedSocket] = []
         peers: set[asyncio.Task[None]] = set()
         fd = lsock.fileno()
-        reading = False
+        reading = stopping = False
 
         def listen(on: bool) -> None:
             nonlocal reading
-            if on and not reading and not won.done():
+            if on and not reading and not stopping:
                 loop.add_reader(fd, accept_ready)
                 reading = True
             elif not on and reading:
@@ -345,6 +345,7 @@ class PcieHost:
                 try:
                     winner = await won
                 finally:
+                    stopping = True  # a slot freed from now on accepts nobody
                     listen(False)
                     for task in list(peers):
                         task.cancel()  # the losers
