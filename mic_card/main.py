@@ -1,6 +1,8 @@
 """``mic-card``: the card OS process (spawned by the host daemon at boot).
 
-Connects to the host's per-card control link, boots the card OS
+Takes the host's per-card control link (``--link-fd``: the card end of the
+socket pair the daemon created and handed to this process, the only way a
+daemon's card is reached; ``--socket``: a path a host listens on), boots the card OS
 (:class:`mic_card.card.CardOS`) and exits with its shutdown status reported.
 ``--no-console-multiport`` (or ``MIC_CARD_CONSOLE_MULTIPORT=0`` in the
 environment, e.g. through the card's ``card_command = ["env", ...]``) makes
@@ -18,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import sys
 
 from mic_card.card import CardOS, DmesgHandler
@@ -33,7 +36,14 @@ log = logging.getLogger("mic_card")
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mic-card", description="The MIC-VOP card OS process.")
-    p.add_argument("--socket", required=True, help="the host's control link socket for this card")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--link-fd",
+        type=int,
+        metavar="FD",
+        help="the control link: an inherited, connected socket (what the daemon passes)",
+    )
+    where.add_argument("--socket", help="the control link: a socket path a host listens on")
     p.add_argument("--card", default=None, help="expected card name (refuse another)")
     p.add_argument(
         "--app",
@@ -57,7 +67,13 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _amain(args: argparse.Namespace, dmesg: DmesgHandler) -> int:
     try:
-        async with PcieCard.connect(args.socket, expect_card=args.card) as pc:
+        link: str | socket.socket = args.socket
+        if args.link_fd is not None:
+            try:
+                link = socket.socket(fileno=args.link_fd)
+            except OSError as e:
+                raise LinkLost(f"fd {args.link_fd} is not the host's link: {e}") from e
+        async with PcieCard.connect(link, expect_card=args.card) as pc:
             os_ = CardOS(
                 pc, apps=tuple(args.app), dmesg=dmesg, console_multiport=args.console_multiport
             )

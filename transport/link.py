@@ -367,6 +367,13 @@ class MessageLink:
         except asyncio.CancelledError:
             self._fail(LinkLost("link closed locally"))
             raise
+        except Exception as e:  # whatever the peer sent, the reader ends cleanly
+            # A bug of ours the peer's frame tripped (the decoder refuses what
+            # it knows is bad): the link is lost, the owner sees why, and the
+            # task group that runs the reader is not torn down by it.
+            err = LinkLost(f"link reader failed on a frame from the peer: {e!r:.200}")
+            err.__cause__ = e
+            self._fail(err)
 
     def _fail(self, err: LinkLost) -> None:
         if self._error is not None:

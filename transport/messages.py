@@ -21,6 +21,12 @@ to its class. Both sides ``match`` on the classes, never on strings
 | host->card | ``run`` | :class:`Run` | ``id``, ``app``, ``args`` |
 | host->card | ``net-params`` | :class:`NetParams` | ``id``, ``net`` |
 
+A request (``devices``, ``run``, ``net-params`` from the host) is answered by
+exactly one reply class (:func:`reply_type`): :class:`DevicesReply`,
+:class:`RunResult`, :class:`NetParamsReply`, carrying the request's ``id``.
+A reply of another class, or to an ``id`` the host never sent, is the card's
+fault and answers nothing.
+
 Errors travel in the project's one wire form (:class:`virtio.errors.WireError`).
 A decoder raises :class:`RemoteProtocolError` for an unknown ``type``, a
 missing, unknown or mistyped field, or fields that contradict each other (a
@@ -42,6 +48,8 @@ __all__ = [
     "SHUTDOWN_STATUSES",
     "CardMessage",
     "HostMessage",
+    "Reply",
+    "Request",
     "Online",
     "Heartbeat",
     "DevicesReply",
@@ -54,6 +62,7 @@ __all__ = [
     "Run",
     "NetParams",
     "encode",
+    "reply_type",
     "decode_from_card",
     "decode_from_host",
 ]
@@ -209,6 +218,28 @@ _FROM_CARD: dict[str, type[_Message]] = {
 _FROM_HOST: dict[str, type[_Message]] = {
     c.TYPE: c for c in (Shutdown, DevicesRequest, Run, NetParams)
 }
+
+
+Reply = DevicesReply | RunResult | NetParamsReply
+Request = DevicesRequest | Run | NetParams
+
+_REPLIES: dict[type[_Message], type[_Message]] = {
+    DevicesRequest: DevicesReply,
+    Run: RunResult,
+    NetParams: NetParamsReply,
+}
+
+
+def reply_type(request: Request) -> type[Reply]:
+    """The one message class that answers ``request``.
+
+    Raises:
+        LocalProtocolError: ``request`` expects no reply.
+    """
+    cls = _REPLIES.get(type(request))
+    if cls is None:
+        raise LocalProtocolError(f"{type(request).__name__} expects no reply")
+    return cls  # type: ignore[return-value]
 
 
 def encode(msg: CardMessage | HostMessage) -> dict[str, Any]:

@@ -3,13 +3,18 @@
 Owns what the link carries for one boot (:mod:`transport.messages`): decoding
 every frame the card OS sent into its message class, handing it to the boot
 session, and matching the replies (``devices``, ``run_result``,
-``net-params``) to the requests waiting for them by ``id``. A frame that does
-not decode is the card's fault: it is logged (a bounded number of times per
-boot) and otherwise ignored, as an unknown message always was; if it carries
-the ``id`` of a waiting request, that request fails with the
-:class:`RemoteProtocolError` instead of waiting forever.
+``net-params``) to the requests waiting for them by ``id``. A reply completes
+only a request this host sent and is still waiting, and only if it is of the
+class that answers that request (:func:`transport.messages.reply_type`): a
+``devices`` message cannot complete a ``run``. Anything else is the card's
+fault and is ignored (a forged reply never reaches the session either). A
+frame that does not decode is the card's fault too: it is ignored, as an
+unknown message always was; if it carries the ``id`` of a waiting request,
+that request fails with the :class:`RemoteProtocolError` instead of waiting
+forever. What the card makes us log here goes through the card's log budget
+(:class:`virtio.ratelimit.LogBudget`, a few lines per second).
 
-Imports ``transport`` (the link and its messages) and ``virtio.errors`` only:
+Imports ``transport`` (the link and its messages) and ``virtio`` only:
 nothing of ``mic_host`` above it.
 """
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,20 +33,19 @@ from transport.messages import (
     DevicesReply,
     HostMessage,
     NetParamsReply,
+    Reply,
+    Request,
     RunResult,
     decode_from_card,
     encode,
+    reply_type,
 )
 from virtio.errors import MicError, MicTimeoutError, RemoteProtocolError
+from virtio.ratelimit import LimitedLogger, LogBudget
 
-__all__ = ["MAX_BAD_MESSAGE_LOGS", "CardLink", "card_devices"]
+__all__ = ["CardLink", "card_devices"]
 
-log = logging.getLogger("mic_host.card")
-
-#: Bad frames logged per boot; after that one line says the rest are not.
-MAX_BAD_MESSAGE_LOGS = 10
-
-Reply = DevicesReply | RunResult | NetParamsReply
+_log = logging.getLogger("mic_host.card")
 
 
 def card_devices(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -54,12 +59,16 @@ def card_devices(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
 class CardLink:
     """One boot's control link, host side (wraps a :class:`MessageLink`)."""
 
-    def __init__(self, card: str, link: MessageLink) -> None:
+    def __init__(self, card: str, link: MessageLink, log: LimitedLogger | None = None) -> None:
+        """``log``: where what the card makes us say goes (default: a budget of our own)."""
         self.card = card
         self.link = link
+        self.log = log or LogBudget(card, _log, time.monotonic).logger(_log)
+        #: frames that did not decode, and replies that answered nothing we asked
         self.bad_messages = 0
+        self.forged_replies = 0
         self._ids = itertools.count(1)
-        self._replies: dict[int, asyncio.Future[Reply]] = {}
+        self._replies: dict[int, tuple[type[Reply], asyncio.Future[Reply]]] = {}
 
     async def send(self, msg: HostMessage) -> None:
         """Send one message.
@@ -69,8 +78,9 @@ class CardLink:
         """
         await self.link.send(encode(msg))
 
-    async def ask(self, make: Callable[[int], HostMessage], timeout: float | None) -> Reply:
-        """Send ``make(id)`` with a fresh ``id`` and wait for the card's reply to it.
+    async def ask(self, make: Callable[[int], Request], timeout: float | None) -> Reply:
+        """Send ``make(id)`` with a fresh ``id`` and wait for the card's reply to it
+        (of the class that answers it: :func:`~transport.messages.reply_type`).
 
         Raises:
             MicTimeoutError: no reply within ``timeout``.
@@ -80,7 +90,7 @@ class CardLink:
         rid = next(self._ids)
         msg = make(rid)
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._replies[rid] = fut
+        self._replies[rid] = (reply_type(msg), fut)
         try:
             await self.send(msg)
             async with asyncio.timeout(timeout):
@@ -92,14 +102,15 @@ class CardLink:
 
     def fail_replies(self, exc: MicError) -> None:
         """Fail every request still waiting (the boot ended)."""
-        for fut in self._replies.values():
+        for _, fut in self._replies.values():
             if not fut.done():
                 fut.set_exception(exc)
         self._replies.clear()
 
     async def serve(self, handle: Callable[[CardMessage], None]) -> None:
         """Read messages until the link is lost: replies go to their requests,
-        every decoded message to ``handle``.
+        every other decoded message to ``handle`` (a reply too, once it
+        completed its request; a reply that answers nothing is dropped).
 
         Raises:
             BrokenResourceError: the link was lost (closed, EOF, bad framing).
@@ -111,20 +122,30 @@ class CardLink:
             except RemoteProtocolError as e:
                 self._bad(obj, e)
                 continue
-            if isinstance(msg, DevicesReply | RunResult | NetParamsReply):
-                fut = self._replies.pop(msg.id, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(msg)
+            if isinstance(msg, DevicesReply | RunResult | NetParamsReply) and not self._answer(msg):
+                continue
             handle(msg)
+
+    def _answer(self, msg: Reply) -> bool:
+        """Complete the request ``msg`` answers; False (and logged) if it answers none."""
+        pending = self._replies.get(msg.id)
+        if pending is None or pending[1].done():
+            why = f"no request {msg.id} is waiting"
+        elif not isinstance(msg, pending[0]):
+            why = f"request {msg.id} expects {pending[0].TYPE}"
+        else:
+            del self._replies[msg.id]
+            pending[1].set_result(msg)
+            return True
+        self.forged_replies += 1
+        self.log.warning("%s: ignored a %s reply from the card: %s", self.card, msg.TYPE, why)
+        return False
 
     def _bad(self, obj: dict[str, Any], err: RemoteProtocolError) -> None:
         self.bad_messages += 1
-        if self.bad_messages <= MAX_BAD_MESSAGE_LOGS:
-            log.warning("%s: bad message from card (%s): %.200r", self.card, err, obj)
-            if self.bad_messages == MAX_BAD_MESSAGE_LOGS:
-                log.warning("%s: further bad messages from this boot are not logged", self.card)
+        self.log.warning("%s: bad message from card (%s): %.200r", self.card, err, obj)
         rid = obj.get("id")
         if type(rid) is int:
-            fut = self._replies.pop(rid, None)
-            if fut is not None and not fut.done():
-                fut.set_exception(err)
+            pending = self._replies.pop(rid, None)
+            if pending is not None and not pending[1].done():
+                pending[1].set_exception(err)

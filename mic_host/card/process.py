@@ -3,7 +3,9 @@
 ``mic-card`` runs in its own session (process group) with its output in the
 card's log (``STATE_DIR/CARD-card.log``); stopping it kills the whole group,
 so what a ``card_command`` wrapper (or the card) started does not outlive
-the boot.
+the boot. The child gets its control link as an inherited fd (the card end
+of the boot's socket pair, ``--link-fd``), so a ``card_command`` wrapper
+must pass open fds on (``env``, ``strace``, ``sh -c`` do; ``sudo`` closes them).
 
 Imports only ``mic_host.config`` and ``mic_host.paths``.
 """
@@ -24,9 +26,10 @@ __all__ = ["spawn_card_os", "stop_card_os"]
 
 
 async def spawn_card_os(
-    cfg: CardConfig, *, state_dir: Path, link_path: Path
+    cfg: CardConfig, *, state_dir: Path, link_fd: int
 ) -> asyncio.subprocess.Process:
-    """Start ``mic-card`` for card ``cfg.name``, connecting to ``link_path``.
+    """Start ``mic-card`` for card ``cfg.name`` with its control link on ``link_fd``
+    (inherited by the child only).
 
     Raises:
         OSError: the process could not be started.
@@ -42,8 +45,8 @@ async def spawn_card_os(
             sys.executable,
             "-m",
             "mic_card",
-            "--socket",
-            str(link_path),
+            "--link-fd",
+            str(link_fd),
             "--card",
             cfg.name,
             stdin=asyncio.subprocess.DEVNULL,
@@ -51,6 +54,7 @@ async def spawn_card_os(
             stderr=out,
             env=env,
             start_new_session=True,
+            pass_fds=(link_fd,),
         )
 
 

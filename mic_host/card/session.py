@@ -12,7 +12,14 @@ down, crashed, went silent, never came online, or was reset) and
 manager maps it through the table (:mod:`mic_host.lifecycle`).
 
 Whatever the card does, a session never lets it crash the daemon: card
-faults end the session and are reported in ``last_error``.
+faults end the session and are reported in ``last_error``. Whatever ends a
+session, even an exception nobody foresaw, :meth:`BootSession.run` returns
+(a crash, with the reason in ``last_error``) after closing everything the
+boot held (the link, the card OS, the backends), so ``reset`` and ``boot``
+work again. Every line the card can make the daemon log in a boot (link
+garbage, forged replies, ring faults in VOP) goes through one
+:class:`virtio.ratelimit.LogBudget` per boot: a few lines per second, and a
+"suppressed N" summary.
 
 What the session needs from its card (config, lifecycle, the device set that
 builds its backends) is the :class:`SessionOwner` protocol; it never
@@ -36,7 +43,7 @@ from mic_host.card.dispatch import CardLink, card_devices
 from mic_host.card.process import spawn_card_os, stop_card_os
 from mic_host.config import CardConfig
 from mic_host.lifecycle import CardEvent, CardLifecycle, CardState, ShutdownStatus
-from mic_host.paths import accel_socket_path, card_link_path
+from mic_host.paths import accel_socket_path
 from mic_host.vop import Vop
 from transport import CardIdentity, PcieConfig, PcieHost, Perm
 from transport.messages import (
@@ -49,8 +56,9 @@ from transport.messages import (
     RunResult,
     ShutdownStatusReport,
 )
-from virtio.errors import BrokenResourceError, MicError
+from virtio.errors import BrokenResourceError, MicError, MicTimeoutError, RemoteProtocolError
 from virtio.memory import Memory
+from virtio.ratelimit import LogBudget
 
 __all__ = ["LINK_GRACE", "BootSession", "SessionOwner", "net_params"]
 
@@ -126,6 +134,9 @@ class BootSession:
         self.started = time.monotonic()
         #: the status the card OS said it is going down with
         self.reported_status: ShutdownStatus | None = None
+        #: what the card can make the daemon log in this boot
+        self.log_budget = LogBudget(self.name, log, time.monotonic)
+        self.log = self.log_budget.logger(log)
         self._end: asyncio.Future[tuple[CardEvent, ShutdownStatus | None]] = (
             asyncio.get_running_loop().create_future()
         )
@@ -164,7 +175,6 @@ class BootSession:
         """Boot, serve, and take the card down again; returns why it ended."""
         o = self.owner
         cfg = o.cfg
-        sock = card_link_path(o.state_dir, o.name)
         pcfg = PcieConfig(card_ram_size=cfg.card_ram, host_ram_size=cfg.host_ram)
         proc: asyncio.subprocess.Process | None = None
         event: CardEvent = CardEvent.CRASH
@@ -176,13 +186,13 @@ class BootSession:
             for i, dev in enumerate(o.device_set.entries):
                 backends.append(o.device_set.make_backend(dev, i))
             async with PcieHost(
-                str(sock),
+                None,  # a socket pair: only the process we spawn can reach the link
                 card=CardIdentity(o.name, node_id=o.node_id),
                 config=pcfg,
                 boot_params=self._boot_params(backends),
             ) as pcie:
                 win = pcie.smpt.open(0, cfg.host_ram, Perm.RW)
-                async with Vop(_Platform(pcie, win.addr(0))) as vop:
+                async with Vop(_Platform(pcie, win.addr(0)), log_budget=self.log_budget) as vop:
                     self.vop = vop
                     while backends:
                         vop.add_device(backends[0])
@@ -190,7 +200,10 @@ class BootSession:
                     pcie.mmio.spad.set_device_page(win.addr(0))
                     for db in range(pcie.config.layout.c2h_doorbells):
                         pcie.mmio.route(db, 0)
-                    proc = await spawn_card_os(cfg, state_dir=o.state_dir, link_path=sock)
+                    try:
+                        proc = await spawn_card_os(cfg, state_dir=o.state_dir, link_fd=pcie.card_fd)
+                    finally:
+                        pcie.close_card_end()  # the child has it: its death is EOF
                     self.pid = proc.pid
                     log.info("%s: booting, card OS pid %d", o.name, proc.pid)
                     try:
@@ -206,10 +219,15 @@ class BootSession:
                     self._fail_replies(BrokenResourceError(f"{o.name} went {event}"))
                     self.link = None
                     await vop.reset_all()
-        except* (MicError, OSError) as eg:
+        except* Exception as eg:
+            # A card fault (MicError, OSError), or a bug of ours a card's data
+            # tripped: either way this boot is over, and it ends as a crash
+            # after everything above was closed (the link socket included).
             event, status = CardEvent.CRASH, ShutdownStatus.CRASHED
-            self._error(f"boot session failed: {eg.exceptions[0]}")
-            log.error("%s: %s", o.name, o.last_error, exc_info=eg.exceptions[0])
+            first = eg.exceptions[0]
+            why = str(first) if isinstance(first, MicError | OSError) else repr(first)
+            self._error(f"boot session failed: {why}")
+            log.error("%s: %s", o.name, o.last_error, exc_info=first)
         finally:
             for backend in backends:  # built but never handed to a Vop
                 with contextlib.suppress(MicError, OSError):
@@ -220,6 +238,7 @@ class BootSession:
             self._fail_replies(BrokenResourceError(f"{o.name} is down"))
             self.link = None
             self.pid = None
+            self.log_budget.flush(final=True)
         return event, status
 
     def _fail_replies(self, exc: MicError) -> None:
@@ -227,7 +246,21 @@ class BootSession:
             self.link.fail_replies(exc)
 
     async def _accept(self, pcie: PcieHost, vop: Vop, tg: asyncio.TaskGroup) -> None:
-        link = CardLink(self.name, await pcie.accept())
+        try:
+            raw = await pcie.accept()
+        except BrokenResourceError as e:
+            # the card OS hung up before the handshake: its exit status (the
+            # process watcher) or the boot timeout says why
+            log.info("%s: the card OS closed its link before the handshake: %s", self.name, e)
+            return
+        except (RemoteProtocolError, MicTimeoutError) as e:
+            # the one process that holds the other end failed the handshake:
+            # nobody else can, so the boot is over
+            self._error(f"card handshake failed: {e}")
+            log.error("%s: %s", self.name, self.owner.last_error)
+            self.finish(CardEvent.CRASH)
+            return
+        link = CardLink(self.name, raw, self.log)
         self.link = link
         self.last_heartbeat = time.monotonic()
         tg.create_task(self._pump(pcie, vop))
@@ -249,6 +282,11 @@ class BootSession:
         try:
             await link.serve(self._on_message)
         except BrokenResourceError as e:
+            if isinstance(e.__cause__, RemoteProtocolError):
+                # the card broke the link protocol (garbage framing, a frame
+                # nested too deeply, duplicate keys): that is why it crashed,
+                # whatever its process does next
+                self._error(f"card broke the link protocol: {e.__cause__}")
             if self.state is not CardState.SHUTTING_DOWN or self.reported_status is None:
                 log.warning("%s: link lost: %s", self.name, e)
             await asyncio.sleep(LINK_GRACE)
@@ -269,7 +307,7 @@ class BootSession:
                 try:
                     self.reported_status = ShutdownStatus(reported)
                 except ValueError:
-                    log.warning("%s: bad shutdown status %.100r", self.name, reported)
+                    self.log.warning("%s: bad shutdown status %.100r", self.name, reported)
                     self.reported_status = ShutdownStatus.HALTED
             case Crashed(error=error):
                 self._error(f"card OS crashed: {error[:500]}")
@@ -297,6 +335,7 @@ class BootSession:
         period = min(0.25, cfg.heartbeat_interval)
         while True:
             await asyncio.sleep(period)
+            self.log_budget.flush()  # the "suppressed N" line of a window that ended
             now = time.monotonic()
             if self.state is CardState.BOOTING and now - self.started > cfg.boot_timeout:
                 self._error(f"card did not come online within {cfg.boot_timeout}s")

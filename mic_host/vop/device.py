@@ -53,6 +53,7 @@ from virtio.handshake import (
     publish,
 )
 from virtio.memory import Memory
+from virtio.ratelimit import LimitedLogger
 from virtio.split import DeviceQueue, SplitLayout
 from virtio.status import DeviceStatusMachine
 
@@ -88,6 +89,10 @@ class DeviceOwner(Protocol):
 
     @property
     def drain_timeout(self) -> float: ...
+
+    def device_log(self, name: str) -> LimitedLogger:
+        """The logger of device ``name``, behind the card's log budget (the card
+        provokes most of what a device logs)."""
 
     def in_host_ram(self, addr: int, length: int) -> bool:
         """True if card-physical ``[addr, addr + length)`` overlaps host RAM."""
@@ -153,7 +158,9 @@ class VopDevice:
         self._config_lock = asyncio.Lock()
         self._ctrl_event = asyncio.Event()
         self._bad_db_logged = False
+        #: the backend's logger (BackendContext); :attr:`card_log` for what the card provokes
         self.log = logging.getLogger(f"mic_host.vop.{self.name}")
+        self.card_log = owner.device_log(self.name)
         self.task: asyncio.Task[None] | None = None
         self.doorbells = 0
         self.card_interrupts = 0
@@ -205,7 +212,7 @@ class VopDevice:
             return
         if db >= H2C_DOORBELLS:
             if not self._bad_db_logged:
-                self.log.error("card chose h2c_vdev_db %d, outside 0..15: not rung", db)
+                self.card_log.error("card chose h2c_vdev_db %d, outside 0..15: not rung", db)
                 self._bad_db_logged = True
             return
         self.card_interrupts += 1
@@ -247,12 +254,12 @@ class VopDevice:
                         # card pointed outside its memory: only this device pays
                         self._act(self.hs.receive(Fault(str(e))))
                 case StopQueues(reason):
-                    self.log.info("%s: queues stopped: %s", self.name, reason)
+                    self.card_log.info("%s: queues stopped: %s", self.name, reason)
                     self.stop_queues(EndpointState.IDLE, reason)
                 case NeedsReset(reason):
                     self.errors += 1
                     self.last_error = reason
-                    self.log.error("device %s needs reset: %s", self.name, reason)
+                    self.card_log.error("device %s needs reset: %s", self.name, reason)
                     self.stop_queues(EndpointState.BROKEN, reason)
                     self._owner.spawn(self._notify_needs_reset(), f"{self.name}-needs-reset")
                 case BeginReset():
@@ -287,7 +294,7 @@ class VopDevice:
             ring[:] = bytes(len(ring))
             q.activate()
             ep.attach(q)
-        self.log.info(
+        self.card_log.info(
             "%s live: features %#x, queues %s, used rings %s",
             self.name,
             features,
@@ -314,7 +321,9 @@ class VopDevice:
                     MicConfigChange.CONFIG_CHANGE, self._owner.config_timeout
                 )
             except MicTimeoutError as e:
-                self.log.warning("card did not acknowledge NEEDS_RESET of %s: %s", self.name, e)
+                self.card_log.warning(
+                    "card did not acknowledge NEEDS_RESET of %s: %s", self.name, e
+                )
 
     async def _config_handshake(self, kind: MicConfigChange, limit: float) -> None:
         """Run one host-initiated handshake; the caller holds ``_config_lock``.
@@ -353,7 +362,7 @@ class VopDevice:
                 for ep in self.endpoints:
                     await ep.drain()
         except TimeoutError:
-            self.log.warning(
+            self.card_log.warning(
                 "%s: backend still holds stale requests after %s s; resetting anyway",
                 self.name,
                 limit,
@@ -377,7 +386,7 @@ class VopDevice:
         await self._drain()  # in-flight copies finish before we acknowledge
         self._zero_rings()
         self._act(self.hs.receive(ResetDrained()))
-        self.log.info("%s reset by the card", self.name)
+        self.card_log.info("%s reset by the card", self.name)
 
     async def hard_reset(self) -> None:
         """The card is gone (crash/reset): fail everything, forget the card's state."""
@@ -418,7 +427,7 @@ class VopDevice:
         try:
             await self.backend.aclose()
         except (OSError, MicError) as e:
-            self.log.warning("closing backend %s: %s", self.name, e)
+            self.card_log.warning("closing backend %s: %s", self.name, e)
 
     # -- stats -----------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

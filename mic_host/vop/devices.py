@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Coroutine, Sequence
 from typing import Any, Protocol
 
@@ -43,11 +44,12 @@ from virtio.layouts import (
     field_offset,
 )
 from virtio.memory import Memory
+from virtio.ratelimit import LimitedLogger, LogBudget
 from virtio.split import SplitLayout
 
 __all__ = ["HostPlatform", "Vop"]
 
-log = logging.getLogger("mic_host.vop")
+_log = logging.getLogger("mic_host.vop")
 
 #: offset of ``magic`` in ``struct _mic_vring_info`` (after ``avail_idx`` and padding)
 _INFO_MAGIC = field_offset(MicVringInfo, "magic")
@@ -87,8 +89,11 @@ class Vop:
         config_timeout: float = 10.0,
         remove_timeout: float = 15.0,
         drain_timeout: float = 5.0,
+        log_budget: LogBudget | None = None,
     ) -> None:
         """``c2h_doorbells``: card->host doorbells VOP may assign to devices.
+        ``log_budget``: the card's budget of log lines, which every line the
+        card can provoke here goes through (default: one of this VOP's own).
 
         Raises:
             LocalProtocolError: host RAM too small, or bad doorbell numbers.
@@ -112,6 +117,8 @@ class Vop:
         self._closed = False
         self.unknown_doorbells = 0
         self.ring_failures = 0
+        self.log_budget = log_budget or LogBudget("vop", _log, time.monotonic)
+        self._log = self.log_budget.logger(_log)
 
     async def __aenter__(self) -> Vop:
         return self
@@ -132,6 +139,9 @@ class Vop:
     def config_db(self) -> int:
         return self.page.h2c_config_db
 
+    def device_log(self, name: str) -> LimitedLogger:
+        return self.log_budget.logger(logging.getLogger(f"mic_host.vop.{name}"))
+
     def in_host_ram(self, addr: int, length: int) -> bool:
         base = self.platform.host_ram_bus
         return addr < base + len(self._host_ram) and addr + length > base
@@ -147,14 +157,14 @@ class Vop:
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("VOP task %s failed: %r", task.get_name(), exc, exc_info=exc)
+            self._log.error("VOP task %s failed: %r", task.get_name(), exc, exc_info=exc)
 
     def ring(self, db: int) -> None:
         try:
             self.platform.ring_card(db)
         except (BrokenResourceError, MicError, OSError) as e:
             self.ring_failures += 1
-            log.warning("ringing card doorbell %d failed: %s", db, e)
+            self._log.warning("ringing card doorbell %d failed: %s", db, e)
 
     def on_doorbell(self, db: int) -> None:
         """The card rang card->host doorbell ``db``: serve every device on it.
@@ -258,7 +268,7 @@ class Vop:
         dev.task = asyncio.get_running_loop().create_task(self._run_backend(dev), name=name)
         self._tasks.add(dev.task)
         dev.task.add_done_callback(self._task_done)
-        log.info("added %s (type %d) at slot %#x, c2h db %d", name, dtype, view.offset, c2h)
+        self._log.info("added %s (type %d) at slot %#x, c2h db %d", name, dtype, view.offset, c2h)
         db = self.page.h2c_config_db
         if 0 <= db < H2C_DOORBELLS:
             self.ring(db)  # hot add: the card rescans the page
@@ -272,7 +282,7 @@ class Vop:
         except Exception as e:  # a plug-in's bug must not take the daemon down
             dev.errors += 1
             dev.last_error = f"backend crashed: {e!r}"
-            dev.log.exception("backend %s crashed", dev.name)
+            dev.card_log.exception("backend %s crashed", dev.name)
 
     async def remove_device(self, name: str, *, ack_timeout: float | None = None) -> None:
         """Hot-remove ``name``: stop its backend, fail in-flight requests, run the
@@ -292,12 +302,12 @@ class Vop:
             await dev.remove(self.remove_timeout if ack_timeout is None else ack_timeout)
         except MicTimeoutError:
             self._zombies.append(dev)
-            log.error("card did not acknowledge removal of %s; slot kept until reset", name)
+            self._log.error("card did not acknowledge removal of %s; slot kept until reset", name)
             raise
         finally:
             del self._removing[name]
         self._release(dev)
-        log.info("removed %s", name)
+        self._log.info("removed %s", name)
 
     def _release(self, dev: VopDevice) -> None:
         self.page.remove(dev.view)
@@ -329,7 +339,7 @@ class Vop:
                 h2c_vdev_db=-1,
             )
             d.view = self.page.add(entry)
-        log.info("device page rewritten after card reset (%d devices)", len(devs))
+        self._log.info("device page rewritten after card reset (%d devices)", len(devs))
 
     def stats(self) -> dict[str, Any]:
         """Per device, per queue counters as plain dicts (JSON-ready)."""

@@ -76,8 +76,9 @@ VIRTIO_FORBIDDEN: frozenset[str] = frozenset(
 # Inside each package: THE DECLARED LAYERS, lowest first.
 LAYERS: dict[str, tuple[tuple[str, ...], ...]] = {
     "virtio": (
-        # the leaves every layer of the project uses
-        ("errors", "constants"),
+        # the leaves every layer of the project uses (ratelimit: what a peer
+        # can make us log is bounded; the clock is a parameter)
+        ("errors", "constants", "ratelimit"),
         # the memory protocol and the byte layouts (construct declarations)
         ("memory", "layouts"),
         # the ring cores (split: layout, chain, device side, driver side, faults, fence)

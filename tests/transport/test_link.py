@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
 import os
 import signal
@@ -12,6 +14,7 @@ import time
 
 import pytest
 
+import transport.link
 from tests.transport.conftest import card_pair, reap, spawn
 from transport import (
     PROTOCOL,
@@ -25,6 +28,7 @@ from transport import (
     PcieConfig,
     PcieHost,
 )
+from transport.pcie import MAX_HANDSHAKES, MAX_REFUSALS
 from virtio.errors import (
     BrokenResourceError,
     LocalProtocolError,
@@ -256,3 +260,162 @@ async def test_sigkill_host_is_link_loss_on_card(sock_path: str) -> None:
             assert len(card.space.view(0, 16)) == 16
     finally:
         await reap(proc)
+
+
+# -- who can claim a card's link, and how long a stranger can hold it up ---------------
+
+
+@pytest.mark.asyncio
+async def test_strangers_neither_delay_nor_fail_a_card_on_a_path(sock_path: str) -> None:
+    """Half a hello, silence, and connect/close spam are served next to the card's
+    handshake, each within the short handshake timeout: the card gets in at once."""
+    async with PcieHost(sock_path, config=SMALL) as host:  # 2 s per handshake
+        accept = asyncio.create_task(host.accept())
+        silent = [await raw_client(sock_path) for _ in range(3)]
+        half = await raw_client(sock_path)
+        half[1].write(frame({"type": "hello", "protocol": PROTOCOL, "version": 1})[:9])
+        await half[1].drain()
+        stop = asyncio.Event()
+        spammed = 0
+
+        async def spam() -> None:
+            nonlocal spammed
+            while not stop.is_set():
+                with contextlib.suppress(OSError):
+                    _r, w = await raw_client(sock_path)
+                    w.close()
+                    spammed += 1
+                await asyncio.sleep(0)
+
+        spammer = asyncio.create_task(spam())
+        await asyncio.sleep(0.1)
+        t0 = time.monotonic()
+        async with PcieCard.connect(sock_path) as card:
+            link = await accept
+            took = time.monotonic() - t0
+            await link.send({"type": "heartbeat"})
+            assert await card.link.recv() == {"type": "heartbeat"}
+        stop.set()
+        await spammer
+        # served one at a time, the card would have waited 2 s per silent stranger
+        assert took < 1.5, f"the card waited {took:.2f} s behind strangers"
+        assert spammed > 10
+        # the strangers were refused (the silent ones after the timeout, or hung up
+        # on when the card won) and what is kept of them is bounded
+        assert host.refusals > 0
+        assert len(host.refused) <= MAX_REFUSALS
+        for r, w in [*silent, half]:
+            async with asyncio.timeout(5):
+                assert await r.read() == b""
+            await close_writer(w)
+
+
+@pytest.mark.asyncio
+async def test_a_silent_peer_is_refused_after_the_short_timeout(sock_path: str) -> None:
+    cfg = PcieConfig(card_ram_size=1 << 20, host_ram_size=1 << 20, handshake_timeout=0.2)
+    async with PcieHost(sock_path, config=cfg) as host:
+        assert PcieConfig().handshake_timeout == 2.0
+        accept = asyncio.create_task(host.accept())
+        r, w = await raw_client(sock_path)
+        async with asyncio.timeout(5):
+            assert await r.read() == b""  # hung up on
+        await close_writer(w)
+        assert isinstance(host.refused[0], MicTimeoutError)
+        accept.cancel()
+
+
+@pytest.mark.asyncio
+async def test_socket_pair_only_the_given_end_reaches_the_link(sock_path: str) -> None:
+    async with PcieHost(None, config=SMALL) as host:
+        assert host.path is None
+        end = socket.socket(fileno=os.dup(host.card_fd))
+        host.close_card_end()
+        with pytest.raises(LocalProtocolError):
+            _ = host.card_fd
+        accept = asyncio.create_task(host.accept())
+        await asyncio.sleep(0.05)
+        assert not accept.done()  # no deadline before the card speaks
+        async with PcieCard.connect(end, expect_card="mic0") as card:
+            link = await accept
+            await card.link.send({"type": "online"})
+            assert await link.recv() == {"type": "online"}
+        async with asyncio.timeout(5):
+            await link.wait_lost()
+
+
+@pytest.mark.asyncio
+async def test_socket_pair_a_failed_handshake_ends_accept() -> None:
+    async with PcieHost(None, config=SMALL) as host:
+        end = socket.socket(fileno=os.dup(host.card_fd))
+        host.close_card_end()
+        end.sendall(frame({"type": "hello", "protocol": "other", "version": 1}))
+        with pytest.raises(HandshakeError):
+            async with asyncio.timeout(5):
+                await host.accept()
+        end.close()
+    async with PcieHost(None, config=SMALL) as host:
+        host.close_card_end()  # the card died before it spoke: EOF
+        with pytest.raises(LinkLost):
+            async with asyncio.timeout(5):
+                await host.accept()
+
+
+@pytest.mark.asyncio
+async def test_a_frame_that_trips_the_reader_loses_the_link_not_the_task_group(
+    sock_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever a frame does to the reader, the link is lost with the reason and the
+    host's task group (the owner's task) lives on."""
+    async with PcieHost(sock_path, config=SMALL) as host:
+        accept = asyncio.create_task(host.accept())
+        async with PcieCard.connect(sock_path) as card:
+            link = await accept
+
+            def boom(body: bytes) -> dict:
+                raise TypeError("a bug the frame tripped")
+
+            monkeypatch.setattr(transport.link, "decode_body", boom)
+            await card.link.send({"type": "anything"})
+            async with asyncio.timeout(5):
+                err = await link.wait_lost()
+            assert isinstance(err.__cause__, TypeError)
+            with pytest.raises(LinkLost):
+                await link.recv()
+        assert not host._tg._aborting  # type: ignore[union-attr]
+
+
+@pytest.mark.asyncio
+async def test_deep_nesting_and_duplicate_keys_break_the_link(sock_path: str) -> None:
+    for body in (b"[" * 200_000 + b"]" * 200_000, b'{"type":"heartbeat","type":"online"}'):
+        async with PcieHost(sock_path, config=PcieConfig(max_message=1 << 20)) as host:
+            accept = asyncio.create_task(host.accept())
+            async with PcieCard.connect(sock_path) as card:
+                link = await accept
+                sock = card.link._fs.sock
+                await asyncio.get_running_loop().sock_sendall(
+                    sock, struct.pack(">I", len(body)) + body
+                )
+                async with asyncio.timeout(5):
+                    err = await link.wait_lost()
+                assert isinstance(err.__cause__, RemoteProtocolError)
+
+
+@pytest.mark.asyncio
+async def test_cancelled_accept_closes_every_peer_it_held(sock_path: str) -> None:
+    async with PcieHost(sock_path, config=SMALL) as host:
+        accept = asyncio.create_task(host.accept())
+        peers = [await raw_client(sock_path) for _ in range(MAX_HANDSHAKES + 3)]
+        await asyncio.sleep(0.1)
+        accept.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await accept
+        for r, _w in peers[:MAX_HANDSHAKES]:  # those being served are hung up on
+            async with asyncio.timeout(5):
+                assert await r.read() == b""
+        for _r, w in peers:
+            await close_writer(w)
+        gc.collect()  # an accepted socket nobody closed would warn here
+        # and the host still serves the next accept
+        accept = asyncio.create_task(host.accept())
+        async with PcieCard.connect(sock_path):
+            await accept
