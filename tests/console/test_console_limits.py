@@ -61,13 +61,13 @@ def test_limiter_lets_n_per_second_through_then_summarises(
     now[0] += 1.0  # the next window: the summary first, then the line
     assert lim.warning("bad %d", 10)
     assert [r.getMessage() for r in caplog.records][3:] == [
-        "dev0: 7 more lines like the above suppressed (over 3 per second)",
+        "dev0: suppressed 7 similar log lines in 1.0 s",
         "bad 10",
     ]
     for i in range(5):
         lim.warning("more %d", i)
     lim.close()  # a pending summary is written at close
-    assert caplog.records[-1].getMessage().startswith("dev0: 3 more lines")
+    assert caplog.records[-1].getMessage().startswith("dev0: suppressed 3 similar")
     assert lim.total_suppressed == 10
 
 
@@ -79,7 +79,7 @@ async def test_limiter_summary_comes_without_another_line(
     lim = LogLimiter(logging.getLogger("t.limit2"), "dev1", per_second=1)
     lim.warning("first")
     lim.warning("second")
-    await until(lambda: "dev1: 1 more lines like the above suppressed" in caplog.text, 3.0)
+    await until(lambda: "dev1: suppressed 1 similar log lines" in caplog.text, 3.0)
     lim.close()
 
 

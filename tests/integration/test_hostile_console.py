@@ -153,4 +153,4 @@ async def test_hostile_console_chains_hurt_no_one(state_dir: Path) -> None:
         assert "not read" in hostlog  # the control chain
         rejected = hostlog.count("rejected control message from the card")
         assert 1 <= rejected <= 30, rejected
-        assert "lines like the above suppressed" in hostlog
+        assert "similar log lines" in hostlog
