@@ -28,7 +28,7 @@ Schema (also in ``docs/cli.md``)::
     shutdown_timeout = 10.0          # shutting_down -> ready bound before a forced reset
     used_ring_in_card = true         # let the card move used rings into card RAM
     card_command = ["strace", "-f"]  # optional: wrap the card OS (a debugger, a tracer...);
-                                     # the daemon appends: python -m mic_card --socket S --card N
+                                     # the daemon appends: python -m mic_card --link-fd N --card C
 
     [[cards.devices]]                # zero or more, in device-page order
     type = "block"                   # "block", "console", "net" or a registered backend
