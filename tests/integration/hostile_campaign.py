@@ -374,3 +374,60 @@ async def verified_io(
             errors.append(f"op {done}: sector {sector} read back differs")
         done += 1
     return {"ops": done, "errors": errors, "latency_ms": [round(x, 4) for x in lat]}
+
+
+# -- attacks on the control link ------------------------------------------------------------
+
+
+async def link_nested(card: Any, depth: int) -> int:
+    """One well-framed link message nested ``depth`` deep (``[[[[...``; issue 14 item 2).
+    The host must drop this card's link (it is marked crashed) and nothing else."""
+    body = b"[" * depth + b"]" * depth
+    sock = card._os.pcie.link._fs.sock
+    data = struct.pack(">I", len(body)) + body
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            await asyncio.sleep(0.001)
+    return len(data)
+
+
+async def link_spam(card: Any, path: str, seconds: float, seed: int = 0) -> dict[str, int]:
+    """Connect to another card's link socket ``path`` over and over for ``seconds``:
+    close at once, or send half a hello and close, or send half a hello and keep
+    the connection open until the end (issue 14 item 5)."""
+    import socket
+
+    rng = random.Random(seed)
+    out = {"connections": 0, "refused": 0, "held": 0}
+    held: list[socket.socket] = []
+    stop = time.monotonic() + seconds
+    loop = asyncio.get_running_loop()
+    try:
+        while time.monotonic() < stop:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            keep = False
+            try:
+                await loop.sock_connect(s, path)
+                out["connections"] += 1
+                kind = rng.random()
+                if kind < 0.5:
+                    s.send(struct.pack(">I", 64) + b'{"type":"hel')
+                keep = kind < 0.05 and len(held) < 32
+            except OSError:
+                out["refused"] += 1
+                await asyncio.sleep(0.01)
+            finally:
+                if keep:
+                    held.append(s)
+                    out["held"] += 1
+                else:
+                    s.close()
+            await asyncio.sleep(0)
+    finally:
+        for s in held:
+            s.close()
+    return out

