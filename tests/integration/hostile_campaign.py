@@ -11,7 +11,10 @@ Run inside ``mic-card`` processes (``tests.integration.hostile_campaign:fn``):
   after DEVICE_NEEDS_RESET) between episodes. It writes card memory directly,
   behind its own drivers' backs, the way a buggy or hostile card OS would.
 - :func:`giant_console_chain` posts one valid transmit chain of many large
-  buffers on the console (issue 14 item 1); an opt-in attack of the bench.
+  buffers on the console (issue 14 item 1); :func:`link_nested` sends a link
+  frame nested 200,000 deep (item 2); :func:`link_spam` connects to another
+  card's link socket over and over, some connections held with half a hello
+  (item 5). ``bench.isolation`` plays them on request.
 - :func:`verified_io` is the healthy neighbour: block writes of a seeded pattern,
   read back and compared, with each operation's latency.
 
