@@ -32,13 +32,14 @@ The attacks (``--attacks``, comma-separated; default :data:`DEFAULT_ATTACKS`):
   issue 14 item 1);
 - ``link_nested``: a link frame nested 200,000 deep (item 2); the hostile card
   loses its link and is reset and booted again;
-- ``handshake_spam``: connect/close and half hellos on the healthy card's link
-  socket (item 5); it matters when the healthy card boots, and every phase
+- ``handshake_spam``: connect/close and half hellos on the healthy card's old
+  link socket path (item 5); since the link became a socket pair handed to the
+  spawned card there is nothing to connect to (0 connections). Every phase
   ends with a timed reboot of the healthy card while the hostile card goes on.
 
-:data:`ATTACKS` lists every attack; :data:`DEFAULT_ATTACKS` those that pass on
-the tree as it is (extend it when a fix lands). Run: ``python -m bench.isolation
-[--quick] [--attacks ring,console_chain]``; writes ``bench/results/isolation.json``.
+:data:`ATTACKS` lists every attack; :data:`DEFAULT_ATTACKS` those played by
+default. Run: ``python -m bench.isolation [--quick] [--attacks ring,console_chain]``;
+writes ``bench/results/isolation.json``.
 """
 
 from __future__ import annotations
@@ -64,11 +65,11 @@ MiB = 1 << 20
 
 #: Every attack the hostile card can play.
 ATTACKS = ("ring", "console_chain", "link_nested", "handshake_spam")
-#: The attacks whose goals hold today. Not yet: ``console_chain`` (the daemon
-#: copies the whole 1 GiB chain: RSS +2.1 GiB, a 9.6 s stall, the neighbour lost
-#: its heartbeat) and ``handshake_spam`` (a held half hello makes the
-#: neighbour's boot fail). Add them here when their fixes land.
-DEFAULT_ATTACKS = ("ring", "link_nested")
+#: The attacks on by default: all of them since issue 14's fixes landed
+#: (``console_chain``: chains are capped and read in pieces; ``handshake_spam``:
+#: the daemon hands each card its link as a socket pair, so there is no socket
+#: left to spam and the attack counts 0 connections).
+DEFAULT_ATTACKS = ATTACKS
 
 HEARTBEAT_INTERVAL = 0.25
 #: The hostile card OS's nice value (see :meth:`Hostile.renice`; 0 = leave it).

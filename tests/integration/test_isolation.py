@@ -141,7 +141,7 @@ P99_RATIO_BOUND = 10.0
 @pytest.mark.asyncio
 @pytest.mark.timeout(300)
 async def test_isolation_goals_short_bench() -> None:
-    """``bench.isolation`` in short, with the attacks that pass today
+    """``bench.isolation`` in short, with every attack
     (:data:`bench.isolation.DEFAULT_ATTACKS`): 0 missed heartbeats, daemon RSS
     growth at most 64 MiB, no healthy-card error, healthy p99 within
     :data:`P99_RATIO_BOUND` of its p99 alone.
