@@ -28,7 +28,7 @@ from mic_host.card.devices import DeviceSet
 from mic_host.card.dispatch import CardLink
 from mic_host.card.session import BootSession, net_params
 from mic_host.config import CardConfig, validate_device_options
-from mic_host.lifecycle import CardEvent, CardLifecycle, CardState, ShutdownStatus
+from mic_host.lifecycle import CardEvent, CardLifecycle, CardState, ShutdownStatus, Transition
 from mic_host.paths import card_link_path
 from mic_host.vop import Vop
 from transport.messages import DevicesReply, DevicesRequest, NetParams, Run, RunResult, Shutdown
@@ -70,6 +70,9 @@ class CardManager:
         self._session_task: asyncio.Task[None] | None = None
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: the watchdog of the current shutdown: it belongs to one shutdown of
+        #: one boot and is cancelled as soon as the card leaves shutting_down
+        self._shutdown_watch: asyncio.Task[None] | None = None
         self.lifecycle.add_listener(self._on_transition)
 
     # -- state -------------------------------------------------------------
@@ -96,7 +99,9 @@ class CardManager:
         """The devices the card OS reported (last ``online``/``devices`` message)."""
         return self._session.card_devices if self._session is not None else []
 
-    def _on_transition(self, *_: object) -> None:
+    def _on_transition(self, tr: Transition) -> None:
+        if tr.new is not CardState.SHUTTING_DOWN:
+            self._disarm_shutdown_watchdog()
         log.info(
             "%s: state %s (shutdown status %s)",
             self.name,
@@ -109,10 +114,11 @@ class CardManager:
         async with self._changed:
             self._changed.notify_all()
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
         t = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
+        return t
 
     async def wait_state(self, *states: CardState, timeout: float | None) -> CardState:
         """Wait until the card is in one of ``states``.
@@ -259,7 +265,9 @@ class CardManager:
             await link.send(Shutdown(status=status))
         except BrokenResourceError:
             self._finish(CardEvent.CRASH)
-        self._spawn(self._shutdown_watchdog())
+        if self.state is CardState.SHUTTING_DOWN and self._session is not None:
+            self._disarm_shutdown_watchdog()
+            self._shutdown_watch = self._spawn(self._shutdown_watchdog(self._session))
         if wait:
             await self.wait_state(
                 CardState.READY,
@@ -269,17 +277,38 @@ class CardManager:
             )
         return self.status()
 
-    async def _shutdown_watchdog(self) -> None:
+    def _disarm_shutdown_watchdog(self) -> None:
+        t, self._shutdown_watch = self._shutdown_watch, None
+        if t is not None and t is not asyncio.current_task():
+            t.cancel()
+
+    async def _shutdown_watchdog(self, session: BootSession) -> None:
+        """Reset the card if *this* shutdown (of ``session``'s boot) takes too long.
+
+        It is cancelled when the card leaves ``shutting_down``; the checks
+        below also make it harmless if it ever outlives its shutdown: another
+        boot's shutdown is not its business, and a session that already ended
+        (the card went down; its clean-up is running) reports by itself.
+        """
         await asyncio.sleep(self.cfg.shutdown_timeout)
-        if self.state is CardState.SHUTTING_DOWN:
-            self.last_error = f"card did not shut down within {self.cfg.shutdown_timeout}s"
-            log.warning("%s: %s; resetting it", self.name, self.last_error)
-            with contextlib.suppress(LocalProtocolError):
-                self.lifecycle.fire(CardEvent.RESET)
-            self._finish(CardEvent.RESET)
+        if (
+            self._session is not session
+            or session.finished
+            or self.state is not CardState.SHUTTING_DOWN
+        ):
+            return
+        self.last_error = f"card did not shut down within {self.cfg.shutdown_timeout}s"
+        log.warning("%s: %s; resetting it", self.name, self.last_error)
+        self.lifecycle.fire(CardEvent.RESET)
+        self._finish(CardEvent.RESET)
 
     async def reset(self, *, timeout: float = 15.0) -> dict[str, Any]:
         """Stop the card whatever it is doing (kill the card OS), back to ``ready``.
+
+        A reset never leaves the card ``resetting``: if the boot session does
+        not end within ``timeout``, the card goes to ``reset_failed`` with the
+        reason in ``last_error`` (a later ``reset`` tries again; if the
+        session ends after all, the card goes on to ``ready``).
 
         Raises:
             LocalProtocolError: the card is already ``ready``.
@@ -288,7 +317,14 @@ class CardManager:
         self.lifecycle.fire(CardEvent.RESET)
         if self._session_task is not None and not self._session_task.done():
             self._finish(CardEvent.RESET)
-            await self.wait_state(CardState.READY, CardState.RESET_FAILED, timeout=timeout)
+            try:
+                await self.wait_state(CardState.READY, CardState.RESET_FAILED, timeout=timeout)
+            except MicTimeoutError:
+                if self.state is CardState.RESETTING:
+                    self.last_error = f"reset did not stop the card within {timeout}s"
+                    log.error("%s: %s", self.name, self.last_error)
+                    self.lifecycle.fire(CardEvent.RESET_FAILED)
+                raise
         else:
             self.lifecycle.fire(CardEvent.RESET_DONE)
         return self.status()
@@ -319,7 +355,19 @@ class CardManager:
     def _after_session(self, event: CardEvent, status: ShutdownStatus | None) -> None:
         st = self.state
         try:
-            if event is CardEvent.SHUTDOWN_DONE:
+            if st in (CardState.RESETTING, CardState.RESET_FAILED):
+                # A reset was asked (or timed out) while the session ended for
+                # whatever reason: the card is stopped now, so the reset is done.
+                # (Mapping the session's own reason instead left the card in
+                # ``resetting``, refusing boot and shutdown, e.g. for a
+                # ``shutdown_done`` that raced the reset.)
+                if st is CardState.RESET_FAILED:
+                    self.lifecycle.fire(CardEvent.RESET)
+                self.lifecycle.fire(CardEvent.RESET_DONE)
+            elif event is CardEvent.SHUTDOWN_DONE and st in (
+                CardState.ONLINE,
+                CardState.SHUTTING_DOWN,
+            ):
                 if st is CardState.ONLINE:  # the card OS shut itself down (poweroff)
                     self.lifecycle.fire(CardEvent.SHUTDOWN, status=status)
                 self.lifecycle.fire(CardEvent.SHUTDOWN_DONE, status=status)
@@ -327,13 +375,15 @@ class CardManager:
                     self.lifecycle.fire(CardEvent.BOOT)
                     self._start_session()
             elif event is CardEvent.RESET:
-                if st is not CardState.RESETTING:
-                    self.lifecycle.fire(CardEvent.RESET)
+                self.lifecycle.fire(CardEvent.RESET)
                 self.lifecycle.fire(CardEvent.RESET_DONE)
             elif self.lifecycle.can_fire(event):
                 self.lifecycle.fire(event)
-            elif st is CardState.RESETTING:
-                self.lifecycle.fire(CardEvent.RESET_DONE)
+            else:  # a race between reasons: the card is down, never leave it looking up
+                log.warning(
+                    "%s: session ended (%s) while %s: marking it crashed", self.name, event, st
+                )
+                self.lifecycle.fire(CardEvent.CRASH)
         except LocalProtocolError as e:  # a race between reasons: report, stay consistent
             log.error("%s: after session (%s): %s", self.name, event, e)
 
