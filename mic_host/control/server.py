@@ -11,7 +11,7 @@ and ``virtio.errors``; never the card manager or the client.
 
 What a client can hold in the daemon is bounded:
 
-- the socket is bound under umask 077, so it is 0600 from its first moment
+- the socket is bound under umask 077, so it is owner-only from its first moment
   (a ``chmod`` after ``listen()`` leaves a window in which anyone who can
   reach the directory connects);
 - at most :data:`MAX_CONNECTIONS` connections; one more is answered with an
@@ -390,7 +390,7 @@ class ControlServer:
     On start it creates ``state_dir`` (mode 0700; an existing one of ours is
     tightened to 0700), refuses to run if another daemon answers on
     ``control.sock``, removes a stale socket file and listens on a socket
-    bound under umask 077 (0600 from the start). On close it stops listening,
+    bound under umask 077 (owner-only from the start, then 0600). On close it stops listening,
     cancels the connections' requests, waits for them and removes the socket
     file.
     """
@@ -427,9 +427,12 @@ class ControlServer:
         await self._clear_stale()
         self._hangups = HangupWatch()
         # bind() creates the socket file with 0777 & ~umask, and a connect()
-        # needs only write permission on it: a chmod after listen() would leave
-        # a window. The umask is process-wide; making it stricter for a moment
-        # cannot loosen anything another thread creates meanwhile.
+        # needs only write permission on it: a chmod after listen() alone left
+        # a window in which anyone who could reach the directory connected.
+        # Bound under umask 077 it is owner-only from its first moment; the
+        # chmod then only drops the meaningless x bit. The umask is
+        # process-wide: 077 for a moment only takes group and other bits from
+        # what another thread might create meanwhile (never the owner's).
         old = os.umask(0o077)
         try:
             self._server = await asyncio.start_unix_server(
@@ -437,6 +440,7 @@ class ControlServer:
             )
         finally:
             os.umask(old)
+        os.chmod(self.path, 0o600)
 
     async def _clear_stale(self) -> None:
         try:
