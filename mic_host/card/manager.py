@@ -28,7 +28,14 @@ from mic_host.card.devices import DeviceSet
 from mic_host.card.dispatch import CardLink
 from mic_host.card.session import BootSession, net_params
 from mic_host.config import CardConfig, validate_device_options
-from mic_host.lifecycle import CardEvent, CardLifecycle, CardState, ShutdownStatus, Transition
+from mic_host.lifecycle import (
+    CardEvent,
+    CardLifecycle,
+    CardState,
+    ShutdownStatus,
+    Transition,
+    session_end_events,
+)
 from mic_host.paths import card_link_path
 from mic_host.vop import Vop
 from transport.messages import DevicesReply, DevicesRequest, NetParams, Run, RunResult, Shutdown
@@ -44,6 +51,7 @@ __all__ = ["CardManager"]
 
 log = logging.getLogger("mic_host.card")
 
+_SHUTTING = CardState.SHUTTING_DOWN
 #: AF_UNIX sun_path holds 108 bytes including the terminating NUL.
 _SUN_PATH_MAX = 107
 
@@ -70,8 +78,7 @@ class CardManager:
         self._session_task: asyncio.Task[None] | None = None
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
-        #: the watchdog of the current shutdown: it belongs to one shutdown of
-        #: one boot and is cancelled as soon as the card leaves shutting_down
+        #: the current shutdown's watchdog (cancelled when the card leaves shutting_down)
         self._shutdown_watch: asyncio.Task[None] | None = None
         self.lifecycle.add_listener(self._on_transition)
 
@@ -283,19 +290,11 @@ class CardManager:
             t.cancel()
 
     async def _shutdown_watchdog(self, session: BootSession) -> None:
-        """Reset the card if *this* shutdown (of ``session``'s boot) takes too long.
-
-        It is cancelled when the card leaves ``shutting_down``; the checks
-        below also make it harmless if it ever outlives its shutdown: another
-        boot's shutdown is not its business, and a session that already ended
-        (the card went down; its clean-up is running) reports by itself.
-        """
+        """Reset the card if *this* shutdown (of ``session``'s boot) takes too long;
+        cancelled when the card leaves ``shutting_down``, and never touches
+        another boot, or a session already ending (it reports by itself)."""
         await asyncio.sleep(self.cfg.shutdown_timeout)
-        if (
-            self._session is not session
-            or session.finished
-            or self.state is not CardState.SHUTTING_DOWN
-        ):
+        if session.finished or self._session is not session or self.state is not _SHUTTING:
             return
         self.last_error = f"card did not shut down within {self.cfg.shutdown_timeout}s"
         log.warning("%s: %s; resetting it", self.name, self.last_error)
@@ -305,10 +304,8 @@ class CardManager:
     async def reset(self, *, timeout: float = 15.0) -> dict[str, Any]:
         """Stop the card whatever it is doing (kill the card OS), back to ``ready``.
 
-        A reset never leaves the card ``resetting``: if the boot session does
-        not end within ``timeout``, the card goes to ``reset_failed`` with the
-        reason in ``last_error`` (a later ``reset`` tries again; if the
-        session ends after all, the card goes on to ``ready``).
+        Never left ``resetting``: a session that does not end within ``timeout``
+        makes it ``reset_failed`` (reason in ``last_error``; ``ready`` if it ends later).
 
         Raises:
             LocalProtocolError: the card is already ``ready``.
@@ -353,37 +350,14 @@ class CardManager:
         await self.device_set.aclose()
 
     def _after_session(self, event: CardEvent, status: ShutdownStatus | None) -> None:
-        st = self.state
+        steps = session_end_events(self.state, event, status)
+        if steps == [(CardEvent.CRASH, None)] and event is not CardEvent.CRASH:
+            log.warning("%s: session ended (%s) while %s: crashed", self.name, event, self.state)
         try:
-            if st in (CardState.RESETTING, CardState.RESET_FAILED):
-                # A reset was asked (or timed out) while the session ended for
-                # whatever reason: the card is stopped now, so the reset is done.
-                # (Mapping the session's own reason instead left the card in
-                # ``resetting``, refusing boot and shutdown, e.g. for a
-                # ``shutdown_done`` that raced the reset.)
-                if st is CardState.RESET_FAILED:
-                    self.lifecycle.fire(CardEvent.RESET)
-                self.lifecycle.fire(CardEvent.RESET_DONE)
-            elif event is CardEvent.SHUTDOWN_DONE and st in (
-                CardState.ONLINE,
-                CardState.SHUTTING_DOWN,
-            ):
-                if st is CardState.ONLINE:  # the card OS shut itself down (poweroff)
-                    self.lifecycle.fire(CardEvent.SHUTDOWN, status=status)
-                self.lifecycle.fire(CardEvent.SHUTDOWN_DONE, status=status)
-                if status is ShutdownStatus.RESTART:
-                    self.lifecycle.fire(CardEvent.BOOT)
+            for step, recorded in steps:
+                self.lifecycle.fire(step, status=recorded)
+                if step is CardEvent.BOOT:  # the card OS asked for a restart
                     self._start_session()
-            elif event is CardEvent.RESET:
-                self.lifecycle.fire(CardEvent.RESET)
-                self.lifecycle.fire(CardEvent.RESET_DONE)
-            elif self.lifecycle.can_fire(event):
-                self.lifecycle.fire(event)
-            else:  # a race between reasons: the card is down, never leave it looking up
-                log.warning(
-                    "%s: session ended (%s) while %s: marking it crashed", self.name, event, st
-                )
-                self.lifecycle.fire(CardEvent.CRASH)
         except LocalProtocolError as e:  # a race between reasons: report, stay consistent
             log.error("%s: after session (%s): %s", self.name, event, e)
 

@@ -59,6 +59,7 @@ __all__ = [
     "ControlServer",
     "HangupWatch",
     "InputBudget",
+    "LineBuffer",
     "serve_connection",
 ]
 
@@ -175,7 +176,7 @@ class InputBudget:
         return True
 
 
-class _Lines:
+class LineBuffer:
     """Splits a connection's bytes into lines, holding at most one unfinished line.
 
     The unfinished part is bounded by ``MAX_MESSAGE`` and charged to the
@@ -301,7 +302,7 @@ async def serve_connection(
     lock = asyncio.Lock()
     slots = asyncio.Semaphore(max_in_flight)
     peer_gone = False
-    lines = _Lines(budget if budget is not None else InputBudget())
+    lines = LineBuffer(budget if budget is not None else InputBudget())
     cancellable: set[asyncio.Task[None]] = set()
     fd = _fd_of(writer) if hangups is not None else -1
 
