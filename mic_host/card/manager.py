@@ -52,6 +52,8 @@ __all__ = ["CardManager"]
 log = logging.getLogger("mic_host.card")
 
 _SHUTTING = CardState.SHUTTING_DOWN
+#: Seconds a reset may take (the boot session ending) before the card is reset_failed.
+RESET_TIMEOUT = 15.0
 #: AF_UNIX sun_path holds 108 bytes including the terminating NUL.
 _SUN_PATH_MAX = 107
 
@@ -78,8 +80,8 @@ class CardManager:
         self._session_task: asyncio.Task[None] | None = None
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
-        #: the current shutdown's watchdog (cancelled when the card leaves shutting_down)
-        self._shutdown_watch: asyncio.Task[None] | None = None
+        #: the watchdog of the current state (shutting_down, resetting), if it has one
+        self._deadline: asyncio.Task[None] | None = None
         self.lifecycle.add_listener(self._on_transition)
 
     # -- state -------------------------------------------------------------
@@ -107,8 +109,8 @@ class CardManager:
         return self._session.card_devices if self._session is not None else []
 
     def _on_transition(self, tr: Transition) -> None:
-        if tr.new is not CardState.SHUTTING_DOWN:
-            self._disarm_shutdown_watchdog()
+        if tr.new is not tr.old:
+            self._arm_deadline(tr.new)
         log.info(
             "%s: state %s (shutdown status %s)",
             self.name,
@@ -272,9 +274,6 @@ class CardManager:
             await link.send(Shutdown(status=status))
         except BrokenResourceError:
             self._finish(CardEvent.CRASH)
-        if self.state is CardState.SHUTTING_DOWN and self._session is not None:
-            self._disarm_shutdown_watchdog()
-            self._shutdown_watch = self._spawn(self._shutdown_watchdog(self._session))
         if wait:
             await self.wait_state(
                 CardState.READY,
@@ -284,15 +283,19 @@ class CardManager:
             )
         return self.status()
 
-    def _disarm_shutdown_watchdog(self) -> None:
-        t, self._shutdown_watch = self._shutdown_watch, None
+    def _arm_deadline(self, state: CardState) -> None:
+        """Cancel the last state's watchdog; arm the new one's: ``shutting_down`` is reset
+        after ``shutdown_timeout``, ``resetting`` fails after :data:`RESET_TIMEOUT`."""
+        t, self._deadline = self._deadline, None
         if t is not None and t is not asyncio.current_task():
             t.cancel()
+        if state is CardState.SHUTTING_DOWN and self._session is not None:
+            self._deadline = self._spawn(self._shutdown_deadline(self._session))
+        elif state is CardState.RESETTING:
+            self._deadline = self._spawn(self._reset_deadline())
 
-    async def _shutdown_watchdog(self, session: BootSession) -> None:
-        """Reset the card if *this* shutdown (of ``session``'s boot) takes too long;
-        cancelled when the card leaves ``shutting_down``, and never touches
-        another boot, or a session already ending (it reports by itself)."""
+    async def _shutdown_deadline(self, session: BootSession) -> None:
+        # never another boot's shutdown, nor a session already ending (it reports)
         await asyncio.sleep(self.cfg.shutdown_timeout)
         if session.finished or self._session is not session or self.state is not _SHUTTING:
             return
@@ -301,11 +304,18 @@ class CardManager:
         self.lifecycle.fire(CardEvent.RESET)
         self._finish(CardEvent.RESET)
 
-    async def reset(self, *, timeout: float = 15.0) -> dict[str, Any]:
+    async def _reset_deadline(self) -> None:
+        await asyncio.sleep(RESET_TIMEOUT)
+        if self.state is CardState.RESETTING:
+            self.last_error = f"reset did not stop the card within {RESET_TIMEOUT}s"
+            log.error("%s: %s", self.name, self.last_error)
+            self.lifecycle.fire(CardEvent.RESET_FAILED)
+
+    async def reset(self, *, timeout: float = RESET_TIMEOUT + 2) -> dict[str, Any]:
         """Stop the card whatever it is doing (kill the card OS), back to ``ready``.
 
-        Never left ``resetting``: a session that does not end within ``timeout``
-        makes it ``reset_failed`` (reason in ``last_error``; ``ready`` if it ends later).
+        Never left ``resetting``: a session that does not end within
+        :data:`RESET_TIMEOUT` makes it ``reset_failed`` (``ready`` if it ends later).
 
         Raises:
             LocalProtocolError: the card is already ``ready``.
@@ -314,14 +324,7 @@ class CardManager:
         self.lifecycle.fire(CardEvent.RESET)
         if self._session_task is not None and not self._session_task.done():
             self._finish(CardEvent.RESET)
-            try:
-                await self.wait_state(CardState.READY, CardState.RESET_FAILED, timeout=timeout)
-            except MicTimeoutError:
-                if self.state is CardState.RESETTING:
-                    self.last_error = f"reset did not stop the card within {timeout}s"
-                    log.error("%s: %s", self.name, self.last_error)
-                    self.lifecycle.fire(CardEvent.RESET_FAILED)
-                raise
+            await self.wait_state(CardState.READY, CardState.RESET_FAILED, timeout=timeout)
         else:
             self.lifecycle.fire(CardEvent.RESET_DONE)
         return self.status()

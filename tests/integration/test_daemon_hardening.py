@@ -100,6 +100,46 @@ async def test_boot_shutdown_cycles_faster_than_the_shutdown_timeout(state_dir: 
         await booted(client)  # and it still boots
 
 
+class _HungSession:
+    """A boot session whose end never comes (its clean-up hangs)."""
+
+    finished = False
+    pid = None
+    vop = None
+    link = None
+    card_devices: list[object] = []  # noqa: RUF012
+
+    def finish(self, *_: object) -> None:
+        self.finished = True
+
+
+@pytest.mark.asyncio
+async def test_a_reset_that_cannot_finish_ends_reset_failed(
+    state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mic_host.card import manager
+    from mic_host.config import CardConfig
+    from mic_host.lifecycle import CardState
+
+    monkeypatch.setattr(manager, "RESET_TIMEOUT", 0.2)
+    m = manager.CardManager(CardConfig("mic0"), state_dir=state_dir, node_id=1)
+    m.lifecycle.state = CardState.ONLINE
+    m._session = _HungSession()  # type: ignore[assignment]
+    hung = asyncio.get_running_loop().create_future()
+    m._session_task = asyncio.ensure_future(hung)
+    try:
+        st = await m.reset(timeout=5)
+        assert st["state"] == "reset_failed"
+        assert "reset did not stop the card" in st["last_error"]
+        # the session ends after all: the reset completes
+        hung.set_result(None)
+        m._after_session(manager.CardEvent.RESET, None)
+        assert m.state is CardState.READY
+    finally:
+        hung.cancel()
+        await m.aclose()
+
+
 # -- item 4: permissions ------------------------------------------------------------------
 
 
