@@ -35,6 +35,7 @@ from mic_host.paths import (
     daemon_lock_path,
     daemon_log_path,
     resolve_state_dir,
+    secure_state_dir,
 )
 from virtio.agent import exec_problem
 from virtio.errors import ConfigError, LocalProtocolError, MicError, ResourceError
@@ -210,6 +211,7 @@ class _StateLock:
             raise ResourceError(
                 f"{self.path.parent}: another mic-host (pid {pid}) owns this state directory"
             ) from None
+        os.fchmod(self.fd, 0o600)  # a lock file from an older daemon may be 0644
         os.ftruncate(self.fd, 0)
         os.write(self.fd, f"{os.getpid()}\n".encode())
         return self
@@ -224,8 +226,11 @@ def _setup_logging(state_dir: Path, level: str) -> None:
     root.setLevel(level.upper())
     err = logging.StreamHandler(sys.stderr)
     err.setFormatter(fmt)
-    filelog = logging.FileHandler(daemon_log_path(state_dir))
+    path = daemon_log_path(state_dir)
+    filelog = logging.FileHandler(path)
     filelog.setFormatter(fmt)
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o600)  # a log from an older daemon may be 0644
     root.addHandler(err)
     root.addHandler(filelog)
 
@@ -278,6 +283,12 @@ def main(argv: list[str] | None = None) -> int:
         help="stop when the process that started the daemon exits (used by mic_host.launch)",
     )
     args = p.parse_args(argv)
+    # Everything the daemon creates is its user's alone: the state directory
+    # 0700, files 0600 (logs, the lock, console logs, disk images, netns
+    # records, sockets) and so is everything its card processes create, as
+    # they inherit the umask. Sockets are bound this way from their first
+    # moment; a chmod after bind() would leave a window.
+    os.umask(0o077)
     try:
         cfg = load(args)
         control_socket_path(cfg.state_dir)  # a path too long for a socket: refuse up front
@@ -288,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _StateLock(cfg.state_dir):
             _setup_logging(cfg.state_dir, args.log_level)
+            secure_state_dir(cfg.state_dir)  # after logging: a tightened mode is logged
             log.info("config: %s", cfg.source)
             return asyncio.run(_amain(cfg, exit_with_parent=args.exit_with_parent))
     except ResourceError as e:

@@ -28,6 +28,12 @@ The states and their meaning follow COSM's sysfs ``state`` and
   (v3.13 mpssd's flag); ``resume`` is accepted in ``ready`` and
   ``reset_failed`` and the daemon boots the marked cards after it.
 
+When a boot session ends (the card process is gone), :func:`session_end_events`
+says which events take the card to where it belongs, whatever raced: a reset
+asked meanwhile always completes (a card is never left ``resetting``), and a
+reason that no longer fits the state marks the card ``crashed`` rather than
+leaving it looking up with no process.
+
 Unlike virtio device status (STYLE §2, where an illegal transition moves the
 device to its failure state), an illegal card event is a *request* refused:
 ``micctl boot`` on an online card must not crash it. :meth:`CardLifecycle.fire`
@@ -52,6 +58,7 @@ __all__ = [
     "CardState",
     "ShutdownStatus",
     "Transition",
+    "session_end_events",
 ]
 
 log = logging.getLogger(__name__)
@@ -261,3 +268,40 @@ class CardLifecycle:
                 self._listeners.remove(callback)
 
         return remove
+
+
+Step = tuple[CardEvent, ShutdownStatus | None]
+
+
+def session_end_events(
+    state: CardState, reason: CardEvent, status: ShutdownStatus | None
+) -> list[Step]:
+    """The events (with the status each records) to fire, in order, when a card's
+    boot session has ended for ``reason`` while the card is in ``state``.
+
+    - a reset was asked (``resetting``) or timed out (``reset_failed``): the
+      card is stopped now, so the reset completes, whatever the session's own
+      reason (mapping that reason instead once left the card ``resetting``
+      for good, refusing boot and shutdown);
+    - ``shutdown_done`` from ``online`` (the card OS shut itself down) or
+      ``shutting_down``: the shutdown completes with the card's status, and a
+      ``restart`` boots it again (the caller starts the new session);
+    - ``reset`` (the daemon ended the session): reset, then done;
+    - any other reason the table accepts: that event;
+    - a reason that no longer fits (e.g. a boot timeout that raced ``online``):
+      ``crash``; the card process is gone and the card must not look up.
+    """
+    if state in (CardState.RESETTING, CardState.RESET_FAILED):
+        again: list[Step] = [(CardEvent.RESET, None)] if state is CardState.RESET_FAILED else []
+        return [*again, (CardEvent.RESET_DONE, None)]
+    if reason is CardEvent.SHUTDOWN_DONE and state in (CardState.ONLINE, CardState.SHUTTING_DOWN):
+        steps: list[Step] = [(CardEvent.SHUTDOWN, status)] if state is CardState.ONLINE else []
+        steps.append((CardEvent.SHUTDOWN_DONE, status))
+        if status is ShutdownStatus.RESTART:
+            steps.append((CardEvent.BOOT, None))
+        return steps
+    if reason is CardEvent.RESET:
+        return [(CardEvent.RESET, None), (CardEvent.RESET_DONE, None)]
+    if (state, reason) in TRANSITIONS:
+        return [(reason, None)]
+    return [(CardEvent.CRASH, None)]

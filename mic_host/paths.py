@@ -14,13 +14,19 @@ things are without talking first, so the rules live here and nowhere else:
 | ``STATE_DIR/CARD-DEVICE.netns`` | the record of a NIC's network namespace |
 | ``STATE_DIR/launch-config.toml`` | the config a client ``launch()`` wrote |
 
+The state directory is 0700 and everything in it 0600: it holds the control
+socket (whoever can connect can boot cards and run commands on them), the
+card link sockets, logs and disk images (:func:`secure_state_dir`).
+
 Imports only the standard library and ``virtio.errors``: both the daemon side
 and the client library sit above it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 from pathlib import Path
 
 from virtio.errors import ConfigError
@@ -38,7 +44,10 @@ __all__ = [
     "card_log_path",
     "netns_record_path",
     "launch_config_path",
+    "secure_state_dir",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Environment variable naming the state directory (daemon, micctl, client).
 STATE_DIR_ENV = "MIC_STATE_DIR"
@@ -114,3 +123,30 @@ def netns_record_path(state_dir: Path, card: str, device: str) -> Path:
 
 def launch_config_path(state_dir: Path) -> Path:
     return state_dir / "launch-config.toml"
+
+
+def secure_state_dir(state_dir: Path) -> None:
+    """Create ``state_dir`` 0700, or tighten an existing one this user owns to 0700.
+
+    The directory holds the control socket, the card link sockets, logs and
+    disk images: nobody else has business in it. A directory owned by another
+    user is left alone with a warning (the files in it are still 0600).
+
+    Raises:
+        OSError: it cannot be created.
+    """
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.stat(state_dir)
+    mode = stat.S_IMODE(st.st_mode)
+    if not mode & 0o077:
+        return
+    if st.st_uid != os.geteuid():
+        log.warning(
+            "state directory %s is mode %04o and not ours (uid %d): others may reach it",
+            state_dir,
+            mode,
+            st.st_uid,
+        )
+        return
+    log.warning("state directory %s was mode %04o: tightening it to 0700", state_dir, mode)
+    os.chmod(state_dir, mode & 0o700)

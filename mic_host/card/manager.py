@@ -28,7 +28,14 @@ from mic_host.card.devices import DeviceSet
 from mic_host.card.dispatch import CardLink
 from mic_host.card.session import BootSession, net_params
 from mic_host.config import CardConfig, validate_device_options
-from mic_host.lifecycle import CardEvent, CardLifecycle, CardState, ShutdownStatus
+from mic_host.lifecycle import (
+    CardEvent,
+    CardLifecycle,
+    CardState,
+    ShutdownStatus,
+    Transition,
+    session_end_events,
+)
 from mic_host.paths import card_link_path
 from mic_host.vop import Vop
 from transport.messages import DevicesReply, DevicesRequest, NetParams, Run, RunResult, Shutdown
@@ -44,6 +51,9 @@ __all__ = ["CardManager"]
 
 log = logging.getLogger("mic_host.card")
 
+_SHUTTING = CardState.SHUTTING_DOWN
+#: Seconds a reset may take (the boot session ending) before the card is reset_failed.
+RESET_TIMEOUT = 15.0
 #: AF_UNIX sun_path holds 108 bytes including the terminating NUL.
 _SUN_PATH_MAX = 107
 
@@ -70,6 +80,8 @@ class CardManager:
         self._session_task: asyncio.Task[None] | None = None
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: the watchdog of the current state (shutting_down, resetting), if it has one
+        self._deadline: asyncio.Task[None] | None = None
         self.lifecycle.add_listener(self._on_transition)
 
     # -- state -------------------------------------------------------------
@@ -96,7 +108,9 @@ class CardManager:
         """The devices the card OS reported (last ``online``/``devices`` message)."""
         return self._session.card_devices if self._session is not None else []
 
-    def _on_transition(self, *_: object) -> None:
+    def _on_transition(self, tr: Transition) -> None:
+        if tr.new is not tr.old:
+            self._arm_deadline(tr.new)
         log.info(
             "%s: state %s (shutdown status %s)",
             self.name,
@@ -109,10 +123,11 @@ class CardManager:
         async with self._changed:
             self._changed.notify_all()
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
         t = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
+        return t
 
     async def wait_state(self, *states: CardState, timeout: float | None) -> CardState:
         """Wait until the card is in one of ``states``.
@@ -259,7 +274,6 @@ class CardManager:
             await link.send(Shutdown(status=status))
         except BrokenResourceError:
             self._finish(CardEvent.CRASH)
-        self._spawn(self._shutdown_watchdog())
         if wait:
             await self.wait_state(
                 CardState.READY,
@@ -269,17 +283,39 @@ class CardManager:
             )
         return self.status()
 
-    async def _shutdown_watchdog(self) -> None:
-        await asyncio.sleep(self.cfg.shutdown_timeout)
-        if self.state is CardState.SHUTTING_DOWN:
-            self.last_error = f"card did not shut down within {self.cfg.shutdown_timeout}s"
-            log.warning("%s: %s; resetting it", self.name, self.last_error)
-            with contextlib.suppress(LocalProtocolError):
-                self.lifecycle.fire(CardEvent.RESET)
-            self._finish(CardEvent.RESET)
+    def _arm_deadline(self, state: CardState) -> None:
+        """Cancel the last state's watchdog; arm the new one's: ``shutting_down`` is reset
+        after ``shutdown_timeout``, ``resetting`` fails after :data:`RESET_TIMEOUT`."""
+        t, self._deadline = self._deadline, None
+        if t is not None and t is not asyncio.current_task():
+            t.cancel()
+        if state is CardState.SHUTTING_DOWN and self._session is not None:
+            self._deadline = self._spawn(self._shutdown_deadline(self._session))
+        elif state is CardState.RESETTING:
+            self._deadline = self._spawn(self._reset_deadline())
 
-    async def reset(self, *, timeout: float = 15.0) -> dict[str, Any]:
+    async def _shutdown_deadline(self, session: BootSession) -> None:
+        # never another boot's shutdown, nor a session already ending (it reports)
+        await asyncio.sleep(self.cfg.shutdown_timeout)
+        if session.finished or self._session is not session or self.state is not _SHUTTING:
+            return
+        self.last_error = f"card did not shut down within {self.cfg.shutdown_timeout}s"
+        log.warning("%s: %s; resetting it", self.name, self.last_error)
+        self.lifecycle.fire(CardEvent.RESET)
+        self._finish(CardEvent.RESET)
+
+    async def _reset_deadline(self) -> None:
+        await asyncio.sleep(RESET_TIMEOUT)
+        if self.state is CardState.RESETTING:
+            self.last_error = f"reset did not stop the card within {RESET_TIMEOUT}s"
+            log.error("%s: %s", self.name, self.last_error)
+            self.lifecycle.fire(CardEvent.RESET_FAILED)
+
+    async def reset(self, *, timeout: float = RESET_TIMEOUT + 2) -> dict[str, Any]:
         """Stop the card whatever it is doing (kill the card OS), back to ``ready``.
+
+        Never left ``resetting``: a session that does not end within
+        :data:`RESET_TIMEOUT` makes it ``reset_failed`` (``ready`` if it ends later).
 
         Raises:
             LocalProtocolError: the card is already ``ready``.
@@ -317,23 +353,14 @@ class CardManager:
         await self.device_set.aclose()
 
     def _after_session(self, event: CardEvent, status: ShutdownStatus | None) -> None:
-        st = self.state
+        steps = session_end_events(self.state, event, status)
+        if steps == [(CardEvent.CRASH, None)] and event is not CardEvent.CRASH:
+            log.warning("%s: session ended (%s) while %s: crashed", self.name, event, self.state)
         try:
-            if event is CardEvent.SHUTDOWN_DONE:
-                if st is CardState.ONLINE:  # the card OS shut itself down (poweroff)
-                    self.lifecycle.fire(CardEvent.SHUTDOWN, status=status)
-                self.lifecycle.fire(CardEvent.SHUTDOWN_DONE, status=status)
-                if status is ShutdownStatus.RESTART:
-                    self.lifecycle.fire(CardEvent.BOOT)
+            for step, recorded in steps:
+                self.lifecycle.fire(step, status=recorded)
+                if step is CardEvent.BOOT:  # the card OS asked for a restart
                     self._start_session()
-            elif event is CardEvent.RESET:
-                if st is not CardState.RESETTING:
-                    self.lifecycle.fire(CardEvent.RESET)
-                self.lifecycle.fire(CardEvent.RESET_DONE)
-            elif self.lifecycle.can_fire(event):
-                self.lifecycle.fire(event)
-            elif st is CardState.RESETTING:
-                self.lifecycle.fire(CardEvent.RESET_DONE)
         except LocalProtocolError as e:  # a race between reasons: report, stay consistent
             log.error("%s: after session (%s): %s", self.name, event, e)
 

@@ -81,7 +81,10 @@ def _config_file(state_dir: Path, config: str | os.PathLike[str] | None) -> Path
             )
         parse_config(config, "launch(config=...)", state_dir=state_dir)
         path = launch_config_path(state_dir)
-        path.write_text(config, encoding="utf-8")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(fd, 0o600)  # state-directory files are 0600, an old one too
+            f.write(config)
         return path
     return Path(config).expanduser().absolute()
 

@@ -8,6 +8,22 @@ listening socket in the state directory, one per daemon), :func:`serve_connectio
 (:mod:`mic_host.control.wire`); a handler's exception travels as
 :class:`virtio.errors.WireError`. Imports asyncio, the codec, ``mic_host.paths``
 and ``virtio.errors``; never the card manager or the client.
+
+What a client can hold in the daemon is bounded:
+
+- the socket is bound under umask 077, so it is owner-only from its first moment
+  (a ``chmod`` after ``listen()`` leaves a window in which anyone who can
+  reach the directory connects);
+- at most :data:`MAX_CONNECTIONS` connections; one more is answered with an
+  error and closed;
+- an unfinished request line is at most :data:`~mic_host.control.wire.MAX_MESSAGE`
+  bytes per connection and :data:`MAX_UNFINISHED` bytes over all connections;
+  a connection that would go over either is answered with an error and
+  closed, and its buffer is released;
+- a client that hangs up (closes its socket; ``EPOLLHUP``) gets its waiting
+  requests cancelled (:data:`CANCEL_ON_HANGUP`), so a ``wait`` with a huge
+  timeout does not keep its connection's fd and task. A client that only
+  shuts down its sending side (``socat``, ``nc -N``) still gets its answers.
 """
 
 from __future__ import annotations
@@ -16,7 +32,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
@@ -29,15 +47,40 @@ from mic_host.control.wire import (
     encode_error,
     encode_response,
 )
-from mic_host.paths import control_socket_path
+from mic_host.paths import control_socket_path, secure_state_dir
 from virtio.errors import INTERNAL_ERROR, ConfigError, ResourceError, WireError
 
-__all__ = ["MAX_IN_FLIGHT", "ControlHandler", "ControlServer", "serve_connection"]
+__all__ = [
+    "CANCEL_ON_HANGUP",
+    "MAX_CONNECTIONS",
+    "MAX_IN_FLIGHT",
+    "MAX_UNFINISHED",
+    "ControlHandler",
+    "ControlServer",
+    "HangupWatch",
+    "InputBudget",
+    "LineBuffer",
+    "serve_connection",
+]
 
 log = logging.getLogger(__name__)
 
 #: Requests served at once per connection; reading pauses beyond (back-pressure).
 MAX_IN_FLIGHT = 64
+#: Connections served at once by one daemon.
+MAX_CONNECTIONS = 128
+#: Bytes of unfinished request lines held over all connections at once.
+MAX_UNFINISHED = 8 * MAX_MESSAGE
+#: Bytes read from a connection at a time (also the stream's own buffer bound).
+_CHUNK = 1 << 16
+#: Ops whose request is cancelled when its client hangs up: they only wait or
+#: read (a state change they make is made before their first wait, and every
+#: await in them leaves the card consistent). The others (attach, detach, net,
+#: console_resize, suspend, resume) change state over several steps and run to
+#: completion; each is bounded by its own timeouts.
+CANCEL_ON_HANGUP = frozenset(
+    {"ping", "status", "wait", "stats", "run", "exec", "boot", "shutdown", "reset"}
+)
 
 
 class ControlHandler(Protocol):
@@ -116,12 +159,135 @@ async def _call(handler: object, req: Request) -> bytes:
         return encode_error(req.id, _internal(f"internal error in {req.op}: {e}"))
 
 
+class InputBudget:
+    """Bytes of unfinished request lines the daemon holds, over all connections."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int = MAX_UNFINISHED) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def charge(self, delta: int) -> bool:
+        """Take ``delta`` more bytes (or give back, if negative); False if over the limit."""
+        if delta > 0 and self.used + delta > self.limit:
+            return False
+        self.used += delta
+        return True
+
+
+class LineBuffer:
+    """Splits a connection's bytes into lines, holding at most one unfinished line.
+
+    The unfinished part is bounded by ``MAX_MESSAGE`` and charged to the
+    daemon-wide :class:`InputBudget`; :meth:`release` gives it back.
+    """
+
+    __slots__ = ("_budget", "_buf")
+
+    def __init__(self, budget: InputBudget) -> None:
+        self._budget = budget
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> tuple[list[bytes], str | None]:
+        """The complete lines ``data`` ends (newline kept), and why the
+        connection must end (a line over a bound: the stream cannot be
+        resynchronised), if it must; the lines before that one are good.
+        """
+        buf = self._buf
+        before = start = len(buf)
+        buf += data
+        lines: list[bytes] = []
+        cut = 0
+        too_long = f"line exceeds the {MAX_MESSAGE}-byte bound; closing"
+        while (nl := buf.find(b"\n", start)) >= 0:
+            if nl + 1 - cut > MAX_MESSAGE:
+                self.release(before)
+                return lines, too_long
+            lines.append(bytes(buf[cut : nl + 1]))
+            cut = start = nl + 1
+        if cut:
+            del buf[:cut]
+        rest = len(buf)
+        if rest >= MAX_MESSAGE:
+            self.release(before)
+            return lines, too_long
+        if not self._budget.charge(rest - before):
+            self.release(before)
+            return lines, "the daemon holds too many unfinished requests; closing"
+        return lines, None
+
+    @property
+    def pending(self) -> bytes:
+        return bytes(self._buf)
+
+    def release(self, charged: int | None = None) -> None:
+        """Drop the unfinished line and give its bytes back to the budget."""
+        self._budget.charge(-(len(self._buf) if charged is None else charged))
+        self._buf = bytearray()
+
+
+class HangupWatch:
+    """Calls back when a client closes its socket entirely (``EPOLLHUP``).
+
+    One ``epoll`` set, registered with the event loop as a reader, holds the
+    connections with an event mask of 0: epoll then reports only hang-up and
+    error, which Linux's ``unix_poll`` raises once the peer has closed (both
+    directions shut), not when it only shut down its sending side. Without
+    ``select.epoll`` (not Linux) it watches nothing.
+    """
+
+    def __init__(self) -> None:
+        self._callbacks: dict[int, Callable[[], None]] = {}
+        self._ep: select.epoll | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        if hasattr(select, "epoll"):
+            self._loop = asyncio.get_running_loop()
+            self._ep = select.epoll()
+            self._loop.add_reader(self._ep.fileno(), self._ready)
+
+    def add(self, fd: int, callback: Callable[[], None]) -> None:
+        if self._ep is None or fd < 0:
+            return
+        self._ep.register(fd, 0)
+        self._callbacks[fd] = callback
+
+    def remove(self, fd: int) -> None:
+        """Stop watching ``fd`` (before it is closed: its number may be reused)."""
+        if self._callbacks.pop(fd, None) is not None and self._ep is not None:
+            with contextlib.suppress(OSError):
+                self._ep.unregister(fd)
+
+    def _ready(self) -> None:
+        assert self._ep is not None
+        for fd, _events in self._ep.poll(0):
+            callback = self._callbacks.get(fd)
+            self.remove(fd)
+            if callback is not None:
+                callback()
+
+    def close(self) -> None:
+        ep, self._ep = self._ep, None
+        if ep is not None:
+            assert self._loop is not None
+            self._loop.remove_reader(ep.fileno())
+            ep.close()
+        self._callbacks.clear()
+
+
+def _fd_of(writer: asyncio.StreamWriter) -> int:
+    sock = writer.get_extra_info("socket")
+    return sock.fileno() if sock is not None else -1
+
+
 async def serve_connection(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     handler: ControlHandler | object,
     *,
     max_in_flight: int = MAX_IN_FLIGHT,
+    budget: InputBudget | None = None,
+    hangups: HangupWatch | None = None,
 ) -> None:
     """Serve one client until it closes its side and its requests are answered.
 
@@ -129,11 +295,16 @@ async def serve_connection(
     ``status`` at once). Handler errors become error responses; nothing a
     client sends or a handler raises ends the server except the connection's
     own failure. The writer is closed on return. Cancellation cancels the
-    in-flight requests.
+    in-flight requests; so does the client hanging up (with ``hangups``), for
+    the ops of :data:`CANCEL_ON_HANGUP`. The unfinished line is bounded by
+    ``MAX_MESSAGE`` and charged to ``budget`` (a private one if None).
     """
     lock = asyncio.Lock()
     slots = asyncio.Semaphore(max_in_flight)
     peer_gone = False
+    lines = LineBuffer(budget if budget is not None else InputBudget())
+    cancellable: set[asyncio.Task[None]] = set()
+    fd = _fd_of(writer) if hangups is not None else -1
 
     async def send(data: bytes) -> None:
         nonlocal peer_gone
@@ -154,31 +325,61 @@ async def serve_connection(
             except BadRequest as e:
                 await send(encode_error(e.id, _refused(f"bad request: {e}")))
                 return
+            task = asyncio.current_task()
+            if req.op in CANCEL_ON_HANGUP and task is not None:
+                if peer_gone:
+                    return  # nobody to answer: not worth starting
+                cancellable.add(task)
+                task.add_done_callback(cancellable.discard)
             await send(await _call(handler, req))
         finally:
             slots.release()
 
-    try:
-        async with asyncio.TaskGroup() as tg:
-            while not peer_gone:
-                try:
-                    line = await reader.readuntil(b"\n")
-                except asyncio.IncompleteReadError as e:
-                    if e.partial.strip():
-                        msg = "bad request: line not terminated by a newline"
-                        await send(encode_error(None, _refused(msg)))
-                    break
-                except asyncio.LimitOverrunError:
-                    msg = f"bad request: line exceeds the {MAX_MESSAGE}-byte bound; closing"
+    def gone() -> bool:
+        return peer_gone
+
+    def hung_up() -> None:
+        nonlocal peer_gone
+        peer_gone = True
+        if cancellable:
+            log.debug("control: client hung up; cancelling %d request(s)", len(cancellable))
+        for t in cancellable:
+            t.cancel()
+
+    async def read_loop(tg: asyncio.TaskGroup) -> None:
+        while not peer_gone:
+            try:
+                data = await reader.read(_CHUNK)
+            except (ConnectionError, OSError):
+                return
+            if not data:
+                if lines.pending.strip():
+                    msg = "bad request: line not terminated by a newline"
                     await send(encode_error(None, _refused(msg)))
-                    break
-                except (ConnectionError, OSError):
-                    break
+                return
+            complete, fatal = lines.feed(data)
+            for line in complete:
                 if not line.strip():
                     continue
                 await slots.acquire()
+                if gone():  # hung up while we waited for a slot
+                    slots.release()
+                    return
                 tg.create_task(handle(line))
+            if fatal is not None:
+                await send(encode_error(None, _refused(f"bad request: {fatal}")))
+                return
+
+    if hangups is not None:
+        hangups.add(fd, hung_up)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            await read_loop(tg)
+            lines.release()
     finally:
+        lines.release()
+        if hangups is not None:
+            hangups.remove(fd)
         writer.close()
         with contextlib.suppress(ConnectionError, OSError):
             await writer.wait_closed()
@@ -187,17 +388,29 @@ async def serve_connection(
 class ControlServer:
     """The daemon's listening socket: ``async with ControlServer(state_dir, handler):``.
 
-    On start it creates ``state_dir`` (mode 0700), refuses to run if another
-    daemon answers on ``control.sock``, removes a stale socket file, listens,
-    and makes the socket 0600. On close it stops listening, cancels the
-    connections' requests, waits for them and removes the socket file.
+    On start it creates ``state_dir`` (mode 0700; an existing one of ours is
+    tightened to 0700), refuses to run if another daemon answers on
+    ``control.sock``, removes a stale socket file and listens on a socket
+    bound under umask 077 (owner-only from the start, then 0600). On close it stops listening,
+    cancels the connections' requests, waits for them and removes the socket
+    file.
     """
 
-    def __init__(self, state_dir: str | os.PathLike[str], handler: ControlHandler | object) -> None:
+    def __init__(
+        self,
+        state_dir: str | os.PathLike[str],
+        handler: ControlHandler | object,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        max_unfinished: int = MAX_UNFINISHED,
+    ) -> None:
         self.state_dir = Path(state_dir).expanduser().absolute()
         self.path = control_socket_path(self.state_dir)
         self.handler = handler
+        self.max_connections = max_connections
+        self.budget = InputBudget(max_unfinished)
         self._server: asyncio.Server | None = None
+        self._hangups: HangupWatch | None = None
         self._conns: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -209,13 +422,25 @@ class ControlServer:
                 directory cannot be created.
         """
         try:
-            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            secure_state_dir(self.state_dir)
         except OSError as e:
             raise ConfigError(f"{self.state_dir}: cannot create state directory: {e}") from e
         await self._clear_stale()
-        self._server = await asyncio.start_unix_server(
-            self._accept, path=str(self.path), limit=MAX_MESSAGE + 1
-        )
+        self._hangups = HangupWatch()
+        # bind() creates the socket file with 0777 & ~umask, and a connect()
+        # needs only write permission on it: a chmod after listen() alone left
+        # a window in which anyone who could reach the directory connected.
+        # Bound under umask 077 it is owner-only from its first moment; the
+        # chmod then only drops the meaningless x bit. The umask is
+        # process-wide: 077 for a moment only takes group and other bits from
+        # what another thread might create meanwhile (never the owner's).
+        old = os.umask(0o077)
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._accept, path=str(self.path), limit=_CHUNK
+            )
+        finally:
+            os.umask(old)
         os.chmod(self.path, 0o600)
 
     async def _clear_stale(self) -> None:
@@ -236,8 +461,17 @@ class ControlServer:
         raise ResourceError(f"a mic-host daemon already serves {self.state_dir}")
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._conns) >= self.max_connections:
+            log.warning("control: %d connections open: refusing one more", len(self._conns))
+            msg = f"too many connections ({self.max_connections}); try again later"
+            writer.write(encode_error(None, _refused(msg)))
+            writer.close()  # flushes the error first
+            return
         task = asyncio.get_running_loop().create_task(
-            serve_connection(reader, writer, self.handler), name="control-connection"
+            serve_connection(
+                reader, writer, self.handler, budget=self.budget, hangups=self._hangups
+            ),
+            name="control-connection",
         )
         self._conns.add(task)
         task.add_done_callback(self._done)
@@ -257,6 +491,9 @@ class ControlServer:
             t.cancel()
         if conns:
             await asyncio.gather(*conns, return_exceptions=True)
+        if self._hangups is not None:
+            self._hangups.close()
+            self._hangups = None
         if server is not None:
             await server.wait_closed()
             with contextlib.suppress(OSError):

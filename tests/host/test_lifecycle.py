@@ -15,6 +15,7 @@ from mic_host.lifecycle import (
     CardState,
     ShutdownStatus,
     Transition,
+    session_end_events,
 )
 from virtio.errors import LocalProtocolError
 
@@ -242,3 +243,52 @@ def test_lifecycle_is_sans_io() -> None:
         if isinstance(node, ast.ImportFrom)
     }
     assert not imported & {"asyncio", "os", "socket", "transport", "time", "subprocess"}
+
+
+# -- the end of a boot session (issue 14, item 3) --------------------------------------
+
+#: States a card can be in while a session runs (it ends in none of the others).
+SESSION_STATES = (S.BOOTING, S.ONLINE, S.SHUTTING_DOWN, S.RESETTING, S.RESET_FAILED)
+REASONS = (E.SHUTDOWN_DONE, E.CRASH, E.HEARTBEAT_LOST, E.BOOT_TIMEOUT, E.RESET)
+
+
+@pytest.mark.parametrize(("state", "reason"), list(itertools.product(SESSION_STATES, REASONS)))
+@pytest.mark.parametrize("status", [None, *ShutdownStatus])
+def test_a_session_end_always_lands_the_card_down(
+    state: CardState, reason: CardEvent, status: ShutdownStatus | None
+) -> None:
+    """Whatever raced, the events are legal one after the other, and the card
+    ends ready, crashed or reset_failed (booting only for a restart); never
+    resetting, never online or shutting_down with no card process."""
+    card = CardLifecycle("mic0", state=state)
+    for event, recorded in session_end_events(state, reason, status):
+        card.fire(event, status=recorded)
+    restart = reason is E.SHUTDOWN_DONE and status is ShutdownStatus.RESTART
+    if state in (S.RESETTING, S.RESET_FAILED):
+        assert card.state is S.READY  # the reset asked meanwhile completes
+    elif restart and state in (S.ONLINE, S.SHUTTING_DOWN):
+        assert card.state is S.BOOTING
+    else:
+        assert card.state in (S.READY, S.CRASHED, S.RESET_FAILED)
+
+
+def test_session_end_mapping() -> None:
+    halted = ShutdownStatus.HALTED
+    # a shutdown_done that raced a reset (the watchdog's, or the user's)
+    assert session_end_events(S.RESETTING, E.SHUTDOWN_DONE, halted) == [(E.RESET_DONE, None)]
+    # a reset that timed out, and whose session ended after all
+    assert session_end_events(S.RESET_FAILED, E.RESET, None) == [
+        (E.RESET, None),
+        (E.RESET_DONE, None),
+    ]
+    assert session_end_events(S.SHUTTING_DOWN, E.SHUTDOWN_DONE, halted) == [
+        (E.SHUTDOWN_DONE, halted)
+    ]
+    poweroff = ShutdownStatus.POWEROFF
+    assert session_end_events(S.ONLINE, E.SHUTDOWN_DONE, poweroff) == [
+        (E.SHUTDOWN, poweroff),
+        (E.SHUTDOWN_DONE, poweroff),
+    ]
+    assert session_end_events(S.BOOTING, E.BOOT_TIMEOUT, None) == [(E.BOOT_TIMEOUT, None)]
+    # a boot timeout that raced "online": the process is gone, the card crashed
+    assert session_end_events(S.ONLINE, E.BOOT_TIMEOUT, None) == [(E.CRASH, None)]

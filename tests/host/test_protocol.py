@@ -899,3 +899,99 @@ def test_python_m_micctl_runs(state_dir: Path) -> None:
     )
     assert r.returncode == 1
     assert r.stderr.startswith("micctl: no mic-host daemon")
+
+
+# -- what a client can hold in the server (issue 14, item 8) ---------------------------
+
+
+def test_lines_split_bound_and_charge_the_budget() -> None:
+    from mic_host.control.server import InputBudget, LineBuffer
+
+    budget = InputBudget(100)
+    lines = LineBuffer(budget)
+    assert lines.feed(b'{"a"') == ([], None)
+    assert budget.used == 4
+    assert lines.feed(b':1}\n{"b":2}\n{') == ([b'{"a":1}\n', b'{"b":2}\n'], None)
+    assert budget.used == 1
+    assert lines.pending == b"{"
+    # over the daemon-wide budget: the connection must end, its bytes are given back
+    got, fatal = lines.feed(b"x" * 100)
+    assert got == []
+    assert fatal is not None
+    assert "unfinished" in fatal
+    assert budget.used == 0
+    assert lines.pending == b""
+    # another connection's share is its own
+    other = LineBuffer(budget)
+    assert other.feed(b"y" * 99) == ([], None)
+    assert budget.used == 99
+    other.release()
+    assert budget.used == 0
+
+
+def test_lines_over_max_message_end_the_connection() -> None:
+    from mic_host.control.server import InputBudget, LineBuffer
+
+    budget = InputBudget(4 * MAX_MESSAGE)
+    lines = LineBuffer(budget)
+    # an unfinished line at the bound
+    got, fatal = lines.feed(b"x" * MAX_MESSAGE)
+    assert (got, budget.used) == ([], 0)
+    assert fatal is not None
+    assert "exceeds" in fatal
+    # a complete line over the bound, after a good one: the good one is served
+    lines = LineBuffer(budget)
+    got, fatal = lines.feed(b"ok\n" + b"x" * MAX_MESSAGE + b"\n")
+    assert got == [b"ok\n"]
+    assert fatal is not None
+    assert "exceeds" in fatal
+    assert budget.used == 0
+
+
+@pytest.mark.asyncio
+async def test_hangup_cancels_waiting_requests_but_half_close_is_answered() -> None:
+    import socket
+
+    from mic_host.control.server import HangupWatch
+
+    handler = FakeDaemon()
+    watch = HangupWatch()
+    try:
+        # a client that closes entirely: its wait (no timeout) is cancelled at once
+        a, b = socket.socketpair()
+        reader, writer = await asyncio.open_connection(sock=a)
+        task = asyncio.create_task(serve_connection(reader, writer, handler, hangups=watch))
+        b.sendall(encode_request(1, "wait", "mic0", state="online"))
+        await asyncio.sleep(0.05)
+        assert not task.done()
+        b.close()
+        await asyncio.wait_for(task, 2)
+        # a client that only shuts down its sending side still gets its answer
+        a, b = socket.socketpair()
+        reader, writer = await asyncio.open_connection(sock=a)
+        task = asyncio.create_task(serve_connection(reader, writer, handler, hangups=watch))
+        b.sendall(encode_request(2, "wait", "mic0", state="online", timeout=5))
+        b.shutdown(socket.SHUT_WR)
+        await asyncio.sleep(0.05)
+        assert not task.done()
+        handler.online.set()
+        await asyncio.wait_for(task, 2)
+        b.setblocking(True)
+        assert decode_response(b.recv(4096)).unwrap()["state"] == "online"
+        b.close()
+    finally:
+        watch.close()
+
+
+@pytest.mark.asyncio
+async def test_control_socket_is_owner_only_and_state_dir_tightened(state_dir: Path) -> None:
+    import stat
+
+    os.chmod(state_dir, 0o755)
+    old = os.umask(0)
+    try:
+        async with ControlServer(state_dir, FakeDaemon()) as server:
+            assert stat.S_IMODE(os.stat(server.path).st_mode) == 0o600
+            assert stat.S_IMODE(os.stat(state_dir).st_mode) == 0o700
+    finally:
+        os.umask(old)
