@@ -7,7 +7,6 @@ things are without talking first, so the rules live here and nowhere else:
 |---|---|
 | ``STATE_DIR/control.sock`` | the daemon's control socket |
 | ``STATE_DIR/mic-host.lock`` / ``mic-host.log`` | the daemon's lock and log |
-| ``STATE_DIR/CARD.sock`` | the card's control link (transport) |
 | ``STATE_DIR/CARD-accel.sock`` | the card OS's accelerator offload endpoint |
 | ``STATE_DIR/CARD-card.log`` | the card OS's log (its dmesg, persisted) |
 | ``STATE_DIR/CARD-SUFFIX.log`` | per-card logs (``console``...) |
@@ -39,7 +38,6 @@ __all__ = [
     "control_socket_path",
     "daemon_lock_path",
     "daemon_log_path",
-    "card_link_path",
     "accel_socket_path",
     "card_log_path",
     "netns_record_path",
@@ -99,11 +97,6 @@ def daemon_lock_path(state_dir: Path) -> Path:
 
 def daemon_log_path(state_dir: Path) -> Path:
     return state_dir / "mic-host.log"
-
-
-def card_link_path(state_dir: Path, card: str) -> Path:
-    """Where the daemon listens for card ``card``'s control link."""
-    return state_dir / f"{card}.sock"
 
 
 def accel_socket_path(state_dir: str | os.PathLike[str], card: str) -> Path:

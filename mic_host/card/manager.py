@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from mic_host.backends.console import ConsoleBackend
 from mic_host.card.devices import DeviceSet
 from mic_host.card.dispatch import CardLink
 from mic_host.card.session import BootSession, net_params
-from mic_host.config import CardConfig, validate_device_options
+from mic_host.config import CardConfig, check_card_devices, validate_device_options
 from mic_host.lifecycle import (
     CardEvent,
     CardLifecycle,
@@ -36,7 +35,6 @@ from mic_host.lifecycle import (
     Transition,
     session_end_events,
 )
-from mic_host.paths import card_link_path
 from mic_host.vop import Vop
 from transport.messages import DevicesReply, DevicesRequest, NetParams, Run, RunResult, Shutdown
 from virtio.errors import (
@@ -54,8 +52,6 @@ log = logging.getLogger("mic_host.card")
 _SHUTTING = CardState.SHUTTING_DOWN
 #: Seconds a reset may take (the boot session ending) before the card is reset_failed.
 RESET_TIMEOUT = 15.0
-#: AF_UNIX sun_path holds 108 bytes including the terminating NUL.
-_SUN_PATH_MAX = 107
 
 
 class CardManager:
@@ -223,9 +219,6 @@ class CardManager:
         """
         if self.state in (CardState.CRASHED, CardState.RESET_FAILED):
             await self.reset()
-        sock = card_link_path(self.state_dir, self.name)
-        if len(os.fsencode(sock)) > _SUN_PATH_MAX:
-            raise LocalProtocolError(f"{self.name}: socket path {sock} too long for AF_UNIX")
         self.lifecycle.fire(CardEvent.BOOT)
         self._start_session()
         if wait:
@@ -421,6 +414,9 @@ class CardManager:
         checked = validate_device_options(dtype, opts, state_dir=self.state_dir, card=self.name)
         devices = self.device_set
         dev = devices.new_entry(dtype, name, checked)
+        # The whole list must fit the device page and the host RAM window, so an
+        # attach to a card that is down fails now, not at its next boot.
+        check_card_devices(self.cfg, [*devices.entries, dev])
         backend = devices.make_backend(dev, len(devices.entries))  # validates (opens the image)
         card_name = None
         if self.vop is not None:

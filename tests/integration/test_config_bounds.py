@@ -113,3 +113,26 @@ async def test_hot_attach_beyond_the_device_page_says_so(state_dir: Path) -> Non
         assert "device page" in str(refused), refused
         # the card still works and the refused device left nothing behind
         assert (await card.status())["state"] == "online"
+
+
+@pytest.mark.asyncio
+async def test_attach_to_a_card_that_is_down_checks_the_device_page_now(state_dir: Path) -> None:
+    """A card that is not running still refuses a device its page cannot hold:
+    at attach, naming the device, not at the next boot."""
+    async with daemon(state_dir, config(card_toml(host_ram="8M"))) as client:
+        card = client.card("mic0")
+        assert (await card.status())["state"] == "ready"
+        refused: MicError | None = None
+        added = 0
+        while refused is None and added < 40:
+            try:
+                await card.attach_block(state_dir / f"d{added}.img", size="64K", create=True)
+            except MicError as e:
+                refused = e
+            else:
+                added += 1
+        assert 20 < added < 40, added
+        assert "the device page is full" in str(refused), refused
+        assert f"devices[{added + 2}]" in str(refused), refused  # console + vda come first
+        await card.boot(wait=True)  # every device it kept fits: the card boots
+        assert (await card.status())["state"] == "online"
