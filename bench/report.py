@@ -194,6 +194,47 @@ def net(n: dict[str, Any]) -> list[str]:
     return out
 
 
+def isolation(i: dict[str, Any]) -> list[str]:
+    alone, nb = i["phases"][0], i["phases"][1]
+    goals, met = i["goals"], i["met"]
+
+    def yes(key: str) -> str:
+        return "met" if met[key] else "**not met**"
+
+    rows = (
+        ("verified block ops", "ops", "{:,}"),
+        ("block p50 ms", "block_p50_ms", "{:.3f}"),
+        ("block p99 ms", "block_p99_ms", "{:.3f}"),
+        ("console echo p99 ms", "console_p99_ms", "{:.3f}"),
+        ("missed heartbeats", "missed_heartbeats", "{}"),
+        ("daemon RSS growth MiB", "rss_growth_mib", "{:.1f}"),
+        ("healthy card reboot s", "reboot_s", "{:.3f}"),
+    )
+    out = [
+        "## Isolation (`bench/isolation.py`)",
+        "",
+        f"Measured {i['when']}, {i['seconds']:g} s per phase, seed {i['seed']}: a healthy card "
+        "doing verified block I/O and console echoes, alone and then next to a hostile card "
+        f"(nice {i['hostile_nice']}) playing {', '.join(i['attacks'])} (issue 14).",
+        "",
+        "| healthy card | alone | with the hostile neighbour |",
+        "|---|---|---|",
+    ]
+    out.extend(
+        f"| {label} | {fmt.format(alone[key])} | {fmt.format(nb[key])} |"
+        for label, key, fmt in rows
+    )
+    out += [
+        "",
+        f"Goals: missed heartbeats == {goals['missed_heartbeats']} ({yes('missed_heartbeats')}); "
+        f"block p99 <= {goals['p99_ratio']:g}x alone: {i['block_p99_ratio']:.2f}x "
+        f"({yes('p99_ratio')}); daemon RSS growth <= {goals['rss_growth_mib']} MiB "
+        f"({yes('rss_growth_mib')}); no healthy-card error ({yes('no_errors')}).",
+        "",
+    ]
+    return out
+
+
 def main() -> int:
     lines = [
         "# Performance",
@@ -212,6 +253,7 @@ def main() -> int:
         ("block", block),
         ("accel", accel),
         ("net", net),
+        ("isolation", isolation),
     )
     for name, fn in sections:
         data = _load(name)
