@@ -20,6 +20,7 @@ from virtio.layouts import (
     MicBootparam,
     MicDeviceDesc,
     MicVqconfig,
+    MicVringInfo,
     entry_size,
     field_offset,
     mic_device_ctrl,
@@ -41,6 +42,8 @@ __all__ = [
     "EntryView",
     "s8",
     "vring_info_offset",
+    "vring_alloc_size",
+    "VRING_PAGE",
 ]
 
 
@@ -94,6 +97,17 @@ BOOT_H2C_CONFIG_DB = field_offset(MicBootparam, "h2c_config_db")
 def vring_info_offset(num: int) -> int:
     """Offset of ``_mic_vring_info`` in a vring block (Linux: round_up(vring_size, 4))."""
     return (vring_size(num, MIC_VIRTIO_RING_ALIGN) + 3) & ~3
+
+
+#: The host allocates vring blocks in whole pages.
+VRING_PAGE = 4096
+_VRING_INFO_SIZE = int(MicVringInfo.sizeof())
+
+
+def vring_alloc_size(num: int) -> int:
+    """Host RAM one vring of ``num`` entries takes: PAGE_ALIGN(vring_size + info)
+    (Linux ``vop_vringh``'s allocation), for VOP and the config checks alike."""
+    return -(-(vring_info_offset(num) + _VRING_INFO_SIZE) // VRING_PAGE) * VRING_PAGE
 
 
 class EntryView:

@@ -6,7 +6,7 @@ boot: the block options' ranges, the RAM sizes and the card-physical map
 (card RAM must end below the host-RAM window at ``transport.space.SMPT_BASE``),
 the largest image, and what each device takes on the card's 4 KiB device page
 and in its host RAM window (:class:`Geometry`). The page and ring arithmetic
-is VOP's own, imported from :mod:`virtio` (``entry_size``, ``vring_info_offset``,
+is VOP's own, imported from :mod:`virtio` (``entry_size``, ``vring_alloc_size``,
 the VOP limits), never restated.
 
 Imports ``virtio`` (layouts, device page, console) and ``transport.space`` /
@@ -27,14 +27,13 @@ from transport.mmio import SMPT_ENTRIES
 from transport.space import SMPT_BASE
 from virtio.console import num_queues as console_num_queues
 from virtio.constants import MIC_DP_SIZE, MIC_MAX_DESC_BLK_SIZE, SECTOR_SIZE
-from virtio.devpage import MAX_QUEUE_SIZE, vring_info_offset
+from virtio.devpage import MAX_QUEUE_SIZE, vring_alloc_size
 from virtio.layouts import (
     FIRST_ENTRY_OFFSET,
     MAX_FEATURE_LEN,
     MAX_NUM_VQ,
     BlkConfig,
     ConsoleConfig,
-    MicVringInfo,
     NetConfig,
     entry_size,
     mic_aligned_desc_size,
@@ -63,7 +62,6 @@ __all__ = [
     "geometry",
     "is_power_of_two",
     "min_host_ram",
-    "vring_bytes",
 ]
 
 #: Host page size: RAM sizes are multiples of it, rings are page-aligned blocks.
@@ -107,12 +105,6 @@ def is_power_of_two(n: int) -> bool:
     return n > 0 and not n & (n - 1)
 
 
-def vring_bytes(num: int) -> int:
-    """Host RAM one vring of ``num`` entries takes: PAGE_ALIGN(vring_size + info), as VOP
-    allocates it (``mic_host.vop.page.vring_alloc_size``)."""
-    return -(-(vring_info_offset(num) + int(MicVringInfo.sizeof())) // PAGE) * PAGE
-
-
 @dataclass(frozen=True, slots=True)
 class Geometry:
     """What one device takes: its queues' sizes and its config space's length.
@@ -138,7 +130,7 @@ class Geometry:
     @property
     def ring_bytes(self) -> int:
         """Host RAM its vrings take."""
-        return sum(vring_bytes(n) for n in self.queue_sizes)
+        return sum(vring_alloc_size(n) for n in self.queue_sizes)
 
     def problem(self) -> str | None:
         """Why VOP would refuse this device on its own, or None."""

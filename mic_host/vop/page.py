@@ -14,7 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from virtio.constants import MIC_DP_SIZE, MIC_MAX_DESC_BLK_SIZE, DeviceType
-from virtio.devpage import BOOT_H2C_CONFIG_DB, MAX_QUEUE_SIZE, EntryView, s8, vring_info_offset
+from virtio.devpage import (
+    BOOT_H2C_CONFIG_DB,
+    MAX_QUEUE_SIZE,
+    EntryView,
+    s8,
+    vring_alloc_size,
+)
 from virtio.errors import LocalProtocolError, ResourceError
 from virtio.layouts import (
     FIRST_ENTRY_OFFSET,
@@ -23,7 +29,6 @@ from virtio.layouts import (
     BootParam,
     DeviceEntry,
     MicDeviceCtrl,
-    MicVringInfo,
     VqConfig,
     entry_size,
 )
@@ -44,11 +49,6 @@ class HostRamAllocator(FirstFitAllocator):
 
     def __init__(self, start: int, end: int, page: int = PAGE) -> None:
         super().__init__(start, end, granule=page, what="host RAM")
-
-
-def vring_alloc_size(num: int) -> int:
-    """Bytes the host allocates per vring: PAGE_ALIGN(vring_size + info)."""
-    return -(-(vring_info_offset(num) + int(MicVringInfo.sizeof())) // PAGE) * PAGE
 
 
 #: Smallest entry (1 vq, no features, no config): what a removed filler needs.
