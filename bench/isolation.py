@@ -276,11 +276,24 @@ class Hostile:
                 os.setpriority(os.PRIO_PROCESS, pid, HOSTILE_NICE)
 
     async def _recover(self) -> None:
-        """Reset and boot the hostile card (it lost its link, or cannot repair itself)."""
+        """Reset and boot the hostile card (it lost its link, or cannot repair itself).
+
+        Its new card OS is reniced as soon as the daemon reports its pid, not
+        once it is online: its start-up (a Python interpreter and the card's
+        modules, ~0.3 s of CPU, tens of times a run) is the card's own work,
+        which a real card does on its own cores.
+        """
         self.counts["card_resets"] += 1
         await self.bad.reset()
-        await self.bad.boot(wait=True, timeout=60)
+        await self.bad.boot(wait=False)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            st = await self.bad.status()
+            if st["pid"] or st["state"] not in ("ready", "booting"):
+                break
+            await asyncio.sleep(0.005)
         await self.renice()
+        await self.bad.wait("online", timeout=60)
 
     async def _play(self, attack: str) -> None:
         bad = self.bad

@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, assert_never
 
@@ -45,7 +46,7 @@ from mic_host.config import CardConfig
 from mic_host.lifecycle import CardEvent, CardLifecycle, CardState, ShutdownStatus
 from mic_host.paths import accel_socket_path
 from mic_host.vop import Vop
-from transport import CardIdentity, PcieConfig, PcieHost, Perm
+from transport import CardIdentity, Mmio, PcieConfig, PcieHost, Perm
 from transport.messages import (
     CardMessage,
     Crashed,
@@ -66,6 +67,36 @@ log = logging.getLogger("mic_host.card")
 
 #: How long a lost link may precede the process exit before we call it a crash.
 LINK_GRACE = 2.0
+#: Longest stretch the doorbell pump keeps the event loop while the card keeps
+#: ringing (its vector never sleeps) before it lets other cards' work run.
+PUMP_SLICE_NS = 200_000
+
+
+async def pump_doorbells(mmio: Mmio, on_doorbell: Callable[[int], None]) -> None:
+    """Forever: wait on vector 0, ack its doorbells and hand each to ``on_doorbell``.
+
+    A wait that finds the counter moved (or sees it move while it spins)
+    returns without suspending, so a card that never stops ringing would keep
+    this task on the event loop and starve every other card's work. After
+    :data:`PUMP_SLICE_NS` of that without the vector sleeping, the pump gives
+    the loop one turn (``asyncio.sleep(0)``); a card that lets its vector sleep
+    between bursts never pays it.
+
+    Raises:
+        BrokenResourceError: the link was lost (the vector failed).
+    """
+    vec = mmio.vector(0)
+    clock = time.perf_counter_ns
+    sleeps, turn = vec.sleeps, clock()
+    while True:
+        await vec.wait()
+        for db in sorted(mmio.ack_doorbells(0)):
+            on_doorbell(db)
+        if vec.sleeps != sleeps:  # it suspended: other tasks ran meanwhile
+            sleeps, turn = vec.sleeps, clock()
+        elif clock() - turn > PUMP_SLICE_NS:
+            await asyncio.sleep(0)
+            turn = clock()
 
 
 class SessionOwner(Protocol):
@@ -268,13 +299,8 @@ class BootSession:
 
     async def _pump(self, pcie: PcieHost, vop: Vop) -> None:
         """Card->host doorbells (all routed to vector 0) into the VOP layer."""
-        vec = pcie.mmio.vector(0)
-        mmio = pcie.mmio
         try:
-            while True:
-                await vec.wait()
-                for db in sorted(mmio.ack_doorbells(0)):
-                    vop.on_doorbell(db)
+            await pump_doorbells(pcie.mmio, vop.on_doorbell)
         except BrokenResourceError:
             return  # link lost: the process watcher and link reader decide why
 

@@ -20,8 +20,10 @@ from typing import Any
 
 import pytest
 
+from mic_host.card.session import PUMP_SLICE_NS, pump_doorbells
 from mic_host.client import CardClient, Client
 from tests.integration.helpers import HEARTBEAT, block_toml, booted, card_toml, config, daemon
+from virtio.errors import BrokenResourceError
 
 CAMPAIGN = "tests.integration.hostile_campaign"
 ROUNDS = 10_000
@@ -130,12 +132,66 @@ async def test_hostile_campaign_leaves_the_neighbour_and_the_daemon_alone(
         assert (await bad.run("tests.integration.apps:echo"))["value"]["card"] == "mic1"
 
 
+class _RingingVector:
+    """Vector 0 of a card that never stops ringing: every wait returns at once, it
+    never sleeps; after ``limit`` waits the link is lost."""
+
+    def __init__(self, limit: int) -> None:
+        self.sleeps = 0
+        self.waits = 0
+        self.limit = limit
+
+    async def wait(self) -> int:
+        self.waits += 1
+        if self.waits > self.limit:
+            raise BrokenResourceError("link lost")
+        return 1
+
+
+class _RingingMmio:
+    def __init__(self, vec: _RingingVector) -> None:
+        self.vec = vec
+
+    def vector(self, v: int) -> _RingingVector:
+        assert v == 0
+        return self.vec
+
+    def ack_doorbells(self, vector: int) -> frozenset[int]:
+        return frozenset({0, 1})
+
+
+@pytest.mark.asyncio
+async def test_a_card_that_never_stops_ringing_leaves_the_loop_to_others() -> None:
+    """The doorbell pump of a card whose vector never sleeps still gives the event
+    loop a turn at least every ``PUMP_SLICE_NS`` (other cards' work interleaves)."""
+    vec = _RingingVector(limit=20_000)
+    mmio = _RingingMmio(vec)
+    served: list[int] = []
+    turns = 0
+
+    async def neighbour() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    t0 = time.perf_counter()
+    other = asyncio.create_task(neighbour())
+    await asyncio.sleep(0)
+    with pytest.raises(BrokenResourceError):
+        await pump_doorbells(mmio, served.append)  # type: ignore[arg-type]
+    elapsed_ns = (time.perf_counter() - t0) * 1e9
+    other.cancel()
+    assert len(served) == 2 * vec.limit
+    # one turn per slice of pumping, at least (a starving pump gives 1: before it started)
+    assert turns >= max(2, elapsed_ns // PUMP_SLICE_NS // 2), (turns, elapsed_ns)
+
+
 #: The healthy p99 bound this test holds the tree to: the goal
-#: (``bench.isolation.GOALS["p99_ratio"]``, 2x) is not met yet under ring garbage
-#: (2.2-4.3x measured, 2-4 ms against 1 ms alone); 10x still catches a daemon that
-#: stalls for a card (the 1 GiB console chain: ~1000x). Lower it to the goal
-#: when the bounded-work fixes of issue 14 land.
-P99_RATIO_BOUND = 10.0
+#: (``bench.isolation.GOALS["p99_ratio"]``, 2x). Met since the doorbell pump
+#: gives the loop a turn while a card keeps ringing (1.2-1.8x measured here,
+#: was 2.2-4.3x); one retry absorbs a run stalled by other processes.
+P99_RATIO_BOUND = 2.0
 
 
 @pytest.mark.asyncio
