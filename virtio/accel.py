@@ -2,7 +2,7 @@
 
 Owns every byte layout an accelerator queue puts in shared memory (api
 ``mic-accel-v2``), on the card (app and engine worker) and between a host
-script and the card (``mic_host.accel``): both sides import it from here
+script and the card (``mic_host.client.accel``): both sides import it from here
 (``mic_host`` and ``mic_card`` never import each other). Each layout is
 declared once with ``construct`` (the source of truth) and has a precompiled
 ``struct.Struct`` twin for the hot path; the two are tested against each other
@@ -214,7 +214,7 @@ class AccelRequestError(MicError):
     """A request came back with a non-OK status (``status``, ``consumed``, ``produced``).
 
     Raised by the synchronous ``do`` of both sides (the card's
-    ``mic_card.accel.RequestError`` and the host's ``mic_host.accel`` sessions);
+    ``mic_card.accel.RequestError`` and the host's ``mic_host.client.accel`` sessions);
     for ``OUT_OF_SPACE_RECOVERABLE`` ``consumed`` says where to resume.
     """
 

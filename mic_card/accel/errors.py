@@ -10,7 +10,7 @@ Whose fault (STYLE.md §3):
 - :class:`QueueDisabled` (a :class:`~virtio.errors.BrokenResourceError`): the
   queue's engine crashed or hung, or the ring broke; ``reset()`` it.
 - :class:`RequestError` (a :class:`virtio.accel.AccelRequestError`, as the
-  host's ``mic_host.accel`` raises): one request came back with a non-OK
+  host's ``mic_host.client.accel`` raises): one request came back with a non-OK
   :class:`~virtio.accel.Status` (raised by the synchronous ``do``;
   asynchronous users read ``Completion.status``).
 - :class:`QueueStateError` (a :class:`~virtio.errors.LocalProtocolError`): an

@@ -1,6 +1,6 @@
 """Host reach: accelerator channels that host scripts open on the card (MIC offload).
 
-A host script (``mic_host.accel``, through ``CardClient.accel_session``)
+A host script (``mic_host.client.accel``, through ``CardClient.accel_session``)
 connects to the card's offload endpoint (a Unix socket named in the boot
 parameters, played like a SCIF endpoint) and asks for a channel. The card
 answers with a queue of the ordinary accelerator format (``virtio.accel``:
