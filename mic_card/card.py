@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING, Any
 
 from mic_card.agent import AGENT_PORT, Agent
 from mic_card.bus import CardRamAllocator, VirtioBus
-from mic_card.drivers import DRIVERS
-from mic_card.drivers.console import ConsoleDevice, SinglePortConsole
+from mic_card.drivers.console import ConsoleDevice
 from mic_card.drivers.net import merge_params
+from mic_card.drivers.plugins import load_driver_table
 from mic_card.offload import bind_offload_endpoint, serve_offload_endpoint
 from mic_card.services import SHUTDOWN_STATUSES
 from mic_card.shell import CardFS, InteractiveShell, lazy_command
@@ -270,10 +270,10 @@ class CardOS:
         self.dmesg = dmesg
         self.started = time.monotonic()
         self.platform = _Platform(pcie, pcie.mmio.spad.device_page())
-        # The driver table, with MULTIPORT left unacked on request (a card
-        # that only knows the legacy single-port console).
-        drivers = dict(DRIVERS)
-        drivers[int(DeviceType.CONSOLE)] = ConsoleDevice if console_multiport else SinglePortConsole
+        # The driver table: the built-ins (the console with MULTIPORT left
+        # unacked on request: a card that only knows the legacy single-port
+        # console) and the mic_vop.drivers plug-ins installed here.
+        drivers = load_driver_table(console_multiport=console_multiport)
         self.bus = VirtioBus(
             self.platform,
             used_in_card=bool(self.boot_params.get("used_ring_in_card", False)),

@@ -9,6 +9,9 @@ Modules, lowest first (imports point down):
 - :mod:`~mic_card.bus.device`: one device (:class:`CardDevice`: probe, queues,
   the handshake adapter) and the protocols around it (:class:`CardPlatform`,
   :class:`Driver`, :class:`BusOwner`), the :class:`CardRamAllocator`;
+- :mod:`~mic_card.bus.table`: the driver table (:class:`DriverSpec`,
+  :class:`DriverTable`: drivers by name, and the priority rule that picks
+  the one serving each device type);
 - :mod:`~mic_card.bus.devices`: the bus itself (:class:`VirtioBus`: scan, bind,
   config changes, hot add/remove, reset), given its driver table by the caller.
 
@@ -25,6 +28,7 @@ from mic_card.bus.device import (
     DriverFactory,
 )
 from mic_card.bus.devices import VirtioBus
+from mic_card.bus.table import DriverSpec, DriverTable
 
 __all__ = [
     "CARD_TRANSPORT_FEATURES",
@@ -34,5 +38,7 @@ __all__ = [
     "CardRamAllocator",
     "Driver",
     "DriverFactory",
+    "DriverSpec",
+    "DriverTable",
     "VirtioBus",
 ]

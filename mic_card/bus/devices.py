@@ -27,6 +27,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from mic_card.bus.device import CARD_TRANSPORT_FEATURES, CardDevice, CardPlatform, DriverFactory
+from mic_card.bus.table import DriverTable
 from virtio.constants import MIC_DP_SIZE, DeviceStatus, DeviceType, MicConfigChange
 from virtio.devpage import BOOT_H2C_CONFIG_DB, C2H_DOORBELLS, H2C_DOORBELLS, EntryView
 from virtio.errors import (
@@ -71,8 +72,11 @@ class VirtioBus:
     """The card's view of the device page: scan, probe, bind, hot add/remove, reset.
 
     Use as ``async with VirtioBus(platform, drivers=DRIVERS) as bus:``.
-    ``drivers`` maps a device type to a driver factory (the card OS passes
-    :data:`mic_card.drivers.DRIVERS`; the bus never imports the drivers). Options:
+    ``drivers`` maps a device type to a driver factory: the card OS passes a
+    :class:`~mic_card.bus.table.DriverTable` (built-ins and plug-ins, by name,
+    from :func:`mic_card.drivers.plugins.load_driver_table`); a plain dict
+    such as :data:`mic_card.drivers.DRIVERS` works too. The bus never imports
+    the drivers. Options:
     ``used_in_card`` moves every used ring into card RAM (the Linux used-ring
     trick); ``h2c_doorbells`` are the host->card doorbells the card may pick;
     ``timeout`` bounds every handshake (Linux: 10 s);
@@ -98,7 +102,7 @@ class VirtioBus:
         self._indirect_max = indirect_max
         self._extra_acks = extra_acks
         self._h2c = list(h2c_doorbells)
-        self._drivers = dict(drivers)
+        self._drivers = DriverTable.from_mapping(drivers)
         self._dp: memoryview = memoryview(b"")
         self.config_db = -1
         self._by_offset: dict[int, CardDevice] = {}
@@ -129,6 +133,11 @@ class VirtioBus:
     @property
     def extra_acks(self) -> int:
         return self._extra_acks
+
+    @property
+    def drivers(self) -> DriverTable:
+        """The driver table: every known driver by name, the serving one per type."""
+        return self._drivers
 
     async def __aenter__(self) -> VirtioBus:
         await self.start()

@@ -1,0 +1,79 @@
+"""Card driver plug-ins through real processes: a ``mic-card`` whose environment
+holds two ``mic_vop.drivers`` entry points, one that outranks the built-in
+virtio-blk driver and one whose module does not exist.
+
+The plug-ins are real installed distributions (a ``.dist-info`` and a module)
+in a folder the card OS gets on its ``PYTHONPATH`` through ``card_command``;
+the fresh-venv test of ``examples/virtio-rng`` installs one with pip.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.card.plugin_dist import make_dist
+from tests.integration.helpers import app, booted, card_toml, config, daemon
+
+DRIVERS_APP = "tests.integration.plugin_apps:bound_drivers"
+
+TRACED = """
+from mic_card.drivers import BlockDevice
+
+
+class TracedBlock(BlockDevice):
+    \"\"\"The built-in virtio-blk driver under another name, outranking it.\"\"\"
+
+    DEVICE_TYPE = 2
+    PRIORITY = 10
+"""
+
+
+@pytest.mark.asyncio
+async def test_plugin_outranks_builtin_and_a_broken_one_is_logged(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    plugins = make_dist(
+        tmp_path / "site",
+        "traced-blk",
+        {"traced-blk": "traced_blk:TracedBlock", "broken-blk": "no_such_module:Driver"},
+        {"traced_blk": TRACED},
+    )
+    # The card OS gets the plug-ins' folder on its path; the daemon appends
+    # "python -m mic_card --link-fd N --card mic0".
+    card = card_toml(card_command=["env", f"PYTHONPATH={plugins}"])
+    async with daemon(state_dir, config(card)) as client:
+        mic0 = await booted(client)
+        drivers = (await mic0.run(DRIVERS_APP))["value"]
+        assert drivers == {"hvc0": "ConsoleDevice", "vda": "TracedBlock"}
+        # the plug-in driver does real I/O
+        await mic0.run(app("write_text"), "vda", 3, "through a plug-in")
+        assert (await mic0.run(app("read_text"), "vda", 3, 64))["value"] == "through a plug-in"
+        assert (state_dir / "mic0.img").read_bytes()[3 * 512 : 3 * 512 + 17] == b"through a plug-in"
+
+    log = (state_dir / "mic0-card.log").read_text()
+    assert "card driver plug-in 'broken-blk' (entry point no_such_module:Driver" in log
+    assert "failed to load: ModuleNotFoundError: No module named 'no_such_module'; skipped" in log
+    assert "device type 2: driver 'traced-blk' (priority 10" in log
+    assert "also claimed by 'virtio-blk' (priority 0, built-in)" in log
+
+
+@pytest.mark.asyncio
+async def test_broken_plugin_leaves_the_builtin_serving(state_dir: Path, tmp_path: Path) -> None:
+    plugins = make_dist(
+        tmp_path / "site",
+        "broken-blk",
+        {"broken-blk": "broken_blk:Driver"},
+        {"broken_blk": "raise ImportError('needs libfoo.so')\n"},
+    )
+    card = card_toml(card_command=["env", f"PYTHONPATH={plugins}"])
+    async with daemon(state_dir, config(card)) as client:
+        mic0 = await booted(client)
+        drivers = (await mic0.run(DRIVERS_APP))["value"]
+        assert drivers == {"hvc0": "ConsoleDevice", "vda": "BlockDevice"}
+        await mic0.run(app("write_text"), "vda", 0, "built-in")
+        assert (await mic0.run(app("read_text"), "vda", 0, 64))["value"] == "built-in"
+    log = (state_dir / "mic0-card.log").read_text()
+    assert "card driver plug-in 'broken-blk'" in log
+    assert "failed to load: ImportError: needs libfoo.so; skipped" in log
