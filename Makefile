@@ -20,6 +20,7 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/mypy --strict examples/virtio-rng/src
 	$(BIN)/python -m pytest --cov --cov-report= $(PYTEST_ARGS)
 	$(BIN)/coverage report --include='virtio/split/*,virtio/status.py' --fail-under=95 --show-missing
 
