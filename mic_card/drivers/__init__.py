@@ -1,9 +1,11 @@
 """Card virtio drivers, by device type.
 
-:data:`DRIVERS` maps a virtio device ID to the driver class
-:class:`mic_card.bus.VirtioBus` binds to it. Each class has ``FEATURES``
-(the device-specific bits it supports) and is built with the live
-:class:`mic_card.bus.CardDevice`.
+:data:`DRIVERS` maps a virtio device ID to the built-in driver class for
+it. Each class has ``FEATURES`` (the device-specific bits it supports) and is
+built with the live :class:`mic_card.bus.CardDevice`. The card OS does not
+use this dict directly: :func:`mic_card.drivers.plugins.load_driver_table`
+builds its driver table from the built-ins (by name: ``virtio-blk``,
+``virtio-console``, ``virtio-net``) and the ``mic_vop.drivers`` entry points.
 
 Must not import ``transport`` or ``mic_host``.
 """

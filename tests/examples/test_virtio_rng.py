@@ -229,6 +229,9 @@ async def test_rng_from_a_pip_installed_example(venv: Venv, tmp_path: Path) -> N
         bad = await host.micctl("run", "mic0", "mic_vop_rng.app:main", str(2 << 20))
         assert bad.returncode != 0
         assert "read of 2097152 bytes (0..1048576)" in bad.stderr
+        bad = await host.micctl("run", "mic0", "mic_vop_rng.app:main", "8", "hvc0")
+        assert bad.returncode != 0
+        assert "mic0: hvc0 is not a bound virtio-rng device" in bad.stderr
         bad = await host.micctl("attach", "mic0", "rng", "--opt", "queue_size=3")
         assert bad.returncode != 0
         assert "queue_size 3 is not a power of two" in bad.stderr

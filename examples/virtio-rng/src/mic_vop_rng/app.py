@@ -14,7 +14,6 @@ from typing import Any
 
 from mic_card.services import CardServices
 from mic_vop_rng import VIRTIO_ID_RNG
-from mic_vop_rng.driver import RngDriver
 
 MONOBIT_BYTES = 2500
 
@@ -23,24 +22,28 @@ async def main(card: CardServices, nbytes: int | str = 32, device: str = "") -> 
     """Read ``nbytes`` from ``device`` (default: the first virtio-rng on the card).
 
     Raises:
-        LookupError: no virtio-rng device bound; ValueError: ``nbytes`` is not
-        a count, or the bytes fail the sanity check.
+        LookupError: no such virtio-rng device bound; ValueError: ``nbytes`` is
+        not a count, or the bytes fail the sanity check.
     """
     n = int(nbytes)
-    name = device or _first_rng(card)
-    rng = card.device(name)
-    if not isinstance(rng, RngDriver):
-        raise LookupError(f"{name} is not a virtio-rng device (its driver: {type(rng).__name__})")
-    data = await rng.read(n)
+    name = _rng_device(card, device)
+    data: bytes = await card.device(name).read(n)  # the driver: mic_vop_rng.driver.RngDriver
     _sanity_check(name, data)
     return {"device": name, "bytes": len(data), "hex": data.hex()}
 
 
-def _first_rng(card: CardServices) -> str:
-    for d in card.devices():
-        if d["type"] == VIRTIO_ID_RNG and d["driver"] is not None:
-            return str(d["name"])
-    raise LookupError(f"{card.name}: no virtio-rng device (micctl attach {card.name} rng)")
+def _rng_device(card: CardServices, wanted: str) -> str:
+    """``wanted`` if it is a bound virtio-rng device, else the first one.
+
+    Goes by the device type in the card's device list, not by the driver's
+    class: any driver bound to a virtio-rng device will do.
+    """
+    rngs = [d["name"] for d in card.devices() if d["type"] == VIRTIO_ID_RNG and d["driver"]]
+    if wanted and wanted not in rngs:
+        raise LookupError(f"{card.name}: {wanted} is not a bound virtio-rng device (those: {rngs})")
+    if not rngs:
+        raise LookupError(f"{card.name}: no virtio-rng device (micctl attach {card.name} rng)")
+    return wanted or str(rngs[0])
 
 
 def _sanity_check(name: str, data: bytes) -> None:
