@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -31,8 +32,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "virtio-rng"
-#: What the product's wheel is built from (copied, so the build leaves no trace in the tree).
-PRODUCT_FILES = ("pyproject.toml", "README.md", "virtio", "transport", "mic_host", "mic_card")
+
+
+def product_files() -> list[str]:
+    """What the product's wheel is built from: pyproject, readme, packages (copied, so
+    the build leaves no trace in the tree)."""
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())
+    packages = meta["tool"]["setuptools"]["packages"]["find"]["include"]
+    return ["pyproject.toml", meta["project"]["readme"], *(p.rstrip("*") for p in packages)]
+
+
 #: pip's words when it cannot get a distribution from any index.
 OFFLINE = (
     "No matching distribution found",
@@ -69,7 +78,7 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Venv:
     product = base / "mic-vop"
     product.mkdir()
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in PRODUCT_FILES:
+    for name in product_files():
         src = REPO / name
         if src.is_dir():
             shutil.copytree(src, product / name, ignore=ignore)

@@ -131,7 +131,8 @@ LAYERS: dict[str, tuple[tuple[str, ...], ...]] = {
         ("services", "endpoint"),
         # the card bus: reads the device page, probes the drivers it is given
         ("bus",),
-        # virtio drivers: blk, console, net
+        # virtio drivers: blk, console, net; the driver table's loader
+        # (built-ins + mic_vop.drivers entry points: drivers.plugins)
         ("drivers",),
         # the accelerator framework (loaded lazily)
         ("accel",),
