@@ -413,6 +413,25 @@ class CardClient:
         """Set the console's window size (the card gets VIRTIO_CONSOLE_RESIZE)."""
         await self.client.request("console_resize", self.name, cols=cols, rows=rows, device=device)
 
+    async def reboot(self, wait: bool = True, timeout: float | None = None) -> dict[str, Any]:
+        """Bring the card down and boot it again, as ``micctrl --reboot``: an online
+        card is shut down, a booting, crashed or reset_failed one reset, a
+        shutting_down or resetting one waited for; then it boots (with ``wait``,
+        until online). ``timeout`` bounds each step (None: the card's bounds).
+
+        Raises:
+            LocalProtocolError: the card cannot be rebooted (e.g. it was suspended).
+            MicTimeoutError: a step did not finish in time.
+        """
+        state = await self.state()
+        if state is CardState.ONLINE:
+            await self.shutdown(wait=True, timeout=timeout)
+        elif state in (CardState.BOOTING, CardState.CRASHED, CardState.RESET_FAILED):
+            await self.reset()
+        if state is not CardState.READY:
+            await self.wait(CardState.READY, timeout=timeout)
+        return await self.boot(wait=wait, timeout=timeout)
+
 
 # ------------------------------------------------------------------ connect
 
