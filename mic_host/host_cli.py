@@ -36,6 +36,12 @@ EXIT_INVALID = 1
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = (
+        "Without --config the daemon runs the embedded default: card mic0, booted at "
+        "start, with a console and a 64 MiB disk in the state directory "
+        "(--print-default-config shows it). 'micctl help config' describes the file; "
+        "'micctl help' the rest."
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     p.add_argument(
         "--check-config",
