@@ -146,8 +146,10 @@ async def _exec(client: Client, args: argparse.Namespace) -> int:
     if args.shell is None and not args.argv:  # validate() ran; kept for direct callers
         return EXIT_USAGE
     stdin = None
-    if not args.no_stdin:
-        stdin = await asyncio.to_thread(read_stdin, 0, force=args.stdin)
+    # sys.stdin is None when fd 0 was closed at startup: fd 0 may since be one of
+    # our own sockets, never to be read as the user's input
+    if not args.no_stdin and sys.stdin is not None:
+        stdin = await asyncio.to_thread(read_stdin, sys.stdin.fileno(), force=args.stdin)
     card = client.card(args.card)
     if args.shell is not None:
         r = await card.exec(line=args.shell, timeout=args.timeout, stdin=stdin)

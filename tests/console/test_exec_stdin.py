@@ -15,7 +15,7 @@ import pytest
 
 from mic_card.shell.base import ShellError
 from mic_card.shell.line import Op, parse, tokenize
-from tests.integration.helpers import REPO, booted, config, daemon, micctl
+from tests.integration.helpers import REPO, booted, command, config, daemon, micctl
 from virtio.agent import MAX_STDIN
 
 
@@ -65,6 +65,11 @@ async def test_exec_stdin_and_shell_lines(state_dir: Path) -> None:
             state_dir, "exec", "mic0", "--", "sha256sum", stdin=b"z" * MAX_STDIN
         )
         assert (rc, out.split()[0]) == (0, hashlib.sha256(b"z" * MAX_STDIN).hexdigest().encode())
+
+        # stdin closed (<&-): nothing to send, and none of micctl's own fds is read instead
+        line = 'exec "$0" -m mic_host.micctl --state-dir "$1" exec mic0 -- cat <&-'
+        r = await command("sh", "-c", line, sys.executable, str(state_dir))
+        assert (r.rc, r.out, r.err) == (0, "", ""), r
 
         # stdin on a terminal is not read unless asked (-i/--stdin): no hang, empty stdin
         master, slave = os.openpty()
