@@ -1,22 +1,31 @@
 # The two sacred commands: `make run` and `make test`. Both set everything up
-# on a fresh clone (a .venv with the project and its test extra) and are quick
-# when nothing changed.
+# on a fresh clone and are quick when nothing changed: `make run` installs what
+# running needs (the project and its runtime dependencies) into .venv, `make
+# test` adds the test extra (pytest, hypothesis, ruff, mypy...) on top, so a
+# `make run` first and a `make test` later installs only the tools.
 PY ?= python3
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
+TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install test run bench lint fmt clean
+.PHONY: install install-run test run bench lint fmt clean
 
-install: $(STAMP)
+install: $(TEST_STAMP)
+install-run: $(RUN_STAMP)
 
-$(STAMP): pyproject.toml
+$(RUN_STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
-	@touch $(STAMP)
+	$(BIN)/python -m pip install --quiet -e .
+	@touch $@
 
-test: install
+# After the runtime install (so a changed pyproject.toml redoes both).
+$(TEST_STAMP): $(RUN_STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $@
+
+test: $(TEST_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -26,14 +35,13 @@ test: install
 
 # The main job: the host daemon with the embedded default config (card mic0
 # booted at start, with a console and a 64 MiB disk in the state directory).
-MIC_STATE_DIR ?= $(CURDIR)/.mic-state
-export MIC_STATE_DIR
-
-run: install
-	@echo "mic-host: state directory $(MIC_STATE_DIR); Ctrl-C stops the daemon and its cards."
-	@echo "In another terminal:  MIC_STATE_DIR=$(MIC_STATE_DIR) $(BIN)/micctl status"
-	@echo "                      MIC_STATE_DIR=$(MIC_STATE_DIR) $(BIN)/micctl run mic0 module:function"
-	$(BIN)/mic-host --state-dir $(MIC_STATE_DIR)
+# The state directory is the one micctl and the client library find on their
+# own: $MIC_STATE_DIR if set, else ~/.local/state/mic-vop (mic_host/paths.py).
+run: $(RUN_STAMP)
+	@echo "mic-host: state directory $${MIC_STATE_DIR:-$${XDG_STATE_HOME:-$$HOME/.local/state}/mic-vop}; Ctrl-C stops the daemon and its cards."
+	@echo "In another terminal:  $(BIN)/micctl status"
+	@echo "                      $(BIN)/micctl console mic0"
+	$(BIN)/mic-host
 
 bench: install
 	$(BIN)/python -m bench.ring

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mic_host import host_cli
 from mic_host.backends import available_backends
 from mic_host.card import CardManager
 from mic_host.config import DaemonConfig, check_device_types, default_config, load_config
@@ -274,7 +275,11 @@ async def _amain(cfg: DaemonConfig, *, exit_with_parent: bool = False) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mic-host", description="The MIC-VOP host daemon.")
-    p.add_argument("--state-dir", default=None, help="state directory (default $MIC_STATE_DIR)")
+    p.add_argument(
+        "--state-dir",
+        default=None,
+        help="state directory (default: $MIC_STATE_DIR, else ~/.local/state/mic-vop)",
+    )
     p.add_argument("--config", default=None, help="TOML config (default: the embedded one)")
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     p.add_argument(
@@ -282,7 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="stop when the process that started the daemon exits (used by mic_host.launch)",
     )
+    host_cli.add_arguments(p)  # --version, --check-config, --print-default-config
     args = p.parse_args(argv)
+    if (answered := host_cli.run_offline(args)) is not None:
+        return answered
     # Everything the daemon creates is its user's alone: the state directory
     # 0700, files 0600 (logs, the lock, console logs, disk images, netns
     # records, sockets) and so is everything its card processes create, as

@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "MAX_LINE",
     "MAX_OUTPUT",
+    "MAX_STDIN",
     "MAX_TIMEOUT",
     "LineSplitter",
     "decode",
@@ -35,6 +36,9 @@ AGENT_PORT = "org.mic-vop.agent.0"
 MAX_LINE = 1 << 20
 #: Bound on stdout and on stderr of one exec (base64 of both fits in a control-socket line).
 MAX_OUTPUT = 256 * 1024
+#: Bound on the stdin of one exec: it travels whole, base64 in one control-socket line
+#: and one agent line (each at most 1 MiB), with room for the rest of the request.
+MAX_STDIN = 512 * 1024
 #: An exec's timeout when the request gives none, and the largest one allowed (seconds).
 DEFAULT_TIMEOUT = 30.0
 MAX_TIMEOUT = 24 * 3600.0

@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Protocol
 from mic_card.services import CardServices
 from mic_card.shell.base import STATUS_NOT_FOUND, FsError, OutputFull, ShellError
 from mic_card.shell.fs import CardFS, File
+from mic_card.shell.line import Command as LineCommand
+from mic_card.shell.line import Pipeline, parse
 from virtio.errors import BrokenResourceError, MicError
 
 if TYPE_CHECKING:
@@ -52,6 +54,7 @@ __all__ = [
     "run_argv",
     "run_line",
     "split_line",
+    "PIPE_LIMIT",
 ]
 
 log = logging.getLogger("mic_card.shell")
@@ -246,25 +249,81 @@ async def _call(ctx: ShellContext, cmd: Command, args: list[str]) -> int:
         return 1
 
 
+#: Bound on what one pipe stage hands the next, and on a ``< FILE`` input: both are
+#: held in card memory whole (the stages run one after the other).
+PIPE_LIMIT = 16 << 20
+
+
 async def run_line(ctx: ShellContext, line: str) -> int:
-    """Parse and run one command line (with ``>``/``>>`` redirection)."""
+    """Parse and run one command line (:mod:`mic_card.shell.line`: ``;``, ``&&``,
+    ``||``, pipes, ``<``, ``>``, ``>>``); the status of the last command run."""
     try:
-        argv, target, append = split_line(line)
+        commands = parse(line)
     except ShellError as e:
-        await ctx.err(f"sh: {e}\n")
+        with contextlib.suppress(OutputFull):
+            await ctx.err(f"sh: {e}\n")
         return e.status
-    if target is None:
-        return await run_argv(ctx, argv)
+    if commands.first is None:
+        return 0
+    status = await _run_pipeline(ctx, commands.first)
+    for connector, pipeline in commands.rest:
+        if ctx.exit_requested or ctx.shutdown is not None:
+            break
+        if (connector == "&&" and status != 0) or (connector == "||" and status == 0):
+            continue
+        status = await _run_pipeline(ctx, pipeline)
+    return status
+
+
+async def _run_pipeline(ctx: ShellContext, pipeline: Pipeline) -> int:
+    """Stage by stage: each one's output, up to :data:`PIPE_LIMIT`, is the next one's stdin
+    (a stage that writes more is stopped with status 141, as by SIGPIPE)."""
+    stdin = ctx.stdin
+    status = 0
+    last = len(pipeline.commands) - 1
+    for i, cmd in enumerate(pipeline.commands):
+        pipe = CaptureOutput(PIPE_LIMIT) if i < last else None
+        status = await _run_command(ctx, cmd, stdin, pipe)
+        if pipe is not None:
+            stdin = bytes(pipe.data)
+    return status
+
+
+async def _read_input(ctx: ShellContext, path: str) -> bytes:
+    f = ctx.fs.open(path)
+    data = bytearray()
+    while len(data) <= PIPE_LIMIT:
+        chunk = await f.pread(len(data), min(1 << 16, PIPE_LIMIT + 1 - len(data)))
+        if not chunk:
+            return bytes(data)
+        data += chunk
+    raise ShellError(f"{path}: input over {PIPE_LIMIT >> 20} MiB")
+
+
+async def _run_command(
+    ctx: ShellContext, cmd: LineCommand, stdin: bytes, pipe: CaptureOutput | None
+) -> int:
+    """One simple command with its redirections (a file redirection beats the pipe)."""
+    saved = ctx.stdin, ctx.stdout
     try:
-        f = ctx.fs.open(target, write=True, truncate=not append)
-    except FsError as e:
-        await ctx.err(f"sh: {e}\n")
-        return 1
-    out = FileOutput(f)
-    if append and f.size:
-        out.offset = f.size
-    saved, ctx.stdout = ctx.stdout, out
+        if cmd.stdin is not None:
+            stdin = await _read_input(ctx, cmd.stdin)
+        out: Output | None = pipe
+        if cmd.stdout is not None:
+            target, append = cmd.stdout
+            f = ctx.fs.open(target, write=True, truncate=not append)
+            fout = FileOutput(f)
+            if append and f.size:
+                fout.offset = f.size
+            out = fout
+    except (FsError, ShellError) as e:
+        with contextlib.suppress(OutputFull):
+            await ctx.err(f"sh: {e}\n")
+        return e.status if isinstance(e, ShellError) else 1
+    ctx.stdin = stdin
+    if out is not None:
+        ctx.stdout = out
     try:
-        return await run_argv(ctx, argv)
+        return await run_argv(ctx, cmd.argv)
     finally:
-        ctx.stdout = saved
+        ctx.stdin, ctx.stdout = saved

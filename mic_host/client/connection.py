@@ -35,6 +35,7 @@ from mic_host.client.console import ConsoleStream, ExecResult, find_console
 from mic_host.control.wire import MAX_MESSAGE, decode_response, encode_request
 from mic_host.lifecycle import CardState
 from mic_host.paths import SOCKET_NAME, control_socket_path, resolve_state_dir
+from virtio.agent import MAX_STDIN
 from virtio.errors import (
     BrokenResourceError,
     ClosedResourceError,
@@ -361,11 +362,13 @@ class CardClient:
         """Run a shell command on the card through its agent:
         ``out, err, status = await card.exec("sha256sum", "/dev/vda")``.
 
-        ``argv`` or a command ``line`` (with ``>`` redirection); the card stops
-        the command after ``timeout`` s (default 30; status 124).
+        ``argv`` or a command ``line`` for the card shell (redirection, pipes,
+        ``;``, ``&&``, ``||``); ``stdin`` (at most :data:`virtio.agent.MAX_STDIN`
+        bytes) is the command's standard input. The card stops the command after
+        ``timeout`` s (default 30; status 124).
 
         Raises:
-            LocalProtocolError: card not online, or no agent port.
+            LocalProtocolError: card not online, no agent port, or ``stdin`` too large.
             MicTimeoutError: the agent did not answer.
         """
         args: dict[str, Any] = {
@@ -376,6 +379,10 @@ class CardClient:
         if max_output is not None:
             args["max_output"] = max_output
         if stdin is not None:
+            if len(stdin) > MAX_STDIN:
+                raise LocalProtocolError(
+                    f"exec: stdin of {len(stdin)} bytes is over the {MAX_STDIN}-byte bound"
+                )
             args["stdin"] = base64.b64encode(stdin).decode()
         return ExecResult.from_result(await self.client.request("exec", self.name, **args))
 
@@ -405,6 +412,25 @@ class CardClient:
     async def console_resize(self, cols: int, rows: int, device: str | None = None) -> None:
         """Set the console's window size (the card gets VIRTIO_CONSOLE_RESIZE)."""
         await self.client.request("console_resize", self.name, cols=cols, rows=rows, device=device)
+
+    async def reboot(self, wait: bool = True, timeout: float | None = None) -> dict[str, Any]:
+        """Bring the card down and boot it again, as ``micctrl --reboot``: an online
+        card is shut down, a booting, crashed or reset_failed one reset, a
+        shutting_down or resetting one waited for; then it boots (with ``wait``,
+        until online). ``timeout`` bounds each step (None: the card's bounds).
+
+        Raises:
+            LocalProtocolError: the card cannot be rebooted (e.g. it was suspended).
+            MicTimeoutError: a step did not finish in time.
+        """
+        state = await self.state()
+        if state is CardState.ONLINE:
+            await self.shutdown(wait=True, timeout=timeout)
+        elif state in (CardState.BOOTING, CardState.CRASHED, CardState.RESET_FAILED):
+            await self.reset()
+        if state is not CardState.READY:
+            await self.wait(CardState.READY, timeout=timeout)
+        return await self.boot(wait=wait, timeout=timeout)
 
 
 # ------------------------------------------------------------------ connect

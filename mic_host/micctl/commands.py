@@ -13,24 +13,27 @@ import asyncio
 import contextlib
 import json
 import re
+import sys
 from typing import Any
 
 from mic_host.client.connection import Client
 from mic_host.control.wire import OPS
 from mic_host.lifecycle import CardState
 from mic_host.micctl.images import prepare_block_image
-from mic_host.micctl.output import format_net, format_stats, format_status, print_json, print_state
+from mic_host.micctl.multi import for_each_card, one_line, require_cards, with_cards
+from mic_host.micctl.output import format_net, format_stats, format_status, print_json
 from mic_host.micctl.registry import (
+    EXIT_FAILED,
     EXIT_OK,
     Subcommand,
     UsageError,
-    card_name,
     positive_int,
     register_subcommand,
     size,
     with_card,
     with_timeout,
 )
+from virtio.errors import MicError
 
 __all__ = ["attach_options"]
 
@@ -104,53 +107,70 @@ def _conf_ping(p: argparse.ArgumentParser) -> None:
 
 
 async def _status(client: Client, args: argparse.Namespace) -> int:
-    r = await client.status(args.card)
+    names = list(dict.fromkeys(args.cards))
+    rc = EXIT_OK
+    if args.all or len(names) <= 1:
+        r = await client.status(names[0] if names else None)
+    else:
+        found = await asyncio.gather(*(client.status(n) for n in names), return_exceptions=True)
+        cards: list[Any] = []
+        for name, one in zip(names, found, strict=True):
+            if isinstance(one, MicError):
+                text = one_line(one)
+                print(f"micctl: {text if name in text else f'{name}: {text}'}", file=sys.stderr)
+                rc = EXIT_FAILED
+            elif isinstance(one, BaseException):
+                raise one
+            else:
+                cards.extend(one.get("cards") or [])
+        r = {"cards": cards}
     if args.json:
         print_json(r)
     else:
         print(format_status(r))
-    return EXIT_OK
+    return rc
 
 
 def _conf_status(p: argparse.ArgumentParser) -> None:
-    p.add_argument("card", nargs="?", type=card_name, metavar="CARD", help="only this card")
+    with_cards(p, optional=True)
     p.add_argument("--json", action="store_true", help="print the raw result (for scripts)")
 
 
+def _no_cards_with_all(args: argparse.Namespace) -> None:
+    if args.all and args.cards:
+        raise UsageError("status: give card names or --all, not both")
+
+
 async def _boot(client: Client, args: argparse.Namespace) -> int:
-    print_state(args.card, await client.card(args.card).boot(args.wait, args.timeout))
-    return EXIT_OK
+    return await for_each_card(client, args, lambda c: c.boot(args.wait, args.timeout))
 
 
 def _conf_boot(p: argparse.ArgumentParser) -> None:
-    with_card(p)
+    with_cards(p)
     p.add_argument("--wait", action="store_true", help="until the card is online")
     with_timeout(p)
 
 
 async def _shutdown(client: Client, args: argparse.Namespace) -> int:
-    print_state(args.card, await client.card(args.card).shutdown(args.wait, args.timeout))
-    return EXIT_OK
+    return await for_each_card(client, args, lambda c: c.shutdown(args.wait, args.timeout))
 
 
 def _conf_shutdown(p: argparse.ArgumentParser) -> None:
-    with_card(p)
+    with_cards(p)
     p.add_argument("--wait", action="store_true", help="until the card is ready")
     with_timeout(p)
 
 
 async def _reset(client: Client, args: argparse.Namespace) -> int:
-    print_state(args.card, await client.card(args.card).reset())
-    return EXIT_OK
+    return await for_each_card(client, args, lambda c: c.reset())
 
 
 async def _wait(client: Client, args: argparse.Namespace) -> int:
-    print_state(args.card, await client.card(args.card).wait(args.state, args.timeout))
-    return EXIT_OK
+    return await for_each_card(client, args, lambda c: c.wait(args.state, args.timeout))
 
 
 def _conf_wait(p: argparse.ArgumentParser) -> None:
-    with_card(p)
+    with_cards(p)
     p.add_argument(
         "state", choices=[s.value for s in CardState], metavar="STATE", help="ready, online, ..."
     )
@@ -273,11 +293,19 @@ def _no_args(p: argparse.ArgumentParser) -> None:
 
 
 for _sub in (
-    Subcommand("status", "show cards (table, or --json)", _conf_status, _status),
-    Subcommand("boot", "boot a card", _conf_boot, _boot),
-    Subcommand("shutdown", "shut a card down", _conf_shutdown, _shutdown),
-    Subcommand("reset", "reset a card", with_card, _reset),
-    Subcommand("wait", "wait until a card is in a state", _conf_wait, _wait),
+    Subcommand(
+        "status",
+        "show cards (table, or --json)",
+        _conf_status,
+        _status,
+        validate=_no_cards_with_all,
+    ),
+    Subcommand("boot", "boot cards", _conf_boot, _boot, validate=require_cards),
+    Subcommand("shutdown", "shut cards down", _conf_shutdown, _shutdown, validate=require_cards),
+    Subcommand("reset", "reset cards", with_cards, _reset, validate=require_cards),
+    Subcommand(
+        "wait", "wait until cards are in a state", _conf_wait, _wait, validate=require_cards
+    ),
     Subcommand(
         "attach",
         "hot-add a device; prints its card name",

@@ -13,9 +13,13 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-# imported for their registrations: the built-in subcommands, console and exec
+# imported for their registrations: the built-in subcommands, console, exec, reboot;
+# and help and completion (which list the others when the parser is built)
 import mic_host.micctl.commands
-import mic_host.micctl.console  # noqa: F401
+import mic_host.micctl.console
+import mic_host.micctl.execute
+import mic_host.micctl.help
+import mic_host.micctl.reboot  # noqa: F401
 from mic_host.client.connection import connect
 from mic_host.micctl.registry import (
     EXIT_FAILED,
@@ -29,6 +33,7 @@ from mic_host.micctl.registry import (
     UsageError,
 )
 from mic_host.paths import STATE_DIR_ENV, resolve_state_dir
+from mic_host.version import package_version
 from virtio.errors import MicError
 
 __all__ = ["build_parser", "main"]
@@ -38,20 +43,26 @@ def build_parser() -> argparse.ArgumentParser:
     """The full parser, with every registered subcommand."""
     parser = Parser(
         prog=PROG,
-        description="Control a running mic-host daemon (see docs/cli.md).",
+        description="Control a running mic-host daemon: its cards, their devices, "
+        "consoles and shells.",
         epilog=f"The state directory is --state-dir, else ${STATE_DIR_ENV}, "
-        "else ~/.local/state/mic-vop.",
+        "else ~/.local/state/mic-vop (the daemon's default too). "
+        f"'{PROG} COMMAND --help' shows a command's options; '{PROG} help' lists "
+        "topics (config, devices, apps, exec, console, images).",
     )
     parser.add_argument(
         "--state-dir",
         metavar="DIR",
         help=f"the daemon's state directory (default: ${STATE_DIR_ENV} or ~/.local/state/mic-vop)",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    parser.set_defaults(_parser=parser)  # for help and completion, which read the parser
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for sub in SUBCOMMANDS.values():
+    # the commands that need no daemon (help, completion) last
+    for sub in sorted(SUBCOMMANDS.values(), key=lambda s: s.local is not None):
         sp = subs.add_parser(sub.name, help=sub.help, description=sub.help)
         sub.configure(sp)
-        sp.set_defaults(_run=sub.run, _validate=sub.validate)
+        sp.set_defaults(_run=sub.run, _validate=sub.validate, _local=sub.local)
     return parser
 
 
@@ -77,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else EXIT_OK
+    if args._local is not None:  # help, completion: no daemon needed
+        return int(args._local(args))
     try:
         return asyncio.run(_main(args))
     except UsageError as e:

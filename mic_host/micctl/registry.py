@@ -31,6 +31,7 @@ __all__ = [
     "Subcommand",
     "UsageError",
     "card_name",
+    "local_subcommand",
     "positive_int",
     "register_subcommand",
     "seconds",
@@ -70,6 +71,23 @@ class Subcommand:
     run: Run
     #: checks across arguments before connecting; raises UsageError (exit 2)
     validate: Callable[[argparse.Namespace], object] | None = None
+    #: set for subcommands that need no daemon (``help``, ``completion``): ``main``
+    #: calls it instead of connecting (see :func:`local_subcommand`)
+    local: Callable[[argparse.Namespace], int] | None = None
+
+
+def local_subcommand(
+    name: str,
+    help: str,  # noqa: A002 - as argparse's add_parser(help=...)
+    configure: Callable[[argparse.ArgumentParser], None],
+    fn: Callable[[argparse.Namespace], int],
+) -> Subcommand:
+    """A :class:`Subcommand` that runs without connecting to a daemon."""
+
+    async def run(client: Client, args: argparse.Namespace) -> int:
+        return fn(args)
+
+    return Subcommand(name, help, configure, run, local=fn)
 
 
 #: name -> subcommand, in ``--help`` order. Extend with :func:`register_subcommand`.

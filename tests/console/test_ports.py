@@ -151,7 +151,9 @@ async def test_agent_over_the_port(rig: Rig, caplog: pytest.LogCaptureFixture) -
         r = await host.exec(["echo", "hi", "there"], timeout=5)
         assert (r["status"], base64.b64decode(r["stdout"])) == (0, b"hi there\n")
         r = await host.exec(line="echo one > /tmp/f; cat /tmp/f", timeout=5)
-        assert r["status"] == 2  # ';' is not supported: a syntax error, not a crash
+        assert (r["status"], base64.b64decode(r["stdout"])) == (0, b"one\n")
+        r = await host.exec(line="sleep 9 &", timeout=5)
+        assert r["status"] == 2  # '&' is not supported: a syntax error, not a crash
         r = await host.exec(line="echo 'a b' > /tmp/f", timeout=5)
         r = await host.exec(["cat", "/tmp/f"], timeout=5)
         assert base64.b64decode(r["stdout"]) == b"a b\n"

@@ -763,12 +763,18 @@ def test_micctl_attach_arguments() -> None:
 def test_micctl_parses_every_subcommand() -> None:
     p = micctl.build_parser()
     a = p.parse_args(["--state-dir", "/s", "boot", "mic0", "--wait", "--timeout", "2.5"])
-    assert (a.state_dir, a.card, a.wait, a.timeout) == ("/s", "mic0", True, 2.5)
+    assert (a.state_dir, a.cards, a.wait, a.timeout) == ("/s", ["mic0"], True, 2.5)
+    a = p.parse_args(["boot", "mic0", "mic1", "--all"])
+    assert (a.cards, a.all) == (["mic0", "mic1"], True)  # validate() refuses the mix
     a = p.parse_args(["run", "mic0", "pkg.mod:fn", "a", "--flag", "3"])
     assert (a.app, a.args) == ("pkg.mod:fn", ["a", "--flag", "3"])
     a = p.parse_args(["wait", "mic1", "online"])
-    assert (a.card, a.state, a.timeout) == ("mic1", "online", None)
-    assert p.parse_args(["status"]).card is None
+    assert (a.cards, a.state, a.timeout) == (["mic1"], "online", None)
+    a = p.parse_args(["wait", "mic1", "mic2", "ready"])
+    assert (a.cards, a.state) == (["mic1", "mic2"], "ready")
+    a = p.parse_args(["wait", "--all", "ready"])
+    assert (a.cards, a.all, a.state) == ([], True, "ready")
+    assert p.parse_args(["status"]).cards == []
     assert p.parse_args(["status", "mic0", "--json"]).json is True
     for cmd in (
         ["suspend"],
@@ -785,7 +791,8 @@ def test_micctl_parses_every_subcommand() -> None:
     [
         ([], "required: COMMAND"),
         (["fly"], "invalid choice: 'fly'"),
-        (["boot"], "required: CARD"),
+        (["boot"], "boot needs a card"),
+        (["boot", "mic0", "--all"], "names or --all, not both"),
         (["boot", "gpu0"], "bad card name 'gpu0'"),
         (["boot", "mic0", "--timeout", "0"], "positive number of seconds"),
         (["wait", "mic0", "asleep"], "invalid choice: 'asleep'"),

@@ -105,7 +105,7 @@ LAYERS: dict[str, tuple[tuple[str, ...], ...]] = {
     ),
     "mic_host": (
         # vocabulary both the daemon and the client use
-        ("paths", "lifecycle"),
+        ("paths", "lifecycle", "version"),
         # configuration, the control-socket wire codec (no I/O)
         ("config", "control"),
         # daemon side, bottom up: queue endpoint and card-agent client ...
@@ -117,7 +117,7 @@ LAYERS: dict[str, tuple[tuple[str, ...], ...]] = {
         # ... card manager: public operations, one boot session, link dispatch ...
         ("card",),
         # ... the daemon and its control-socket server
-        ("daemon", "control.server"),
+        ("daemon", "control.server", "host_cli"),
         # client side (never imports the daemon side, see BARRIERS): the client
         # subpackage (connection, console streams, offload sessions, launch,
         # pytest plugin)
