@@ -14,6 +14,7 @@ manager above it.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,14 @@ class DeviceSet:
             if dtype is None or d.type == dtype
         ]
 
+    @staticmethod
+    def user_label(dev: DeviceConfig) -> str:
+        """How messages name ``dev``: ``block 'disk'`` if the user named it, else ""
+        (a derived name such as ``block11`` means nothing to them: the path does)."""
+        if dev.name is None or re.fullmatch(rf"{re.escape(dev.type)}\d+", dev.name):
+            return ""
+        return f"{dev.type} {dev.name!r}"
+
     def pty(self, device: str) -> ConsolePty:
         """The pty of console ``device`` (opened again if it was closed)."""
         pty = self.ptys.get(device)
@@ -83,6 +92,9 @@ class DeviceSet:
         name = self.name_of(dev, index)
         if dev.type == "block":
             opts["path"] = opts.pop("image")
+            # errors name what the user chose: the label if they gave one, else the path
+            opts |= {"label": self.user_label(dev), "card": self.card}
+            opts["state_dir"] = str(self.state_dir)
         elif dev.type == "console":
             opts.setdefault("log_path", str(self.console_log(name)))
             opts["pty"] = self.pty(name)

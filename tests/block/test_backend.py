@@ -51,7 +51,8 @@ def sha(p: Path) -> str:
 
 
 def test_config_space_and_features(disk: Path) -> None:
-    b = BlockBackend(disk, num_queues=3, blk_size=4096, serial="S1")
+    # several backends on one image: the image lock is not what this tests
+    b = BlockBackend(disk, num_queues=3, blk_size=4096, serial="S1", force_share=True)
     cfg = BlkConfig.parse(b.config_bytes())
     assert cfg.capacity == (4 << 20) // S
     assert (cfg.blk_size, cfg.num_queues, cfg.size_max) == (4096, 3, be.SIZE_MAX)
@@ -63,7 +64,7 @@ def test_config_space_and_features(disk: Path) -> None:
     for bit in ("FLUSH", "MQ", "DISCARD", "WRITE_ZEROES", "BLK_SIZE", "TOPOLOGY", "SIZE_MAX"):
         assert f & BlkFeature[bit], bit
     assert list(b.queue_sizes()) == [128] * 3
-    ro = BlockBackend(disk, read_only=True)
+    ro = BlockBackend(disk, read_only=True, force_share=True)
     assert ro.features() & BlkFeature.RO
     assert not ro.features() & (BlkFeature.DISCARD | BlkFeature.MQ)
     for bad in ({"num_queues": 9}, {"blk_size": 1000}, {"serial": "x" * 21}):
