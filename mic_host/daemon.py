@@ -220,6 +220,10 @@ class _StateLock:
         os.close(self.fd)
 
 
+#: What ``--log-level`` takes (any case).
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def _setup_logging(state_dir: Path, level: str) -> None:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()
@@ -276,13 +280,26 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mic-host", description="The MIC-VOP host daemon.")
     p.add_argument("--state-dir", default=None, help="state directory (default $MIC_STATE_DIR)")
     p.add_argument("--config", default=None, help="TOML config (default: the embedded one)")
-    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        metavar="LEVEL",
+        help="debug, info, warning, error or critical (default info)",
+    )
     p.add_argument(
         "--exit-with-parent",
         action="store_true",
         help="stop when the process that started the daemon exits (used by mic_host.launch)",
     )
     args = p.parse_args(argv)
+    if args.log_level.upper() not in _LOG_LEVELS:
+        # before the state directory, its lock or its log are touched: nothing is left
+        print(
+            f"mic-host: --log-level {args.log_level!r}: expected one of "
+            f"{', '.join(lv.lower() for lv in _LOG_LEVELS)}",
+            file=sys.stderr,
+        )
+        return 2
     # Everything the daemon creates is its user's alone: the state directory
     # 0700, files 0600 (logs, the lock, console logs, disk images, netns
     # records, sockets) and so is everything its card processes create, as
