@@ -278,7 +278,7 @@ class BlockBackend:
                 read_only=self.read_only,
                 force_share=force_share,
                 card=card,
-                device=name,
+                device=name if label is None or label else None,  # only a name the user chose
                 state_dir=state_dir,
             )
         except ConfigError as e:

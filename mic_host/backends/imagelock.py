@@ -42,9 +42,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import json
 import logging
 import os
+import stat
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -73,6 +75,8 @@ LOCK_SHARED_BASE = 200
 
 #: ``struct flock`` on Linux (l_type, l_whence, l_start, l_len, l_pid + padding).
 _FLOCK = struct.Struct("hhqqi4x")
+#: Tells apart the records of one process (one per open image).
+_serial = itertools.count(1)
 _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
@@ -97,6 +101,19 @@ def record_dir() -> Path:
     if runtime and os.path.isdir(runtime):
         return Path(runtime) / "mic-vop" / "image-locks"
     return Path(tempfile.gettempdir()) / f"mic-vop-{os.getuid()}" / "image-locks"
+
+
+def _ours(base: Path) -> bool:
+    """The record directory and its parent are real directories of this user
+    (``/tmp`` is shared: a name another user made must not be trusted)."""
+    try:
+        for p in (base.parent, base):
+            st = os.lstat(p)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+                return False
+    except OSError:
+        return False
+    return True
 
 
 def _record_prefix(st: os.stat_result) -> str:
@@ -126,7 +143,10 @@ class Holder:
     state_dir: str | None
 
     def describe(self, me: int) -> str:
-        who = f"{self.card} device {self.device!r}" if self.card else f"device {self.device!r}"
+        if self.device is None:  # a device its user did not name: no made-up label
+            who = f"a disk of {self.card}" if self.card else "a disk"
+        else:
+            who = f"{self.card} device {self.device!r}" if self.card else f"device {self.device!r}"
         daemon = "this mic-host" if self.pid == me else "mic-host"
         where = f", state dir {self.state_dir}" if self.state_dir and self.pid != me else ""
         return f"{who} ({self.mode}, {daemon} pid {self.pid}{where})"
@@ -136,6 +156,8 @@ def holders(st: os.stat_result) -> list[Holder]:
     """The live holders recorded for the image ``st`` (stale records are removed)."""
     base = record_dir()
     out: list[Holder] = []
+    if not _ours(base):
+        return out
     try:
         names = sorted(os.listdir(base))
     except OSError:
@@ -186,8 +208,11 @@ class ImageLock:
 def _write_record(st: os.stat_result, info: dict[str, Any]) -> Path | None:
     base = record_dir()
     try:
-        base.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = base / f"{_record_prefix(st)}{os.getpid()}.{id(info):x}.json"
+        base.parent.mkdir(exist_ok=True, mode=0o700)
+        base.mkdir(exist_ok=True, mode=0o700)
+        if not _ours(base):
+            raise PermissionError(f"{base} is not this user's directory")
+        path = base / f"{_record_prefix(st)}{os.getpid()}.{next(_serial)}.json"
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as f:

@@ -67,7 +67,11 @@ async def test_read_only_is_shared_and_detach_releases(state_dir: Path) -> None:
         assert (await micctl(state_dir, *ro)).out == "vdc\n"
         r = await micctl(state_dir, "attach", "mic0", "block", "--image", str(image))
         assert r.rc == 1
-        assert "in use by mic0 device 'block2' (read-only" in _one_error_line(r.err)
+        line = _one_error_line(r.err)
+        # both readers, by what the user knows of them (they named neither)
+        assert f"{image} is in use by a disk of mic0 (read-only, this mic-host pid " in line
+        assert line.count("a disk of mic0 (read-only") == 2, line
+        assert "block" not in line.split(": ", 1)[1].replace("--force-share", ""), line
         await card.detach("vdb")
         await card.detach("vdc")
         # the readers are gone: a writer may have it now
