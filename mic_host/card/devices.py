@@ -23,7 +23,7 @@ from mic_host.backends.console import ConsoleBackend, ConsolePty
 from mic_host.backends.net import create_net_backend
 from mic_host.config import DeviceConfig
 from mic_host.paths import card_log_path, netns_record_path
-from virtio.errors import LocalProtocolError
+from virtio.errors import ConfigError, LocalProtocolError
 
 __all__ = ["DeviceSet"]
 
@@ -101,7 +101,14 @@ class DeviceSet:
         elif dev.type == "net":
             # Defaults (TAP name, mpssd's 172.31.N+1.x addresses, MAC) derive from the card.
             opts |= {"card": self.card, "node": self.node_id, "state_dir": str(self.state_dir)}
-        backend = create_backend(dev.type, name=name, **opts)
+        try:
+            backend = create_backend(dev.type, name=name, **opts)
+        except ConfigError as e:
+            # "net net2: ..." names a label the daemon made up: say "net device"
+            made_up, text = f"{dev.type} {name}: ", str(e)
+            if self.user_label(dev) or not text.startswith(made_up):
+                raise
+            raise type(e)(f"{dev.type} device: {text[len(made_up) :]}") from None
         if isinstance(backend, ConsoleBackend) and backend.agent is not None:
             backend.agent.label = self.card
         return backend

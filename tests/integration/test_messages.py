@@ -80,6 +80,13 @@ async def test_attach_errors_name_what_the_user_chose(state_dir: Path) -> None:
             state_dir, "attach", "mic0", "block", "--image", str(gone), "--opt", "name=scratch"
         )
         assert f"block 'scratch': cannot open {gone}" in _one_error_line(r.err)
+        # any backend: "net net2: ..." would name a label the daemon made up
+        nic = ["attach", "mic0", "net", "--opt", "backend=switch"]
+        r = await micctl(state_dir, *nic, "--opt", "mac=01:00:5e:00:00:01")
+        assert r.rc == 1, r
+        line = _one_error_line(r.err)
+        assert "net device: MAC 01:00:5e:00:00:01 is not a unicast address" in line
+        assert "net2" not in line
         # what makes no disk is refused with the reason, whatever the path
         for path, why in (
             (str(empty), "is empty: an image must hold at least one 512-byte block"),
