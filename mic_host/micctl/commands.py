@@ -246,6 +246,13 @@ async def _stats(client: Client, args: argparse.Namespace) -> int:
 
 
 def _conf_stats(p: argparse.ArgumentParser) -> None:
+    p.epilog = (
+        "DOORBELLS: the card rings one doorbell per device. Per queue: WAKEUPS "
+        "(doorbells that gave a waiting queue work), CHAINS (requests popped), "
+        "BUFFERS (completions), INTERRUPTS (to the card), BYTES, ERRORS (ring "
+        "faults). Then each backend's counters: block io_errors/unsupported/"
+        "malformed, console drops, net packets and drops by reason."
+    )
     with_card(p)
     p.add_argument("--json", action="store_true", help="print the raw result (for scripts)")
 
@@ -311,7 +318,12 @@ for _sub in (
         validate=attach_options,
     ),
     Subcommand("detach", "hot-remove a device", _conf_detach, _detach),
-    Subcommand("stats", "per-queue counters", _conf_stats, _stats),
+    Subcommand(
+        "stats",
+        "counters: doorbells per device, work per queue, the backends' errors and drops",
+        _conf_stats,
+        _stats,
+    ),
     Subcommand("net", "net devices: backend, addresses, namespace, counters", _conf_net, _net),
     Subcommand("run", "run a card app", _conf_run, _run),
     Subcommand("suspend", "host suspend: stop every card", _no_args, _suspend),
