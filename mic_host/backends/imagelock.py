@@ -243,12 +243,12 @@ def lock_image(
     perm = PERM_CONSISTENT_READ if read_only else PERM_CONSISTENT_READ | PERM_WRITE
     perm |= 0 if read_only else PERM_WRITE_UNCHANGED
     shared = PERM_ALL if force_share else PERM_ALL & ~(PERM_WRITE | PERM_RESIZE)
+    conflict = False
     try:
         for i in _bits(perm):
             _flock(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, LOCK_PERM_BASE + i)
         for i in _bits(PERM_ALL & ~shared):
             _flock(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, LOCK_SHARED_BASE + i)
-        conflict = False
         if not force_share:
             # what I hold, somebody denies; what I deny, somebody holds
             tests = [LOCK_SHARED_BASE + i for i in _bits(perm)]
@@ -258,10 +258,15 @@ def lock_image(
                 for byte in tests
             )
     except OSError as e:
-        if e.errno not in _NO_LOCKS:
+        if e.errno in (errno.EAGAIN, errno.EACCES):  # somebody holds an exclusive lock there
+            conflict = not force_share
+        elif e.errno not in _NO_LOCKS:
             raise ConfigError(f"cannot lock {path}: {e.strerror}") from e
-        log.warning("%s: the file system has no OFD locks (%s): used unlocked", path, e.strerror)
-        return ImageLock(None)
+        else:
+            log.warning(
+                "%s: the file system has no OFD locks (%s): used unlocked", path, e.strerror
+            )
+            return ImageLock(None)
     st = os.fstat(fd)
     if conflict:
         _unlock_all(fd)
