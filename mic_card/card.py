@@ -52,6 +52,7 @@ from transport.messages import (
     Run,
     RunResult,
     Shutdown,
+    ShutdownStatusReport,
     decode_from_host,
     encode,
 )
@@ -102,7 +103,9 @@ class DmesgHandler(logging.Handler):
         self._t0 = time.monotonic()
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(f"[{record.created - self._t0 + 0.0:12.6f}] {record.getMessage()}")
+        # seconds since the card OS started, as Linux prints them: "[    1.234567] ..."
+        # (record.created is wall-clock time: it cannot be compared with monotonic)
+        self.lines.append(f"[{time.monotonic() - self._t0:12.6f}] {record.getMessage()}")
 
 
 class _Platform:
@@ -367,6 +370,12 @@ class CardOS:
                     self._track(tg.create_task(serve_offload_endpoint(offload, self.card)))
                 await self._stop.wait()
                 log.info("%s: shutting down (%s)", self.name, self.shutdown_status)
+                # Tell the host now, not once everything is closed (COSM's card
+                # sends its shutdown status from the reboot notifier, first): the
+                # host's status says shutting_down while we tear down. The last
+                # report, after the teardown, is main's.
+                with contextlib.suppress(MicError):
+                    await link.send(encode(ShutdownStatusReport(self.shutdown_status)))
                 hb.cancel()
                 msgs.cancel()
                 # Shutdown stops the apps still running (an app waiting on a

@@ -221,6 +221,10 @@ class _StateLock:
         os.close(self.fd)
 
 
+#: What ``--log-level`` takes (any case).
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def _setup_logging(state_dir: Path, level: str) -> None:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()
@@ -281,7 +285,12 @@ def main(argv: list[str] | None = None) -> int:
         help="state directory (default: $MIC_STATE_DIR, else ~/.local/state/mic-vop)",
     )
     p.add_argument("--config", default=None, help="TOML config (default: the embedded one)")
-    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        metavar="LEVEL",
+        help="debug, info, warning, error or critical (default info)",
+    )
     p.add_argument(
         "--exit-with-parent",
         action="store_true",
@@ -291,6 +300,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if (answered := host_cli.run_offline(args)) is not None:
         return answered
+    if args.log_level.upper() not in _LOG_LEVELS:
+        # before the state directory, its lock or its log are touched: nothing is left
+        print(
+            f"mic-host: --log-level {args.log_level!r}: expected one of "
+            f"{', '.join(lv.lower() for lv in _LOG_LEVELS)}",
+            file=sys.stderr,
+        )
+        return 2
     # Everything the daemon creates is its user's alone: the state directory
     # 0700, files 0600 (logs, the lock, console logs, disk images, netns
     # records, sockets) and so is everything its card processes create, as

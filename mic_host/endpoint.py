@@ -102,8 +102,10 @@ class QueueEndpoint:
         self._stale_empty = asyncio.Event()
         self._stale_empty.set()
         self._flush_handle: asyncio.Handle | None = None
-        # counters (plain ints; exported by stats())
-        self.kicks = 0
+        # counters (plain ints; exported by stats()). The card's doorbell is per
+        # device (VopDevice.doorbells): per queue, what this queue made of them.
+        self.wakeups = 0  # a get() waiting for a kick was woken and found work
+        self.popped = 0  # chains popped from the avail ring
         self.interrupts = 0
         self.buffers = 0
         self.bytes_in = 0  # card -> host (readable bytes of completed chains)
@@ -170,8 +172,6 @@ class QueueEndpoint:
 
     def notify(self) -> None:
         """The card rang this device's doorbell: wake a waiting :meth:`get`."""
-        if self._state is EndpointState.LIVE:
-            self.kicks += 1
         self._wake.set()
 
     # -- consuming -----------------------------------------------------------
@@ -196,6 +196,7 @@ class QueueEndpoint:
             self._owner._ring_error(self.index, e)
             raise BrokenResourceError(f"queue {self.index}: {e}") from e
         if chain is not None:
+            self.popped += 1
             self._inflight[id(chain)] = chain
         return chain
 
@@ -226,6 +227,7 @@ class QueueEndpoint:
         """
         gen = self._generation
         waited_live = False
+        woken = False
         while True:
             if self._state is EndpointState.IDLE and not waited_live:
                 await self.wait_live()
@@ -237,6 +239,7 @@ class QueueEndpoint:
             waited_live = True
             chain = self._pop(q)
             if chain is not None:
+                self.wakeups += woken
                 return chain
             # Empty: ask for kicks, then re-check (vhost_enable_notify) so a
             # buffer made available in between is not left without a wake-up.
@@ -248,6 +251,7 @@ class QueueEndpoint:
                 raise BrokenResourceError(str(e)) from e
             if not again:
                 await self._wake.wait()
+                woken = True
             if self._queue is q and not q.broken:
                 q.disable_notifications()
 
@@ -342,7 +346,8 @@ class QueueEndpoint:
             "index": self.index,
             "size": self.size,
             "state": self._state.value,
-            "kicks": self.kicks,
+            "wakeups": self.wakeups,
+            "chains": self.popped,
             "interrupts": self.interrupts,
             "buffers": self.buffers,
             "bytes_in": self.bytes_in,

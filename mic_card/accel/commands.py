@@ -36,7 +36,7 @@ async def _accel(ctx: ShellContext, args: list[str]) -> int:
     try:
         opts = bench_args(args[1:])
     except LocalProtocolError as e:
-        await ctx.err(f"accel bench: {e}\n")
+        await ctx.err(f"{e}\n")  # already "accel bench: <problem>"
         return 2
     as_json = bool(opts.pop("json", False))
     result = await accel_bench(fw, **opts)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -221,6 +222,28 @@ def format_bench(r: dict[str, Any] | list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]?)(i?B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """A request size: bytes, or a number with K, M or G (binary units, as the
+    host's sizes and the shell's ``dd``): ``65536``, ``64K``, ``1M``, ``4KiB``.
+
+    Raises:
+        argparse.ArgumentTypeError: not such a size, or 0.
+    """
+    m = _SIZE_RE.match(text)
+    if m is None or (m.group(3) and not m.group(2) and m.group(3).lower() != "b"):
+        raise argparse.ArgumentTypeError(
+            f"bad size {text!r}: expected bytes or a number with K, M or G, e.g. 64K"
+        )
+    n = int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: must be at least 1 byte")
+    return n
+
+
 def bench_args(argv: list[str]) -> dict[str, Any]:
     """Parse ``--alg ALG --size N --seconds S [--batch B] [--mode sva|nosva] [--json]``.
 
@@ -234,7 +257,7 @@ def bench_args(argv: list[str]) -> dict[str, Any]:
 
     p = _P(prog="accel bench", add_help=False)
     p.add_argument("--alg", required=True)
-    p.add_argument("--size", type=int, required=True)
+    p.add_argument("--size", type=parse_size, required=True)
     p.add_argument("--seconds", type=float, required=True)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--mode", choices=("sva", "nosva"), default="sva")

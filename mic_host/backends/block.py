@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mic_host.backends import BackendContext
+from mic_host.backends.imagelock import lock_image
 from mic_host.config.files import open_image
 from mic_host.config.limits import (
     BLK_SIZE_MAX,
@@ -141,7 +142,7 @@ def _write_zeros(fd: int, offset: int, length: int) -> None:
         length -= n
 
 
-def _create_image(name: str, path: Path, size: int) -> None:
+def _create_image(label: str, path: Path, size: int) -> None:
     """A new sparse image of ``size`` bytes, 0600 whatever the umask (it holds the
     card's data); nothing is left behind if it cannot be made whole.
 
@@ -152,7 +153,7 @@ def _create_image(name: str, path: Path, size: int) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except OSError as e:
-        raise ConfigError(f"block {name}: cannot create {path}: {e.strerror}") from e
+        raise ConfigError(f"{label}cannot create {path}: {e.strerror}") from e
     try:
         os.ftruncate(fd, size)
     except OSError as e:
@@ -160,8 +161,7 @@ def _create_image(name: str, path: Path, size: int) -> None:
         path.unlink(missing_ok=True)
         hint = ": the file system's largest file is smaller" if e.errno == errno.EFBIG else ""
         raise ConfigError(
-            f"block {name}: cannot create {path} with size = {format_size(size)}: "
-            f"{e.strerror}{hint}"
+            f"{label}cannot create {path} with size = {format_size(size)}: {e.strerror}{hint}"
         ) from e
     os.close(fd)
 
@@ -187,7 +187,14 @@ class BlockBackend:
     ``queue_size`` (power of two 4..256), ``num_queues`` (1..4; more than one
     offers VIRTIO_BLK_F_MQ), ``blk_size`` (logical block size, power of two
     512..65536: requests must be whole, aligned blocks), ``discard`` (offer
-    DISCARD and WRITE_ZEROES, default true), ``thread_threshold`` (bytes).
+    DISCARD and WRITE_ZEROES, default true), ``thread_threshold`` (bytes),
+    ``force_share`` (skip the image lock check, QEMU's ``share-rw``). The
+    caller may pass ``label`` (what errors call the device, "" for nothing but
+    the path), ``card`` and ``state_dir`` (recorded with the image lock).
+
+    The image is locked while it is open, as QEMU locks it
+    (:mod:`mic_host.backends.imagelock`): read-write excludes every other
+    open, read-only may be shared with other read-only opens.
 
     The image must be a regular file or a block device (sized by ``lseek``)
     holding at least one logical block; it is opened without blocking, so a
@@ -199,6 +206,8 @@ class BlockBackend:
             device, empty), ``size`` is not a positive multiple of
             ``blk_size`` or too large for the file system, the serial is too
             long, a count or size is out of range.
+        ImageLockedError: another card, daemon or process holds the image
+            (the message names it).
     """
 
     device_type = int(DeviceType.BLOCK)
@@ -217,8 +226,15 @@ class BlockBackend:
         blk_size: int = SECTOR_SIZE,
         discard: bool = True,
         thread_threshold: int = THREAD_THRESHOLD,
+        force_share: bool = False,
+        label: str | None = None,
+        card: str | None = None,
+        state_dir: str | None = None,
     ) -> None:
         self.name = name
+        # what errors call the device: the caller knows what the user chose
+        # (a name, or nothing: then the path alone); default "block <name>: "
+        where = f"block {name}: " if label is None else (f"{label}: " if label else "")
         self.path = Path(path)
         self.read_only = bool(read_only)
         self.queue_size = int(queue_size)
@@ -227,34 +243,47 @@ class BlockBackend:
         self.discard = bool(discard) and not self.read_only
         self.thread_threshold = int(thread_threshold)
         if not 1 <= self.num_queues <= MAX_QUEUES:
-            raise ConfigError(f"block {name}: num_queues {num_queues} outside 1..{MAX_QUEUES}")
+            raise ConfigError(f"{where}num_queues {num_queues} outside 1..{MAX_QUEUES}")
         if self.queue_size < BLOCK_QUEUE_SIZE_MIN:  # VOP checks the power of two and the top
             raise ConfigError(
-                f"block {name}: queue_size {queue_size} below {BLOCK_QUEUE_SIZE_MIN} "
+                f"{where}queue_size {queue_size} below {BLOCK_QUEUE_SIZE_MIN} "
                 "(header, data and status need three descriptors)"
             )
         bs = self.blk_size
         if bs < BLK_SIZE_MIN or bs > BLK_SIZE_MAX or bs & (bs - 1):
             raise ConfigError(
-                f"block {name}: blk_size {blk_size} not a power of two "
-                f"{BLK_SIZE_MIN}..{BLK_SIZE_MAX}"
+                f"{where}blk_size {blk_size} not a power of two {BLK_SIZE_MIN}..{BLK_SIZE_MAX}"
             )
         sid = serial if serial is not None else self.path.name[:ID_BYTES]
         self.serial = sid.encode() if isinstance(sid, str) else bytes(sid)
         if len(self.serial) > ID_BYTES:
-            raise ConfigError(f"block {name}: serial longer than {ID_BYTES} bytes")
+            raise ConfigError(f"{where}serial longer than {ID_BYTES} bytes")
         if create and not os.path.lexists(self.path):
             if size is None or size <= 0 or size % self.blk_size:
                 raise ConfigError(
-                    f"block {name}: create needs size, a positive multiple of {self.blk_size}"
+                    f"{where}cannot create {self.path}: size is needed, "
+                    f"a positive multiple of {self.blk_size}"
                 )
-            _create_image(name, self.path, size)
+            _create_image(where, self.path, size)
         try:
             fd, nbytes = open_image(self.path, os.O_RDONLY if read_only else os.O_RDWR, bs)
         except OSError as e:
-            raise ConfigError(f"block {name}: cannot open {self.path}: {e.strerror}") from e
+            raise ConfigError(f"{where}cannot open {self.path}: {e.strerror}") from e
         except ConfigError as e:
-            raise ConfigError(f"block {name}: {e}") from None
+            raise ConfigError(f"{where}{e}") from None
+        try:
+            self._lock = lock_image(
+                fd,
+                self.path,
+                read_only=self.read_only,
+                force_share=force_share,
+                card=card,
+                device=name if label is None or label else None,  # only a name the user chose
+                state_dir=state_dir,
+            )
+        except ConfigError as e:
+            os.close(fd)
+            raise type(e)(f"{where}{e}") from None
         self._fd: int | None = fd
         st = os.fstat(fd)
         # mpssd rounded up; rounding down never lets the card write past the file's end.
@@ -343,6 +372,7 @@ class BlockBackend:
             self._pool.shutdown(wait=True)
             self._pool = None
         if self._fd is not None:
+            self._lock.release()
             os.close(self._fd)
             self._fd = None
 

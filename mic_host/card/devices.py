@@ -14,6 +14,7 @@ manager above it.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from mic_host.backends.console import ConsoleBackend, ConsolePty
 from mic_host.backends.net import create_net_backend
 from mic_host.config import DeviceConfig
 from mic_host.paths import card_log_path, netns_record_path
-from virtio.errors import LocalProtocolError
+from virtio.errors import ConfigError, LocalProtocolError
 
 __all__ = ["DeviceSet"]
 
@@ -58,6 +59,14 @@ class DeviceSet:
             if dtype is None or d.type == dtype
         ]
 
+    @staticmethod
+    def user_label(dev: DeviceConfig) -> str:
+        """How messages name ``dev``: ``block 'disk'`` if the user named it, else ""
+        (a derived name such as ``block11`` means nothing to them: the path does)."""
+        if dev.name is None or re.fullmatch(rf"{re.escape(dev.type)}\d+", dev.name):
+            return ""
+        return f"{dev.type} {dev.name!r}"
+
     def pty(self, device: str) -> ConsolePty:
         """The pty of console ``device`` (opened again if it was closed)."""
         pty = self.ptys.get(device)
@@ -83,13 +92,23 @@ class DeviceSet:
         name = self.name_of(dev, index)
         if dev.type == "block":
             opts["path"] = opts.pop("image")
+            # errors name what the user chose: the label if they gave one, else the path
+            opts |= {"label": self.user_label(dev), "card": self.card}
+            opts["state_dir"] = str(self.state_dir)
         elif dev.type == "console":
             opts.setdefault("log_path", str(self.console_log(name)))
             opts["pty"] = self.pty(name)
         elif dev.type == "net":
             # Defaults (TAP name, mpssd's 172.31.N+1.x addresses, MAC) derive from the card.
             opts |= {"card": self.card, "node": self.node_id, "state_dir": str(self.state_dir)}
-        backend = create_backend(dev.type, name=name, **opts)
+        try:
+            backend = create_backend(dev.type, name=name, **opts)
+        except ConfigError as e:
+            # "net net2: ..." names a label the daemon made up: say "net device"
+            made_up, text = f"{dev.type} {name}: ", str(e)
+            if self.user_label(dev) or not text.startswith(made_up):
+                raise
+            raise type(e)(f"{dev.type} device: {text[len(made_up) :]}") from None
         if isinstance(backend, ConsoleBackend) and backend.agent is not None:
             backend.agent.label = self.card
         return backend

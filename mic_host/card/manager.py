@@ -182,7 +182,8 @@ class CardManager:
         }
 
     def stats(self) -> dict[str, Any]:
-        """Per device, per queue counters (kicks, interrupts, buffers, bytes, errors).
+        """Per device (doorbells, the backend's own counters) and per queue (wakeups,
+        chains, buffers, interrupts, bytes, errors) counters.
 
         Raises:
             LocalProtocolError: the card is not running.

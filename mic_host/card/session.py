@@ -99,6 +99,10 @@ async def pump_doorbells(mmio: Mmio, on_doorbell: Callable[[int], None]) -> None
             turn = clock()
 
 
+#: The statuses a card OS reports when it goes down on its own.
+_GOING_DOWN = (ShutdownStatus.HALTED, ShutdownStatus.POWEROFF, ShutdownStatus.RESTART)
+
+
 class SessionOwner(Protocol):
     """What a boot session uses of its card (implemented by ``CardManager``)."""
 
@@ -335,6 +339,12 @@ class BootSession:
                 except ValueError:
                     self.log.warning("%s: bad shutdown status %.100r", self.name, reported)
                     self.reported_status = ShutdownStatus.HALTED
+                    return
+                if self.state is CardState.ONLINE and self.reported_status in _GOING_DOWN:
+                    # the card OS started going down on its own (reboot, poweroff):
+                    # COSM's shutting_down, so status no longer says online with a
+                    # pid that is exiting; shutdown_timeout bounds it as any shutdown
+                    self.owner.lifecycle.fire(CardEvent.SHUTDOWN)
             case Crashed(error=error):
                 self._error(f"card OS crashed: {error[:500]}")
                 self.reported_status = ShutdownStatus.CRASHED

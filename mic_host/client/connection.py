@@ -299,7 +299,9 @@ class CardClient:
         return await self.client.request("detach", self.name, device=device)
 
     async def stats(self) -> dict[str, Any]:
-        """Per-device, per-queue counters (kicks, interrupts, buffers, bytes, errors)."""
+        """Counters: per device (``doorbells``: the card rings one per device), per
+        queue (``wakeups``, ``chains``, ``buffers``, ``interrupts``, ``bytes``,
+        ``errors``) and the backend's own (``backend``: block ``io_errors``...)."""
         return await self.client.request("stats", self.name)
 
     async def net(self, device: str | None = None, *, link: bool | None = None) -> dict[str, Any]:

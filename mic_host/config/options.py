@@ -67,6 +67,11 @@ DEVICE_OPTIONS: dict[str, dict[str, OptionSpec]] = {
         "queue_size": OptionSpec("int", help="entries per queue, a power of two 4..256"),
         "blk_size": OptionSpec("size", help="logical block size, a power of two 512..64K"),
         "discard": OptionSpec("bool", help="offer DISCARD and WRITE_ZEROES (default true)"),
+        "force_share": OptionSpec(
+            "bool",
+            help="open the image even if another card, daemon or QEMU holds it "
+            "(QEMU's share-rw: only when the writers cannot collide)",
+        ),
     },
     "console": {},
     "net": {

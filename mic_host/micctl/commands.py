@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import re
 import sys
 from typing import Any
@@ -33,7 +32,7 @@ from mic_host.micctl.registry import (
     with_card,
     with_timeout,
 )
-from virtio.errors import MicError
+from virtio.errors import LocalProtocolError, MicError
 
 __all__ = ["attach_options"]
 
@@ -80,6 +79,7 @@ def attach_options(args: argparse.Namespace) -> dict[str, Any]:
         "read_only": True if args.read_only else None,
         "serial": args.serial,
         "num_queues": getattr(args, "queues", None),
+        "force_share": True if getattr(args, "force_share", False) else None,
     }
     for key, value in flags.items():
         if value is None:
@@ -179,6 +179,14 @@ def _conf_wait(p: argparse.ArgumentParser) -> None:
 
 async def _attach(client: Client, args: argparse.Namespace) -> int:
     opts = attach_options(args)
+    card = client.card(args.card)
+    state = await card.state()
+    if state not in (CardState.ONLINE, CardState.BOOTING) and not args.next_boot:
+        # nothing would appear on the card: say so rather than print "None"
+        raise LocalProtocolError(
+            f"{args.card} is {state}, not running: nothing attached "
+            "(boot it first, or add --next-boot to keep the device for its next boot)"
+        )
     created = None
     if args.type == "block":
         created = await asyncio.to_thread(prepare_block_image, client.state_dir, args, opts)
@@ -189,7 +197,12 @@ async def _attach(client: Client, args: argparse.Namespace) -> int:
             with contextlib.suppress(OSError):
                 created.unlink()
         raise
-    print(r.get("device", json.dumps(r, sort_keys=True)))
+    if r.get("device"):
+        print(r["device"])
+    elif state is CardState.BOOTING:
+        print(f"{r.get('name')}: added; {args.card} is booting and names it when it binds")
+    else:
+        print(f"{r.get('name')}: added for {args.card}'s next boot")
     return EXIT_OK
 
 
@@ -212,6 +225,17 @@ def _conf_attach(p: argparse.ArgumentParser) -> None:
         help="block: with --create, allocate every block now (with a progress bar)",
     )
     p.add_argument("--queues", type=positive_int, metavar="N", help="block: request queues (MQ)")
+    p.add_argument(
+        "--next-boot",
+        action="store_true",
+        help="the card is down: keep the device for its next boot (else refused)",
+    )
+    p.add_argument(
+        "--force-share",
+        action="store_true",
+        help="block: attach even if another card, daemon or QEMU holds the image "
+        "(image locks are skipped: only when the writers cannot collide)",
+    )
     p.add_argument(
         "--opt",
         type=_opt,
@@ -241,6 +265,13 @@ async def _stats(client: Client, args: argparse.Namespace) -> int:
 
 
 def _conf_stats(p: argparse.ArgumentParser) -> None:
+    p.epilog = (
+        "DOORBELLS: the card rings one doorbell per device. Per queue: WAKEUPS "
+        "(doorbells that gave a waiting queue work), CHAINS (requests popped), "
+        "BUFFERS (completions), INTERRUPTS (to the card), BYTES, ERRORS (ring "
+        "faults). Then each backend's counters: block io_errors/unsupported/"
+        "malformed, console drops, net packets and drops by reason."
+    )
     with_card(p)
     p.add_argument("--json", action="store_true", help="print the raw result (for scripts)")
 
@@ -314,7 +345,12 @@ for _sub in (
         validate=attach_options,
     ),
     Subcommand("detach", "hot-remove a device", _conf_detach, _detach),
-    Subcommand("stats", "per-queue counters", _conf_stats, _stats),
+    Subcommand(
+        "stats",
+        "counters: doorbells per device, work per queue, the backends' errors and drops",
+        _conf_stats,
+        _stats,
+    ),
     Subcommand("net", "net devices: backend, addresses, namespace, counters", _conf_net, _net),
     Subcommand("run", "run a card app", _conf_run, _run),
     Subcommand("suspend", "host suspend: stop every card", _no_args, _suspend),

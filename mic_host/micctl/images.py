@@ -34,9 +34,15 @@ def _create(dst: Path) -> int:
 def _copy_image(src: Path, dst: Path, size: int | None) -> None:
     """Copy ``src`` (a regular file or a block device: a FIFO or ``/dev/zero``
     would never end) into a new ``dst`` (zero chunks stay holes), grown to ``size``."""
-    fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:  # the source, not the image being made, is the problem
+        raise ConfigError(f"--copy-from {src}: {e.strerror or e}") from e
     with os.fdopen(fd, "rb") as fin:
-        total = image_size(fd, src)
+        try:
+            total = image_size(fd, src)
+        except ConfigError as e:
+            raise ConfigError(f"--copy-from {e}") from None
         os.set_blocking(fd, True)
         if size is not None and size < total:
             raise ConfigError(f"--size {size} is smaller than {src} ({total} B)")
@@ -63,7 +69,7 @@ def _copy_image(src: Path, dst: Path, size: int | None) -> None:
 
 def _preallocate_image(dst: Path, size: int) -> None:
     """Create ``dst`` with ``size`` bytes allocated (no holes), in chunks, with progress."""
-    progress = Progress(f"allocating {dst.name}", size)
+    progress = Progress(f"allocating {dst.name}", size, rate=False)
     progress.update(0)
     fd = _create(dst)
     try:

@@ -73,24 +73,45 @@ def format_status(result: Mapping[str, Any]) -> str:
     return table
 
 
-_STAT_KEYS = ("kicks", "interrupts", "buffers", "bytes", "errors")
+_STAT_KEYS = ("wakeups", "chains", "buffers", "interrupts", "bytes", "errors")
+
+
+def _flat(prefix: str, value: object) -> list[tuple[str, object]]:
+    """``{"drops": {"rx": {"full": 2}}}`` -> ``[("drops.rx.full", 2)]``."""
+    if isinstance(value, Mapping):
+        return [kv for k, v in value.items() for kv in _flat(f"{prefix}{k}.", v)]
+    return [(prefix.rstrip("."), value)]
 
 
 def format_stats(result: Mapping[str, Any]) -> str:
-    """The ``stats`` table: one row per device queue with its counters."""
+    """The ``stats`` table, then each device's backend counters.
+
+    The card rings one doorbell per device (VOP), so DOORBELLS is a device
+    column; per queue: WAKEUPS (doorbells that found this queue with work),
+    CHAINS (requests popped), BUFFERS (completions pushed), INTERRUPTS (to the
+    card), BYTES, ERRORS (ring faults). Below the table, one line per device
+    with its backend's own counters (I/O errors, refusals, drops...).
+    """
     rows: list[list[object]] = []
+    backends: list[str] = []
     for d in result.get("devices") or []:
         if not isinstance(d, Mapping):
             continue
-        queues = d.get("queues") or []
+        label = _device_label(d)
+        queues = [q for q in d.get("queues") or [] if isinstance(q, Mapping)]
+        first: list[object] = [label, d.get("doorbells")]
         if not queues:
-            rows.append([_device_label(d), None, *([None] * len(_STAT_KEYS))])
+            rows.append([*first, None, *([None] * len(_STAT_KEYS))])
         for i, q in enumerate(queues):
-            if not isinstance(q, Mapping):
-                continue
             name = q.get("name", q.get("index", i))
-            rows.append([_device_label(d), name, *(q.get(k) for k in _STAT_KEYS)])
-    return format_table(["DEVICE", "QUEUE", *(k.upper() for k in _STAT_KEYS)], rows)
+            rows.append([*(first if i == 0 else ["", ""]), name, *(q.get(k) for k in _STAT_KEYS)])
+        counters = _flat("", d.get("backend") or {})
+        if counters and counters != [("", {})]:
+            backends.append(f"{label}: " + "  ".join(f"{k} {_cell(v)}" for k, v in counters))
+    table = format_table(["DEVICE", "DOORBELLS", "QUEUE", *(k.upper() for k in _STAT_KEYS)], rows)
+    if backends:
+        table += "\nbackend counters:\n" + "\n".join(f"  {line}" for line in backends)
+    return table
 
 
 def format_net(result: Mapping[str, Any]) -> str:
@@ -109,11 +130,13 @@ def format_net(result: Mapping[str, Any]) -> str:
                 f"  host: {d.get('host_interface') or '-'}  {d.get('host_ip') or '-'}"
                 f"  (namespace {ns})"
             )
+        # the card's own report wins: a frames-mode card has no namespace at all
+        netns = card.get("netns") if "mode" in card else d.get("card_netns")
         lines.append(
             f"  card: {card.get('ifname') or d.get('device') or '-'}"
             f"  {card.get('card_ip') or d.get('card_ip') or '-'}"
             f"  mode {card.get('mode') or d.get('card_mode') or '-'}"
-            f"  namespace {card.get('netns') or d.get('card_netns') or '-'}"
+            f"  namespace {netns or '-'}"
             f"  mac {d.get('mac') or card.get('mac') or '-'}"
         )
         if d.get("offloads") is not None:
@@ -154,18 +177,30 @@ class Progress:
     (at 0, 25, 50, 75 and 100 %), so logs of scripted runs stay readable."""
 
     WIDTH = 30
+    #: A rate over a shorter time than this says nothing (a 64 MiB allocation
+    #: that takes 0.2 ms is not "342038 MiB/s"): it is not shown.
+    MIN_RATE_SECONDS = 0.5
 
-    def __init__(self, label: str, total: int, stream: TextIO | None = None) -> None:
+    def __init__(
+        self, label: str, total: int, stream: TextIO | None = None, *, rate: bool = True
+    ) -> None:
+        """``rate=False``: no MiB/s (an allocation moves no data, so it has no speed)."""
         self.label = label
         self.total = max(total, 1)
         self.stream = stream if stream is not None else sys.stderr
         self.tty = self.stream.isatty()
+        self.rate = rate
         self._last_quarter = -1
         self._last_draw = 0.0
+        self._done = False
         self._t0 = time.monotonic()
 
     def update(self, done: int) -> None:
+        """Report ``done`` bytes; the 100% line is printed once, whatever calls follow."""
+        if self._done:
+            return
         frac = min(done / self.total, 1.0)
+        self._done = frac >= 1.0
         mib = f"{done / 2**20:.1f}/{self.total / 2**20:.1f} MiB"
         if self.tty:
             now = time.monotonic()
@@ -174,9 +209,12 @@ class Progress:
             self._last_draw = now
             fill = int(frac * self.WIDTH)
             bar = "#" * fill + "-" * (self.WIDTH - fill)
-            rate = done / max(now - self._t0, 1e-6) / 2**20
+            elapsed = now - self._t0
+            speed = ""
+            if self.rate and elapsed >= self.MIN_RATE_SECONDS:
+                speed = f" {done / elapsed / 2**20:.0f} MiB/s"
             self.stream.write(
-                f"\r{self.label} [{bar}] {frac:4.0%} {mib} {rate:.0f} MiB/s"
+                f"\r{self.label} [{bar}] {frac:4.0%} {mib}{speed}\x1b[K"
                 + ("\n" if frac >= 1.0 else "")
             )
             self.stream.flush()

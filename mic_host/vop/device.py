@@ -431,7 +431,10 @@ class VopDevice:
 
     # -- stats -----------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
-        """A JSON-ready snapshot of this device."""
+        """A JSON-ready snapshot of this device: VOP's counters (``doorbells``: the
+        card's doorbell is per device), each queue's, and the backend's own
+        (``backend``: its ``stats()``, e.g. block I/O errors, console drops)."""
+        backend_stats = getattr(self.backend, "stats", None)
         return {
             "name": self.name,
             "type": self.device_type,
@@ -450,4 +453,5 @@ class VopDevice:
             "resets": self.resets,
             "last_error": self.last_error,
             "queues": [ep.stats() for ep in self.endpoints],
+            "backend": backend_stats() if callable(backend_stats) else {},
         }

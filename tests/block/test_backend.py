@@ -51,7 +51,8 @@ def sha(p: Path) -> str:
 
 
 def test_config_space_and_features(disk: Path) -> None:
-    b = BlockBackend(disk, num_queues=3, blk_size=4096, serial="S1")
+    # several backends on one image: the image lock is not what this tests
+    b = BlockBackend(disk, num_queues=3, blk_size=4096, serial="S1", force_share=True)
     cfg = BlkConfig.parse(b.config_bytes())
     assert cfg.capacity == (4 << 20) // S
     assert (cfg.blk_size, cfg.num_queues, cfg.size_max) == (4096, 3, be.SIZE_MAX)
@@ -63,7 +64,7 @@ def test_config_space_and_features(disk: Path) -> None:
     for bit in ("FLUSH", "MQ", "DISCARD", "WRITE_ZEROES", "BLK_SIZE", "TOPOLOGY", "SIZE_MAX"):
         assert f & BlkFeature[bit], bit
     assert list(b.queue_sizes()) == [128] * 3
-    ro = BlockBackend(disk, read_only=True)
+    ro = BlockBackend(disk, read_only=True, force_share=True)
     assert ro.features() & BlkFeature.RO
     assert not ro.features() & (BlkFeature.DISCARD | BlkFeature.MQ)
     for bad in ({"num_queues": 9}, {"blk_size": 1000}, {"serial": "x" * 21}):
@@ -566,3 +567,36 @@ def test_micctl_made_images_are_private_and_sources_must_end(tmp_path: Path) -> 
         with pytest.raises(ConfigError, match=f"is {kind}"):
             prepare_block_image(tmp_path, _attach_args(copy_from=bad), {"image": "c2.img"})
         assert not (tmp_path / "c2.img").exists()
+
+
+@pytest.mark.asyncio
+async def test_image_lock_matrix(tmp_path: Path) -> None:
+    """QEMU's rules: a writer excludes everything, readers share, force_share skips
+    the test; a whole-file exclusive lock (another tool) is a holder too."""
+    import fcntl
+    import struct
+
+    from mic_host.backends.imagelock import ImageLockedError
+
+    img = tmp_path / "l.img"
+    img.write_bytes(bytes(4096))
+    w = BlockBackend(img, name="w")
+    for kw in ({}, {"read_only": True}):
+        with pytest.raises(ImageLockedError, match=r"in use by device 'w' \(read-write"):
+            BlockBackend(img, name="x", **kw)
+    forced = BlockBackend(img, name="f", force_share=True)
+    await forced.aclose()
+    await w.aclose()
+    readers = [BlockBackend(img, name=f"r{i}", read_only=True) for i in range(2)]
+    with pytest.raises(ImageLockedError, match=r"device 'r0' .*; device 'r1' "):
+        BlockBackend(img, name="x")
+    for r in readers:
+        await r.aclose()
+    fd = os.open(img, os.O_RDWR)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0))
+        with pytest.raises(ImageLockedError, match="in use by another process"):
+            BlockBackend(img, name="x", read_only=True)
+    finally:
+        os.close(fd)
+    await BlockBackend(img, name="free").aclose()  # every lock went with its image

@@ -27,6 +27,7 @@ import mic_host
 from mic_host.client import Client
 from tests.block import storm
 from tests.block.conftest import RemoteDaemon
+from tests.integration.helpers import micctl
 from virtio.errors import BrokenResourceError, MicError
 
 SECTOR = 512
@@ -190,6 +191,13 @@ async def test_read_only_and_out_of_range_refusals(state_dir: Path) -> None:
         assert info["capacity"] == 4096
         stats = await card.stats()
         assert stats["devices"][0]["errors"] == 0  # refusals are answers, not faults
+        # ... counted by the backend, and that reaches the client and micctl stats
+        backend = stats["devices"][0]["backend"]
+        assert (backend["io_errors"], backend["malformed"]) == (4, 0), backend
+        r = await micctl(state_dir, "stats", "mic0")
+        assert r.rc == 0, r
+        line = next(x for x in r.out.splitlines() if x.startswith("  vda:block"))
+        assert "io_errors 4  unsupported 0  malformed 0" in line, r.out
     assert ro.read_bytes() == before
 
 

@@ -184,7 +184,7 @@ def test_limits_agree_with_vop_and_the_backends(tmp_path: Path) -> None:
     image = tmp_path / "d.img"
     image.write_bytes(bytes(4096))
     for opts in ({}, {"num_queues": 3, "queue_size": 64}, {"num_queues": 4, "queue_size": 256}):
-        b = be.BlockBackend(image, **opts)  # type: ignore[arg-type]
+        b = be.BlockBackend(image, force_share=True, **opts)  # type: ignore[arg-type]
         g = limits.geometry("block", opts)
         assert g.queue_sizes == tuple(b.queue_sizes())
         assert g.config_len == len(b.config_bytes())
@@ -239,7 +239,7 @@ async def test_what_load_accepts_a_real_vop_accepts(tmp_path: Path, kinds: list[
         t, o = specs[i]
         if t == "console":
             return ConsoleBackend(name=f"d{i}")
-        return BlockBackend(image, name=f"d{i}", **o)
+        return BlockBackend(image, name=f"d{i}", force_share=True, **o)  # one image, many
 
     async with Vop(_Platform(host_ram)) as vop:  # type: ignore[arg-type]
         for i in range(fit):

@@ -699,24 +699,33 @@ def test_micctl_stats_table() -> None:
             {
                 "device": "vda",
                 "type": "block",
+                "doorbells": 12,
                 "queues": [
-                    {
-                        "index": 0,
-                        "kicks": 10,
-                        "interrupts": 9,
-                        "buffers": 30,
-                        "bytes": 4096,
-                        "errors": 0,
-                    }
+                    {"index": i, "wakeups": 4 + i, "chains": 15, "buffers": 15}
+                    | {"interrupts": 9, "bytes": 4096, "errors": 0}
+                    for i in range(2)
                 ],
+                "backend": {"io_errors": 1, "unsupported": 0},
             },
-            {"device": "hvc0", "type": "console", "queues": []},
+            {"device": "hvc0", "type": "console", "queues": [], "backend": {}},
+            {
+                "device": "eth0",
+                "type": "net",
+                "doorbells": 1,
+                "queues": [],
+                "backend": {"drops": {"rx": {"full": 2}}},
+            },
         ],
     }
     assert micctl.format_stats(result) == (
-        "DEVICE        QUEUE  KICKS  INTERRUPTS  BUFFERS  BYTES  ERRORS\n"
-        "vda:block     0      10     9           30       4096   0\n"
-        "hvc0:console  -      -      -           -        -      -"
+        "DEVICE        DOORBELLS  QUEUE  WAKEUPS  CHAINS  BUFFERS  INTERRUPTS  BYTES  ERRORS\n"
+        "vda:block     12         0      4        15      15       9           4096   0\n"
+        "                         1      5        15      15       9           4096   0\n"
+        "hvc0:console  -          -      -        -       -        -           -      -\n"
+        "eth0:net      1          -      -        -       -        -           -      -\n"
+        "backend counters:\n"
+        "  vda:block: io_errors 1  unsupported 0\n"
+        "  eth0:net: drops.rx.full 2"
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -129,41 +130,55 @@ async def test_micctl_run_and_stats(state_dir: Path) -> None:
         assert r.rc == 1, r
         assert "no device 'vdz'" in _one_error_line(r.err)
 
-        def block_queue(stats: dict[str, object]) -> dict[str, int]:
+        def block_dev(stats: dict[str, object]) -> dict[str, Any]:
             devices = stats["devices"]
             assert isinstance(devices, list)
             (vda,) = [d for d in devices if d["device"] == "vda"]
-            (q,) = vda["queues"]
-            return q  # type: ignore[no-any-return]
+            return vda  # type: ignore[no-any-return]
 
         r = await micctl(state_dir, "stats", "mic0", "--json")
         assert r.rc == 0, r
-        before = block_queue(r.json())
+        before = block_dev(r.json())
         await client.card("mic0").run(app("write_text"), "vda", 0, "x" * 4096)
         await client.card("mic0").run(app("read_text"), "vda", 0, 4096)
         r = await micctl(state_dir, "stats", "mic0", "--json")
-        after = block_queue(r.json())
-        assert after["buffers"] >= before["buffers"] + 3  # write, flush, read
-        assert after["bytes"] >= before["bytes"] + 2 * 4096
-        assert after["kicks"] > before["kicks"]
-        assert after["interrupts"] > before["interrupts"]
-        assert after["errors"] == 0
+        after = block_dev(r.json())
+        (q0,), (q1,) = before["queues"], after["queues"]
+        assert q1["buffers"] >= q0["buffers"] + 3  # write, flush, read
+        assert q1["chains"] >= q0["chains"] + 3
+        assert q1["bytes"] >= q0["bytes"] + 2 * 4096
+        assert q1["wakeups"] > q0["wakeups"]
+        assert q1["interrupts"] > q0["interrupts"]
+        assert q1["errors"] == 0
+        # the doorbell is the device's; the backend's own counters come along
+        assert after["doorbells"] > before["doorbells"]
+        assert after["backend"]["writes"] >= before["backend"]["writes"] + 1
+        assert after["backend"]["io_errors"] == 0
 
         r = await micctl(state_dir, "stats", "mic0")
         assert r.rc == 0, r
         lines = r.out.splitlines()
         assert lines[0].split() == [
             "DEVICE",
+            "DOORBELLS",
             "QUEUE",
-            "KICKS",
-            "INTERRUPTS",
+            "WAKEUPS",
+            "CHAINS",
             "BUFFERS",
+            "INTERRUPTS",
             "BYTES",
             "ERRORS",
         ]
-        assert any(line.startswith("vda:block(disk)") for line in lines)
+        table = lines[: lines.index("backend counters:")]
+        # one row per queue; the device (and its doorbells) only on its first
+        (vda_row,) = [line for line in table if line.startswith("vda:block(disk)")]
+        assert vda_row.split()[1] == str(after["doorbells"])
         # rx and tx of port 0, of the control queue and of the agent's port
-        assert sum(line.startswith("hvc0:console") for line in lines) == 6
+        hvc0 = next(i for i, line in enumerate(table) if line.startswith("hvc0:console"))
+        assert [line.split()[0] for line in table[hvc0 + 1 : hvc0 + 6]] == list("12345")
+        backend = {line.split(":")[0].strip() for line in lines[len(table) + 1 :]}
+        assert backend == {"hvc0", "vda"}
+        assert "io_errors 0" in next(line for line in lines if line.startswith("  vda:"))
 
         await client.card("mic0").shutdown(wait=True)
         r = await micctl(state_dir, "stats", "mic0", "--json")

@@ -173,7 +173,8 @@ def test_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.asyncio
 async def test_add_device_checks_and_ring_magic(rig: Rig, image: Path) -> None:
-    dev = rig.vop.add_device(BlockBackend(image, name="d0"))
+    # several backends on one image: the image lock is not what this tests
+    dev = rig.vop.add_device(BlockBackend(image, name="d0", force_share=True))
     vr = dev.vrings[0]
     magic = int.from_bytes(
         rig.hp.host_ram[vr.offset + vring_info_offset(vr.num) + 4 :][:4], "little"
@@ -182,9 +183,9 @@ async def test_add_device_checks_and_ring_magic(rig: Rig, image: Path) -> None:
     assert dev.view.vq_address(0) == rig.hp.host_ram_bus + vr.offset
     assert dev.view.ctrl(Ctrl.C2H_VDEV_DB) == dev.c2h_db
     with pytest.raises(LocalProtocolError, match="already exists"):
-        rig.vop.add_device(BlockBackend(image, name="d0"))
+        rig.vop.add_device(BlockBackend(image, name="d0", force_share=True))
     with pytest.raises(LocalProtocolError, match="power of two"):
-        rig.vop.add_device(BlockBackend(image, name="d1", queue_size=100))
+        rig.vop.add_device(BlockBackend(image, name="d1", queue_size=100, force_share=True))
     # c2h doorbells are spread least-used first
     more = [rig.vop.add_device(ConsoleBackend(name=f"c{i}")) for i in range(4)]
     assert sorted(d.c2h_db for d in [dev, *more]) == [0, 0, 1, 2, 3]

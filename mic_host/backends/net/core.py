@@ -553,7 +553,11 @@ class NetBackend:
             "mtu": self.mtu,
             "link": "up" if self.link_up else "down",
             "card_ip": self.card_ip,
-            "card_netns": self.card_netns,
+            # only a namespace that exists: none when the card side exchanges
+            # frames (frames mode, or tap mode without the privilege for it)
+            "card_netns": (
+                self.card_netns if card_needs_netns(self.card_mode, self.card_netns) else None
+            ),
             "card_mode": self.card_mode,
             "negotiated": self._live,
             "features": self._features,
