@@ -229,13 +229,16 @@ async def test_micctl_console_in_tmux(state_dir: Path) -> None:
             await eventually(
                 lambda: _contains(pane(), "[micctl exited 0]"), within=10, what="micctl exited 0"
             )
-            await command(*_tmux(sock, "kill-session", "-t", "c"))
 
-            # the terminal goes away while attached: micctl ends, the console lives on
+            # the terminal goes away while attached: micctl ends, the console lives on.
+            # Session d starts before c is killed: killing a server's last session
+            # makes it exit, and a new-session racing that exit prints nothing.
             r = await command(*_tmux(sock, "new-session", "-d", "-s", "d", "-x", "80", "-y",
                                      "24", "-c", str(REPO), "-P", "-F", "#{pane_pid}",
                                      attach))  # fmt: skip
+            assert r.rc == 0, r
             pid = int(r.out.strip())
+            await command(*_tmux(sock, "kill-session", "-t", "c"))
             await eventually(
                 lambda: _contains(
                     command(*_tmux(sock, "capture-pane", "-p", "-t", "d")), "Escape character"
