@@ -436,8 +436,14 @@ class ControlServer:
         # what another thread might create meanwhile (never the owner's).
         old = os.umask(0o077)
         try:
+            # The listen backlog holds every connection the daemon would
+            # serve: with asyncio's default (100), a burst of clients while the
+            # loop is busy overflows it, and a Unix-socket connect() to a full
+            # backlog fails with EAGAIN, which asyncio's sock_connect takes for
+            # "in progress" and then reports as connected (the client's first
+            # recv gets EINVAL).
             self._server = await asyncio.start_unix_server(
-                self._accept, path=str(self.path), limit=_CHUNK
+                self._accept, path=str(self.path), limit=_CHUNK, backlog=self.max_connections + 16
             )
         finally:
             os.umask(old)
