@@ -28,10 +28,11 @@ from contextlib import contextmanager
 
 from mic_host.events import CURRENT_CARD, MAX_MESSAGE, Event, EventBus, Feed
 
-__all__ = ["KEEP", "HostLog"]
+__all__ = ["KEEP", "MAX_LINE", "HostLog"]
 
-#: Lines kept per card.
+#: Lines kept per card, and the length a kept line is cut to.
 KEEP = 1000
+MAX_LINE = 4096
 _FMT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
@@ -59,7 +60,7 @@ class HostLog(logging.Handler):
             card = self._card_of(record, message)
             if card is None:
                 return
-            line = _FMT.format(record)
+            line = _FMT.format(record)[:MAX_LINE]
             if threading.get_ident() == self._thread:
                 self._deliver(card, record, line, message)
             else:  # a worker thread: the feeds belong to the loop
