@@ -49,6 +49,13 @@ def _buffer(text: str) -> int:
 
 
 def _conf_events(p: argparse.ArgumentParser) -> None:
+    p.epilog = (
+        "Events: booting, online, shutting_down, ready, resetting, reset_failed, crashed "
+        "(state); device_added, device_removed, device_needs_reset (device); link_up, "
+        "link_down (net); app_started, app_ended (app); error; events_lost. Each has a "
+        "card, data fields, a wall-clock timestamp, a monotonic time and a sequence number. "
+        "Runs until Ctrl-C (exit 130); exit 1 when the daemon stops."
+    )
     p.add_argument(
         "card", nargs="?", type=card_name, metavar="CARD", help="only this card (default: all)"
     )
@@ -90,6 +97,11 @@ async def _events(client: Client, args: argparse.Namespace) -> int:
 
 
 def _conf_logs(p: argparse.ArgumentParser) -> None:
+    p.epilog = (
+        "Host lines are the daemon's log lines about this card (the last 1000 are kept); "
+        "with both sources they are prefixed [host]. --follow ends when the card goes "
+        "down (exit 0), on Ctrl-C (exit 130), or when the daemon stops (exit 1)."
+    )
     with_card(p)
     which = p.add_mutually_exclusive_group()
     which.add_argument(
