@@ -21,7 +21,7 @@ from mic_host.client import Client, EventStream
 from mic_host.events import Event
 from tests.integration.helpers import REPO, app, booted, daemon, eventually, micctl
 from tests.net.test_e2e import net_card
-from virtio.errors import LocalProtocolError, MicTimeoutError, RemoteProtocolError
+from virtio.errors import LocalProtocolError, MicError, MicTimeoutError, RemoteProtocolError
 
 pytestmark = pytest.mark.asyncio
 
@@ -337,3 +337,18 @@ async def _client_logs(client: Client) -> None:
 async def _console_has_client(card: Any) -> bool:
     async with card.logs(source="console", lines=5) as logs:
         return "from the library" in "".join([i["text"] async for i in logs])
+
+
+async def test_a_crash_is_an_event_with_the_reason(state_dir: Path) -> None:
+    async with daemon(state_dir) as client:
+        card = await booted(client)
+        async with card.events(["state"]) as events:
+            with pytest.raises(MicError):
+                await card.run(app("suicide"))
+            ev = await events.wait_for("crashed", timeout=10)
+            assert (ev.data["from"], ev.data["cause"]) == ("online", "crash")
+            assert ev.data["shutdown_status"] == "crashed"
+            assert ev.data["error"]
+            await card.boot(wait=False)  # a crashed card is reset, then boots
+            assert (await events.wait_for("resetting", timeout=10)).data["from"] == "crashed"
+            await events.wait_for("online", timeout=30)
