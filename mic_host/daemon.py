@@ -28,8 +28,10 @@ from mic_host import host_cli
 from mic_host.backends import available_backends
 from mic_host.card import CardManager
 from mic_host.config import DaemonConfig, check_device_types, default_config, load_config
-from mic_host.control.server import ControlServer
+from mic_host.control.server import ControlServer, Stream
 from mic_host.control.wire import PROTOCOL_VERSION
+from mic_host.events import CURRENT_CARD, EventBus, card_context, emit, installed
+from mic_host.hostlog import HostLog
 from mic_host.lifecycle import CardState
 from mic_host.paths import (
     control_socket_path,
@@ -38,6 +40,7 @@ from mic_host.paths import (
     resolve_state_dir,
     secure_state_dir,
 )
+from mic_host.streams import serve_events, serve_logs, track_app, watch_card
 from virtio.agent import exec_problem
 from virtio.errors import ConfigError, LocalProtocolError, MicError, ResourceError
 
@@ -58,12 +61,18 @@ class Daemon:
         }
         self.suspended = False
         self._resume: list[str] = []
+        #: the event stream (``micctl events``); the recent log lines per card (``serve``)
+        self.bus = EventBus()
+        self.hostlog: HostLog | None = None
+        for m in self.cards.values():
+            watch_card(self.bus, m)
 
     def _card(self, name: str | None) -> CardManager:
         if name is None or name not in self.cards:
             raise LocalProtocolError(
                 f"unknown card {name!r} (cards: {', '.join(self.cards) or 'none'})"
             )
+        CURRENT_CARD.set(name)  # this request's log lines and events are about this card
         return self.cards[name]
 
     async def serve(self, stop: asyncio.Event) -> None:
@@ -73,6 +82,14 @@ class Daemon:
         Raises:
             ResourceError: another daemon owns the state directory.
         """
+        self.hostlog = HostLog(self.cards, events=self.bus)
+        try:
+            with installed(self.bus), self.hostlog.installed():
+                await self._serve(stop)
+        finally:
+            self.hostlog = None
+
+    async def _serve(self, stop: asyncio.Event) -> None:
         try:
             async with ControlServer(self.state_dir, self):
                 log.info(
@@ -85,7 +102,8 @@ class Daemon:
                 for m in self.cards.values():
                     if m.cfg.boot_at_start:
                         try:
-                            await m.boot()
+                            with card_context(m.name):
+                                await m.boot()
                         except MicError as e:
                             log.error("%s: boot at start failed: %s", m.name, e)
                 await stop.wait()
@@ -125,16 +143,20 @@ class Daemon:
         return {"card": m.name, "state": str(m.state)}
 
     async def attach(self, card: str, type: str, options: dict[str, Any]) -> dict[str, Any]:  # noqa: A002
-        return await self._card(card).attach(type, options)
+        res = await self._card(card).attach(type, options)
+        emit("device_added", card, name=res["name"], device=res.get("device"), type=type)
+        return res
 
     async def detach(self, card: str, device: str) -> dict[str, Any]:
-        return await self._card(card).detach(device)
+        res = await self._card(card).detach(device)
+        emit("device_removed", card, name=res["removed"])
+        return res
 
     async def stats(self, card: str) -> dict[str, Any]:
         return self._card(card).stats()
 
     async def run(self, card: str, app: str, args: list[Any]) -> dict[str, Any]:
-        return await self._card(card).run(app, args)
+        return await track_app(m := self._card(card), app, m.run(app, args))
 
     async def exec(
         self,
@@ -187,12 +209,38 @@ class Daemon:
         for name in self._resume:
             m = self.cards[name]
             try:
-                await m.boot(wait=True)
+                with card_context(name):
+                    await m.boot(wait=True)
                 booted.append(name)
             except MicError as e:
                 log.error("%s: boot on resume failed: %s", name, e)
         self._resume = []
         return {"suspended": False, "booted": booted}
+
+    async def events(
+        self, card: str | None, kinds: list[Any], buffer: float, stream: Stream
+    ) -> dict[str, Any]:
+        """Stream events (:mod:`mic_host.streams`) of ``card`` or of every card."""
+        if card is not None:
+            self._card(card)
+        return await serve_events(self.bus, stream, card, kinds, buffer)
+
+    async def logs(
+        self,
+        card: str,
+        source: str,
+        lines: float,
+        follow: bool,
+        device: str | None,
+        stream: Stream,
+    ) -> dict[str, Any]:
+        """Stream a card's console log and the daemon's lines about it (``micctl logs``)."""
+        m = self._card(card)
+        if self.hostlog is None:
+            raise LocalProtocolError("the daemon is not serving")
+        return await serve_logs(
+            m, self.hostlog, stream, source=source, lines=lines, follow=follow, device=device
+        )
 
 
 class _StateLock:

@@ -9,6 +9,7 @@ socket's codec ``control.wire``), ``virtio`` and, for offload channels,
 - :mod:`~mic_host.client.console`: console pty streams and exec results;
 - :mod:`~mic_host.client.terminal`: relaying this terminal to a console (``micctl console``);
 - :mod:`~mic_host.client.accel`: accelerator offload channels to a card;
+- :mod:`~mic_host.client.events`: event and log streams (``client.events()``, ``card.logs()``);
 - :mod:`~mic_host.client.connection`: :class:`Client`, :class:`CardClient`, :func:`connect`;
 - :mod:`~mic_host.client.launch`: :func:`launch`, a daemon as a child process;
 - :mod:`~mic_host.client.pytest_plugin`: the ``mic_vop`` fixtures (not imported here).
@@ -16,6 +17,7 @@ socket's codec ``control.wire``), ``virtio`` and, for offload channels,
 
 from mic_host.client.connection import CardClient, Client, connect, open_connection
 from mic_host.client.console import ConsoleStream, ExecResult
+from mic_host.client.events import EventStream, LogStream
 from mic_host.client.launch import DEFAULT_DAEMON_MODULE, launch
 
 __all__ = [
@@ -27,4 +29,6 @@ __all__ = [
     "DEFAULT_DAEMON_MODULE",
     "ConsoleStream",
     "ExecResult",
+    "EventStream",
+    "LogStream",
 ]

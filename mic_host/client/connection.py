@@ -32,7 +32,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from mic_host.client.console import ConsoleStream, ExecResult, find_console
-from mic_host.control.wire import MAX_MESSAGE, decode_response, encode_request
+from mic_host.client.events import EventStream, LogStream, StreamQueue
+from mic_host.control.wire import MAX_MESSAGE, StreamLine, decode_line, encode_request
 from mic_host.lifecycle import CardState
 from mic_host.paths import SOCKET_NAME, control_socket_path, resolve_state_dir
 from virtio.agent import MAX_STDIN
@@ -66,6 +67,8 @@ class Client:
         self._writer = writer
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        #: streaming requests (``events``, ``logs``): their items, ends and late errors
+        self._streams: dict[int, StreamQueue] = {}
         self._lost: MicError | None = None
         self._closed = False
         self._write_lock = asyncio.Lock()
@@ -95,11 +98,19 @@ class Client:
                     why = BrokenResourceError(f"connection to the mic-host daemon lost: {e}")
                     break
                 try:
-                    resp = decode_response(line)
+                    resp = decode_line(line)
                 except RemoteProtocolError as e:
                     why = e
                     break
+                if isinstance(resp, StreamLine):
+                    sq = self._streams.get(resp.id)
+                    if sq is not None:
+                        await sq.put(resp)  # a full queue stops reading: back-pressure
+                    continue
                 fut = self._pending.pop(resp.id, None) if resp.id is not None else None
+                if fut is None and resp.id in self._streams and resp.error is not None:
+                    await self._streams[resp.id].put(resp.error.exception(reason="daemon"))
+                    continue
                 if fut is None:
                     if resp.error is not None:
                         log.warning("mic-host daemon: %s: %s", resp.error.type, resp.error.message)
@@ -116,10 +127,52 @@ class Client:
 
     def _fail_pending(self, why: MicError) -> None:
         self._lost = why
+        for sq in self._streams.values():
+            sq.fail(why)
         pending, self._pending = self._pending, {}
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(why)
+
+    async def open_stream(
+        self, op: str, card: str | None = None, **args: Any
+    ) -> tuple[dict[str, Any], StreamQueue]:
+        """Send a streaming request (``events``, ``logs``); its first result and
+        the queue its items arrive on. The stream lasts as long as the
+        connection: give it a connection of its own (:meth:`events` does).
+
+        Raises:
+            as :meth:`request`.
+        """
+        sq = StreamQueue()
+        rid = next(self._ids)
+        self._streams[rid] = sq
+        try:
+            return await self.request(op, card, _id=rid, **args), sq
+        except BaseException:
+            self._streams.pop(rid, None)
+            raise
+
+    def events(
+        self,
+        card: str | None = None,
+        kinds: list[str] | None = None,
+        *,
+        buffer: int | None = None,
+    ) -> EventStream:
+        """The daemon's events (of ``card``, of ``kinds``: names or categories), as
+        ``async for ev in client.events(): ...`` or, to be sure to see what you
+        do next, ``async with client.events() as evs: await card.boot(); async
+        for ev in evs: ...`` (the subscription is in place when ``async with``
+        returns). Each :class:`~mic_host.events.Event` has ``kind``, ``card``,
+        ``data``, ``wall``, ``mono``, ``seq``. Runs on a connection of its own.
+        ``buffer``: events the daemon holds for a slow reader (then it drops the
+        oldest and sends ``events_lost``).
+        """
+        args: dict[str, Any] = {"kinds": list(kinds or [])}
+        if buffer is not None:
+            args["buffer"] = buffer
+        return EventStream(lambda: open_connection(self.state_dir), card, args)
 
     async def request(self, op: str, card: str | None = None, **args: Any) -> dict[str, Any]:
         """Send one request and wait for its result.
@@ -134,7 +187,7 @@ class Client:
             raise ClosedResourceError("client closed")
         if self._lost is not None:
             raise BrokenResourceError(f"connection to the mic-host daemon lost: {self._lost}")
-        rid = next(self._ids)
+        rid = args.pop("_id", None) or next(self._ids)
         data = encode_request(rid, op, card, **args)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
@@ -433,6 +486,28 @@ class CardClient:
         if state is not CardState.READY:
             await self.wait(CardState.READY, timeout=timeout)
         return await self.boot(wait=wait, timeout=timeout)
+
+    def events(self, kinds: list[str] | None = None, *, buffer: int | None = None) -> EventStream:
+        """This card's events (and the daemon's own): :meth:`Client.events`."""
+        return self.client.events(self.name, kinds, buffer=buffer)
+
+    def logs(
+        self,
+        *,
+        source: str = "all",
+        lines: int = 50,
+        follow: bool = False,
+        device: str | None = None,
+    ) -> LogStream:
+        """``micctl logs``: the card's console log (``source="console"``), the daemon's
+        log lines about it (``"host"``) or both: the last ``lines`` of each, then
+        with ``follow`` new ones until the card goes down. Yields dicts:
+        ``{"source": "console", "text": ...}`` or ``{"source": "host", "level",
+        "line"}`` (``{"source": "host", "lost": N}`` if a slow reader lost lines).
+        Use as ``async with card.logs(follow=True) as logs: async for item in logs``.
+        """
+        args = {"source": source, "lines": lines, "follow": follow, "device": device}
+        return LogStream(lambda: open_connection(self.client.state_dir), self.name, args)
 
 
 # ------------------------------------------------------------------ connect

@@ -10,7 +10,11 @@ makes these fixtures available in any project (``docs/cli.md`` has an example):
   :class:`pathlib.Path`;
 - ``mic_daemon``: a :class:`~mic_host.client.Client` connected to a daemon
   launched for the test and stopped after it;
-- ``mic_card``: the ``mic0`` :class:`~mic_host.client.CardClient`, online.
+- ``mic_card``: the ``mic0`` :class:`~mic_host.client.CardClient`, online;
+- ``mic_events``: the daemon's events from the moment the fixture is set up
+  (a :class:`~mic_host.client.EventStream`): ``ev = await
+  mic_events.wait_for("online", card="mic0", timeout=30)`` returns the first
+  matching event after the last one it returned, instead of polling ``status``.
 
 The fixtures are async (pytest-asyncio, function scope). Without
 pytest-asyncio installed the plugin still loads (it must never break a
@@ -33,11 +37,12 @@ from typing import TYPE_CHECKING
 import pytest
 
 from mic_host.client.connection import CardClient, Client
+from mic_host.client.events import EventStream
 from mic_host.client.launch import launch
 from mic_host.lifecycle import CardState
 from mic_host.paths import SOCKET_NAME
 
-__all__ = ["mic_card", "mic_config", "mic_daemon", "mic_state_dir"]
+__all__ = ["mic_card", "mic_config", "mic_daemon", "mic_events", "mic_state_dir"]
 
 #: Seconds the fixtures allow the daemon to start and the card to come online.
 STARTUP_TIMEOUT = 30.0
@@ -93,6 +98,13 @@ if TYPE_CHECKING or _HAVE_PYTEST_ASYNCIO:
             await card.wait(CardState.ONLINE, timeout=ONLINE_TIMEOUT)
         return card
 
+    @pytest_asyncio.fixture
+    async def mic_events(mic_daemon: Client) -> AsyncIterator[EventStream]:
+        """The daemon's events (every card) from now on: ``await mic_events.wait_for(
+        "online", card="mic0", timeout=30)``; see :meth:`EventStream.wait_for`."""
+        async with mic_daemon.events() as events:
+            yield events
+
 else:  # pragma: no cover - depends on the environment
 
     @pytest.fixture
@@ -102,5 +114,10 @@ else:  # pragma: no cover - depends on the environment
 
     @pytest.fixture
     def mic_card() -> None:
+        """Needs pytest-asyncio."""
+        pytest.fail("the mic_vop fixtures need pytest-asyncio: pip install pytest-asyncio")
+
+    @pytest.fixture
+    def mic_events() -> None:
         """Needs pytest-asyncio."""
         pytest.fail("the mic_vop fixtures need pytest-asyncio: pip install pytest-asyncio")

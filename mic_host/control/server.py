@@ -34,16 +34,19 @@ import logging
 import os
 import select
 import stat
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
 
+from mic_host.control.stream import Stream
 from mic_host.control.wire import (
     MAX_MESSAGE,
+    OPS,
     BadRequest,
     Request,
     decode_request,
+    encode_end,
     encode_error,
     encode_response,
 )
@@ -60,6 +63,7 @@ __all__ = [
     "HangupWatch",
     "InputBudget",
     "LineBuffer",
+    "Stream",
     "serve_connection",
 ]
 
@@ -80,6 +84,7 @@ _CHUNK = 1 << 16
 #: completion; each is bounded by its own timeouts.
 CANCEL_ON_HANGUP = frozenset(
     {"ping", "status", "wait", "stats", "run", "exec", "boot", "shutdown", "reset"}
+    | {"events", "logs"}  # streams: they only read
 )
 
 
@@ -120,6 +125,18 @@ class ControlHandler(Protocol):
     async def net(self, card: str, device: str | None, link: str | None) -> dict[str, Any]: ...
     async def suspend(self) -> dict[str, Any]: ...
     async def resume(self) -> dict[str, Any]: ...
+    async def events(
+        self, card: str | None, kinds: list[Any], buffer: float, stream: Stream
+    ) -> dict[str, Any]: ...
+    async def logs(
+        self,
+        card: str,
+        source: str,
+        lines: float,
+        follow: bool,
+        device: str | None,
+        stream: Stream,
+    ) -> dict[str, Any]: ...
 
 
 def _refused(message: str) -> WireError:
@@ -131,12 +148,24 @@ def _internal(message: str) -> WireError:
     return WireError(INTERNAL_ERROR, INTERNAL_ERROR, message)
 
 
-async def _call(handler: object, req: Request) -> bytes:
+async def _call(
+    handler: object,
+    req: Request,
+    send: Callable[[bytes], Awaitable[None]] | None = None,
+    gone: Callable[[], bool] | None = None,
+    writer: asyncio.StreamWriter | None = None,
+) -> bytes:
     method = getattr(handler, req.op, None)
     if method is None:
         return encode_error(req.id, _refused(f"op {req.op!r} is not supported by this daemon"))
+    kwargs = req.handler_kwargs()
+    stream = None
+    if OPS[req.op].stream:
+        if send is None or gone is None:
+            return encode_error(req.id, _refused(f"op {req.op!r} streams: not here"))
+        stream = kwargs["stream"] = Stream(req.id, send, gone, writer)
     try:
-        result = await method(**req.handler_kwargs())
+        result = await method(**kwargs)
     except asyncio.CancelledError:
         raise
     except Exception as e:
@@ -153,6 +182,11 @@ async def _call(handler: object, req: Request) -> bytes:
         msg = f"internal error in {req.op}: result is not an object"
         return encode_error(req.id, _internal(msg))
     try:
+        if stream is not None:
+            if stream.started:
+                return encode_end(req.id, result)
+            await stream.start(result)
+            return encode_end(req.id, {})
         return encode_response(req.id, result)
     except (TypeError, ValueError) as e:
         log.error("control: %s result cannot be sent: %s", req.op, e)
@@ -331,7 +365,7 @@ async def serve_connection(
                     return  # nobody to answer: not worth starting
                 cancellable.add(task)
                 task.add_done_callback(cancellable.discard)
-            await send(await _call(handler, req))
+            await send(await _call(handler, req, send, gone, writer))
         finally:
             slots.release()
 

@@ -24,6 +24,19 @@ hold up a ``status``); responses carry the request's ``id`` and may come out
 of order. A line that is not a valid request gets an error response (with
 ``"id": null`` if no id could be read) and the connection stays usable; a line
 over the size bound ends the connection, as the stream cannot be resynchronised.
+
+Streaming ops (``events``, ``logs``; ``OpSpec.stream``) answer with their
+first response as usual (the stream is set up: for ``events``, the
+subscription is in place, so what the client does next is seen), then send
+any number of item lines, then one end line; an error after the first
+response comes as an ordinary error response with the same id::
+
+    -> {"id": 9, "op": "events", "card": "mic0"}
+    <- {"id": 9, "ok": true, "result": {"card": "mic0", "kinds": []}}
+    <- {"id": 9, "item": {"event": "online", "card": "mic0", "data": {...}, ...}}
+    <- {"id": 9, "end": {"reason": "daemon stopping"}}
+
+A client ends a stream by closing its connection.
 """
 
 from __future__ import annotations
@@ -34,6 +47,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeGuard
 
+from mic_host.events import DEFAULT_FEED
 from mic_host.lifecycle import CardState
 from virtio.agent import MAX_OUTPUT
 from virtio.errors import (
@@ -57,6 +71,10 @@ __all__ = [
     "encode_response",
     "encode_error",
     "decode_response",
+    "StreamLine",
+    "encode_item",
+    "encode_end",
+    "decode_line",
 ]
 
 PROTOCOL_VERSION = 1
@@ -89,6 +107,9 @@ class OpSpec:
     card: Literal["required", "optional", "none"]
     args: Mapping[str, ArgSpec] = field(default_factory=dict)
     help: str = ""
+    #: a streaming op: its handler gets a ``stream`` and answers with
+    #: :func:`encode_item` lines after its first response (see the docstring)
+    stream: bool = False
 
 
 _TIMEOUT = ArgSpec("number", nullable=True, help="seconds; null = the card's configured bound")
@@ -174,6 +195,26 @@ OPS: dict[str, OpSpec] = {
     ),
     "suspend": OpSpec("none", help="host PM suspend: stop every card"),
     "resume": OpSpec("none", help="host PM resume: boot the cards suspend stopped"),
+    "events": OpSpec(
+        "optional",
+        {
+            "kinds": ArgSpec("array", default=[], help="event names or categories; [] = all"),
+            "buffer": ArgSpec("number", default=DEFAULT_FEED, help="events held for a slow reader"),
+        },
+        help="stream events (lifecycle, devices, links, apps, errors) of one card or all",
+        stream=True,
+    ),
+    "logs": OpSpec(
+        "required",
+        {
+            "source": ArgSpec("string", default="all", choices=("all", "console", "host")),
+            "lines": ArgSpec("number", default=50, help="recent lines first (per source)"),
+            "follow": ArgSpec("boolean", default=False, help="then new lines as they come"),
+            "device": ArgSpec("string", help="console device (default: the first)"),
+        },
+        help="a card's console log and the daemon's log lines about it",
+        stream=True,
+    ),
 }
 
 
@@ -407,7 +448,10 @@ def decode_response(line: bytes) -> Response:
     Raises:
         RemoteProtocolError: anything that is not a valid response.
     """
-    obj = _loads(line, "response")
+    return _response_from(_loads(line, "response"))
+
+
+def _response_from(obj: dict[str, Any]) -> Response:
     rid = obj.get("id")
     if rid is not None and not _is_id(rid):
         raise RemoteProtocolError(f"response 'id' must be an int or null, got {rid!r}")
@@ -421,3 +465,47 @@ def decode_response(line: bytes) -> Response:
             raise RemoteProtocolError("error response needs exactly id, ok and an error object")
         return Response(id=rid, ok=False, error=WireError.from_wire(obj["error"]))
     raise RemoteProtocolError(f"response 'ok' must be true or false, got {ok!r}")
+
+
+# ------------------------------------------------------------------ streams
+
+
+@dataclass(frozen=True, slots=True)
+class StreamLine:
+    """An item (``item``) or the end (``end``) of the stream opened by request ``id``."""
+
+    id: int
+    item: dict[str, Any] | None = None
+    end: dict[str, Any] | None = None
+
+
+def encode_item(id: int, item: Mapping[str, Any]) -> bytes:  # noqa: A002
+    """One stream item line.
+
+    Raises:
+        TypeError, ValueError: ``item`` is not JSON-serialisable or too large.
+    """
+    return _dumps({"id": id, "item": item})
+
+
+def encode_end(id: int, result: Mapping[str, Any]) -> bytes:  # noqa: A002
+    """The line that ends the stream of request ``id``."""
+    return _dumps({"id": id, "end": result})
+
+
+def decode_line(line: bytes) -> Response | StreamLine:
+    """Parse one line from the daemon: a response, or a stream item or end.
+
+    Raises:
+        RemoteProtocolError: anything else.
+    """
+    obj = _loads(line, "response")
+    if "ok" in obj:
+        return _response_from(obj)
+    rid = obj.get("id")
+    for key in ("item", "end"):
+        if key in obj:
+            if set(obj) != {"id", key} or not _is_id(rid) or not isinstance(obj[key], dict):
+                raise RemoteProtocolError(f"stream {key} needs exactly an int id and an object")
+            return StreamLine(rid, **{key: obj[key]})
+    raise RemoteProtocolError("a line from the daemon needs 'ok', 'item' or 'end'")

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 # and help and completion (which list the others when the parser is built)
 import mic_host.micctl.commands
 import mic_host.micctl.console
+import mic_host.micctl.events
 import mic_host.micctl.execute
 import mic_host.micctl.help
 import mic_host.micctl.reboot  # noqa: F401

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from mic_host.backends import Backend
 from mic_host.endpoint import EndpointState, QueueEndpoint
+from mic_host.events import MAX_MESSAGE, emit
 from virtio.constants import MicConfigChange
 from virtio.devpage import H2C_DOORBELLS, MAX_QUEUE_SIZE, TRANSPORT_FEATURES, Ctrl, EntryView
 from virtio.errors import LocalProtocolError, MicError, MicTimeoutError
@@ -260,6 +261,7 @@ class VopDevice:
                     self.errors += 1
                     self.last_error = reason
                     self.card_log.error("device %s needs reset: %s", self.name, reason)
+                    emit("device_needs_reset", name=self.name, reason=reason[:MAX_MESSAGE])
                     self.stop_queues(EndpointState.BROKEN, reason)
                     self._owner.spawn(self._notify_needs_reset(), f"{self.name}-needs-reset")
                 case BeginReset():

@@ -10,12 +10,14 @@ connection, or the client's reader, would die with it.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from mic_host.control import wire
+from mic_host.events import Event
 from tests.fuzz.strategies import FUZZ, JSON, RAW_TEXTS, dumps, edits
 from virtio.errors import MicError, RemoteProtocolError
 
@@ -67,9 +69,24 @@ def response(line: bytes) -> None:
         assert isinstance(resp.error.exception(), MicError)
 
 
+def stream_line(line: bytes) -> None:
+    """What a client reads: a response or a stream line, or the remote error."""
+    try:
+        got = wire.decode_line(line)
+    except RemoteProtocolError:
+        return
+    if isinstance(got, wire.StreamLine):
+        assert (got.item is None) != (got.end is None)
+        for ev in (got.item,):
+            if ev is not None:
+                with contextlib.suppress(ValueError):  # the client's one parse error
+                    Event.from_wire(ev)
+
+
 def both(line: bytes) -> None:
     request(line)
     response(line)
+    stream_line(line)
 
 
 def test_valid_lines_decode() -> None:

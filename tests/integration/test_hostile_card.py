@@ -39,10 +39,11 @@ async def test_avail_index_jump_marks_only_that_device(state_dir: Path) -> None:
         other = await booted(client, "mic1")
         await card.run(app("write_text"), "vda", 0, "before")
 
-        got = (await card.run(app("corrupt_avail"), "vda", 1000))["value"]
-        assert got["new"] - got["old"] == 1000 > got["size"]
-
-        await eventually(lambda: _needs_reset(card, "vda"), within=5, what="vda NEEDS_RESET")
+        async with card.events(["device"]) as events:
+            got = (await card.run(app("corrupt_avail"), "vda", 1000))["value"]
+            assert got["new"] - got["old"] == 1000 > got["size"]
+            await events.wait_for("device_needs_reset", timeout=5, name="disk")
+        assert await _needs_reset(card, "vda")
         disk = _stats(await card.stats(), "vda")
         assert disk["errors"] >= 1
         assert "avail" in disk["last_error"]
@@ -90,10 +91,12 @@ async def test_device_page_garbage(
     async with daemon(state_dir) as client:
         card = await booted(client)
         await card.run(app("write_text"), "vda", 2, "survives")
-        await card.run(app(corrupt), *args)
-
+        async with card.events(["device"]) as events:
+            await card.run(app(corrupt), *args)
+            if needs_reset:
+                await events.wait_for("device_needs_reset", timeout=5, name="disk")
         if needs_reset:
-            await eventually(lambda: _needs_reset(card, "vda"), within=5, what="NEEDS_RESET")
+            assert await _needs_reset(card, "vda")
             assert _stats(await card.stats(), "vda")["errors"] >= 1
         # whatever the garbage, the host is up and the card still online
         for _ in range(5):

@@ -199,17 +199,15 @@ async def test_card_shuts_itself_down(state_dir: Path, status: str, final: str) 
     async with daemon(state_dir) as client:
         card = await booted(client)
         pid = (await card.status())["pid"]
-        await card.run(app("power"), status)
+        async with card.events(["state"]) as events:
+            await card.run(app("power"), status)
+            # the card went down by itself, with the status it gave ...
+            down = await events.wait_for("ready", timeout=10)
+            assert (down.data["from"], down.data["shutdown_status"]) == ("shutting_down", status)
+            if status == "restart":  # ... and mpssd's restart boots it again
+                assert (await events.wait_for("booting", timeout=10)).data["cause"] == "boot"
+                await events.wait_for(final, timeout=30)
         await eventually(lambda: not alive(pid), within=5, what="the card OS exits")
-        # The old session may still read "online" for a moment after its process
-        # exited: wait for the state *and* the boot count this case leads to.
-        boots = 1 if status == "poweroff" else 2
-
-        async def settled() -> bool:
-            st = await card.status()
-            return bool(st["state"] == final and st["boots"] == boots)
-
-        await eventually(settled, within=10, what=f"{final} after {status}")
         st = await card.status()
         if status == "poweroff":
             assert (st["shutdown_status"], st["boots"], st["pid"]) == ("poweroff", 1, None)

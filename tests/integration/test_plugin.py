@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mic_host.client import CardClient, Client
+from mic_host.client import CardClient, Client, EventStream
 from tests.integration.helpers import alive, app, block_toml, card_toml, config
 
 
@@ -49,3 +49,14 @@ async def test_mic_daemon_is_a_client(mic_daemon: Client, mic_state_dir: Path) -
     await card.wait("online", timeout=30)
     await card.shutdown(wait=True)
     assert (await card.status())["shutdown_status"] == "halted"
+
+
+@pytest.mark.asyncio
+async def test_mic_events_waits_for_an_event(mic_events: EventStream, mic_card: CardClient) -> None:
+    await mic_card.shutdown(wait=False)
+    ev = await mic_events.wait_for("ready", card="mic0", timeout=30)
+    assert (ev.data["from"], ev.data["shutdown_status"]) == ("shutting_down", "halted")
+    await mic_card.boot(wait=False)
+    ev = await mic_events.wait_for("online", card="mic0", timeout=30)
+    assert ev.data["from"] == "booting"
+    assert min(ev.seq, ev.wall, ev.mono) > 0

@@ -104,8 +104,9 @@ LAYERS: dict[str, tuple[tuple[str, ...], ...]] = {
         ("__init__",),
     ),
     "mic_host": (
-        # vocabulary both the daemon and the client use
-        ("paths", "lifecycle", "version"),
+        # vocabulary both the daemon and the client use (events: the event
+        # values and the bounded feeds both sides fill)
+        ("paths", "lifecycle", "version", "events"),
         # configuration, the control-socket wire codec (no I/O)
         ("config", "control"),
         # daemon side, bottom up: queue endpoint and card-agent client ...
@@ -117,7 +118,7 @@ LAYERS: dict[str, tuple[tuple[str, ...], ...]] = {
         # ... card manager: public operations, one boot session, link dispatch ...
         ("card",),
         # ... the daemon and its control-socket server
-        ("daemon", "control.server", "host_cli"),
+        ("daemon", "control.server", "host_cli", "hostlog", "streams"),
         # client side (never imports the daemon side, see BARRIERS): the client
         # subpackage (connection, console streams, offload sessions, launch,
         # pytest plugin)
@@ -154,7 +155,17 @@ BARRIERS: tuple[Barrier, ...] = (
     Barrier(
         "mic_host",
         importers=("client", "micctl"),
-        imported=("endpoint", "agent", "backends", "vop", "card", "daemon", "control.server"),
+        imported=(
+            "endpoint",
+            "agent",
+            "backends",
+            "vop",
+            "card",
+            "daemon",
+            "control.server",
+            "hostlog",
+            "streams",
+        ),
         reason="the client library and micctl never import the daemon side",
     ),
     Barrier(

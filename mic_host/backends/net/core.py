@@ -38,6 +38,7 @@ from mic_host.backends.net.frames import (
 )
 from mic_host.backends.net.netns import NetnsOwner, card_needs_netns
 from mic_host.endpoint import EndpointState, QueueEndpoint
+from mic_host.events import emit
 from mic_host.paths import netns_record_path
 from virtio.constants import DeviceType, NetFeature, NetHdrFlag
 from virtio.errors import (
@@ -501,6 +502,7 @@ class NetBackend:
         """
         self.link_up = bool(up)
         self._link_changed()
+        emit("link_up" if up else "link_down", self.card, name=self.name)
         if self._ctx is not None:
             await self._ctx.update_config(self.config_bytes())
 
