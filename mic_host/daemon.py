@@ -132,8 +132,16 @@ class Daemon:
     async def stats(self, card: str) -> dict[str, Any]:
         return self._card(card).stats()
 
-    async def run(self, card: str, app: str, args: list[Any]) -> dict[str, Any]:
-        return await self._card(card).run(app, args)
+    async def run(
+        self,
+        card: str,
+        app: str,
+        args: list[Any],
+        code: dict[str, Any] | None,
+        tag: str | None,
+        timeout: float | None,
+    ) -> dict[str, Any]:
+        return await self._card(card).run(app, args, timeout, code=code, tag=tag)
 
     async def exec(
         self,
@@ -192,6 +200,14 @@ class Daemon:
                 log.error("%s: boot on resume failed: %s", name, e)
         self._resume = []
         return {"suspended": False, "booted": booted}
+
+    async def apps(self, card: str) -> dict[str, Any]:
+        return await self._card(card).apps()
+
+    async def kill(self, card: str, id: float | None, tag: str | None) -> dict[str, Any]:  # noqa: A002
+        if id is not None and id != int(id):
+            raise LocalProtocolError(f"kill: app id must be an integer, got {id}")
+        return await self._card(card).kill(None if id is None else int(id), tag)
 
 
 class _StateLock:

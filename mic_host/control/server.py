@@ -79,7 +79,7 @@ _CHUNK = 1 << 16
 #: console_resize, suspend, resume) change state over several steps and run to
 #: completion; each is bounded by its own timeouts.
 CANCEL_ON_HANGUP = frozenset(
-    {"ping", "status", "wait", "stats", "run", "exec", "boot", "shutdown", "reset"}
+    {"ping", "status", "wait", "stats", "run", "exec", "boot", "shutdown", "reset", "apps"}
 )
 
 
@@ -104,7 +104,15 @@ class ControlHandler(Protocol):
     async def attach(self, card: str, type: str, options: dict[str, Any]) -> dict[str, Any]: ...  # noqa: A002
     async def detach(self, card: str, device: str) -> dict[str, Any]: ...
     async def stats(self, card: str) -> dict[str, Any]: ...
-    async def run(self, card: str, app: str, args: list[Any]) -> dict[str, Any]: ...
+    async def run(
+        self,
+        card: str,
+        app: str,
+        args: list[Any],
+        code: dict[str, Any] | None,
+        tag: str | None,
+        timeout: float | None,
+    ) -> dict[str, Any]: ...
     async def exec(
         self,
         card: str,
@@ -120,6 +128,8 @@ class ControlHandler(Protocol):
     async def net(self, card: str, device: str | None, link: str | None) -> dict[str, Any]: ...
     async def suspend(self) -> dict[str, Any]: ...
     async def resume(self) -> dict[str, Any]: ...
+    async def apps(self, card: str) -> dict[str, Any]: ...
+    async def kill(self, card: str, id: float | None, tag: str | None) -> dict[str, Any]: ...  # noqa: A002
 
 
 def _refused(message: str) -> WireError:

@@ -12,11 +12,9 @@ import argparse
 import asyncio
 import contextlib
 import json
-import re
 from typing import Any
 
 from mic_host.client.connection import Client
-from mic_host.control.wire import OPS
 from mic_host.lifecycle import CardState
 from mic_host.micctl.images import prepare_block_image
 from mic_host.micctl.output import format_net, format_stats, format_status, print_json, print_state
@@ -33,14 +31,6 @@ from mic_host.micctl.registry import (
 )
 
 __all__ = ["attach_options"]
-
-
-def _app(text: str) -> str:
-    pattern = OPS["run"].args["app"].pattern
-    assert pattern is not None
-    if not re.match(pattern, text):
-        raise argparse.ArgumentTypeError(f"bad app {text!r}: expected module:function")
-    return text
 
 
 def _opt_value(text: str) -> object:
@@ -242,22 +232,6 @@ def _conf_net(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the raw result (for scripts)")
 
 
-async def _run(client: Client, args: argparse.Namespace) -> int:
-    r = await client.card(args.card).run(args.app, *args.args)
-    value = r.get("value", r)
-    if isinstance(value, str):
-        print(value)
-    elif value is not None:
-        print_json(value)
-    return EXIT_OK
-
-
-def _conf_run(p: argparse.ArgumentParser) -> None:
-    with_card(p)
-    p.add_argument("app", type=_app, metavar="module:function", help="card app to run")
-    p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="its arguments")
-
-
 async def _suspend(client: Client, args: argparse.Namespace) -> int:
     await client.suspend()
     return EXIT_OK
@@ -288,7 +262,6 @@ for _sub in (
     Subcommand("detach", "hot-remove a device", _conf_detach, _detach),
     Subcommand("stats", "per-queue counters", _conf_stats, _stats),
     Subcommand("net", "net devices: backend, addresses, namespace, counters", _conf_net, _net),
-    Subcommand("run", "run a card app", _conf_run, _run),
     Subcommand("suspend", "host suspend: stop every card", _no_args, _suspend),
     Subcommand("resume", "host resume: boot cards suspend stopped", _no_args, _resume),
     Subcommand("ping", "check that the daemon answers", _conf_ping, _ping),

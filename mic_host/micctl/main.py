@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 # imported for their registrations: the built-in subcommands, console and exec
+import mic_host.micctl.apps
 import mic_host.micctl.commands
 import mic_host.micctl.console  # noqa: F401
 from mic_host.client.connection import connect
