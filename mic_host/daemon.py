@@ -204,10 +204,10 @@ class Daemon:
     async def apps(self, card: str) -> dict[str, Any]:
         return await self._card(card).apps()
 
-    async def kill(self, card: str, id: float | None, tag: str | None) -> dict[str, Any]:  # noqa: A002
-        if id is not None and id != int(id):
-            raise LocalProtocolError(f"kill: app id must be an integer, got {id}")
-        return await self._card(card).kill(None if id is None else int(id), tag)
+    async def kill(self, card: str, app_id: float | None, tag: str | None) -> dict[str, Any]:
+        if app_id is not None and app_id != int(app_id):
+            raise LocalProtocolError(f"kill: app id must be an integer, got {app_id}")
+        return await self._card(card).kill(None if app_id is None else int(app_id), tag)
 
 
 class _StateLock:

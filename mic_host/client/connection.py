@@ -392,7 +392,7 @@ class CardClient:
         Raises:
             LocalProtocolError: no such app running.
         """
-        res = await self.client.request("kill", self.name, id=app_id)
+        res = await self.client.request("kill", self.name, app_id=app_id)
         killed = res.get("killed")
         return killed if isinstance(killed, list) else []
 

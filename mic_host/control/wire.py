@@ -185,7 +185,7 @@ OPS: dict[str, OpSpec] = {
     "kill": OpSpec(
         "required",
         {
-            "id": ArgSpec("number", help="the app id (micctl apps)"),
+            "app_id": ArgSpec("number", help="the app id (micctl apps)"),
             "tag": ArgSpec("string", help="or the tag its run was started with"),
         },
         help="cancel a card app",
