@@ -155,6 +155,8 @@ class _Resolver:
                 spec = importlib.machinery.PathFinder.find_spec(name, search)
             except (ImportError, ValueError, OSError):
                 spec = None
+            if spec is None and not parent:
+                spec = _meta_path_spec(name)  # e.g. a project installed editable
             if spec is not None:
                 found = _from_spec(name, spec)
         self.found[name] = found
@@ -187,6 +189,14 @@ class _Resolver:
         self.found[main.name] = main
         add(main)
         return order
+
+
+def _meta_path_spec(name: str) -> importlib.machinery.ModuleSpec | None:
+    """A top-level module found by the import system's other finders (not path entries)."""
+    try:
+        return importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
 
 
 def _from_spec(name: str, spec: importlib.machinery.ModuleSpec) -> _Found:
