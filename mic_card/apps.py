@@ -200,9 +200,12 @@ class AppLoader:
             mod = self._load(name)
             if not fromlist:
                 return self.modules[name.partition(".")[0]]
-            for item in fromlist:
+            items = list(fromlist)
+            if "*" in items:  # ``from pkg import *`` loads the submodules its __all__ names
+                items = [str(x) for x in getattr(mod, "__all__", ())]
+            for item in items:
                 sub = f"{name}.{item}"
-                if item != "*" and not hasattr(mod, item) and sub in self.sources:
+                if not hasattr(mod, item) and sub in self.sources:
                     self._load(sub)
         return mod
 

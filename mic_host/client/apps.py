@@ -126,6 +126,7 @@ def _installed_dirs() -> tuple[str, ...]:
     return tuple(sorted({os.path.realpath(d) + os.sep for d in dirs}))
 
 
+@functools.lru_cache(maxsize=4096)
 def _installed(path: str) -> bool:
     real = os.path.realpath(path)
     return any(real.startswith(d) for d in _installed_dirs())
@@ -133,6 +134,9 @@ def _installed(path: str) -> bool:
 
 def _bad(spec: str, why: str) -> LocalProtocolError:
     return LocalProtocolError(f"app {spec!r}: {why}")
+
+
+_installed_tops: set[tuple[tuple[str, ...], str]] = set()
 
 
 class _Resolver:
@@ -169,6 +173,19 @@ class _Resolver:
             return bool(f.search) and not all(_installed(d) for d in f.search)
         return f.file.endswith(".py") and not _installed(f.file)
 
+    def installed_top(self, name: str) -> bool:
+        """``name``'s top-level package is in the installed environment (remembered
+        per search path for the life of the process: installations do not move)."""
+        top = name.partition(".")[0]
+        key = (tuple(self.path), top)
+        if key in _installed_tops:
+            return True
+        f = self.find(top)
+        if f is not None and not self.shippable(f):
+            _installed_tops.add(key)
+            return True
+        return False
+
     def collect(self, main: _Found) -> list[_Found]:
         order: list[_Found] = []
         seen: set[str] = set()
@@ -182,6 +199,8 @@ class _Resolver:
                 add(p)
             order.append(f)
             for name in _imports(f):
+                if name in seen or self.installed_top(name):
+                    continue
                 found = self.find(name)
                 if found is not None:
                     add(found)
