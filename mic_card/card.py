@@ -64,6 +64,7 @@ from virtio.errors import (
     LocalProtocolError,
     MicError,
     RemoteProtocolError,
+    WireError,
 )
 from virtio.memory import Memory
 
@@ -458,5 +459,13 @@ class CardOS:
         self.runner.start(tg, rid, spec, args, code, tag)
 
     async def _reply(self, msg: RunResult) -> None:
+        """Send an app's result; one the link cannot carry (over its size bound)
+        becomes an error naming the app, never a failure of the card OS."""
         with contextlib.suppress(BrokenResourceError):
-            await self.pcie.link.send(encode(msg))
+            try:
+                await self.pcie.link.send(encode(msg))
+            except LocalProtocolError as e:
+                err = LocalProtocolError(f"app {msg.app}: its result cannot be sent: {e}")
+                log.error("%s", err)
+                bad = RunResult(msg.id, msg.app, ok=False, error=WireError.from_exception(err))
+                await self.pcie.link.send(encode(bad))

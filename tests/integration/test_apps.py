@@ -106,6 +106,7 @@ PROJECT = {
     "noimport.py": "import no_such_module_anywhere\n\nasync def main(card):\n    return 1\n",
     "notjson.py": "async def main(card):\n    return {'ok': [1, object()]}\n",
     "notasync.py": "def main(card):\n    return 1\n",
+    "bigresult.py": "async def main(card):\n    return 'x' * (2 << 20)\n",
     "probe.py": """
         import sys
 
@@ -228,6 +229,8 @@ async def test_failures_come_back_with_the_card_traceback(
         await card.run("notasync:main")
     with pytest.raises(LocalProtocolError, match="no module named 'nothere'"):
         await card.run("nothere:main")
+    with pytest.raises(MicError, match="bigresult:main: its result cannot be sent"):
+        await card.run("bigresult:main")
     # the card carries on
     assert (await card.run("mymod:main"))["value"]["card"] == "mic0"
 
