@@ -49,3 +49,11 @@ async def test_mic_daemon_is_a_client(mic_daemon: Client, mic_state_dir: Path) -
     await card.wait("online", timeout=30)
     await card.shutdown(wait=True)
     assert (await card.status())["shutdown_status"] == "halted"
+
+
+def test_the_pytest_extra_brings_pytest_asyncio() -> None:
+    """``pip install "mic-vop[pytest]"`` (README): the installed metadata declares it."""
+    import importlib.metadata
+
+    extra = [r for r in importlib.metadata.requires("mic-vop") or [] if 'extra == "pytest"' in r]
+    assert any(r.startswith("pytest-asyncio") for r in extra), extra
