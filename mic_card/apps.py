@@ -14,7 +14,9 @@ host sends its sources with the run (:class:`transport.appcode.AppCode`);
   ``mic_card`` itself) is imported the ordinary way. While a module's body
   runs, the run's modules are visible in ``sys.modules`` (``dataclasses`` and
   ``typing`` look classes up there) and taken out again before the event loop
-  can run anything else, so concurrent runs cannot observe each other;
+  can run anything else, so concurrent runs cannot observe each other (the
+  price: code that looks an app module up in ``sys.modules`` *later*, such
+  as pickling an app's class, does not find it);
 - compiling is cached by content hash (:data:`CODE_CACHE` entries), so a
   test suite running the same helpers hundreds of times compiles them once.
 
