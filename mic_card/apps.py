@@ -405,7 +405,7 @@ class AppRunner:
                 err = AppCancelled(f"app {spec} (id {app.id}) was cancelled on {self.name}")
                 log.info("%s", err)
                 reply = RunResult(app.rid or 0, spec, ok=False, error=WireError.from_exception(err))
-            except Exception as e:  # an app is user code: report anything it raises
+            except (Exception, SystemExit, KeyboardInterrupt) as e:  # user code: report it all
                 tb = _traceback(e, loader)
                 log.error("app %s failed: %s: %s", spec, type(e).__name__, e)
                 reply = RunResult(

@@ -107,6 +107,7 @@ PROJECT = {
     "notjson.py": "async def main(card):\n    return {'ok': [1, object()]}\n",
     "notasync.py": "def main(card):\n    return 1\n",
     "bigresult.py": "async def main(card):\n    return 'x' * (2 << 20)\n",
+    "exits.py": "import sys\n\nasync def main(card):\n    sys.exit(3)\n",
     "probe.py": """
         import sys
 
@@ -231,6 +232,8 @@ async def test_failures_come_back_with_the_card_traceback(
         await card.run("nothere:main")
     with pytest.raises(MicError, match="bigresult:main: its result cannot be sent"):
         await card.run("bigresult:main")
+    with pytest.raises(AppError, match="exits:main failed on mic0: SystemExit: 3"):
+        await card.run("exits:main")
     # the card carries on
     assert (await card.run("mymod:main"))["value"]["card"] == "mic0"
 
