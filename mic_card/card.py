@@ -5,7 +5,8 @@ device page address from the scratchpads, runs the :class:`VirtioBus`, pumps
 host->card doorbells into it, answers the host's lifecycle messages (the
 COSM-like protocol of :mod:`transport.messages`: frozen dataclasses, decoded
 with ``decode_from_host`` and matched on their classes; a message that does
-not decode is logged and ignored) and runs card apps (``async def main(card)``).
+not decode is logged and ignored) and runs card apps (``async def main(card)``,
+loaded and tracked by :mod:`mic_card.apps`).
 
 The composition root of ``mic_card``: nothing imports this module but
 :mod:`mic_card.main`. What card code (shell, agent, offload, accelerators,
@@ -26,14 +27,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import importlib
-import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from mic_card.agent import AGENT_PORT, Agent
+from mic_card.apps import AppRunner
 from mic_card.bus import CardRamAllocator, VirtioBus
 from mic_card.drivers.console import ConsoleDevice
 from mic_card.drivers.net import merge_params
@@ -43,9 +42,12 @@ from mic_card.services import SHUTDOWN_STATUSES
 from mic_card.shell import CardFS, InteractiveShell, lazy_command
 from transport import PcieCard, Region
 from transport.messages import (
+    AppsReply,
+    AppsRequest,
     DevicesReply,
     DevicesRequest,
     Heartbeat,
+    KillApp,
     NetParams,
     NetParamsReply,
     Online,
@@ -81,7 +83,7 @@ lazy_command(
     "[--batch B] [--mode sva|nosva] [--op OP] [--level L] [--json]",
 )
 
-__all__ = ["AGENT_WAIT", "Card", "CardOS", "DmesgHandler", "load_app"]
+__all__ = ["AGENT_WAIT", "Card", "CardOS", "DmesgHandler"]
 
 log = logging.getLogger("mic_card")
 
@@ -216,43 +218,12 @@ class Card:
         return await self._os.accelerators()
 
 
-def load_app(spec: str) -> Callable[..., Awaitable[Any]]:
-    """Resolve ``module:function`` to an ``async def main(card, *args)``.
-
-    Raises:
-        LocalProtocolError: malformed spec, missing module or function, not async.
-    """
-    mod_name, sep, fn_name = spec.partition(":")
-    if not sep or not mod_name or not fn_name:
-        raise LocalProtocolError(f"app {spec!r}: expected module:function")
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise LocalProtocolError(f"app {spec!r}: cannot import {mod_name}: {e}") from e
-    fn = getattr(mod, fn_name, None)
-    if fn is None or not inspect.iscoroutinefunction(fn):
-        raise LocalProtocolError(f"app {spec!r}: {fn_name} is not an async function")
-    return fn  # type: ignore[no-any-return]
-
-
 def _first(eg: BaseExceptionGroup[Any]) -> BaseException:
     """The first leaf of an exception group (the error that ended the card OS)."""
     exc: BaseException = eg
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
     return exc
-
-
-def _jsonable(value: Any) -> Any:
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value).hex()
-    return repr(value)
 
 
 class CardOS:
@@ -284,6 +255,9 @@ class CardOS:
         )
         self.bus.params = self.boot_params
         self.card = Card(self)
+        self.runner = AppRunner(
+            self.card, name=self.name, uptime=lambda: self.card.uptime, reply=self._reply
+        )
         self.fs = CardFS(self.card)
         self.shell: InteractiveShell | None = None
         self.agent: Agent | None = None
@@ -318,8 +292,9 @@ class CardOS:
         apps a moment to see it, then let the card OS end (exit status 3)."""
         log.error("%s: link to the host lost (%s): failing pending I/O", self.name, exc)
         self.bus.fail_all(BrokenResourceError(f"{self.name}: link to the host lost"))
-        if self._apps:
-            await asyncio.wait(list(self._apps), timeout=_HOST_LOST_GRACE)
+        tasks = [*self._apps, *self.runner.tasks]
+        if tasks:
+            await asyncio.wait(tasks, timeout=_HOST_LOST_GRACE)
 
     def request_shutdown(self, status: str = "halted") -> None:
         """Shut the card OS down in order with ``status`` (the card's own decision).
@@ -383,6 +358,7 @@ class CardOS:
                 # host's shutdown_timeout resets it).
                 for app in list(self._apps):
                     app.cancel()
+                self.runner.cancel_all()
                 # the accelerators stop before the bus closes
                 async with self._accel_lock:
                     self._resources = None
@@ -472,31 +448,33 @@ class CardOS:
                     if isinstance(known, list):
                         merge_params(known, entries)
                     await link.send(encode(NetParamsReply(rid)))
-                case Run(id=rid, app=app, args=args):
-                    self._start_app(tg, rid, app, list(args))
+                case Run(id=rid, app=app, args=args, code=code, tag=tag):
+                    self._start_app(tg, rid, app, list(args), code, tag)
+                case AppsRequest(id=rid):
+                    await link.send(encode(AppsReply(rid, self.runner.listing())))
+                case KillApp(id=rid, app=app_id, tag=tag):
+                    await link.send(encode(AppsReply(rid, self.runner.kill(app_id, tag))))
 
     def _start_app(
-        self, tg: asyncio.TaskGroup, rid: int | None, spec: str, args: list[Any]
+        self,
+        tg: asyncio.TaskGroup,
+        rid: int | None,
+        spec: str,
+        args: list[Any],
+        code: dict[str, Any] | None = None,
+        tag: str | None = None,
     ) -> None:
-        task = tg.create_task(self._run_app(rid, spec, args), name=f"app {spec}")
-        self._apps.add(task)
-        task.add_done_callback(self._apps.discard)
+        """Start one card app (:mod:`mic_card.apps`); its result goes back to ``rid``."""
+        self.runner.start(tg, rid, spec, args, code, tag)
 
-    async def _run_app(self, rid: int | None, spec: str, args: list[Any]) -> None:
-        """Run one app; an app's failure is reported, never fatal to the card OS."""
-        try:
-            fn = load_app(spec)
-            result = await fn(self.card, *args)
-            reply = RunResult(rid or 0, spec, ok=True, result=_jsonable(result))
-            log.info("app %s finished", spec)
-        except asyncio.CancelledError:
-            raise
-        except MicError as e:
-            log.error("app %s failed: %s", spec, e)
-            reply = RunResult(rid or 0, spec, ok=False, error=WireError.from_exception(e))
-        except Exception as e:  # an app is user code: report anything it raises
-            log.exception("app %s crashed", spec)
-            reply = RunResult(rid or 0, spec, ok=False, error=WireError.from_exception(e))
-        if rid is not None:
-            with contextlib.suppress(BrokenResourceError):
-                await self.pcie.link.send(encode(reply))
+    async def _reply(self, msg: RunResult) -> None:
+        """Send an app's result; one the link cannot carry (over its size bound)
+        becomes an error naming the app, never a failure of the card OS."""
+        with contextlib.suppress(BrokenResourceError):
+            try:
+                await self.pcie.link.send(encode(msg))
+            except LocalProtocolError as e:
+                err = LocalProtocolError(f"app {msg.app}: its result cannot be sent: {e}")
+                log.error("%s", err)
+                bad = RunResult(msg.id, msg.app, ok=False, error=WireError.from_exception(err))
+                await self.pcie.link.send(encode(bad))

@@ -155,8 +155,17 @@ class Daemon:
     async def stats(self, card: str) -> dict[str, Any]:
         return self._card(card).stats()
 
-    async def run(self, card: str, app: str, args: list[Any]) -> dict[str, Any]:
-        return await track_app(m := self._card(card), app, m.run(app, args))
+    async def run(
+        self,
+        card: str,
+        app: str,
+        args: list[Any],
+        code: dict[str, Any] | None,
+        tag: str | None,
+        timeout: float | None,
+    ) -> dict[str, Any]:
+        m = self._card(card)
+        return await track_app(m, app, m.run(app, args, timeout, code=code, tag=tag))
 
     async def exec(
         self,
@@ -241,6 +250,14 @@ class Daemon:
         return await serve_logs(
             m, self.hostlog, stream, source=source, lines=lines, follow=follow, device=device
         )
+
+    async def apps(self, card: str) -> dict[str, Any]:
+        return await self._card(card).apps()
+
+    async def kill(self, card: str, app_id: float | None, tag: str | None) -> dict[str, Any]:
+        if app_id is not None and app_id != int(app_id):
+            raise LocalProtocolError(f"kill: app id must be an integer, got {app_id}")
+        return await self._card(card).kill(None if app_id is None else int(app_id), tag)
 
 
 class _StateLock:

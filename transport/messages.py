@@ -12,22 +12,30 @@ to its class. Both sides ``match`` on the classes, never on strings
 | card->host | ``online`` | :class:`Online` | ``devices`` |
 | card->host | ``heartbeat`` | :class:`Heartbeat` | ``uptime`` |
 | card->host | ``devices`` | :class:`DevicesReply` | ``id``, ``devices`` |
-| card->host | ``run_result`` | :class:`RunResult` | ``id``, ``app``, ``ok``, ``result``/``error`` |
+| card->host | ``run_result`` | :class:`RunResult` | ``id``, ``app``, ``ok``, result/error/tb |
 | card->host | ``net-params`` | :class:`NetParamsReply` | ``id`` |
 | card->host | ``shutdown_status`` | :class:`ShutdownStatusReport` | ``status`` |
 | card->host | ``crashed`` | :class:`Crashed` | ``error`` |
 | host->card | ``shutdown`` | :class:`Shutdown` | ``status`` (optional) |
 | host->card | ``devices`` | :class:`DevicesRequest` | ``id`` |
-| host->card | ``run`` | :class:`Run` | ``id``, ``app``, ``args`` |
+| host->card | ``run`` | :class:`Run` | ``id``, ``app``, ``args``, ``code``, ``tag`` |
 | host->card | ``net-params`` | :class:`NetParams` | ``id``, ``net`` |
+| card->host | ``apps`` | :class:`AppsReply` | ``id``, ``apps`` |
+| host->card | ``apps`` | :class:`AppsRequest` | ``id`` |
+| host->card | ``kill-app`` | :class:`KillApp` | ``id``, ``app`` or ``tag`` |
 
-A request (``devices``, ``run``, ``net-params`` from the host) is answered by
-exactly one reply class (:func:`reply_type`): :class:`DevicesReply`,
-:class:`RunResult`, :class:`NetParamsReply`, carrying the request's ``id``.
+A request (``devices``, ``run``, ``net-params``, ``apps``, ``kill-app`` from
+the host) is answered by exactly one reply class (:func:`reply_type`):
+:class:`DevicesReply`, :class:`RunResult`, :class:`NetParamsReply`,
+:class:`AppsReply` (for both ``apps`` and ``kill-app``), carrying the request's
+``id``. A ``run``'s ``code`` is an app's sources in the form of
+:class:`transport.appcode.AppCode` (the card parses it).
 A reply of another class, or to an ``id`` the host never sent, is the card's
 fault and answers nothing.
 
 Errors travel in the project's one wire form (:class:`virtio.errors.WireError`).
+A ``run_result`` carries ``result`` or ``error``, and ``traceback`` (tb), the
+card-side traceback of an app that raised.
 A decoder raises :class:`RemoteProtocolError` for an unknown ``type``, a
 missing, unknown or mistyped field, or fields that contradict each other (a
 failed ``run_result`` without an error). A ``shutdown`` to a status the card
@@ -61,6 +69,9 @@ __all__ = [
     "DevicesRequest",
     "Run",
     "NetParams",
+    "AppsReply",
+    "AppsRequest",
+    "KillApp",
     "encode",
     "reply_type",
     "decode_from_card",
@@ -87,6 +98,9 @@ _CHECKS: dict[str, tuple[Callable[[object], bool], str]] = {
         "a list of objects",
     ),
     "WireError | None": (lambda v: v is None or isinstance(v, dict), "an error object"),
+    "str | None": (lambda v: v is None or isinstance(v, str), "a string"),
+    "int | None": (lambda v: v is None or _is_int(v), "an integer"),
+    "dict[str, Any] | None": (lambda v: v is None or isinstance(v, dict), "an object"),
 }
 
 
@@ -125,7 +139,8 @@ class DevicesReply(_Message):
 
 @dataclass(frozen=True, slots=True)
 class RunResult(_Message):
-    """An app finished: ``result`` (JSON-able) if ``ok``, else ``error``."""
+    """An app finished: ``result`` (JSON-able) if ``ok``, else ``error`` (and the
+    card-side ``traceback`` of an app that raised)."""
 
     TYPE: ClassVar[str] = "run_result"
     id: int
@@ -133,6 +148,7 @@ class RunResult(_Message):
     ok: bool
     result: Any = None
     error: WireError | None = None
+    traceback: str | None = None
 
     def problem(self) -> str | None:
         if self.ok and self.error is not None:
@@ -181,12 +197,20 @@ class DevicesRequest(_Message):
 
 @dataclass(frozen=True, slots=True)
 class Run(_Message):
-    """Run ``module:function`` on the card OS with ``args``."""
+    """Run ``module:function`` on the card OS with ``args``.
+
+    ``code``: the app's sources (:class:`transport.appcode.AppCode` wire form),
+    loaded fresh for this run; None: import ``module`` from the card's own
+    environment. ``tag``: the caller's name for this run, so it can be killed
+    (:class:`KillApp`) before the card has told anyone its app id.
+    """
 
     TYPE: ClassVar[str] = "run"
     id: int
     app: str
     args: list[Any] = field(default_factory=list)
+    code: dict[str, Any] | None = None
+    tag: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,10 +222,51 @@ class NetParams(_Message):
     net: list[dict[str, Any]]
 
 
+# ------------------------------------------------------------- card apps
+
+
+@dataclass(frozen=True, slots=True)
+class AppsReply(_Message):
+    """The card's running apps (``apps``), or the ones a :class:`KillApp` cancelled:
+    ``[{"id", "app", "started", "elapsed", "tag"}]`` (``started``: card uptime s)."""
+
+    TYPE: ClassVar[str] = "apps"
+    id: int
+    apps: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class AppsRequest(_Message):
+    TYPE: ClassVar[str] = "apps"
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class KillApp(_Message):
+    """Cancel the running app with id ``app``, or the one started with ``tag``."""
+
+    TYPE: ClassVar[str] = "kill-app"
+    id: int
+    app: int | None = None
+    tag: str | None = None
+
+    def problem(self) -> str | None:
+        if (self.app is None) == (self.tag is None):
+            return "needs exactly one of app and tag"
+        return None
+
+
 CardMessage = (
-    Online | Heartbeat | DevicesReply | RunResult | NetParamsReply | ShutdownStatusReport | Crashed
+    Online
+    | Heartbeat
+    | DevicesReply
+    | RunResult
+    | NetParamsReply
+    | ShutdownStatusReport
+    | Crashed
+    | AppsReply
 )
-HostMessage = Shutdown | DevicesRequest | Run | NetParams
+HostMessage = Shutdown | DevicesRequest | Run | NetParams | AppsRequest | KillApp
 
 _FROM_CARD: dict[str, type[_Message]] = {
     c.TYPE: c
@@ -213,20 +278,23 @@ _FROM_CARD: dict[str, type[_Message]] = {
         NetParamsReply,
         ShutdownStatusReport,
         Crashed,
+        AppsReply,
     )
 }
 _FROM_HOST: dict[str, type[_Message]] = {
-    c.TYPE: c for c in (Shutdown, DevicesRequest, Run, NetParams)
+    c.TYPE: c for c in (Shutdown, DevicesRequest, Run, NetParams, AppsRequest, KillApp)
 }
 
 
-Reply = DevicesReply | RunResult | NetParamsReply
-Request = DevicesRequest | Run | NetParams
+Reply = DevicesReply | RunResult | NetParamsReply | AppsReply
+Request = DevicesRequest | Run | NetParams | AppsRequest | KillApp
 
 _REPLIES: dict[type[_Message], type[_Message]] = {
     DevicesRequest: DevicesReply,
     Run: RunResult,
     NetParams: NetParamsReply,
+    AppsRequest: AppsReply,
+    KillApp: AppsReply,
 }
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from transport.link import MessageLink
 from transport.messages import (
+    AppsReply,
     CardMessage,
     DevicesReply,
     HostMessage,
@@ -122,7 +123,9 @@ class CardLink:
             except RemoteProtocolError as e:
                 self._bad(obj, e)
                 continue
-            if isinstance(msg, DevicesReply | RunResult | NetParamsReply) and not self._answer(msg):
+            if isinstance(
+                msg, DevicesReply | RunResult | NetParamsReply | AppsReply
+            ) and not self._answer(msg):
                 continue
             handle(msg)
 

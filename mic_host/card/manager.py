@@ -23,6 +23,7 @@ from typing import Any
 
 from mic_host.agent import DEFAULT_EXEC_TIMEOUT, MAX_EXEC_OUTPUT
 from mic_host.backends.console import ConsoleBackend
+from mic_host.card.apps import kill_app, list_apps, run_app
 from mic_host.card.devices import DeviceSet
 from mic_host.card.dispatch import CardLink
 from mic_host.card.session import BootSession, net_params
@@ -36,7 +37,7 @@ from mic_host.lifecycle import (
     session_end_events,
 )
 from mic_host.vop import Vop
-from transport.messages import DevicesReply, DevicesRequest, NetParams, Run, RunResult, Shutdown
+from transport.messages import DevicesReply, DevicesRequest, NetParams, Shutdown
 from virtio.errors import (
     BrokenResourceError,
     LocalProtocolError,
@@ -365,25 +366,26 @@ class CardManager:
             raise LocalProtocolError(f"{self.name} is {self.state}, not online")
         return link
 
-    async def run(self, app: str, args: list[Any], timeout: float | None = None) -> dict[str, Any]:
-        """Run ``module:function`` on the card OS; return its result.
+    async def run(
+        self,
+        app: str,
+        args: list[Any],
+        timeout: float | None = None,
+        *,
+        code: dict[str, Any] | None = None,
+        tag: str | None = None,
+    ) -> dict[str, Any]:
+        """Run ``module:function`` on the card OS; return its result (see
+        :func:`mic_host.card.apps.run_app` for what it raises)."""
+        return await run_app(self, app, args, code=code, tag=tag, timeout=timeout)
 
-        Raises:
-            LocalProtocolError: card not online.
-            RemoteProtocolError: the app failed (its error type and message).
-            BrokenResourceError: the card went down meanwhile.
-        """
-        link = self._online_link()
-        reply = await link.ask(lambda rid: Run(id=rid, app=app, args=args), timeout)
-        if not isinstance(reply, RunResult):
-            raise RemoteProtocolError(f"{self.name} answered run with {reply.TYPE}")
-        if not reply.ok:
-            err = reply.error
-            etype, message = (err.type, err.message) if err is not None else (None, None)
-            raise RemoteProtocolError(
-                f"{app} failed on {self.name}: {etype}: {message}", reason="app"
-            )
-        return {"card": self.name, "app": app, "value": reply.result}
+    async def apps(self) -> dict[str, Any]:
+        """The apps running on the card (:func:`mic_host.card.apps.list_apps`)."""
+        return await list_apps(self)
+
+    async def kill(self, app_id: int | None, tag: str | None) -> dict[str, Any]:
+        """Cancel one app on the card (:func:`mic_host.card.apps.kill_app`)."""
+        return await kill_app(self, app_id, tag)
 
     async def refresh_devices(self) -> list[dict[str, Any]]:
         """Ask the card OS for its device list (and remember it).

@@ -36,7 +36,9 @@ async def spawn_card_os(
     """
     logf = card_log_path(state_dir, cfg.name, "card")
     env = dict(os.environ)
-    # Card apps (module:function) resolve like they would in the daemon.
+    # The card OS runs in the daemon's environment: what an app imports from the
+    # installed environment resolves as in the daemon (the app's own code comes
+    # with each run, mic_card/apps.py).
     paths = [os.getcwd(), *[p for p in sys.path if p]]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     with logf.open("ab") as out:

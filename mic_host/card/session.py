@@ -48,6 +48,7 @@ from mic_host.paths import accel_socket_path
 from mic_host.vop import Vop
 from transport import CardIdentity, Mmio, PcieConfig, PcieHost, Perm
 from transport.messages import (
+    AppsReply,
     CardMessage,
     Crashed,
     DevicesReply,
@@ -350,7 +351,7 @@ class BootSession:
                 self.reported_status = ShutdownStatus.CRASHED
             case DevicesReply(devices=devices):
                 self.card_devices = card_devices(devices)
-            case RunResult() | NetParamsReply():
+            case RunResult() | NetParamsReply() | AppsReply():
                 pass  # answers: the link handed them to the request waiting for them
             case _:
                 assert_never(msg)

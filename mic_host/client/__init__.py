@@ -6,6 +6,8 @@ to check launch config text, ``lifecycle`` for state names, the control
 socket's codec ``control.wire``), ``virtio`` and, for offload channels,
 ``transport``. Its modules, lowest first:
 
+- :mod:`~mic_host.client.apps`: card apps from the caller's project (finding them,
+  collecting the code to send), :class:`AppError`;
 - :mod:`~mic_host.client.console`: console pty streams and exec results;
 - :mod:`~mic_host.client.terminal`: relaying this terminal to a console (``micctl console``);
 - :mod:`~mic_host.client.accel`: accelerator offload channels to a card;
@@ -15,12 +17,15 @@ socket's codec ``control.wire``), ``virtio`` and, for offload channels,
 - :mod:`~mic_host.client.pytest_plugin`: the ``mic_vop`` fixtures (not imported here).
 """
 
+from mic_host.client.apps import AppCodeTooLarge, AppError
 from mic_host.client.connection import CardClient, Client, connect, open_connection
 from mic_host.client.console import ConsoleStream, ExecResult
 from mic_host.client.events import EventStream, LogStream
 from mic_host.client.launch import DEFAULT_DAEMON_MODULE, launch
 
 __all__ = [
+    "AppError",
+    "AppCodeTooLarge",
     "CardClient",
     "Client",
     "connect",

@@ -52,6 +52,10 @@ __all__ = ["CardClient", "Client", "connect", "open_connection"]
 
 log = logging.getLogger(__name__)
 
+_run_tags = itertools.count(1)
+#: ids of abandoned requests remembered (their late answers are dropped quietly)
+_ABANDONED = 1024
+
 
 class Client:
     """One connection to a daemon. Requests may run concurrently; each gets its own id.
@@ -72,6 +76,8 @@ class Client:
         self._lost: MicError | None = None
         self._closed = False
         self._write_lock = asyncio.Lock()
+        #: requests the caller gave up on (cancelled): their answers are not news
+        self._abandoned: dict[int, None] = {}
         self._task = asyncio.get_running_loop().create_task(
             self._read_loop(), name="mic-host-client-reader"
         )
@@ -112,6 +118,9 @@ class Client:
                     await self._streams[resp.id].put(resp.error.exception(reason="daemon"))
                     continue
                 if fut is None:
+                    if resp.id in self._abandoned:
+                        del self._abandoned[resp.id]
+                        continue
                     if resp.error is not None:
                         log.warning("mic-host daemon: %s: %s", resp.error.type, resp.error.message)
                     continue
@@ -204,6 +213,27 @@ class Client:
             return await fut
         finally:
             self._pending.pop(rid, None)
+            if not fut.done():
+                self._abandon(rid)
+
+    def _abandon(self, rid: int) -> None:
+        self._abandoned[rid] = None
+        if len(self._abandoned) > _ABANDONED:
+            del self._abandoned[next(iter(self._abandoned))]
+
+    def send_nowait(self, op: str, card: str | None = None, **args: Any) -> None:
+        """Send one request without waiting for (or reading) its answer; usable
+        while the calling task is being cancelled. Errors are dropped: best effort."""
+        if self._closed or self._lost is not None:
+            return
+        rid = next(self._ids)
+        try:
+            data = encode_request(rid, op, card, **args)
+            self._writer.write(data)
+        except (MicError, OSError, RuntimeError) as e:
+            log.debug("send_nowait %s: %s", op, e)
+            return
+        self._abandon(rid)
 
     async def aclose(self) -> None:
         """Close the connection; pending requests fail with ClosedResourceError."""
@@ -367,9 +397,60 @@ class CardClient:
             args["link"] = "up" if link else "down"
         return await self.client.request("net", self.name, **args)
 
-    async def run(self, app: str, *args: Any) -> dict[str, Any]:
-        """Run ``module:function`` on the card with JSON ``args``; returns its result."""
-        return await self.client.request("run", self.name, app=app, args=list(args))
+    async def run(
+        self, app: str, *args: Any, timeout: float | None = None, cwd: str | None = None
+    ) -> dict[str, Any]:
+        """Run a card app ``async def main(card, *args)`` with JSON ``args``; returns
+        ``{"card", "app", "value"}`` (bytes come back as hex).
+
+        ``app`` is ``module:function`` (found as ``python -m`` would from ``cwd``,
+        default the current folder, then ``sys.path``) or ``path/to/file.py:function``;
+        its code is sent with the run and loaded fresh on the card
+        (:mod:`mic_host.client.apps`). Cancelling this call cancels the app on
+        the card; so does ``timeout`` (seconds).
+
+        Raises:
+            LocalProtocolError: no such module/file, or the card is not online.
+            AppCodeTooLarge: the app's code is over the size a run may send.
+            AppError: the app raised (``e.traceback`` is the card-side traceback),
+                or failed to import; or it returned a value that is not JSON.
+            MicError: the app was cancelled on the card (``micctl kill``).
+            MicTimeoutError: ``timeout`` passed (the app was cancelled).
+        """
+        from mic_host.client.apps import app_error, resolve_app
+
+        resolved = resolve_app(app, cwd=cwd)
+        tag = f"client-{os.getpid()}-{next(_run_tags)}"
+        request: dict[str, Any] = {"app": resolved.app, "args": list(args), "tag": tag}
+        if resolved.code is not None:
+            request["code"] = resolved.code.to_wire()
+        if timeout is not None:
+            request["timeout"] = timeout
+        try:
+            return await self.client.request("run", self.name, **request)
+        except asyncio.CancelledError:
+            self.client.send_nowait("kill", self.name, tag=tag)  # cancel it on the card
+            raise
+        except RemoteProtocolError as e:
+            raise app_error(e, resolved.app, self.name) from None
+
+    async def apps(self) -> list[dict[str, Any]]:
+        """The apps running on the card: ``[{"id", "app", "tag", "started", "elapsed"}]``
+        (``started`` in seconds of card uptime)."""
+        res = await self.client.request("apps", self.name)
+        apps = res.get("apps")
+        return apps if isinstance(apps, list) else []
+
+    async def kill(self, app_id: int) -> list[dict[str, Any]]:
+        """Cancel the app ``app_id`` (see :meth:`apps`) on the card; its run reports
+        cancelled. Returns what was cancelled.
+
+        Raises:
+            LocalProtocolError: no such app running.
+        """
+        res = await self.client.request("kill", self.name, app_id=app_id)
+        killed = res.get("killed")
+        return killed if isinstance(killed, list) else []
 
     @asynccontextmanager
     async def accel_session(self, alg: str, **spec: Any) -> AsyncIterator[OffloadSession]:

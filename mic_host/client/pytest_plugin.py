@@ -1,16 +1,20 @@
 """pytest plugin ``mic_vop``: fixtures that run a real mic-host daemon for a test.
 
-Registered through the ``pytest11`` entry point, so installing ``mic-vop``
-makes these fixtures available in any project (``docs/cli.md`` has an example):
+Registered through the ``pytest11`` entry point, so installing
+``mic-vop[pytest]`` (which brings pytest-asyncio) makes these fixtures
+available in any project (README's quick start, ``docs/cli.md``):
 
 - ``mic_state_dir``: a fresh state directory (short enough for a Unix socket);
-- ``mic_config``: the config the daemon starts with; ``None`` (the embedded
-  default: ``mic0`` with a console and a 64 MiB disk, booted at start).
-  Override it in a ``conftest.py`` or a test module to return TOML text or a
-  :class:`pathlib.Path`;
+- ``mic_config``: the config the daemon starts with: the TOML text or path of
+  the test's ``@pytest.mark.mic_config(...)`` marker, else ``None`` (the
+  embedded default: ``mic0`` with a console and a 64 MiB disk, booted at
+  start). A ``conftest.py`` or test module may also override the fixture;
 - ``mic_daemon``: a :class:`~mic_host.client.Client` connected to a daemon
   launched for the test and stopped after it;
-- ``mic_card``: the ``mic0`` :class:`~mic_host.client.CardClient`, online;
+- ``mic_card``: the ``mic0`` :class:`~mic_host.client.CardClient`, online.
+  ``await mic_card.run("apps:main")`` runs ``async def main(card)`` of the
+  project's ``apps.py`` (found as ``python -m`` would, or ``path/to/file.py:main``);
+  its code is sent to the card for that run (:mod:`mic_host.client.apps`).
 - ``mic_events``: the daemon's events from the moment the fixture is set up
   (a :class:`~mic_host.client.EventStream`): ``ev = await
   mic_events.wait_for("online", card="mic0", timeout=30)`` returns the first
@@ -42,7 +46,14 @@ from mic_host.client.launch import launch
 from mic_host.lifecycle import CardState
 from mic_host.paths import SOCKET_NAME
 
-__all__ = ["mic_card", "mic_config", "mic_daemon", "mic_events", "mic_state_dir"]
+__all__ = [
+    "mic_card",
+    "mic_config",
+    "mic_daemon",
+    "mic_events",
+    "mic_state_dir",
+    "pytest_configure",
+]
 
 #: Seconds the fixtures allow the daemon to start and the card to come online.
 STARTUP_TIMEOUT = 30.0
@@ -71,10 +82,25 @@ def mic_state_dir(tmp_path: Path) -> Iterator[Path]:
         shutil.rmtree(short, ignore_errors=True)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "mic_config(config): the mic-host config of this test's mic_daemon/mic_card "
+        "(TOML text, or a pathlib.Path to a TOML file)",
+    )
+
+
 @pytest.fixture
-def mic_config() -> str | os.PathLike[str] | None:
-    """The daemon's config for ``mic_daemon``: None = the embedded default. Override me."""
-    return None
+def mic_config(request: pytest.FixtureRequest) -> str | os.PathLike[str] | None:
+    """The daemon's config for ``mic_daemon``: the test's ``mic_config`` marker (TOML
+    text or a :class:`~pathlib.Path`), else None (the embedded default). Or override me."""
+    marker = request.node.get_closest_marker("mic_config")
+    if marker is None:
+        return None
+    if len(marker.args) != 1 or marker.kwargs or not isinstance(marker.args[0], str | Path):
+        pytest.fail("@pytest.mark.mic_config takes one argument: TOML text or a pathlib.Path")
+    value: str | Path = marker.args[0]
+    return value
 
 
 if TYPE_CHECKING or _HAVE_PYTEST_ASYNCIO:
@@ -110,14 +136,14 @@ else:  # pragma: no cover - depends on the environment
     @pytest.fixture
     def mic_daemon() -> None:
         """Needs pytest-asyncio."""
-        pytest.fail("the mic_vop fixtures need pytest-asyncio: pip install pytest-asyncio")
+        pytest.fail("the mic_vop fixtures need pytest-asyncio: pip install 'mic-vop[pytest]'")
 
     @pytest.fixture
     def mic_card() -> None:
         """Needs pytest-asyncio."""
-        pytest.fail("the mic_vop fixtures need pytest-asyncio: pip install pytest-asyncio")
+        pytest.fail("the mic_vop fixtures need pytest-asyncio: pip install 'mic-vop[pytest]'")
 
     @pytest.fixture
     def mic_events() -> None:
         """Needs pytest-asyncio."""
-        pytest.fail("the mic_vop fixtures need pytest-asyncio: pip install pytest-asyncio")
+        pytest.fail("the mic_vop fixtures need pytest-asyncio: pip install 'mic-vop[pytest]'")

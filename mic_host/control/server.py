@@ -83,7 +83,7 @@ _CHUNK = 1 << 16
 #: console_resize, suspend, resume) change state over several steps and run to
 #: completion; each is bounded by its own timeouts.
 CANCEL_ON_HANGUP = frozenset(
-    {"ping", "status", "wait", "stats", "run", "exec", "boot", "shutdown", "reset"}
+    {"ping", "status", "wait", "stats", "run", "exec", "boot", "shutdown", "reset", "apps"}
     | {"events", "logs"}  # streams: they only read
 )
 
@@ -109,7 +109,15 @@ class ControlHandler(Protocol):
     async def attach(self, card: str, type: str, options: dict[str, Any]) -> dict[str, Any]: ...  # noqa: A002
     async def detach(self, card: str, device: str) -> dict[str, Any]: ...
     async def stats(self, card: str) -> dict[str, Any]: ...
-    async def run(self, card: str, app: str, args: list[Any]) -> dict[str, Any]: ...
+    async def run(
+        self,
+        card: str,
+        app: str,
+        args: list[Any],
+        code: dict[str, Any] | None,
+        tag: str | None,
+        timeout: float | None,
+    ) -> dict[str, Any]: ...
     async def exec(
         self,
         card: str,
@@ -137,6 +145,8 @@ class ControlHandler(Protocol):
         device: str | None,
         stream: Stream,
     ) -> dict[str, Any]: ...
+    async def apps(self, card: str) -> dict[str, Any]: ...
+    async def kill(self, card: str, app_id: float | None, tag: str | None) -> dict[str, Any]: ...
 
 
 def _refused(message: str) -> WireError:

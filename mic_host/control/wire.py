@@ -160,6 +160,13 @@ OPS: dict[str, OpSpec] = {
                 help="module:function on the card",
             ),
             "args": ArgSpec("array", default=[]),
+            "code": ArgSpec("object", help="the app's sources (transport.appcode.AppCode)"),
+            "tag": ArgSpec(
+                "string", pattern=r"^[A-Za-z0-9_.:-]{1,64}$", help="the caller's name for the run"
+            ),
+            "timeout": ArgSpec(
+                "number", nullable=True, help="seconds; then the app is cancelled (default: none)"
+            ),
         },
         help="run a card app and return its result",
     ),
@@ -214,6 +221,15 @@ OPS: dict[str, OpSpec] = {
         },
         help="a card's console log and the daemon's log lines about it",
         stream=True,
+    ),
+    "apps": OpSpec("required", help="the card apps running on a card"),
+    "kill": OpSpec(
+        "required",
+        {
+            "app_id": ArgSpec("number", help="the app id (micctl apps)"),
+            "tag": ArgSpec("string", help="or the tag its run was started with"),
+        },
+        help="cancel a card app",
     ),
 }
 

@@ -11,12 +11,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import re
 import sys
 from typing import Any
 
 from mic_host.client.connection import Client
-from mic_host.control.wire import OPS
 from mic_host.lifecycle import CardState
 from mic_host.micctl.images import prepare_block_image
 from mic_host.micctl.multi import for_each_card, one_line, require_cards, with_cards
@@ -35,14 +33,6 @@ from mic_host.micctl.registry import (
 from virtio.errors import LocalProtocolError, MicError
 
 __all__ = ["attach_options"]
-
-
-def _app(text: str) -> str:
-    pattern = OPS["run"].args["app"].pattern
-    assert pattern is not None
-    if not re.match(pattern, text):
-        raise argparse.ArgumentTypeError(f"bad app {text!r}: expected module:function")
-    return text
 
 
 def _opt_value(text: str) -> object:
@@ -293,22 +283,6 @@ def _conf_net(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the raw result (for scripts)")
 
 
-async def _run(client: Client, args: argparse.Namespace) -> int:
-    r = await client.card(args.card).run(args.app, *args.args)
-    value = r.get("value", r)
-    if isinstance(value, str):
-        print(value)
-    elif value is not None:
-        print_json(value)
-    return EXIT_OK
-
-
-def _conf_run(p: argparse.ArgumentParser) -> None:
-    with_card(p)
-    p.add_argument("app", type=_app, metavar="module:function", help="card app to run")
-    p.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS", help="its arguments")
-
-
 async def _suspend(client: Client, args: argparse.Namespace) -> int:
     await client.suspend()
     return EXIT_OK
@@ -352,7 +326,6 @@ for _sub in (
         _stats,
     ),
     Subcommand("net", "net devices: backend, addresses, namespace, counters", _conf_net, _net),
-    Subcommand("run", "run a card app", _conf_run, _run),
     Subcommand("suspend", "host suspend: stop every card", _no_args, _suspend),
     Subcommand("resume", "host resume: boot cards suspend stopped", _no_args, _resume),
     Subcommand("ping", "check that the daemon answers", _conf_ping, _ping),

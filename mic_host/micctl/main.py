@@ -2,8 +2,9 @@
 
 Exit codes: 0 success, 1 the operation failed (or no daemon), 2 usage error,
 130 interrupted. Every failure prints exactly one line ``micctl: <reason>``
-on stderr. Imports the registry and the modules that fill it (built-in
-commands, console and exec), and the client's :func:`~mic_host.client.connect`.
+on stderr (``run`` of an app that raised prints its card-side traceback
+first). Imports the registry and the modules that fill it (built-in
+commands, card apps, console and exec), and the client's :func:`~mic_host.client.connect`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-# imported for their registrations: the built-in subcommands, console, exec, reboot;
-# and help and completion (which list the others when the parser is built)
+# imported for their registrations: card apps, the built-in subcommands, console,
+# exec, reboot, events; and help and completion (which list the others when the
+# parser is built)
+import mic_host.micctl.apps
 import mic_host.micctl.commands
 import mic_host.micctl.console
 import mic_host.micctl.events

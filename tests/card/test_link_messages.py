@@ -1,6 +1,6 @@
 """The card OS's side of the control link: typed messages in, typed messages out.
 
-Drives :meth:`CardOS._messages` and :meth:`CardOS._run_app` with an in-memory
+Drives :meth:`CardOS._messages` and its app runner (:mod:`mic_card.apps`) with an in-memory
 link (no processes): what the host sends is decoded with
 ``transport.messages.decode_from_host``; what does not decode is logged and
 ignored; an app's error goes back as a ``WireError``.
@@ -9,12 +9,14 @@ ignored; an app's error goes back as a ``WireError``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import types
 from typing import Any
 
 import pytest
 
+from mic_card.apps import AppRunner
 from mic_card.card import Card, CardOS
 from transport.messages import RunResult, decode_from_card
 from virtio.errors import LocalProtocolError, WireError
@@ -45,6 +47,7 @@ def card_os(link: FakeLink) -> CardOS:
     os_._stop = asyncio.Event()
     os_._apps = set()
     os_.card = Card(os_)
+    os_.runner = AppRunner(os_.card, name="mic0", uptime=lambda: 1.0, reply=os_._reply)
     return os_
 
 
@@ -102,11 +105,22 @@ async def test_an_unknown_shutdown_status_halts() -> None:
 async def test_run_results_carry_the_value_or_a_wire_error() -> None:
     link = FakeLink([])
     os_ = card_os(link)
-    await os_._run_app(1, "tests.card.test_link_messages:fail_app", ["no disk"])
-    await os_._run_app(2, "no_such_module_here:main", [])
-    await os_._run_app(None, "tests.card.test_link_messages:fail_app", ["boot app"])
-    await os_._run_app(3, "tests.card.test_link_messages:ok_app", [])
+    async with asyncio.TaskGroup() as tg:  # apps without code: imported by name
+        for rid, app, args in [
+            (1, "tests.card.test_link_messages:fail_app", ["no disk"]),
+            (2, "no_such_module_here:main", []),
+            (None, "tests.card.test_link_messages:fail_app", ["boot app"]),
+            (3, "tests.card.test_link_messages:ok_app", []),
+        ]:
+            os_.runner.start(tg, rid, app, args)
     results = [decode_from_card(m) for m in link.sent]
+    # the app's own frames come back as its traceback; the loader's error has none
+    first = results[0]
+    assert isinstance(first, RunResult)
+    assert first.traceback is not None
+    assert "in fail_app" in first.traceback
+    assert "LocalProtocolError: no disk" in first.traceback
+    results[0] = dataclasses.replace(first, traceback=None)
     assert results == [
         RunResult(
             1,

@@ -289,7 +289,17 @@ class FakeDaemon:
     async def stats(self, card: str) -> dict[str, Any]:
         raise RuntimeError("stats bug")
 
-    async def run(self, card: str, app: str, args: list[Any]) -> dict[str, Any]:
+    async def run(
+        self,
+        card: str,
+        app: str,
+        args: list[Any],
+        code: dict[str, Any] | None,
+        tag: str | None,
+        timeout: float | None,
+    ) -> dict[str, Any]:
+        assert code is not None  # the client sent the app's code
+        assert [m["name"] for m in code["modules"]] == ["m"]
         if app == "m:bad":
             return {"value": object()}
         return {"value": [app, *args]}
@@ -299,6 +309,15 @@ class FakeDaemon:
 
     async def resume(self) -> Any:
         return "not a dict"
+
+
+@pytest.fixture(autouse=True)
+def app_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``m.py`` in the current folder: the card app the client tests run."""
+    (tmp_path / "m.py").write_text(
+        "async def f(card):\n    pass\n\nasync def bad(card):\n    pass\n"
+    )
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture

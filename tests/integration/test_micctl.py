@@ -31,6 +31,14 @@ def _one_error_line(err: str) -> str:
     return lines[0]
 
 
+def _app_error(err: str) -> tuple[str, str]:
+    """A failed app on stderr: its card-side traceback, then one ``micctl:`` line."""
+    *tb, last = err.splitlines()
+    assert last.startswith("micctl: "), err
+    assert tb[:1] == ["Traceback (most recent call last):"], err
+    return "\n".join(tb), last
+
+
 @pytest.mark.asyncio
 async def test_micctl_lifecycle(state_dir: Path) -> None:
     async with daemon(state_dir) as client:
@@ -121,14 +129,15 @@ async def test_micctl_run_and_stats(state_dir: Path) -> None:
         r = await micctl(state_dir, "run", "mic0", app("fail"), "out of cheese")
         assert r.rc == 1, r
         assert r.out == ""
-        line = _one_error_line(r.err)
+        tb, line = _app_error(r.err)
         assert "ValueError: out of cheese" in line
+        assert 'tests/integration/apps.py", line' in tb, tb
         r = await micctl(state_dir, "run", "mic0", "tests.integration.nosuch:main")
         assert r.rc == 1, r
-        assert "cannot import" in _one_error_line(r.err)
+        assert "no module named 'tests.integration.nosuch'" in _one_error_line(r.err)
         r = await micctl(state_dir, "run", "mic0", app("read_text"), "vdz", "0", "1")
         assert r.rc == 1, r
-        assert "no device 'vdz'" in _one_error_line(r.err)
+        assert "no device 'vdz'" in _app_error(r.err)[1]
 
         def block_dev(stats: dict[str, object]) -> dict[str, Any]:
             devices = stats["devices"]

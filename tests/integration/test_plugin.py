@@ -60,3 +60,11 @@ async def test_mic_events_waits_for_an_event(mic_events: EventStream, mic_card: 
     ev = await mic_events.wait_for("online", card="mic0", timeout=30)
     assert ev.data["from"] == "booting"
     assert min(ev.seq, ev.wall, ev.mono) > 0
+
+
+def test_the_pytest_extra_brings_pytest_asyncio() -> None:
+    """``pip install "mic-vop[pytest]"`` (README): the installed metadata declares it."""
+    import importlib.metadata
+
+    extra = [r for r in importlib.metadata.requires("mic-vop") or [] if 'extra == "pytest"' in r]
+    assert any(r.startswith("pytest-asyncio") for r in extra), extra

@@ -94,7 +94,7 @@ LAYERS: dict[str, tuple[tuple[str, ...], ...]] = {
     "transport": (
         ("errors",),
         # regions, doorbells/interrupts, the typed control-link messages, tap
-        ("region", "notify", "messages", "tap"),
+        ("region", "notify", "messages", "tap", "appcode"),
         # MMIO registers, the framed control link and its boot handshake, the DMA engine
         ("mmio", "link", "dma", "handshake"),
         # address spaces through windows (aperture, SMPT, IOMMU)
@@ -144,6 +144,8 @@ LAYERS: dict[str, tuple[tuple[str, ...], ...]] = {
         ("shell", "accel.commands"),
         # the agent serving the host (runs shell commands)
         ("agent",),
+        # card apps: loading the caller's code fresh per run, the running-app registry
+        ("apps",),
         # the card OS: the composition root, which nothing below imports
         ("card",),
         ("main", "__main__", "__init__"),

@@ -16,12 +16,15 @@ import pytest
 
 from transport.link import decode_body
 from transport.messages import (
+    AppsReply,
+    AppsRequest,
     CardMessage,
     Crashed,
     DevicesReply,
     DevicesRequest,
     Heartbeat,
     HostMessage,
+    KillApp,
     NetParams,
     NetParamsReply,
     Online,
@@ -32,6 +35,7 @@ from transport.messages import (
     decode_from_card,
     decode_from_host,
     encode,
+    reply_type,
 )
 from virtio.errors import LocalProtocolError, RemoteProtocolError, WireError
 
@@ -51,9 +55,18 @@ FROM_CARD: list[CardMessage] = [
         ok=False,
         error=WireError("BadRequest", "LocalProtocolError", "no such file"),
     ),
+    RunResult(
+        id=5,
+        app="apps:boom",
+        ok=False,
+        error=WireError("KeyError", "InternalError", "'missing'"),
+        traceback='Traceback (most recent call last):\n  File "apps.py", line 3\n',
+    ),
     NetParamsReply(id=4),
     ShutdownStatusReport(status="poweroff"),
     Crashed(error="Traceback ..."),
+    AppsReply(id=6, apps=[{"id": 1, "app": "apps:main", "started": 1.5, "elapsed": 0.2}]),
+    AppsReply(id=7, apps=[]),
 ]
 FROM_HOST: list[HostMessage] = [
     Shutdown(),
@@ -62,6 +75,16 @@ FROM_HOST: list[HostMessage] = [
     Run(id=10, app="apps:main", args=[1, "two", {"three": 3}]),
     Run(id=11, app="apps:main"),
     NetParams(id=12, net=[{"mac": "52:54:00:12:34:56", "mtu": 1500}]),
+    Run(
+        id=13,
+        app="apps:main",
+        args=[],
+        code={"module": "apps", "modules": []},
+        tag="client-1-2",
+    ),
+    AppsRequest(id=14),
+    KillApp(id=15, app=3),
+    KillApp(id=16, tag="client-1-2"),
 ]
 
 #: values of the wrong type for each declared field type
@@ -74,6 +97,9 @@ WRONG: dict[str, list[Any]] = {
     "list[dict[str, Any]]": [{}, [1], ["x"], [[]], None],
     "WireError | None": ["boom", 1, [], {"type": 1, "message": "m"}, {"message": "m"}],
     "Any": [],
+    "str | None": [1, ["x"], {"x": 1}],
+    "int | None": ["1", 1.0, True],
+    "dict[str, Any] | None": ["{}", [], 1],
 }
 
 
@@ -118,6 +144,7 @@ def test_encoded_forms() -> None:
     assert encode(failed)["error"] == {"type": "E", "base": "MicError", "message": "m"}
     assert encode(Shutdown()) == {"type": "shutdown", "status": "halted"}
     assert encode(Run(id=1, app="a:b")) == {"type": "run", "id": 1, "app": "a:b", "args": []}
+    assert encode(KillApp(id=2, tag="t")) == {"type": "kill-app", "id": 2, "tag": "t"}
 
 
 def test_optional_fields_take_their_defaults() -> None:
@@ -330,3 +357,11 @@ def test_the_link_refuses_numbers_that_overflow_to_infinity() -> None:
     with pytest.raises(RemoteProtocolError, match="out of range"):
         decode_body(b'{"type": "heartbeat", "uptime": 1e400}')
     assert decode_body(b'{"uptime": 1.5e300}') == {"uptime": 1.5e300}
+
+
+def test_a_kill_names_one_app() -> None:
+    for obj in ({"type": "kill-app", "id": 1}, {"type": "kill-app", "id": 1, "app": 2, "tag": "t"}):
+        with pytest.raises(RemoteProtocolError, match="exactly one of app and tag"):
+            decode_from_host(wire(obj))
+    assert reply_type(KillApp(id=1, app=2)) is AppsReply
+    assert reply_type(AppsRequest(id=1)) is AppsReply
