@@ -162,6 +162,9 @@ class Daemon:
     async def net(self, card: str, device: str | None, link: str | None) -> dict[str, Any]:
         return await self._card(card).net(device, None if link is None else link == "up")
 
+    async def devices(self, card: str) -> dict[str, Any]:
+        return await self._card(card).devices()
+
     async def suspend(self) -> dict[str, Any]:
         """Host PM suspend (``cosm_stop``): stop every card, remember the running ones."""
         if self.suspended:

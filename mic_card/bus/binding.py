@@ -188,11 +188,11 @@ class RuntimeBinding:
         """
         async with self._scan_lock:
             dev = self._unclaimed(name)
+            drv = self._registry.resolve(driver, name, dev.type)
             if dev.driver is not None:
                 raise DeviceBusyError(
                     f"{name} already has driver {dev.driver_name} bound; unbind it first"
                 )
-            drv = self._registry.resolve(driver, name, dev.type)
             new = await self._reprobe(dev, drv)
             if new.state != "live":
                 raise DriverProbeError(f"binding {drv.name} to {name} failed: {new.error}")

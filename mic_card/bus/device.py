@@ -323,6 +323,20 @@ class CardDevice:
         self.features = 0
 
     # -- probe ------------------------------------------------------------------------
+    def setup_doorbells(self) -> None:
+        """Take the host's c2h doorbell from the entry, pick an h2c one and publish it
+        (before any handshake: the host and card ring each other through them).
+
+        Raises:
+            RemoteProtocolError: the host's ``c2h_vdev_db`` is outside 0..3.
+        """
+        c2h = self.view.ctrl(Ctrl.C2H_VDEV_DB)
+        if not 0 <= c2h < C2H_DOORBELLS:
+            raise RemoteProtocolError(f"c2h_vdev_db {c2h} outside 0..3", reason="device-page")
+        self.c2h_db = c2h
+        self.h2c_db = self.bus.pick_h2c()
+        self.view.set_ctrl(Ctrl.H2C_VDEV_DB, self.h2c_db)
+
     async def probe(self, supported: int) -> None:
         """Status ACK -> DRIVER -> acks -> FEATURES_OK -> queues -> DRIVER_OK.
 
@@ -332,12 +346,7 @@ class CardDevice:
             ResourceError: out of card RAM.
         """
         bus = self.bus
-        c2h = self.view.ctrl(Ctrl.C2H_VDEV_DB)
-        if not 0 <= c2h < C2H_DOORBELLS:
-            raise RemoteProtocolError(f"c2h_vdev_db {c2h} outside 0..3", reason="device-page")
-        self.c2h_db = c2h
-        self.h2c_db = bus.pick_h2c()
-        self.view.set_ctrl(Ctrl.H2C_VDEV_DB, self.h2c_db)
+        self.setup_doorbells()
         if self.status != 0:  # left over from an earlier boot: start clean
             await self.vdev_reset()
         S = DeviceStatus

@@ -328,7 +328,8 @@ class VirtioBus(RuntimeBinding):
             log.error("probe of %s (type %d at %#x) by %s failed: %s", name, dev.type, offset,
                       drv.name, e)  # fmt: skip
             self._fail_probe(dev, str(e), tell_host=not isinstance(e, MicTimeoutError))
-            return self._record(offset, entry, name, "failed", error=str(e), driver=drv.name)
+            why = str(e) if isinstance(e, DriverProbeError) else f"{drv.name}: {e}"
+            return self._record(offset, entry, name, "failed", error=why, driver=drv.name)
         except asyncio.CancelledError:
             self._fail_probe(dev, "probe cancelled", tell_host=True)
             self._record(offset, entry, name, "failed", error="probe cancelled", driver=drv.name)
@@ -361,6 +362,11 @@ class VirtioBus(RuntimeBinding):
         dev.used_in_card = self.used_in_card
         dev.name, dev.state, dev.error, dev.driver_name = name, state, error, driver
         self._by_offset[offset] = dev
+        try:  # so that a reset or a claim can talk to the host
+            dev.setup_doorbells()
+        except RemoteProtocolError as e:
+            log.error("%s: %s", name, e)
+            dev.error = dev.error or str(e)
         self._signal()
         return dev
 

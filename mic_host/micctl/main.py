@@ -15,7 +15,8 @@ from collections.abc import Sequence
 
 # imported for their registrations: the built-in subcommands, console and exec
 import mic_host.micctl.commands
-import mic_host.micctl.console  # noqa: F401
+import mic_host.micctl.console
+import mic_host.micctl.devices  # noqa: F401
 from mic_host.client.connection import connect
 from mic_host.micctl.registry import (
     EXIT_FAILED,
