@@ -9,17 +9,29 @@ messages), matched by device-page offset.
 
 The card's half is untrusted: only fields of the expected type are kept and
 strings are cut to a bound, so a card cannot make a status answer large or
-malformed. Pure functions, no I/O; imports nothing of the daemon but types.
+malformed. :func:`devices_report` is the ``devices`` control op (the card
+manager is seen through the :class:`DevicesSource` protocol, so this module
+does not import it); the rest are pure functions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
+from mic_host.card.devices import DeviceSet
 from mic_host.config import DeviceConfig
+from mic_host.lifecycle import CardState
+from mic_host.vop import Vop
 
-__all__ = ["CARD_FIELDS", "card_fields", "device_rows"]
+__all__ = [
+    "CARD_FIELDS",
+    "DevicesSource",
+    "card_fields",
+    "card_info",
+    "device_rows",
+    "devices_report",
+]
 
 #: what the card reports of each device, as ``micctl devices`` shows it
 CARD_FIELDS = ("driver", "state", "error", "holder")
@@ -38,6 +50,48 @@ def card_fields(card_dev: Mapping[str, Any] | None) -> dict[str, Any]:
     if card_dev is None:
         return dict.fromkeys(CARD_FIELDS)
     return {k: _text(card_dev.get(k)) for k in CARD_FIELDS}
+
+
+def card_info(
+    vop: Vop | None, card_devices: Sequence[Mapping[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """Host device name -> :func:`card_fields` of what the card reported of it."""
+    by_offset = {d.get("offset"): d for d in card_devices}
+    offsets = {n: d.view.offset for n, d in vop.devices.items()} if vop is not None else {}
+    return {n: card_fields(by_offset.get(off)) for n, off in offsets.items()}
+
+
+class DevicesSource(Protocol):
+    """What :func:`devices_report` reads of a card (``mic_host.card.CardManager``)."""
+
+    name: str
+    device_set: DeviceSet
+
+    @property
+    def state(self) -> CardState: ...
+
+    @property
+    def vop(self) -> Vop | None: ...
+
+    @property
+    def card_devices(self) -> list[dict[str, Any]]: ...
+
+    async def refresh_devices(self) -> list[dict[str, Any]]: ...
+
+
+async def devices_report(card: DevicesSource) -> dict[str, Any]:
+    """The ``devices`` op: ``{"card", "state", "devices": rows}`` (:func:`device_rows`).
+    An online card is asked for its current list first.
+
+    Raises:
+        MicTimeoutError: an online card did not answer within 10 s.
+    """
+    if card.state is CardState.ONLINE:
+        await card.refresh_devices()
+    vop = card.vop
+    offsets = {n: d.view.offset for n, d in vop.devices.items()} if vop is not None else {}
+    rows = device_rows(card.device_set.named(), offsets, card.card_devices)
+    return {"card": card.name, "state": str(card.state), "devices": rows}
 
 
 def device_rows(

@@ -24,7 +24,7 @@ from typing import Any
 from mic_host.agent import DEFAULT_EXEC_TIMEOUT, MAX_EXEC_OUTPUT
 from mic_host.backends.console import ConsoleBackend
 from mic_host.card.devices import DeviceSet
-from mic_host.card.devlist import card_fields, device_rows
+from mic_host.card.devlist import card_fields, card_info
 from mic_host.card.dispatch import CardLink
 from mic_host.card.session import BootSession, net_params
 from mic_host.config import CardConfig, check_card_devices, validate_device_options
@@ -151,24 +151,6 @@ class CardManager:
         by_offset = {d.get("offset"): d.get("name") for d in self.card_devices}
         return {n: by_offset.get(d.view.offset) for n, d in self.vop.devices.items()}
 
-    def _offsets(self) -> dict[str, int]:
-        """Host device name -> its device-page offset (running card only)."""
-        if self.vop is None:
-            return {}
-        return {n: d.view.offset for n, d in self.vop.devices.items()}
-
-    async def devices(self) -> dict[str, Any]:
-        """Each device: card name, host name, type, bound driver, state, error, claim
-        holder (``micctl devices``). Asks an online card for its current list.
-
-        Raises:
-            MicTimeoutError: an online card did not answer within 10 s.
-        """
-        if self.state is CardState.ONLINE:
-            await self.refresh_devices()
-        rows = device_rows(self.device_set.named(), self._offsets(), self.card_devices)
-        return {"card": self.name, "state": str(self.state), "devices": rows}
-
     def status(self) -> dict[str, Any]:
         """JSON-ready status (what ``micctl status`` shows)."""
         session = self._session
@@ -176,14 +158,12 @@ class CardManager:
         if session is not None and session.link is not None:
             hb = time.monotonic() - session.last_heartbeat
         names = self._card_names()
-        card_devs = {d.get("offset"): d for d in self.card_devices}
-        offsets = self._offsets()
+        reported = card_info(self.vop, self.card_devices)  # driver, state, error, holder
         devs: list[dict[str, Any]] = []
         ptys = self.device_set.ptys
         for name, d in self.device_set.named():
             entry: dict[str, Any] = {"device": names.get(name), "type": d.type, "name": name}
-            # what the card reports: bound driver, state, probe error, claim holder
-            entry |= card_fields(card_devs.get(offsets[name]) if name in offsets else None)
+            entry |= reported.get(name) or card_fields(None)
             if self.vop is not None and name in self.vop.devices:
                 vdev = self.vop.devices[name]
                 entry |= {"status": vdev.machine.status, "features": vdev.machine.features}
