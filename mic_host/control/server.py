@@ -79,7 +79,7 @@ _CHUNK = 1 << 16
 #: console_resize, suspend, resume) change state over several steps and run to
 #: completion; each is bounded by its own timeouts.
 CANCEL_ON_HANGUP = frozenset(
-    {"ping", "status", "wait", "stats", "run", "exec", "boot", "shutdown", "reset"}
+    {"ping", "status", "wait", "stats", "run", "exec", "boot", "shutdown", "reset", "devices"}
 )
 
 
