@@ -258,6 +258,20 @@ async def bind_failing(card: CardServices, name: str) -> str:
     return "bound?!"
 
 
+async def claim_until_removed(card: CardServices, name: str, ready: str) -> str:
+    """Hold ``name`` waiting for an interrupt until the host hot-removes it."""
+    async with card.claim(name) as dev:
+        await dev.negotiate(Feature.VERSION_1)
+        (q,) = await dev.setup_queues()
+        await dev.driver_ok()
+        await asyncio.to_thread(Path(ready).write_text, "")
+        try:
+            while True:
+                await q.wait_interrupt()
+        except BrokenResourceError as e:
+            return str(e)
+
+
 async def unknown_raises(card: CardServices) -> None:
     await card.bind("vda", "virtio-nope")
 
@@ -406,5 +420,48 @@ async def test_probe_failure_marks_device_failed(env: tuple[CardClient, Path, by
     assert (await card.state()) == "online"
     # and the device recovers with its own driver
     assert (await card.run(app("bind"), "vda", "virtio-blk"))["value"] == "BlockDevice"
+    got = (await card.run(app("read_blk"), "vda", 0, 1))["value"]
+    assert bytes.fromhex(got) == image[:SECTOR]
+
+
+async def test_hot_remove_while_claimed(env: tuple[CardClient, Path, bytes]) -> None:
+    card, state, image = env
+    dev = await card.attach_block(state / "hot.img", size="1M", create=True)
+    assert dev == "vdb"
+    ready = state / "vdb-held"
+    holding = asyncio.create_task(card.run(app("claim_until_removed"), "vdb", str(ready)))
+    deadline = time.monotonic() + 20
+    while not ready.exists():
+        assert time.monotonic() < deadline, "claim not taken"
+        assert not holding.done(), "the holder ended early"
+        await asyncio.sleep(0.05)
+    t0 = time.monotonic()
+    await card.detach("vdb")
+    msg = (await asyncio.wait_for(holding, 20))["value"]
+    assert time.monotonic() - t0 < 10  # nothing waited for a timeout
+    assert msg == "queue 0: vdb was removed"
+    rows = await card.devices()
+    assert {r["device"] for r in rows} == {"vda", "hvc0"}
+    got = (await card.run(app("read_blk"), "vda", 0, 1))["value"]
+    assert bytes.fromhex(got) == image[:SECTOR]
+
+
+async def test_shutdown_while_claimed(env: tuple[CardClient, Path, bytes]) -> None:
+    """Shutdown cancels the holder; the claim's release does not hold the card up."""
+    card, state, image = env
+    ready, release = state / "held2", state / "never"
+    holding = asyncio.create_task(card.run(app("hold"), "vda", str(ready), str(release)))
+    deadline = time.monotonic() + 20
+    while not ready.exists():
+        assert time.monotonic() < deadline, "claim not taken"
+        await asyncio.sleep(0.05)
+    t0 = time.monotonic()
+    await card.shutdown(wait=True, timeout=30)
+    assert time.monotonic() - t0 < 8
+    st = await card.status()
+    assert (st["state"], st["shutdown_status"]) == ("ready", "halted")
+    with contextlib.suppress(MicError):
+        await holding
+    await card.boot(wait=True, timeout=60)
     got = (await card.run(app("read_blk"), "vda", 0, 1))["value"]
     assert bytes.fromhex(got) == image[:SECTOR]
