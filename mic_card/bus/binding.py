@@ -230,6 +230,8 @@ class RuntimeBinding:
             holder, dev.holder = dev.holder, ""
             try:
                 rec = await self._reset(dev, "unbound", f"{dev.name}: claim by {holder} ended")
+                if self._closed:  # the card OS is shutting down: no driver to bind
+                    return
                 new = await self._reprobe(rec, self._registry.default(dev.type))
             except MicError as e:
                 log.error("%s: after the claim by %s: %s", dev.name, holder, e)
