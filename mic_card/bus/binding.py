@@ -85,6 +85,10 @@ class RuntimeBinding:
     def _signal(self) -> None:
         raise NotImplementedError
 
+    def _is_closed(self) -> bool:
+        """Read afresh after an await (the bus may close meanwhile)."""
+        return self._closed
+
     # -- the operations -----------------------------------------------------------------
     async def reset_device(self, name: str) -> CardDevice | None:
         """Reset ``name`` (vdev reset handshake) and probe it again under the same name,
@@ -230,7 +234,7 @@ class RuntimeBinding:
             holder, dev.holder = dev.holder, ""
             try:
                 rec = await self._reset(dev, "unbound", f"{dev.name}: claim by {holder} ended")
-                if self._closed:  # the card OS is shutting down: no driver to bind
+                if self._is_closed():  # the card OS is shutting down: no driver to bind
                     return
                 new = await self._reprobe(rec, self._registry.default(dev.type))
             except MicError as e:
