@@ -322,7 +322,9 @@ class CardOS:
         self.platform = _Platform(pcie, pcie.mmio.spad.device_page())
         # The driver table: the built-in drivers (MULTIPORT left unacked on
         # request: a card that only knows the legacy single-port console).
-        # Driver plug-ins are added to it here, before the bus binds anything.
+        # The bus keeps this very table: entries added before the bus starts
+        # (driver plug-ins, here) take part in the boot probe; later ones are
+        # there for card.bind().
         self.drivers: DriverRegistry = builtin_registry(console_multiport=console_multiport)
         self.bus = VirtioBus(
             self.platform,

@@ -81,7 +81,8 @@ class DevicesSource(Protocol):
 
 async def devices_report(card: DevicesSource) -> dict[str, Any]:
     """The ``devices`` op: ``{"card", "state", "devices": rows}`` (:func:`device_rows`).
-    An online card is asked for its current list first.
+    An online card is asked for its current list first; a card that is not
+    running shows the host's devices only (the card fields None).
 
     Raises:
         MicTimeoutError: an online card did not answer within 10 s.
@@ -89,7 +90,10 @@ async def devices_report(card: DevicesSource) -> dict[str, Any]:
     if card.state is CardState.ONLINE:
         await card.refresh_devices()
     vop = card.vop
-    offsets = {n: d.view.offset for n, d in vop.devices.items()} if vop is not None else {}
+    if vop is None:  # not running: the host's devices, nothing from a card
+        return {"card": card.name, "state": str(card.state),
+                "devices": device_rows(card.device_set.named(), {}, [])}  # fmt: skip
+    offsets = {n: d.view.offset for n, d in vop.devices.items()}
     rows = device_rows(card.device_set.named(), offsets, card.card_devices)
     return {"card": card.name, "state": str(card.state), "devices": rows}
 

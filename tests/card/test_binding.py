@@ -462,6 +462,10 @@ async def test_shutdown_while_claimed(env: tuple[CardClient, Path, bytes]) -> No
     assert (st["state"], st["shutdown_status"]) == ("ready", "halted")
     with contextlib.suppress(MicError):
         await holding
+    # a card that is not running: the host's devices, nothing from the card
+    rows = await card.devices()
+    assert [(r["device"], r["driver"], r["state"]) for r in rows] == [(None, None, None)] * 2
+    assert {r["name"] for r in rows} == {"disk", "console0"}
     await card.boot(wait=True, timeout=60)
     got = (await card.run(app("read_blk"), "vda", 0, 1))["value"]
     assert bytes.fromhex(got) == image[:SECTOR]
