@@ -16,6 +16,7 @@ to its class. Both sides ``match`` on the classes, never on strings
 | card->host | ``net-params`` | :class:`NetParamsReply` | ``id`` |
 | card->host | ``shutdown_status`` | :class:`ShutdownStatusReport` | ``status`` |
 | card->host | ``crashed`` | :class:`Crashed` | ``error`` |
+| card->host | ``devices_changed`` | :class:`DevicesChanged` | ``devices`` |
 | host->card | ``shutdown`` | :class:`Shutdown` | ``status`` (optional) |
 | host->card | ``devices`` | :class:`DevicesRequest` | ``id`` |
 | host->card | ``run`` | :class:`Run` | ``id``, ``app``, ``args`` |
@@ -57,6 +58,7 @@ __all__ = [
     "NetParamsReply",
     "ShutdownStatusReport",
     "Crashed",
+    "DevicesChanged",
     "Shutdown",
     "DevicesRequest",
     "Run",
@@ -164,6 +166,15 @@ class Crashed(_Message):
     error: str
 
 
+@dataclass(frozen=True, slots=True)
+class DevicesChanged(_Message):
+    """The card's device list changed (a driver bound or unbound, a device claimed,
+    released or failed, hot add/remove): the whole list, as in :class:`Online`."""
+
+    TYPE: ClassVar[str] = "devices_changed"
+    devices: list[dict[str, Any]]
+
+
 # ------------------------------------------------------------- host -> card
 
 
@@ -199,7 +210,14 @@ class NetParams(_Message):
 
 
 CardMessage = (
-    Online | Heartbeat | DevicesReply | RunResult | NetParamsReply | ShutdownStatusReport | Crashed
+    Online
+    | Heartbeat
+    | DevicesReply
+    | RunResult
+    | NetParamsReply
+    | ShutdownStatusReport
+    | Crashed
+    | DevicesChanged
 )
 HostMessage = Shutdown | DevicesRequest | Run | NetParams
 
@@ -213,6 +231,7 @@ _FROM_CARD: dict[str, type[_Message]] = {
         NetParamsReply,
         ShutdownStatusReport,
         Crashed,
+        DevicesChanged,
     )
 }
 _FROM_HOST: dict[str, type[_Message]] = {

@@ -50,6 +50,7 @@ from transport import CardIdentity, Mmio, PcieConfig, PcieHost, Perm
 from transport.messages import (
     CardMessage,
     Crashed,
+    DevicesChanged,
     DevicesReply,
     Heartbeat,
     NetParamsReply,
@@ -338,7 +339,7 @@ class BootSession:
             case Crashed(error=error):
                 self._error(f"card OS crashed: {error[:500]}")
                 self.reported_status = ShutdownStatus.CRASHED
-            case DevicesReply(devices=devices):
+            case DevicesReply(devices=devices) | DevicesChanged(devices=devices):
                 self.card_devices = card_devices(devices)
             case RunResult() | NetParamsReply():
                 pass  # answers: the link handed them to the request waiting for them

@@ -79,7 +79,7 @@ _CHUNK = 1 << 16
 #: console_resize, suspend, resume) change state over several steps and run to
 #: completion; each is bounded by its own timeouts.
 CANCEL_ON_HANGUP = frozenset(
-    {"ping", "status", "wait", "stats", "run", "exec", "boot", "shutdown", "reset"}
+    {"ping", "status", "wait", "stats", "run", "exec", "boot", "shutdown", "reset", "devices"}
 )
 
 
@@ -120,6 +120,7 @@ class ControlHandler(Protocol):
     async def net(self, card: str, device: str | None, link: str | None) -> dict[str, Any]: ...
     async def suspend(self) -> dict[str, Any]: ...
     async def resume(self) -> dict[str, Any]: ...
+    async def devices(self, card: str) -> dict[str, Any]: ...
 
 
 def _refused(message: str) -> WireError:

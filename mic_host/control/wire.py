@@ -174,6 +174,9 @@ OPS: dict[str, OpSpec] = {
     ),
     "suspend": OpSpec("none", help="host PM suspend: stop every card"),
     "resume": OpSpec("none", help="host PM resume: boot the cards suspend stopped"),
+    "devices": OpSpec(
+        "required", help="the card's virtio devices: bound driver, state, error, claim holder"
+    ),
 }
 
 

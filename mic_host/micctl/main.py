@@ -13,10 +13,12 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-# imported for their registrations: the built-in subcommands, console, exec, reboot;
-# and help and completion (which list the others when the parser is built)
+# imported for their registrations: the built-in subcommands, console, devices,
+# exec, reboot; and help and completion (which list the others when the parser is
+# built)
 import mic_host.micctl.commands
 import mic_host.micctl.console
+import mic_host.micctl.devices
 import mic_host.micctl.execute
 import mic_host.micctl.help
 import mic_host.micctl.reboot  # noqa: F401

@@ -1,6 +1,6 @@
 """Card driver plug-ins through real processes: a ``mic-card`` whose environment
-holds two ``mic_vop.drivers`` entry points, one that outranks the built-in
-virtio-blk driver and one whose module does not exist.
+holds ``mic_vop.drivers`` entry points: one that outranks the built-in
+virtio-blk driver, one whose module does not exist or fails to import.
 
 The plug-ins are real installed distributions (a ``.dist-info`` and a module)
 in a folder the card OS gets on its ``PYTHONPATH`` through ``card_command``;
@@ -46,7 +46,10 @@ async def test_plugin_outranks_builtin_and_a_broken_one_is_logged(
     async with daemon(state_dir, config(card)) as client:
         mic0 = await booted(client)
         drivers = (await mic0.run(DRIVERS_APP))["value"]
-        assert drivers == {"hvc0": "ConsoleDevice", "vda": "TracedBlock"}
+        assert drivers == {
+            "hvc0": ["virtio-console", "ConsoleDevice"],
+            "vda": ["traced-blk", "TracedBlock"],
+        }
         # the plug-in driver does real I/O
         await mic0.run(app("write_text"), "vda", 3, "through a plug-in")
         assert (await mic0.run(app("read_text"), "vda", 3, 64))["value"] == "through a plug-in"
@@ -55,8 +58,10 @@ async def test_plugin_outranks_builtin_and_a_broken_one_is_logged(
     log = (state_dir / "mic0-card.log").read_text()
     assert "card driver plug-in 'broken-blk' (entry point no_such_module:Driver" in log
     assert "failed to load: ModuleNotFoundError: No module named 'no_such_module'; skipped" in log
-    assert "device type 2: driver 'traced-blk' (priority 10" in log
-    assert "also claimed by 'virtio-blk' (priority 0, built-in)" in log
+    assert (
+        "device type 2: driver 'traced-blk' (priority 10, plug-in traced-blk) serves; "
+        "also claimed by 'virtio-blk' (priority 0, built-in)" in log
+    )
 
 
 @pytest.mark.asyncio
@@ -71,7 +76,10 @@ async def test_broken_plugin_leaves_the_builtin_serving(state_dir: Path, tmp_pat
     async with daemon(state_dir, config(card)) as client:
         mic0 = await booted(client)
         drivers = (await mic0.run(DRIVERS_APP))["value"]
-        assert drivers == {"hvc0": "ConsoleDevice", "vda": "BlockDevice"}
+        assert drivers == {
+            "hvc0": ["virtio-console", "ConsoleDevice"],
+            "vda": ["virtio-blk", "BlockDevice"],
+        }
         await mic0.run(app("write_text"), "vda", 0, "built-in")
         assert (await mic0.run(app("read_text"), "vda", 0, 64))["value"] == "built-in"
     log = (state_dir / "mic0-card.log").read_text()

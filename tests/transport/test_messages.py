@@ -18,6 +18,7 @@ from transport.link import decode_body
 from transport.messages import (
     CardMessage,
     Crashed,
+    DevicesChanged,
     DevicesReply,
     DevicesRequest,
     Heartbeat,
@@ -54,6 +55,7 @@ FROM_CARD: list[CardMessage] = [
     NetParamsReply(id=4),
     ShutdownStatusReport(status="poweroff"),
     Crashed(error="Traceback ..."),
+    DevicesChanged(devices=DEVICES),
 ]
 FROM_HOST: list[HostMessage] = [
     Shutdown(),
