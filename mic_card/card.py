@@ -33,7 +33,14 @@ from typing import TYPE_CHECKING, Any
 
 from mic_card.agent import AGENT_PORT, Agent
 from mic_card.apps import AppRunner
-from mic_card.bus import CardRamAllocator, VirtioBus
+from mic_card.bus import (
+    CardRamAllocator,
+    ClaimedDevice,
+    DriverFactory,
+    DriverRegistry,
+    VirtioBus,
+    claim_device,
+)
 from mic_card.drivers.console import ConsoleDevice
 from mic_card.drivers.net import merge_params
 from mic_card.drivers.plugins import load_driver_table
@@ -44,6 +51,7 @@ from transport import PcieCard, Region
 from transport.messages import (
     AppsReply,
     AppsRequest,
+    DevicesChanged,
     DevicesReply,
     DevicesRequest,
     Heartbeat,
@@ -183,6 +191,42 @@ class Card:
             await self._os.bus.wait_device(name)
         return self._os.bus.driver(name)
 
+    async def unbind(self, name: str) -> None:
+        """Detach ``name``'s driver and reset the device (it stays listed ``unbound``).
+
+        Raises:
+            LocalProtocolError: no such device.
+            DeviceBusyError: an app holds a claim on it (the message names the app).
+            MicTimeoutError: the host did not acknowledge the reset.
+        """
+        await self._os.bus.unbind(name)
+
+    async def bind(self, name: str, driver: str | DriverFactory) -> Any:
+        """Bind ``driver`` (a registered name such as ``"virtio-blk"``, or a factory
+        object) to ``name``, which must have no driver; returns the bound driver.
+
+        Raises:
+            LocalProtocolError: no such device.
+            UnknownDriverError: an unknown driver, or one for another device type.
+            DeviceBusyError: the device has a driver, or an app holds a claim on it.
+            DriverProbeError: the driver failed to probe (the device is ``failed``).
+        """
+        return (await self._os.bus.bind(name, driver)).driver
+
+    def claim(
+        self, name: str, holder: str | None = None
+    ) -> contextlib.AbstractAsyncContextManager[ClaimedDevice]:
+        """Raw access to ``name``: ``async with card.claim("vda") as dev:``
+        (see :mod:`mic_card.bus.claim`). ``holder`` names the claimant in
+        errors and ``micctl devices`` (default: the running app's task name).
+
+        Raises (on entry):
+            LocalProtocolError: no such device.
+            DeviceBusyError: another app holds it (the message names the holder).
+            MicTimeoutError: the host did not acknowledge the reset.
+        """
+        return claim_device(self._os.bus, name, holder or _current_app())
+
     def alloc(self, size: int, align: int = 64) -> int:
         return self._os.platform.card_ram_alloc(size, align)
 
@@ -218,6 +262,12 @@ class Card:
         return await self._os.accelerators()
 
 
+def _current_app() -> str:
+    """Who is asking: the running task's name (an app's task is ``app module:function``)."""
+    task = asyncio.current_task()
+    return task.get_name() if task is not None else "the card OS"
+
+
 def _first(eg: BaseExceptionGroup[Any]) -> BaseException:
     """The first leaf of an exception group (the error that ended the card OS)."""
     exc: BaseException = eg
@@ -244,14 +294,16 @@ class CardOS:
         self.dmesg = dmesg
         self.started = time.monotonic()
         self.platform = _Platform(pcie, pcie.mmio.spad.device_page())
-        # The driver table: the built-ins (the console with MULTIPORT left
-        # unacked on request: a card that only knows the legacy single-port
-        # console) and the mic_vop.drivers plug-ins installed here.
-        drivers = load_driver_table(console_multiport=console_multiport)
+        # The driver table: the built-in drivers (the console with MULTIPORT
+        # left unacked on request: a card that only knows the legacy
+        # single-port console), then the mic_vop.drivers plug-ins installed
+        # here. The bus keeps this very table: it picks each device's default
+        # driver from it at probe time, and card.bind() resolves names in it.
+        self.drivers: DriverRegistry = load_driver_table(console_multiport=console_multiport)
         self.bus = VirtioBus(
             self.platform,
             used_in_card=bool(self.boot_params.get("used_ring_in_card", False)),
-            drivers=drivers,
+            drivers=self.drivers,
         )
         self.bus.params = self.boot_params
         self.card = Card(self)
@@ -337,6 +389,7 @@ class CardOS:
                 offload = bind_offload_endpoint(self.boot_params.get("accel_socket"), self.name)
                 await link.send(encode(Online(self.bus.devices())))
                 hb = tg.create_task(self._heartbeat(interval), name="heartbeat")
+                reports = tg.create_task(self._report_devices(), name="device reports")
                 msgs = tg.create_task(self._messages(tg), name="link")
                 for spec in self.apps:
                     self._start_app(tg, None, spec, [])
@@ -353,6 +406,7 @@ class CardOS:
                     await link.send(encode(ShutdownStatusReport(self.shutdown_status)))
                 hb.cancel()
                 msgs.cancel()
+                reports.cancel()
                 # Shutdown stops the apps still running (an app waiting on a
                 # timer or a socket would otherwise hold the card up until the
                 # host's shutdown_timeout resets it).
@@ -416,6 +470,18 @@ class CardOS:
                     self.bus.on_doorbell(db)
         except BrokenResourceError:
             return  # link lost: the link reader fails pending I/O and ends the card OS
+
+    async def _report_devices(self) -> None:
+        """Tell the host whenever the device list changes (bind, unbind, claim, a failed
+        probe, hot add/remove), so ``micctl status`` shows it without asking. Changes
+        that come while a report is being sent are coalesced into the next one."""
+        seen = self.bus.generation
+        while True:
+            seen = await self.bus.wait_changed(seen)
+            try:
+                await self.pcie.link.send(encode(DevicesChanged(self.bus.devices())))
+            except BrokenResourceError:
+                return  # link lost: the link reader ends the card OS
 
     async def _heartbeat(self, interval: float) -> None:
         while True:

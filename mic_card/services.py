@@ -11,6 +11,7 @@ Imports only ``virtio`` and ``transport`` (for types); nothing from ``mic_card``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -28,6 +29,9 @@ class CardServices(Protocol):
     - devices: ``devices()`` lists the bus's devices (``name``, ``type``,
       ``driver``, ``state``...), ``device(name)`` is the bound driver
       (a ``BlockDevice``, ``ConsoleDevice``, ``NetDevice``...);
+    - binding: ``await unbind(name)``, ``await bind(name, driver)`` change which
+      driver drives a device; ``async with claim(name) as dev:`` drives it
+      from the app itself (raw access, :mod:`mic_card.bus.claim`);
     - memory: ``memory`` is the card-physical address space, ``card_ram`` the
       card RAM region (its fd can be handed to a host script), ``alloc``/``free``
       hand out card RAM;
@@ -70,6 +74,69 @@ class CardServices(Protocol):
 
         Raises:
             TimeoutError: not within ``timeout`` seconds.
+        """
+        ...
+
+    async def unbind(self, name: str) -> None:
+        """Detach ``name``'s driver and reset the device through the vdev-reset
+        handshake (the host's backend sees a clean reset). The device stays
+        listed, state ``unbound``, until :meth:`bind`. Requests in flight on
+        the old driver fail with BrokenResourceError.
+
+        Raises:
+            LocalProtocolError: no such device.
+            DeviceBusyError (a ResourceError): an app holds a claim on it; the
+                message names the app.
+            MicTimeoutError: the host did not acknowledge the reset (the device
+                is then ``failed``).
+        """
+        ...
+
+    async def bind(self, name: str, driver: Any) -> Any:
+        """Probe ``name`` with ``driver`` and return the bound driver object.
+
+        ``driver`` is a registered driver name (the built-ins ``virtio-blk``,
+        ``virtio-console``, ``virtio-net``, or a plug-in's), or a factory
+        object: ``factory(device) -> driver``, with ``FEATURES`` (or a
+        ``supported_features(device)`` classmethod), ``config_changed()`` and
+        ``detach(exc)`` (:class:`mic_card.bus.Driver`); an integer
+        ``DEVICE_TYPE`` attribute is checked against the device, a string
+        ``NAME`` names it in ``micctl devices``. The device must have no
+        driver (:meth:`unbind` it first).
+
+        Raises:
+            LocalProtocolError: no such device.
+            UnknownDriverError (a LocalProtocolError): no driver of that name,
+                or a driver for another device type; the message names both.
+            DeviceBusyError (a ResourceError): the device has a driver, or an
+                app holds a claim on it.
+            DriverProbeError (a MicError): the driver failed to probe (the
+                host refused its features, or its code raised); the device is
+                listed ``failed`` with that error and the card carries on.
+        """
+        ...
+
+    def claim(
+        self, name: str, holder: str | None = None
+    ) -> contextlib.AbstractAsyncContextManager[Any]:
+        """Raw access to a device for driver authors: ``async with card.claim("vda") as dev:``.
+
+        Entering unbinds the driver and resets the device; ``dev`` (a
+        :class:`mic_card.bus.ClaimedDevice`) offers ``offered_features``,
+        ``write_status``, ``ack_features``, ``negotiate(supported)``,
+        ``read_config()``, ``setup_queues()`` (one :class:`mic_card.bus.RawQueue`
+        per virtqueue: the ring core ``ring``, ``publish()``/``kick()``,
+        ``get_used()``/``wait_interrupt()``/``on_interrupt``), ``driver_ok()``,
+        ``alloc``/``free`` (card RAM), ``memory`` and ``reset()``. Leaving the
+        block (normally, by an exception, or by cancellation) resets the device,
+        frees the claim's card RAM and binds the type's default driver again.
+        ``holder`` names the claimant (default: the running app).
+
+        Raises (on entry):
+            LocalProtocolError: no such device.
+            DeviceBusyError (a ResourceError): another app holds it; the
+                message names the holder.
+            MicTimeoutError: the host did not acknowledge the reset.
         """
         ...
 

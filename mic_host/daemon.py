@@ -27,6 +27,7 @@ from typing import Any
 from mic_host import host_cli
 from mic_host.backends import available_backends
 from mic_host.card import CardManager
+from mic_host.card.devlist import devices_report
 from mic_host.config import DaemonConfig, check_device_types, default_config, load_config
 from mic_host.control.server import ControlServer, Stream
 from mic_host.control.wire import PROTOCOL_VERSION
@@ -193,6 +194,9 @@ class Daemon:
 
     async def net(self, card: str, device: str | None, link: str | None) -> dict[str, Any]:
         return await self._card(card).net(device, None if link is None else link == "up")
+
+    async def devices(self, card: str) -> dict[str, Any]:
+        return await devices_report(self._card(card))
 
     async def suspend(self) -> dict[str, Any]:
         """Host PM suspend (``cosm_stop``): stop every card, remember the running ones."""

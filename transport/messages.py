@@ -16,6 +16,7 @@ to its class. Both sides ``match`` on the classes, never on strings
 | card->host | ``net-params`` | :class:`NetParamsReply` | ``id`` |
 | card->host | ``shutdown_status`` | :class:`ShutdownStatusReport` | ``status`` |
 | card->host | ``crashed`` | :class:`Crashed` | ``error`` |
+| card->host | ``devices_changed`` | :class:`DevicesChanged` | ``devices`` |
 | host->card | ``shutdown`` | :class:`Shutdown` | ``status`` (optional) |
 | host->card | ``devices`` | :class:`DevicesRequest` | ``id`` |
 | host->card | ``run`` | :class:`Run` | ``id``, ``app``, ``args``, ``code``, ``tag`` |
@@ -65,6 +66,7 @@ __all__ = [
     "NetParamsReply",
     "ShutdownStatusReport",
     "Crashed",
+    "DevicesChanged",
     "Shutdown",
     "DevicesRequest",
     "Run",
@@ -180,6 +182,15 @@ class Crashed(_Message):
     error: str
 
 
+@dataclass(frozen=True, slots=True)
+class DevicesChanged(_Message):
+    """The card's device list changed (a driver bound or unbound, a device claimed,
+    released or failed, hot add/remove): the whole list, as in :class:`Online`."""
+
+    TYPE: ClassVar[str] = "devices_changed"
+    devices: list[dict[str, Any]]
+
+
 # ------------------------------------------------------------- host -> card
 
 
@@ -265,6 +276,7 @@ CardMessage = (
     | ShutdownStatusReport
     | Crashed
     | AppsReply
+    | DevicesChanged
 )
 HostMessage = Shutdown | DevicesRequest | Run | NetParams | AppsRequest | KillApp
 
@@ -279,6 +291,7 @@ _FROM_CARD: dict[str, type[_Message]] = {
         ShutdownStatusReport,
         Crashed,
         AppsReply,
+        DevicesChanged,
     )
 }
 _FROM_HOST: dict[str, type[_Message]] = {

@@ -9,15 +9,21 @@ Modules, lowest first (imports point down):
 - :mod:`~mic_card.bus.device`: one device (:class:`CardDevice`: probe, queues,
   the handshake adapter) and the protocols around it (:class:`CardPlatform`,
   :class:`Driver`, :class:`BusOwner`), the :class:`CardRamAllocator`;
-- :mod:`~mic_card.bus.table`: the driver table (:class:`DriverSpec`,
-  :class:`DriverTable`: drivers by name, and the priority rule that picks
-  the one serving each device type);
+- :mod:`~mic_card.bus.registry`: the card's one driver table
+  (:class:`DriverRegistry` of named :class:`DriverEntry` per device type: the
+  driver contract check, the default-driver rule, what ``bind`` resolves) and
+  the binding errors;
+- :mod:`~mic_card.bus.binding`: runtime unbind/bind/reset and the claim
+  primitives (a mixin of the bus);
 - :mod:`~mic_card.bus.devices`: the bus itself (:class:`VirtioBus`: scan, bind,
-  config changes, hot add/remove, reset), given its driver table by the caller.
+  config changes, hot add/remove, reset), given its driver table by the caller;
+- :mod:`~mic_card.bus.claim`: raw device access for driver authors
+  (:func:`claim_device`, :class:`ClaimedDevice`, :class:`RawQueue`).
 
 Must not import the drivers, ``transport`` or ``mic_host``.
 """
 
+from mic_card.bus.claim import ClaimedDevice, RawQueue, claim_device
 from mic_card.bus.device import (
     CARD_TRANSPORT_FEATURES,
     BusOwner,
@@ -28,7 +34,13 @@ from mic_card.bus.device import (
     DriverFactory,
 )
 from mic_card.bus.devices import VirtioBus
-from mic_card.bus.table import DriverSpec, DriverTable
+from mic_card.bus.registry import (
+    DeviceBusyError,
+    DriverEntry,
+    DriverProbeError,
+    DriverRegistry,
+    UnknownDriverError,
+)
 
 __all__ = [
     "CARD_TRANSPORT_FEATURES",
@@ -36,9 +48,15 @@ __all__ = [
     "CardDevice",
     "CardPlatform",
     "CardRamAllocator",
+    "ClaimedDevice",
+    "DeviceBusyError",
     "Driver",
+    "DriverEntry",
     "DriverFactory",
-    "DriverSpec",
-    "DriverTable",
+    "DriverProbeError",
+    "DriverRegistry",
+    "RawQueue",
+    "UnknownDriverError",
     "VirtioBus",
+    "claim_device",
 ]

@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
-from mic_card.endpoint import DriverEndpoint, Request
+from mic_card.endpoint import DriverEndpoint
 from virtio.constants import MIC_MAGIC, MIC_VIRTIO_RING_ALIGN, DeviceStatus, Feature
 from virtio.devpage import (
     C2H_DOORBELLS,
@@ -138,6 +138,20 @@ class Driver(Protocol):
 DriverFactory = Callable[["CardDevice"], Driver]
 
 
+class RawClient(Protocol):
+    """What holds a device instead of a driver while an app claims it
+    (:class:`mic_card.bus.claim.ClaimedDevice`): it hears what a driver would."""
+
+    def on_interrupt(self) -> None:
+        """The host rang the device's h2c doorbell."""
+
+    def config_changed(self) -> None:
+        """The host changed the config space."""
+
+    def detach(self, exc: BrokenResourceError) -> None:
+        """The device is going away (reset, removed, released): fail every waiter."""
+
+
 class BusOwner(Protocol):
     """What a :class:`CardDevice` uses of the bus it sits on (``VirtioBus``)."""
 
@@ -190,6 +204,12 @@ class CardDevice:
         self.c2h_db = -1
         self.endpoints: list[DriverEndpoint] = []
         self.driver: Driver | None = None
+        #: the registered name of the bound driver (``virtio-blk``), or of the
+        #: last one that failed to probe
+        self.driver_name = ""
+        #: the app holding a claim on the device (``card.claim``), and its handle
+        self.holder = ""
+        self.raw: RawClient | None = None
         self.used_in_card = False
         self.error = ""
         self._allocs: list[int] = []
@@ -240,6 +260,8 @@ class CardDevice:
         self._event.set()
         for ep in self.endpoints:
             ep.on_interrupt()
+        if self.raw is not None:
+            self.raw.on_interrupt()
 
     def act(self, actions: list[Action]) -> list[Action]:
         """Perform the core's stores and doorbells in order; return the other actions
@@ -301,6 +323,20 @@ class CardDevice:
         self.features = 0
 
     # -- probe ------------------------------------------------------------------------
+    def setup_doorbells(self) -> None:
+        """Take the host's c2h doorbell from the entry, pick an h2c one and publish it
+        (before any handshake: the host and card ring each other through them).
+
+        Raises:
+            RemoteProtocolError: the host's ``c2h_vdev_db`` is outside 0..3.
+        """
+        c2h = self.view.ctrl(Ctrl.C2H_VDEV_DB)
+        if not 0 <= c2h < C2H_DOORBELLS:
+            raise RemoteProtocolError(f"c2h_vdev_db {c2h} outside 0..3", reason="device-page")
+        self.c2h_db = c2h
+        self.h2c_db = self.bus.pick_h2c()
+        self.view.set_ctrl(Ctrl.H2C_VDEV_DB, self.h2c_db)
+
     async def probe(self, supported: int) -> None:
         """Status ACK -> DRIVER -> acks -> FEATURES_OK -> queues -> DRIVER_OK.
 
@@ -310,12 +346,7 @@ class CardDevice:
             ResourceError: out of card RAM.
         """
         bus = self.bus
-        c2h = self.view.ctrl(Ctrl.C2H_VDEV_DB)
-        if not 0 <= c2h < C2H_DOORBELLS:
-            raise RemoteProtocolError(f"c2h_vdev_db {c2h} outside 0..3", reason="device-page")
-        self.c2h_db = c2h
-        self.h2c_db = bus.pick_h2c()
-        self.view.set_ctrl(Ctrl.H2C_VDEV_DB, self.h2c_db)
+        self.setup_doorbells()
         if self.status != 0:  # left over from an earlier boot: start clean
             await self.vdev_reset()
         S = DeviceStatus
@@ -339,47 +370,101 @@ class CardDevice:
         self.state = "live"
 
     def _setup_queues(self) -> None:
-        bus = self.bus
-        mem = self.mem
-        imax = bus.indirect_max if self.features & Feature.INDIRECT_DESC else 0
+        imax = self.bus.indirect_max if self.features & Feature.INDIRECT_DESC else 0
         for i in range(self.num_vq):
-            addr = self.view.vq_address(i)
-            num = self.view.vq_num(i)
-            if num <= 0 or num & (num - 1) or num > MAX_QUEUE_SIZE:
-                raise RemoteProtocolError(f"vq {i}: size {num} not a power of two <= 256")
-            info = addr + vring_info_offset(num)
-            try:
-                magic = int.from_bytes(
-                    mem.view(info + field_offset(MicVringInfo, "magic"), 4), "little"
-                )
-            except MicError as e:
-                raise RemoteProtocolError(f"vq {i}: vring at {addr:#x} unreachable: {e}") from e
-            want = (MIC_MAGIC + self.type + i) & 0xFFFFFFFF
-            if magic != want:
-                raise RemoteProtocolError(
-                    f"vq {i}: vring magic {magic:#x}, want {want:#x}", reason="vring-magic"
-                )
-            layout = SplitLayout.contiguous(addr, num, MIC_VIRTIO_RING_ALIGN)
-            if self.used_in_card:
-                used = self._alloc(layout.used_bytes, 4096)
-                mem.view(used, layout.used_bytes, True)[:] = bytes(layout.used_bytes)
-                layout = SplitLayout(num, layout.desc, layout.avail, used)
-                self.view.set_vq_used_address(i, used)
-            n_ind = min(imax, num)
-            area = self._alloc(num * n_ind * DESC_SIZE, 64) if n_ind > 1 else None
-            try:
-                q: DriverQueue[Request] = DriverQueue(
-                    mem,
-                    layout,
-                    self.features,
-                    indirect_area=area,
-                    indirect_max=n_ind if area is not None else 0,
-                )
-            except LocalProtocolError as e:
-                raise RemoteProtocolError(f"vq {i}: host gave an unusable ring: {e}") from e
-            self.endpoints.append(
-                DriverEndpoint(q, self._notify_host, i, indirect_max=n_ind if area else 0)
+            q, n_ind = self.make_queue(i, imax)
+            self.endpoints.append(DriverEndpoint(q, self._notify_host, i, indirect_max=n_ind))
+
+    def make_queue(self, i: int, indirect_max: int = 0) -> tuple[DriverQueue[Any], int]:
+        """The driver side of virtqueue ``i``: check the host's vring, map it, zero it.
+
+        Every check of a hostile host's ring happens here (size, reachable
+        memory, MIC vring magic) and in :class:`~virtio.split.DriverQueue`
+        (every used-ring entry). With ``used_in_card`` the used ring moves to
+        card RAM (the caller then runs the used-ring handshake). With
+        ``indirect_max > 1`` (INDIRECT_DESC negotiated) an indirect-table area
+        is allocated. Card RAM taken here is freed by :meth:`release`.
+        Returns the queue and its indirect table length (0: none).
+
+        Raises:
+            RemoteProtocolError: a bad queue size, an unreachable vring, a wrong
+                magic, an unusable ring.
+            ResourceError: out of card RAM.
+        """
+        mem = self.mem
+        addr = self.view.vq_address(i)
+        num = self.view.vq_num(i)
+        if num <= 0 or num & (num - 1) or num > MAX_QUEUE_SIZE:
+            raise RemoteProtocolError(f"vq {i}: size {num} not a power of two <= 256")
+        info = addr + vring_info_offset(num)
+        try:
+            magic = int.from_bytes(
+                mem.view(info + field_offset(MicVringInfo, "magic"), 4), "little"
             )
+        except MicError as e:
+            raise RemoteProtocolError(f"vq {i}: vring at {addr:#x} unreachable: {e}") from e
+        want = (MIC_MAGIC + self.type + i) & 0xFFFFFFFF
+        if magic != want:
+            raise RemoteProtocolError(
+                f"vq {i}: vring magic {magic:#x}, want {want:#x}", reason="vring-magic"
+            )
+        layout = SplitLayout.contiguous(addr, num, MIC_VIRTIO_RING_ALIGN)
+        if self.used_in_card:
+            used = self._alloc(layout.used_bytes, 4096)
+            mem.view(used, layout.used_bytes, True)[:] = bytes(layout.used_bytes)
+            layout = SplitLayout(num, layout.desc, layout.avail, used)
+            self.view.set_vq_used_address(i, used)
+        n_ind = min(indirect_max, num) if self.features & Feature.INDIRECT_DESC else 0
+        area = self._alloc(num * n_ind * DESC_SIZE, 64) if n_ind > 1 else None
+        try:
+            q: DriverQueue[Any] = DriverQueue(
+                mem,
+                layout,
+                self.features,
+                indirect_area=area,
+                indirect_max=n_ind if area is not None else 0,
+            )
+        except LocalProtocolError as e:
+            raise RemoteProtocolError(f"vq {i}: host gave an unusable ring: {e}") from e
+        return q, n_ind if area is not None else 0
+
+    async def move_used_rings(self) -> None:
+        """Hand the card's used rings to the host (``used_in_card``; before DRIVER_OK).
+
+        Raises:
+            MicTimeoutError: the host did not answer.
+            RemoteProtocolError: the host wrote a bad answer.
+        """
+        await self._handshake(MoveUsedRings(), "take the card's used rings")
+
+    async def set_status(self, value: int) -> int:
+        """Write ``status`` and wait for the host to apply it (the ``host_ack``
+        handshake); returns the status the host published.
+
+        Raises:
+            MicTimeoutError: the host did not answer.
+            RemoteProtocolError: the host wrote a value it may not.
+        """
+        return await self._set_status(value)
+
+    def alloc_tracked(self, size: int, align: int = 64) -> int:
+        """Card RAM freed with the device's own (:meth:`release`, after a reset).
+
+        Raises:
+            ResourceError: card RAM is exhausted.
+        """
+        return self._alloc(size, align)
+
+    def free_tracked(self, addr: int) -> None:
+        """Free what :meth:`alloc_tracked` returned.
+
+        Raises:
+            LocalProtocolError: ``addr`` is not a tracked allocation of this device.
+        """
+        if addr not in self._allocs:
+            raise LocalProtocolError(f"{self.name}: {addr:#x} is not card RAM this device holds")
+        self._allocs.remove(addr)
+        self.bus.platform.card_ram_free(addr)
 
     def _alloc(self, size: int, align: int) -> int:
         addr = self.bus.platform.card_ram_alloc(size, align)
@@ -391,8 +476,13 @@ class CardDevice:
         self.state = state
         for ep in self.endpoints:
             ep.fail(exc)
+        if self.raw is not None:
+            self.raw.detach(exc)
         if self.driver is not None:
-            self.driver.detach(exc)
+            try:
+                self.driver.detach(exc)
+            except Exception:  # a driver may be user code (a plug-in): log, carry on
+                log.exception("%s: driver %s failed to detach", self.name, self.driver_name)
 
     def release(self) -> None:
         """Free the card RAM this device holds (after the host stopped using it)."""
@@ -415,7 +505,11 @@ class CardDevice:
             "h2c_db": self.h2c_db,
             "c2h_db": self.c2h_db,
             "used_in_card": self.used_in_card,
-            "driver": type(self.driver).__name__ if self.driver is not None else None,
+            "driver": (self.driver_name or type(self.driver).__name__)
+            if self.driver is not None
+            else None,
+            "driver_class": type(self.driver).__name__ if self.driver is not None else None,
+            "holder": self.holder or None,
             "driver_info": _driver_info(self.driver),
             "error": self.error,
             "queues": [ep.stats() for ep in self.endpoints],
@@ -429,6 +523,6 @@ def _driver_info(driver: Driver | None) -> dict[str, Any] | None:
         return None
     try:
         result = info()
-    except MicError as e:
-        return {"error": str(e)}
+    except Exception as e:  # a driver may be user code: a broken info() is shown, not fatal
+        return {"error": f"{type(e).__name__}: {e}"}
     return result if isinstance(result, dict) else None

@@ -26,8 +26,14 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from mic_card.bus.device import CARD_TRANSPORT_FEATURES, CardDevice, CardPlatform, DriverFactory
-from mic_card.bus.table import DriverTable
+from mic_card.bus.binding import RuntimeBinding, entry_ident
+from mic_card.bus.device import CardDevice, CardPlatform, DriverFactory
+from mic_card.bus.registry import (
+    DriverEntry,
+    DriverProbeError,
+    DriverRegistry,
+    device_type_name,
+)
 from virtio.constants import MIC_DP_SIZE, DeviceStatus, DeviceType, MicConfigChange
 from virtio.devpage import BOOT_H2C_CONFIG_DB, C2H_DOORBELLS, H2C_DOORBELLS, EntryView
 from virtio.errors import (
@@ -59,24 +65,22 @@ __all__ = ["VirtioBus"]
 log = logging.getLogger("mic_card.bus")
 
 
-def _ident(entry: DeviceEntry) -> tuple[int, ...]:
-    """What identifies an entry across rescans (not the fields the card itself writes)."""
-    dims = (entry.type, entry.num_vq, entry.feature_len, entry.config_len)
-    return dims + tuple(x for v in entry.vqconfigs for x in (v.address, v.num))
-
-
 _PREFIX = {int(DeviceType.BLOCK): "vd", int(DeviceType.CONSOLE): "hvc", int(DeviceType.NET): "eth"}
 
 
-class VirtioBus:
+class VirtioBus(RuntimeBinding):
     """The card's view of the device page: scan, probe, bind, hot add/remove, reset.
 
-    Use as ``async with VirtioBus(platform, drivers=DRIVERS) as bus:``.
-    ``drivers`` maps a device type to a driver factory: the card OS passes a
-    :class:`~mic_card.bus.table.DriverTable` (built-ins and plug-ins, by name,
-    from :func:`mic_card.drivers.plugins.load_driver_table`); a plain dict
-    such as :data:`mic_card.drivers.DRIVERS` works too. The bus never imports
-    the drivers. Options:
+    Use as ``async with VirtioBus(platform, drivers=registry) as bus:``.
+    ``drivers`` is the driver table: a :class:`~mic_card.bus.registry.DriverRegistry`
+    (the card OS passes :func:`mic_card.drivers.plugins.load_driver_table`:
+    the built-ins and the ``mic_vop.drivers`` plug-ins; the bus never imports
+    the drivers), or a plain ``{device type: factory}`` mapping. Each device
+    gets its type's default driver (:meth:`DriverRegistry.default`);
+    :meth:`bind`, :meth:`unbind` and :meth:`take`/:meth:`give_back`
+    (``card.claim``) change that at run time.
+    A device whose driver fails to probe stays listed, ``failed``, with its
+    error. Options:
     ``used_in_card`` moves every used ring into card RAM (the Linux used-ring
     trick); ``h2c_doorbells`` are the host->card doorbells the card may pick;
     ``timeout`` bounds every handshake (Linux: 10 s);
@@ -87,7 +91,7 @@ class VirtioBus:
         self,
         platform: CardPlatform,
         *,
-        drivers: Mapping[int, DriverFactory],
+        drivers: DriverRegistry | Mapping[int, DriverFactory],
         used_in_card: bool = False,
         h2c_doorbells: Sequence[int] = range(H2C_DOORBELLS),
         timeout: float = 10.0,
@@ -102,16 +106,20 @@ class VirtioBus:
         self._indirect_max = indirect_max
         self._extra_acks = extra_acks
         self._h2c = list(h2c_doorbells)
-        self._drivers = DriverTable.from_mapping(drivers)
+        self._registry = (
+            drivers if isinstance(drivers, DriverRegistry) else DriverRegistry.from_mapping(drivers)
+        )
         self._dp: memoryview = memoryview(b"")
         self.config_db = -1
         self._by_offset: dict[int, CardDevice] = {}
-        self._failed: dict[int, tuple[int, ...]] = {}  # offset -> identity that failed
+        self._idents: dict[int, tuple[int, ...]] = {}  # offset -> identity last probed
         self._scan_lock = asyncio.Lock()
         self._config_event = asyncio.Event()
         self._changed = asyncio.Event()  # set (and replaced) whenever a device binds or goes
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        #: counts device-list changes (bind, unbind, claim, failure, hot add/remove)
+        self.generation = 0
         self.scans = 0
         self.scan_errors = 0
         #: Boot parameters drivers read (the card OS sets them; ``params["net"]``).
@@ -135,9 +143,9 @@ class VirtioBus:
         return self._extra_acks
 
     @property
-    def drivers(self) -> DriverTable:
-        """The driver table: every known driver by name, the serving one per type."""
-        return self._drivers
+    def drivers(self) -> DriverRegistry:
+        """The driver table this bus binds from."""
+        return self._registry
 
     async def __aenter__(self) -> VirtioBus:
         await self.start()
@@ -186,7 +194,7 @@ class VirtioBus:
         is about to end anyway.
         """
         for dev in list(self._by_offset.values()):
-            if dev.state == "live":
+            if dev.state in ("live", "claimed"):
                 dev.unbind(exc, "failed")
 
     # -- doorbells ----------------------------------------------------------------------
@@ -249,21 +257,21 @@ class VirtioBus:
             for offset, entry in self._walk():
                 seen.add(offset)
                 dev = self._by_offset.get(offset)
+                ident = entry_ident(entry)
                 if dev is not None:
                     if entry.type != dev.type:  # host reused/removed it behind our back
                         self._drop(dev, "removed by the host")
-                    else:
+                        continue
+                    if dev.state != "failed" or self._idents.get(offset) == ident:
                         self._config_request(dev)
-                    continue
+                        continue
+                    # the host rewrote the entry of a device that failed: try again
+                    self._drop(dev, "its entry was rewritten")
                 if entry.removed:
-                    self._failed.pop(offset, None)
                     continue
                 if entry.config_change == MicConfigChange.DEV_REMOVE:
                     # never bound here: just acknowledge (vop_scan_devices does the same)
                     self._ack_unbound_remove(offset, entry)
-                    continue
-                ident = _ident(entry)
-                if self._failed.get(offset) == ident:
                     continue
                 await self._probe(offset, entry, ident)
             for offset in [o for o in self._by_offset if o not in seen]:
@@ -288,41 +296,83 @@ class VirtioBus:
                     self.ring(entry.c2h_vdev_db)
 
     async def _probe(
-        self, offset: int, entry: DeviceEntry, ident: tuple[int, ...], name: str = ""
-    ) -> CardDevice | None:
-        factory = self._drivers.get(entry.type)
-        if factory is None:
-            log.error("device at %#x: no driver for type %d; skipped", offset, entry.type)
-            self._failed[offset] = ident
-            return None
+        self,
+        offset: int,
+        entry: DeviceEntry,
+        ident: tuple[int, ...],
+        name: str = "",
+        driver: DriverEntry | None = None,
+    ) -> CardDevice:
+        """Probe the device at ``offset`` with ``driver`` (default: its type's default).
+
+        Returns the device: ``live`` with its driver, or a ``failed`` record with
+        the error (the driver raised, the host refused), or ``unbound`` when the
+        table has no driver for its type. Never raises but CancelledError (the
+        device is then recorded ``failed``).
+        """
+        drv = driver or self._registry.default(entry.type)
+        name = name or self._new_name(entry.type)
+        self._idents[offset] = ident
+        if drv is None:
+            why = f"no driver for {device_type_name(entry.type)} (device type {entry.type})"
+            log.error("%s (at %#x): %s; left unbound", name, offset, why)
+            return self._record(offset, entry, name, "unbound", error=why)
         dev = CardDevice(self, self._dp, offset, entry)
         dev.used_in_card = self.used_in_card
-        dev.name = name or self._new_name(entry.type)
+        dev.name = name
+        dev.driver_name = drv.name
         self._by_offset[offset] = dev
         try:
-            # A driver whose acks depend on the device (config space, boot
-            # parameters: virtio-net's mode) says so with supported_features(dev).
-            pick = getattr(factory, "supported_features", None)
-            own = pick(dev) if pick is not None else getattr(factory, "FEATURES", 0)
-            supported = int(own) | CARD_TRANSPORT_FEATURES
-            await dev.probe(supported)
-            dev.driver = factory(dev)
-        except (RemoteProtocolError, MicTimeoutError, ResourceError) as e:
-            dev.error = str(e)
-            log.error("probe of %s (type %d at %#x) failed: %s", dev.name, dev.type, offset, e)
-            dev.unbind(BrokenResourceError(str(e)), "failed")
-            if not isinstance(e, MicTimeoutError):
-                dev.status = dev.status | DeviceStatus.FAILED
-                dev._notify_host()
-            dev.release()
-            del self._by_offset[offset]
-            self._failed[offset] = ident
-            return None
-        log.info("%s: type %d bound to %s", dev.name, dev.type, type(dev.driver).__name__)
+            await dev.probe(drv.supported_features(dev))
+            dev.driver = drv.construct(dev)
+        except (RemoteProtocolError, MicTimeoutError, ResourceError, DriverProbeError) as e:
+            log.error("probe of %s (type %d at %#x) by %s failed: %s", name, dev.type, offset,
+                      drv.name, e)  # fmt: skip
+            self._fail_probe(dev, str(e), tell_host=not isinstance(e, MicTimeoutError))
+            why = str(e) if isinstance(e, DriverProbeError) else f"{drv.name}: {e}"
+            return self._record(offset, entry, name, "failed", error=why, driver=drv.name)
+        except asyncio.CancelledError:
+            self._fail_probe(dev, "probe cancelled", tell_host=True)
+            self._record(offset, entry, name, "failed", error="probe cancelled", driver=drv.name)
+            raise
+        log.info("%s: type %d bound to %s", dev.name, dev.type, drv.name)
+        self._signal()
+        return dev
+
+    def _fail_probe(self, dev: CardDevice, why: str, *, tell_host: bool) -> None:
+        """A probe failed: detach, set FAILED for the host (virtio 1.2 §3.1.1), free card RAM."""
+        dev.unbind(BrokenResourceError(why), "failed")
+        if tell_host:
+            dev.status = dev.status | DeviceStatus.FAILED
+            dev._notify_host()
+        dev.release()
+
+    def _record(
+        self,
+        offset: int,
+        entry: DeviceEntry,
+        name: str,
+        state: str,
+        *,
+        error: str = "",
+        driver: str = "",
+    ) -> CardDevice:
+        """A driverless device at ``offset`` (``failed``, ``unbound``, ``claimed``): listed,
+        reachable for bind/claim/remove, with a fresh handshake state."""
+        dev = CardDevice(self, self._dp, offset, entry)
+        dev.used_in_card = self.used_in_card
+        dev.name, dev.state, dev.error, dev.driver_name = name, state, error, driver
+        self._by_offset[offset] = dev
+        try:  # so that a reset or a claim can talk to the host
+            dev.setup_doorbells()
+        except RemoteProtocolError as e:
+            log.error("%s: %s", name, e)
+            dev.error = dev.error or str(e)
         self._signal()
         return dev
 
     def _signal(self) -> None:
+        self.generation += 1
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -354,11 +404,16 @@ class VirtioBus:
 
     def _config_change(self, dev: CardDevice) -> None:
         try:
-            if dev.status & DeviceStatus.DEVICE_NEEDS_RESET and dev.state == "live":
+            if dev.status & DeviceStatus.DEVICE_NEEDS_RESET and dev.state in ("live", "claimed"):
                 log.error("%s: host set DEVICE_NEEDS_RESET; requests failed until reset", dev.name)
                 dev.unbind(BrokenResourceError(f"{dev.name} needs reset"), "needs_reset")
+                self._signal()
             elif dev.driver is not None and dev.state == "live":
                 dev.driver.config_changed()
+            elif dev.raw is not None and dev.state == "claimed":
+                dev.raw.config_changed()
+        except Exception:  # a driver may be user code: log its bug, answer the host anyway
+            log.exception("%s: %s failed to handle a config change", dev.name, dev.driver_name)
         finally:
             dev.act(dev.hs.receive(Handled()))  # guest_ack = 1, ring
 
@@ -378,26 +433,11 @@ class VirtioBus:
         self._signal()
         log.warning("%s dropped: %s", dev.name, why)
 
-    async def reset_device(self, name: str) -> CardDevice | None:
-        """Reset ``name`` (vdev reset handshake) and probe it again under the same name.
-
-        Returns the new device, or None if the re-probe failed (logged).
-
-        Raises:
-            LocalProtocolError: no such device.
-            MicTimeoutError: the host did not acknowledge the reset (the
-                device stays unbound).
-        """
-        async with self._scan_lock:
-            dev = self.device(name)
-            dev.unbind(BrokenResourceError(f"{name} is being reset"), "resetting")
-            try:
-                await dev.vdev_reset()
-            finally:
-                dev.release()
-                del self._by_offset[dev.offset]
-            entry = DeviceEntry.parse(bytes(self._dp), dev.offset)
-            return await self._probe(dev.offset, entry, _ident(entry), name=name)
+    async def wait_changed(self, seen: int) -> int:
+        """Wait until :attr:`generation` differs from ``seen``; return it."""
+        while self.generation == seen:
+            await self._changed.wait()
+        return self.generation
 
     # -- queries -------------------------------------------------------------------------
     def device(self, name: str) -> CardDevice:
@@ -427,9 +467,12 @@ class VirtioBus:
         """
         dev = self.device(name)
         if dev.driver is None:
-            raise ClosedResourceError(f"{name} has no driver bound ({dev.state})")
+            held = f", claimed by {dev.holder}" if dev.holder else ""
+            raise ClosedResourceError(f"{name} has no driver bound ({dev.state}{held})")
         return dev.driver
 
     def devices(self) -> list[dict[str, Any]]:
-        """Every bound device as a plain dict (name, type, features, queue sizes, status...)."""
+        """Every device as a plain dict: name, type, driver (its registered name, None
+        without one), state (``live``, ``failed``, ``unbound``, ``claimed``,
+        ``needs_reset``...), error, holder, features, queue sizes, status..."""
         return [d.info() for d in sorted(self._by_offset.values(), key=lambda d: d.offset)]

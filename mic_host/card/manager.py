@@ -25,6 +25,7 @@ from mic_host.agent import DEFAULT_EXEC_TIMEOUT, MAX_EXEC_OUTPUT
 from mic_host.backends.console import ConsoleBackend
 from mic_host.card.apps import kill_app, list_apps, run_app
 from mic_host.card.devices import DeviceSet
+from mic_host.card.devlist import card_fields, card_info
 from mic_host.card.dispatch import CardLink
 from mic_host.card.session import BootSession, net_params
 from mic_host.config import CardConfig, check_card_devices, validate_device_options
@@ -158,10 +159,12 @@ class CardManager:
         if session is not None and session.link is not None:
             hb = time.monotonic() - session.last_heartbeat
         names = self._card_names()
+        reported = card_info(self.vop, self.card_devices)  # driver, state, error, holder
         devs: list[dict[str, Any]] = []
         ptys = self.device_set.ptys
         for name, d in self.device_set.named():
             entry: dict[str, Any] = {"device": names.get(name), "type": d.type, "name": name}
+            entry |= reported.get(name) or card_fields(None)
             if self.vop is not None and name in self.vop.devices:
                 vdev = self.vop.devices[name]
                 entry |= {"status": vdev.machine.status, "features": vdev.machine.features}

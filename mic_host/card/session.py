@@ -51,6 +51,7 @@ from transport.messages import (
     AppsReply,
     CardMessage,
     Crashed,
+    DevicesChanged,
     DevicesReply,
     Heartbeat,
     NetParamsReply,
@@ -349,7 +350,7 @@ class BootSession:
             case Crashed(error=error):
                 self._error(f"card OS crashed: {error[:500]}")
                 self.reported_status = ShutdownStatus.CRASHED
-            case DevicesReply(devices=devices):
+            case DevicesReply(devices=devices) | DevicesChanged(devices=devices):
                 self.card_devices = card_devices(devices)
             case RunResult() | NetParamsReply() | AppsReply():
                 pass  # answers: the link handed them to the request waiting for them

@@ -397,6 +397,22 @@ class CardClient:
             args["link"] = "up" if link else "down"
         return await self.client.request("net", self.name, **args)
 
+    async def devices(self) -> list[dict[str, Any]]:
+        """The card's virtio devices (``micctl devices``), one dict each: ``device``
+        (the card's name, ``vda``), ``name`` (host name), ``type``, ``type_id``,
+        ``driver`` (the bound driver's registered name, None without one),
+        ``state`` (``live``, ``failed``, ``unbound``, ``claimed``...), ``error``
+        (why a probe failed), ``holder`` (the app holding a claim).
+        An online card is asked for its current list.
+
+        Raises:
+            LocalProtocolError: no such card.
+            MicTimeoutError: the card did not answer.
+        """
+        res = await self.client.request("devices", self.name)
+        rows = res.get("devices")
+        return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
+
     async def run(
         self, app: str, *args: Any, timeout: float | None = None, cwd: str | None = None
     ) -> dict[str, Any]:

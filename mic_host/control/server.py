@@ -84,6 +84,7 @@ _CHUNK = 1 << 16
 #: completion; each is bounded by its own timeouts.
 CANCEL_ON_HANGUP = frozenset(
     {"ping", "status", "wait", "stats", "run", "exec", "boot", "shutdown", "reset", "apps"}
+    | {"devices"}
     | {"events", "logs"}  # streams: they only read
 )
 
@@ -147,6 +148,7 @@ class ControlHandler(Protocol):
     ) -> dict[str, Any]: ...
     async def apps(self, card: str) -> dict[str, Any]: ...
     async def kill(self, card: str, app_id: float | None, tag: str | None) -> dict[str, Any]: ...
+    async def devices(self, card: str) -> dict[str, Any]: ...
 
 
 def _refused(message: str) -> WireError:

@@ -231,6 +231,9 @@ OPS: dict[str, OpSpec] = {
         },
         help="cancel a card app",
     ),
+    "devices": OpSpec(
+        "required", help="the card's virtio devices: bound driver, state, error, claim holder"
+    ),
 }
 
 

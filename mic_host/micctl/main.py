@@ -15,11 +15,12 @@ import sys
 from collections.abc import Sequence
 
 # imported for their registrations: card apps, the built-in subcommands, console,
-# exec, reboot, events; and help and completion (which list the others when the
-# parser is built)
+# devices, exec, reboot, events; and help and completion (which list the others
+# when the parser is built)
 import mic_host.micctl.apps
 import mic_host.micctl.commands
 import mic_host.micctl.console
+import mic_host.micctl.devices
 import mic_host.micctl.events
 import mic_host.micctl.execute
 import mic_host.micctl.help

@@ -16,15 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from mic_card.bus import DriverSpec, DriverTable
-from mic_card.drivers import BlockDevice, ConsoleDevice, NetDevice
+from mic_card.bus import DriverEntry, DriverRegistry, UnknownDriverError
+from mic_card.drivers import BlockDevice, ConsoleDevice, NetDevice, builtin_registry
 from mic_card.drivers.console import SinglePortConsole
-from mic_card.drivers.plugins import (
-    ENTRY_POINT_GROUP,
-    builtin_drivers,
-    driver_spec,
-    load_driver_table,
-)
+from mic_card.drivers.plugins import ENTRY_POINT_GROUP, load_driver_table
 from tests.card.plugin_dist import make_dist
 from virtio.errors import LocalProtocolError
 
@@ -61,6 +56,13 @@ def group() -> str:
     return f"mic_vop.test_drivers_{uuid.uuid4().hex}"
 
 
+def serving(table: DriverRegistry, device_type: int) -> DriverEntry:
+    """The entry that serves new devices of ``device_type`` (there must be one)."""
+    entry = table.default(device_type)
+    assert entry is not None, f"no driver serves device type {device_type}"
+    return entry
+
+
 def install(root: Path, group: str, dist: str, eps: dict[str, str], mods: dict[str, str]) -> None:
     """Install ``dist`` into its own folder under ``root`` and put it on sys.path."""
     make_dist(root / dist, dist, eps, mods, group=group)
@@ -69,15 +71,20 @@ def install(root: Path, group: str, dist: str, eps: dict[str, str], mods: dict[s
 
 def test_builtins_alone(group: str) -> None:
     table = load_driver_table(group=group)
-    assert [(s.name, s.device_type, s.priority, s.builtin) for s in table.specs()] == [
+    assert [(s.name, s.device_type, s.priority, s.builtin) for s in table] == [
         ("virtio-net", 1, 0, True),
         ("virtio-blk", 2, 0, True),
         ("virtio-console", 3, 0, True),
     ]
-    assert dict(table) == {1: NetDevice, 2: BlockDevice, 3: ConsoleDevice}
+    assert {t: serving(table, t).factory for t in (1, 2, 3)} == {
+        1: NetDevice,
+        2: BlockDevice,
+        3: ConsoleDevice,
+    }
+    assert table.contested() == {}
     single = load_driver_table(group=group, console_multiport=False)
-    assert single[CONSOLE] is SinglePortConsole
-    assert single.named("virtio-console").factory is SinglePortConsole
+    assert serving(single, CONSOLE).factory is SinglePortConsole
+    assert single.get("virtio-console").factory is SinglePortConsole
 
 
 def test_plugin_for_a_new_type_is_loaded(
@@ -88,12 +95,15 @@ def test_plugin_for_a_new_type_is_loaded(
     )
     caplog.set_level(logging.INFO, "mic_card.drivers")
     table = load_driver_table(group=group)
-    spec = table.named("virtio-rng")
+    spec = table.get("virtio-rng")
     assert (spec.device_type, spec.priority, spec.builtin) == (RNG, 0, False)
-    assert spec.origin == "entry point rngmod:Driver (rngpkg 1.0)"
-    assert table[RNG] is spec.factory
-    assert table.serving(RNG) is spec
-    assert "card driver plug-in 'virtio-rng' loaded for device type 4" in caplog.text
+    assert spec.origin == "plug-in rngpkg"
+    assert table.names() == ["virtio-net", "virtio-blk", "virtio-console", "virtio-rng"]
+    assert serving(table, RNG) is spec
+    assert (
+        "card driver plug-in 'virtio-rng' loaded for device type 4 "
+        "(entry point rngmod:Driver (rngpkg 1.0), priority 0)" in caplog.text
+    )
 
 
 def test_higher_priority_plugin_serves_and_the_log_says_so(
@@ -103,14 +113,16 @@ def test_higher_priority_plugin_serves_and_the_log_says_so(
             {"fastblk_drv": driver_module(BLOCK, priority=10)})  # fmt: skip
     caplog.set_level(logging.INFO, "mic_card.drivers")
     table = load_driver_table(group=group)
-    assert table.serving(BLOCK) is table.named("fast-blk")
-    assert [s.name for s in table.candidates(BLOCK)] == ["fast-blk", "virtio-blk"]
+    assert serving(table, BLOCK) is table.get("fast-blk")
+    assert [s.name for s in table.for_type(BLOCK)] == ["fast-blk", "virtio-blk"]
+    assert list(table.contested()) == [BLOCK]
     # the built-in stays known by name (a card app may bind it)
-    assert table.named("virtio-blk").factory is BlockDevice
+    assert table.get("virtio-blk").factory is BlockDevice
+    assert table.resolve("virtio-blk", "vda", BLOCK).factory is BlockDevice
     lines = [r.getMessage() for r in caplog.records if "serves" in r.getMessage()]
     assert lines == [
-        "device type 2: driver 'fast-blk' (priority 10, entry point fastblk_drv:Driver "
-        "(fastblk 1.0)) serves; also claimed by 'virtio-blk' (priority 0, built-in)"
+        "device type 2: driver 'fast-blk' (priority 10, plug-in fastblk) serves; "
+        "also claimed by 'virtio-blk' (priority 0, built-in)"
     ]
 
 
@@ -121,8 +133,11 @@ def test_on_a_tie_the_builtin_serves(
             {"myblk_drv": driver_module(BLOCK)})  # fmt: skip
     caplog.set_level(logging.INFO, "mic_card.drivers")
     table = load_driver_table(group=group)
-    assert table[BLOCK] is BlockDevice
-    assert "device type 2: driver 'virtio-blk' (priority 0, built-in) serves" in caplog.text
+    assert serving(table, BLOCK).factory is BlockDevice
+    assert (
+        "device type 2: driver 'virtio-blk' (priority 0, built-in) serves; "
+        "also claimed by 'my-blk' (priority 0, plug-in myblk)" in caplog.text
+    )
 
 
 def test_plugins_tie_break_by_name(tmp_path: Path, group: str) -> None:
@@ -139,12 +154,12 @@ def test_plugins_tie_break_by_name(tmp_path: Path, group: str) -> None:
         tmp_path, group, "low", {"aaa-rng": "low_drv:Driver"}, {"low_drv": driver_module(RNG, 1)}
     )
     table = load_driver_table(group=group)
-    assert [s.name for s in table.candidates(RNG)] == ["alpha-rng", "zeta-rng", "aaa-rng"]
+    assert [s.name for s in table.for_type(RNG)] == ["alpha-rng", "zeta-rng", "aaa-rng"]
     # negative priorities are allowed: a fallback driver below the built-in
     install(tmp_path, group, "fallback", {"slow-blk": "slow_drv:Driver"},
             {"slow_drv": driver_module(BLOCK, -1)})  # fmt: skip
     table = load_driver_table(group=group)
-    assert [s.name for s in table.candidates(BLOCK)] == ["virtio-blk", "slow-blk"]
+    assert [s.name for s in table.for_type(BLOCK)] == ["virtio-blk", "slow-blk"]
 
 
 @pytest.mark.parametrize(
@@ -167,10 +182,10 @@ def test_a_plugin_that_fails_to_import_is_logged_and_the_builtin_serves(
         tmp_path, group, "rngpkg", {"virtio-rng": "rngmod:Driver"}, {"rngmod": driver_module(RNG)}
     )
     table = load_driver_table(group=group)
-    assert table[BLOCK] is BlockDevice
-    assert table.serving(RNG) is table.named("virtio-rng")  # the others still load
-    with pytest.raises(LocalProtocolError, match="unknown card driver 'broken-blk'"):
-        table.named("broken-blk")
+    assert serving(table, BLOCK).factory is BlockDevice
+    assert serving(table, RNG) is table.get("virtio-rng")  # the others still load
+    with pytest.raises(UnknownDriverError, match="no driver 'broken-blk'"):
+        table.get("broken-blk")
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1
     msg = errors[0].getMessage()
@@ -203,7 +218,7 @@ def test_a_plugin_without_a_valid_contract_is_skipped(
 ) -> None:
     install(tmp_path, group, "badpkg", {"bad-drv": "bad_drv:Driver"}, {"bad_drv": body})
     table = load_driver_table(group=group)
-    assert [s.name for s in table.specs()] == ["virtio-net", "virtio-blk", "virtio-console"]
+    assert table.names() == ["virtio-net", "virtio-blk", "virtio-console"]
     assert f"card driver plug-in 'bad-drv' (entry point bad_drv:Driver (badpkg 1.0)): {why}" in (
         caplog.text
     )
@@ -215,7 +230,8 @@ def test_a_plugin_may_not_take_a_builtins_name(
     install(tmp_path, group, "sneaky", {"virtio-blk": "sneaky_drv:Driver"},
             {"sneaky_drv": driver_module(BLOCK, 99)})  # fmt: skip
     table = load_driver_table(group=group)
-    assert table[BLOCK] is BlockDevice
+    assert serving(table, BLOCK).factory is BlockDevice
+    assert table.get("virtio-blk").origin == "built-in"
     assert "card driver plug-in 'virtio-blk' (entry point sneaky_drv:Driver (sneaky 1.0)): " in (
         caplog.text
     )
@@ -226,34 +242,61 @@ def test_the_real_group_is_read(tmp_path: Path) -> None:
     install(tmp_path, ENTRY_POINT_GROUP, "realgrp", {"test-rng": "realgrp_drv:Driver"},
             {"realgrp_drv": driver_module(RNG)})  # fmt: skip
     assert ENTRY_POINT_GROUP == "mic_vop.drivers"
-    assert load_driver_table().named("test-rng").device_type == RNG
+    assert load_driver_table().get("test-rng").device_type == RNG
 
 
 def test_table_rules() -> None:
-    specs = builtin_drivers()
-    with pytest.raises(LocalProtocolError, match="two card drivers named 'virtio-blk'"):
-        DriverTable([*specs, DriverSpec("virtio-blk", RNG, BlockDevice)])
-    table = DriverTable(specs)
-    with pytest.raises(LocalProtocolError, match=r"known: virtio-blk, virtio-console, virtio-net"):
-        table.named("nope")
-    assert table.serving(RNG) is None
-    assert table.candidates(RNG) == []
-    assert RNG not in table
-    assert DriverTable.from_mapping(table) is table
-    plain = DriverTable.from_mapping({BLOCK: BlockDevice})
-    assert plain.named("type2").factory is BlockDevice
-    assert [d["name"] for d in table.info() if d["serving"]] == [
+    table = builtin_registry()
+    with pytest.raises(LocalProtocolError, match="'virtio-blk' is already registered"):
+        table.add(DriverEntry("virtio-blk", RNG, BlockDevice))
+    with pytest.raises(
+        UnknownDriverError, match=r"known drivers: virtio-net, virtio-blk, virtio-console"
+    ):
+        table.get("nope")
+    assert table.default(RNG) is None
+    assert table.for_type(RNG) == []
+    assert table.contested() == {}
+    plain = DriverRegistry.from_mapping({BLOCK: BlockDevice})
+    assert plain.get("virtio-blk").factory is BlockDevice
+    assert [d["name"] for d in table.info() if d["default"]] == [
         "virtio-net",
         "virtio-blk",
         "virtio-console",
     ]
+    table.add(DriverEntry("fast-blk", BLOCK, BlockDevice, 3, "plug-in fastblk"))
+    assert [(d["name"], d["default"]) for d in table.info() if d["type"] == BLOCK] == [
+        ("fast-blk", True),
+        ("virtio-blk", False),
+    ]
+    assert table.info()[1] == {
+        "name": "fast-blk",
+        "type": BLOCK,
+        "priority": 3,
+        "origin": "plug-in fastblk",
+        "default": True,
+    }
 
 
-def test_driver_spec_accepts_a_plain_factory_function() -> None:
+def test_driver_entry_accepts_a_plain_factory_function() -> None:
     def factory(dev: object) -> object:
         return dev
 
     factory.DEVICE_TYPE = RNG  # type: ignore[attr-defined]
     factory.FEATURES = 0  # type: ignore[attr-defined]
-    spec = driver_spec("fn-rng", factory, "test")
+    spec = DriverEntry.from_factory("fn-rng", factory, "test")
     assert (spec.device_type, spec.priority, spec.factory) == (RNG, 0, factory)
+
+
+def test_supported_features_stands_in_for_features() -> None:
+    class Picky:
+        DEVICE_TYPE = RNG
+        PRIORITY = -2
+
+        def __init__(self, dev: object) -> None: ...
+
+        @classmethod
+        def supported_features(cls, dev: object) -> int:
+            return 0
+
+    spec = DriverEntry.from_factory("picky", Picky, "test")
+    assert (spec.device_type, spec.priority) == (RNG, -2)

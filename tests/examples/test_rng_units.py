@@ -19,10 +19,15 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from mic_card.bus import DriverSpec, DriverTable, VirtioBus
-from mic_card.drivers.plugins import builtin_drivers
+from mic_card.bus import DriverEntry, DriverRegistry, VirtioBus
+from mic_card.drivers import builtin_registry
 from tests.vop.rig import Rig
-from virtio.errors import BrokenResourceError, ConfigError, RemoteProtocolError
+from virtio.errors import (
+    BrokenResourceError,
+    ClosedResourceError,
+    ConfigError,
+    RemoteProtocolError,
+)
 
 SRC = Path(__file__).resolve().parents[2] / "examples" / "virtio-rng" / "src"
 
@@ -37,8 +42,10 @@ def rng(monkeypatch: pytest.MonkeyPatch) -> tuple[ModuleType, ModuleType]:
     )
 
 
-def table(driver: type) -> DriverTable:
-    return DriverTable([*builtin_drivers(), DriverSpec("virtio-rng", 4, driver)])
+def table(driver: type) -> DriverRegistry:
+    reg = builtin_registry()
+    reg.add(DriverEntry.from_factory("virtio-rng", driver, "plug-in mic-vop-rng"))
+    return reg
 
 
 async def _boot(rig: Rig, driver: type) -> VirtioBus:
@@ -151,8 +158,13 @@ async def test_a_device_with_two_queues_is_not_bound(
     rig.add(TwoQueues())
     caplog.set_level(logging.ERROR)
     bus = await _boot(rig, driver_mod.RngDriver)
-    assert bus.devices() == []
+    # listed, failed with the driver's reason, and no driver to reach
+    [info] = bus.devices()
+    assert (info["name"], info["state"], info["driver"]) == ("virtio4-0", "failed", None)
+    assert "virtio-rng has one queue, the host offered 2" in info["error"]
     assert "virtio-rng has one queue, the host offered 2" in caplog.text
+    with pytest.raises(ClosedResourceError, match="virtio4-0 has no driver bound"):
+        bus.driver("virtio4-0")
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,7 @@ CARD_MESSAGES: list[m.CardMessage] = [
     m.NetParamsReply(6),
     m.ShutdownStatusReport("halted"),
     m.Crashed("oops"),
+    m.DevicesChanged([{"name": "vda", "offset": 24, "state": "failed"}]),
 ]
 HOST_MESSAGES: list[m.HostMessage] = [
     m.Shutdown("poweroff"),
@@ -71,6 +72,7 @@ CardKinds = (
     m.NetParamsReply,
     m.ShutdownStatusReport,
     m.Crashed,
+    m.DevicesChanged,
 )
 HostKinds = (m.Shutdown, m.DevicesRequest, m.Run, m.NetParams)
 

@@ -20,6 +20,7 @@ from transport.messages import (
     AppsRequest,
     CardMessage,
     Crashed,
+    DevicesChanged,
     DevicesReply,
     DevicesRequest,
     Heartbeat,
@@ -67,6 +68,7 @@ FROM_CARD: list[CardMessage] = [
     Crashed(error="Traceback ..."),
     AppsReply(id=6, apps=[{"id": 1, "app": "apps:main", "started": 1.5, "elapsed": 0.2}]),
     AppsReply(id=7, apps=[]),
+    DevicesChanged(devices=DEVICES),
 ]
 FROM_HOST: list[HostMessage] = [
     Shutdown(),

@@ -116,4 +116,6 @@ class Rig:
 
 
 def names(bus: VirtioBus) -> Sequence[str]:
-    return [d["name"] for d in bus.devices()]
+    """The devices with a driver bound (a failed or unbound device is listed by
+    ``bus.devices()`` too, with its state and error)."""
+    return [d["name"] for d in bus.devices() if d["driver"] is not None]

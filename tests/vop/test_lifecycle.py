@@ -349,7 +349,10 @@ async def test_garbage_entries_are_skipped(
     rig.hp.host_ram[end : end + 8] = bytes([2, 99, 8, 0, 0, 0, 0, 0])  # num_vq 99
     with caplog.at_level(logging.ERROR):
         bus = await rig.boot()
-    assert names(bus) == ["hvc0"]
+    # the failed device stays listed, with its error; the console is bound
+    states = [(d["name"], d["state"], d["driver"]) for d in bus.devices()]
+    assert states == [("vda", "failed", None), ("hvc0", "live", "virtio-console")]
+    assert "vring magic" in bus.devices()[0]["error"]
     msgs = " | ".join(r.getMessage() for r in caplog.records)
     assert "vring magic" in msgs
     assert "num_vq 99" in msgs
@@ -358,9 +361,11 @@ async def test_garbage_entries_are_skipped(
     # a rescan does not retry the same broken entry forever
     scans = bus.scans
     rig.vop.on_doorbell(0)
+    caplog.clear()
     await bus.rescan()
     assert bus.scans == scans + 1
-    assert names(bus) == ["hvc0"]
+    assert [d["state"] for d in bus.devices()] == ["failed", "live"]
+    assert "vring magic" not in " | ".join(r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.asyncio
