@@ -12,7 +12,8 @@ socket's codec ``control.wire``), ``virtio`` and, for offload channels,
 - :mod:`~mic_host.client.terminal`: relaying this terminal to a console (``micctl console``);
 - :mod:`~mic_host.client.accel`: accelerator offload channels to a card;
 - :mod:`~mic_host.client.events`: event and log streams (``client.events()``, ``card.logs()``);
-- :mod:`~mic_host.client.connection`: :class:`Client`, :class:`CardClient`, :func:`connect`;
+- :mod:`~mic_host.client.card`: :class:`CardClient`, one card's operations;
+- :mod:`~mic_host.client.connection`: :class:`Client`, :func:`connect`;
 - :mod:`~mic_host.client.launch`: :func:`launch`, a daemon as a child process;
 - :mod:`~mic_host.client.pytest_plugin`: the ``mic_vop`` fixtures (not imported here).
 """
