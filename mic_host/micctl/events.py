@@ -19,6 +19,7 @@ import sys
 from mic_host.client.connection import Client
 from mic_host.events import CATEGORIES, DEFAULT_FEED, KINDS, MAX_FEED
 from mic_host.micctl.registry import (
+    EXIT_PIPE,
     Subcommand,
     UsageError,
     card_name,
@@ -29,7 +30,6 @@ from mic_host.micctl.registry import (
 
 __all__: list[str] = []
 
-EXIT_PIPE = 141  # 128 + SIGPIPE
 _KINDS = sorted(CATEGORIES | KINDS.keys())
 
 

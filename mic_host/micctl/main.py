@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 
@@ -30,6 +31,7 @@ from mic_host.micctl.registry import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_PIPE,
     EXIT_USAGE,
     PROG,
     SUBCOMMANDS,
@@ -82,6 +84,16 @@ def _one_line(e: BaseException) -> str:
     return text or type(e).__name__
 
 
+def _pipe_closed() -> int:
+    """stdout's reader went away: exit quietly with 141 (128 + SIGPIPE), as a shell
+    pipeline expects. stdout now points at /dev/null so that the interpreter's
+    own flush at exit cannot raise again (Python's documented recipe)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_PIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``micctl`` with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
     try:
@@ -93,10 +105,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else EXIT_OK
-    if args._local is not None:  # help, completion: no daemon needed
-        return int(args._local(args))
     try:
+        if args._local is not None:  # help, completion: no daemon needed
+            return int(args._local(args))
         return asyncio.run(_main(args))
+    except BrokenPipeError:  # `micctl stats mic0 | head`: the reader left
+        return _pipe_closed()
     except UsageError as e:
         print(f"{PROG}: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE

@@ -25,6 +25,7 @@ __all__ = [
     "EXIT_FAILED",
     "EXIT_USAGE",
     "EXIT_INTERRUPTED",
+    "EXIT_PIPE",
     "SUBCOMMANDS",
     "Parser",
     "Run",
@@ -45,6 +46,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+#: stdout's reader went away (128 + SIGPIPE), as a shell pipeline expects
+EXIT_PIPE = 141
 
 
 class UsageError(Exception):

@@ -22,6 +22,7 @@ from mic_host.micctl.topics import TOPICS
 from tests.integration.helpers import (
     REPO,
     alive,
+    booted,
     card_toml,
     command,
     config,
@@ -338,3 +339,20 @@ async def test_make_run_installs_runtime_only_and_test_adds_the_tools(state_dir:
     (venv / ".installed-test").touch()
     r = await command("make", "-n", "run", f"VENV={venv}")
     assert "pip install" not in r.out, r.out
+
+
+@pytest.mark.asyncio
+async def test_a_closed_stdout_ends_micctl_quietly_with_141(state_dir: Path) -> None:
+    """``micctl stats mic0 | head -1``: the reader leaves; micctl exits 141, no traceback."""
+    r0, w0 = os.pipe()
+    os.close(r0)  # the reader is gone before micctl writes
+    async with daemon(state_dir) as client:
+        await booted(client)
+        for argv in (("stats", "mic0"), ("status",), ("help",)):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "mic_host.micctl", "--state-dir", str(state_dir), *argv,
+                stdout=w0, stderr=subprocess.PIPE, cwd=REPO,
+            )  # fmt: skip
+            _, err = await asyncio.wait_for(proc.communicate(), 30)
+            assert (proc.returncode, err) == (141, b""), (argv, proc.returncode, err)
+    os.close(w0)
