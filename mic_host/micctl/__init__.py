@@ -11,8 +11,9 @@ the daemon side. The reference is ``docs/cli.md``. Its modules, lowest first:
 - :mod:`~mic_host.micctl.main`: :func:`build_parser` and :func:`main`.
 
 Exit codes: 0 success, 1 the operation failed (or no daemon), 2 usage error,
-130 interrupted, 141 stdout closed (``micctl stats mic0 | head``). Every failure prints exactly one line ``micctl: <reason>``
-on stderr. Run as ``micctl`` or ``python -m mic_host.micctl``.
+130 interrupted, 141 stdout closed (``micctl stats mic0 | head``). Every
+failure prints exactly one line ``micctl: <reason>`` on stderr. Run as
+``micctl`` or ``python -m mic_host.micctl``.
 """
 
 from mic_host.micctl.commands import attach_options
