@@ -250,11 +250,11 @@ class VhostUserServer:
             self._memory = None
 
     async def _dispatch(self, ch: VhostUserChannel, msg: Message) -> None:
-        check_fds(msg)
-        handler = _HANDLERS.get(msg.request)
-        if handler is None:
-            raise _error(f"{msg.name} is not supported by this back-end")
         try:
+            check_fds(msg)
+            handler = _HANDLERS.get(msg.request)
+            if handler is None:
+                raise _error(f"{msg.name} is not supported by this back-end")
             out = await handler(self, msg)
         except RemoteProtocolError:
             if msg.need_reply and self._protocol & ProtocolFeature.REPLY_ACK:
