@@ -41,12 +41,23 @@ def _parser() -> argparse.ArgumentParser:
         prog="mic-vhost-user",
         description="Serve a MIC-VOP backend to a vhost-user front-end (QEMU) on a Unix socket.",
     )
-    p.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    p.add_argument(
+        "--log-level",
+        default="info",
+        metavar="LEVEL",
+        help="debug, info (default), warning or error",
+    )
     sub = p.add_subparsers(dest="kind", required=True, metavar="KIND")
     b = sub.add_parser(
         "blk",
         help="a virtio-blk disk backed by a raw image (QEMU: -device vhost-user-blk-pci)",
         description="Serve a raw image as a virtio-blk device.",
+    )
+    b.add_argument(
+        "--log-level",
+        default=argparse.SUPPRESS,
+        metavar="LEVEL",
+        help="debug, info, warning or error",
     )
     b.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to listen on")
     b.add_argument("--image", required=True, metavar="FILE", help="raw image file or block device")

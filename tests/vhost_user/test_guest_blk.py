@@ -71,6 +71,7 @@ class Booted:
     server: subprocess.Popen[bytes]
     server_log: Path
     ring_features: bool
+    queues: int
 
     def host_hash(self, off_mib: int, count_mib: int) -> str:
         with self.image.open("rb") as f:
@@ -93,7 +94,9 @@ def _wait_ready(proc: subprocess.Popen[bytes], log: Path, timeout: float = 60.0)
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module", params=["event_idx+indirect", "no event_idx, no indirect"])
+@pytest.fixture(
+    scope="module", params=["event_idx+indirect", "no event_idx, no indirect, 2 queues"]
+)
 def booted(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Booted]:
@@ -104,9 +107,13 @@ def booted(
     sock = d / "vu.sock"
     server_log = d / "mic-vhost-user.log"
     exe = shutil.which("mic-vhost-user", path=str(Path(sys.executable).parent)) or "mic-vhost-user"
+    on = request.param == "event_idx+indirect"
+    queues = 1 if on else 2
+    argv = [exe, "blk", "--socket", str(sock), "--image", str(image), "--serial", SERIAL]
+    argv += ["--queues", str(queues)]
     with server_log.open("wb") as logf:
         server = subprocess.Popen(
-            [exe, "blk", "--socket", str(sock), "--image", str(image), "--serial", SERIAL],
+            argv,
             stderr=logf,
             stdout=subprocess.DEVNULL,
         )
@@ -115,7 +122,6 @@ def booted(
         _wait_ready(server, server_log)
         initrd = d / "initrd.cpio"
         build_initramfs(KIT, initrd, CHECKS)
-        on = request.param == "event_idx+indirect"
         ring = "" if on else ",event_idx=off,indirect_desc=off"
         argv = [
             KIT.qemu,
@@ -129,11 +135,11 @@ def booted(
             "-display", "none", "-serial", "stdio", "-monitor", "none",
             "-nodefaults", "-no-reboot",
             "-chardev", f"socket,id=vu,path={sock}",
-            "-device", f"vhost-user-blk-pci,chardev=vu,num-queues=1{ring}",
+            "-device", f"vhost-user-blk-pci,chardev=vu,num-queues={queues}{ring}",
         ]  # fmt: skip
         guest = Guest(argv, d / "console.log")
         guest.wait_for("GUEST-UP", 120)
-        yield Booted(guest, image, server, server_log, on)
+        yield Booted(guest, image, server, server_log, on, queues)
     finally:
         if guest is not None:
             guest.close()
@@ -195,6 +201,23 @@ def test_parallel_readers(booted: Booted) -> None:
     assert len(got) == 16
     for i in range(16):
         assert got[str(i)] == booted.host_hash(32 + i, 1), f"reader {i}"
+
+
+def test_queues_as_configured(booted: Booted) -> None:
+    out = booted.guest.run("ls /sys/block/vda/mq")
+    assert sorted(out.split()) == [str(i) for i in range(booted.queues)]
+
+
+def test_driver_reload_restarts_the_rings(booted: Booted) -> None:
+    # the device is reset (GET_VRING_BASE after the in-flight requests) and set
+    # up again from index 0; the disk then reads as before
+    booted.guest.run(
+        "rmmod virtio_blk && insmod /lib/modules/virtio_blk.ko && "
+        "while [ ! -b /dev/vda ]; do sleep 0.1; done",
+        timeout=90,
+    )
+    assert booted.guest_hash("rd 0 8 iflag=direct") == booted.host_hash(0, 8)
+    assert booted.guest_hash("rd 16 4") == booted.host_hash(16, 4)
 
 
 def test_backend_logged_no_error(booted: Booted) -> None:

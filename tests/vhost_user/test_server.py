@@ -96,6 +96,25 @@ async def test_requests_round_trip(server: VhostUserServer, ring: int) -> None:
         fe.close()
 
 
+@pytest.mark.asyncio
+async def test_new_memory_table_while_running(server: VhostUserServer) -> None:
+    fe = await _frontend(server)
+    try:
+        await fe.negotiate()
+        await fe.start(128)
+        data = os.urandom(4096)
+        assert (await fe.blk(BlkReqType.OUT, 0, data))[0] == BlkStatus.OK
+        # the same memory again (QEMU resends the table when its memory map changes):
+        # the ring stops where it is and carries on from there on the new mapping
+        table = encode_mem_table([fe.region()])
+        await fe.call_(Request.SET_MEM_TABLE, table, (fe.memfd,))
+        assert await fe.blk(BlkReqType.IN, 0, in_len=4096) == (BlkStatus.OK, data)
+        base = await fe.call_(Request.GET_VRING_BASE, VRING_STATE.pack(0, 0))
+        assert VRING_STATE.unpack(base) == (0, 2)
+    finally:
+        fe.close()
+
+
 async def _still_serving(srv: VhostUserServer) -> None:
     fe = await _frontend(srv)
     try:
