@@ -31,6 +31,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -60,6 +61,7 @@ from transport.vhost_user.protocol import (
 )
 from virtio.constants import Feature
 from virtio.errors import MicError, RemoteProtocolError
+from virtio.ratelimit import LogBudget
 from virtio.split import DeviceQueue, QueueState, SplitLayout
 
 __all__ = ["OFFERED_PROTOCOL_FEATURES", "RING_FEATURES", "VhostUserServer"]
@@ -140,10 +142,13 @@ class VhostUserServer:
         self.backend = backend
         self.path = Path(path)
         self.queue_size = queue_size
+        # what a front-end or its guest can make us log is bounded
+        self.log_budget = LogBudget("vhost-user", log, time.monotonic)
+        self._log = self.log_budget.logger(log)
         self.endpoints: list[QueueEndpoint] = []
         self.vrings: list[Vring] = []
         for i in range(len(backend.queue_sizes())):
-            owner = VringOwner()
+            owner = VringOwner(self._log)
             vr = Vring(i, QueueEndpoint(owner, i, queue_size))
             owner.vring = vr
             self.vrings.append(vr)
@@ -190,6 +195,7 @@ class VhostUserServer:
             self._backend_task.cancel()
             await asyncio.gather(self._backend_task, return_exceptions=True)
         await self.backend.aclose()
+        self.log_budget.flush(final=True)
 
     async def _run_backend(self) -> None:
         try:
@@ -203,7 +209,9 @@ class VhostUserServer:
         while True:
             sock, _ = await loop.sock_accept(self._listener)
             if self._active is not None:
-                log.warning("vhost-user: a second front-end connected; refused (one at a time)")
+                self._log.warning(
+                    "vhost-user: a second front-end connected; refused (one at a time)"
+                )
                 sock.close()
                 continue
             task = loop.create_task(self._serve(sock), name="vhost-user-conn")
@@ -215,12 +223,12 @@ class VhostUserServer:
         ch = VhostUserChannel(sock)
         self._active = ch
         self.connections += 1
-        log.info("vhost-user front-end connected on %s", self.path)
+        self._log.info("vhost-user front-end connected on %s", self.path)
         try:
             while True:
                 msg = await ch.receive()
                 if msg is None:
-                    log.info("vhost-user front-end disconnected")
+                    self._log.info("vhost-user front-end disconnected")
                     return
                 try:
                     await self._dispatch(ch, msg)
@@ -228,9 +236,12 @@ class VhostUserServer:
                     _close_fds(msg.fds)  # handlers take (and clear) the fds they keep
         except RemoteProtocolError as e:
             self.dropped += 1
-            log.error("vhost-user connection dropped: %s", e)
+            self._log.error("vhost-user connection dropped: %s", e)
         except LinkLost as e:
-            log.info("vhost-user front-end gone: %s", e)
+            self._log.info("vhost-user front-end gone: %s", e)
+        except Exception:  # a bug of ours: this connection goes, the server stays
+            self.dropped += 1
+            self._log.exception("vhost-user connection dropped after an internal error")
         finally:
             await self._disconnect()
             ch.close()

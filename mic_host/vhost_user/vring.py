@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import socket
 import stat
@@ -24,18 +23,18 @@ from mic_host.endpoint import EndpointState, QueueEndpoint
 from transport.vhost_user import VringAddr
 from transport.vhost_user import close_fds as _close_fds
 from virtio.errors import MicError
+from virtio.ratelimit import LimitedLogger
 from virtio.split import DeviceQueue
 
 __all__ = ["Vring", "VringOwner", "listen_unix"]
-
-log = logging.getLogger("mic_host.vhost_user.server")
 
 
 class VringOwner:
     """What a :class:`QueueEndpoint` calls back into: this vring's call/err eventfds."""
 
-    def __init__(self) -> None:
+    def __init__(self, log: LimitedLogger) -> None:
         self.vring: Vring | None = None
+        self._log = log
 
     def _interrupt(self) -> None:
         fd = self.vring.call_fd if self.vring is not None else None
@@ -46,7 +45,7 @@ class VringOwner:
     def _ring_error(self, index: int, exc: MicError) -> None:
         v = self.vring
         assert v is not None
-        log.error("vhost-user queue %d broken by the guest driver: %s", index, exc)
+        self._log.error("vhost-user queue %d broken by the guest driver: %s", index, exc)
         if v.err_fd is not None:
             with contextlib.suppress(OSError):
                 os.eventfd_write(v.err_fd, 1)
