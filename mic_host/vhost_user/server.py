@@ -60,7 +60,7 @@ from transport.vhost_user.protocol import (
     decode_vring_state,
 )
 from virtio.constants import Feature
-from virtio.errors import MicError, RemoteProtocolError
+from virtio.errors import LocalProtocolError, MicError, RemoteProtocolError
 from virtio.ratelimit import LogBudget
 from virtio.split import DeviceQueue, QueueState, SplitLayout
 
@@ -214,12 +214,21 @@ class VhostUserServer:
                 )
                 sock.close()
                 continue
-            task = loop.create_task(self._serve(sock), name="vhost-user-conn")
+            task = loop.create_task(self.serve_connection(sock), name="vhost-user-conn")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     # -- one connection -----------------------------------------------------------------
-    async def _serve(self, sock: socket.socket) -> None:
+    async def serve_connection(self, sock: socket.socket) -> None:
+        """Serve one connected front-end (accepted here, or one end of a socketpair)
+        until it disconnects or is dropped for bad input; never raises for it.
+
+        Raises:
+            LocalProtocolError: another front-end is being served (``sock`` is closed).
+        """
+        if self._active is not None:
+            sock.close()
+            raise LocalProtocolError("a vhost-user front-end is already connected")
         ch = VhostUserChannel(sock)
         self._active = ch
         self.connections += 1

@@ -11,9 +11,11 @@ latches its queue broken and is told on the error eventfd.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,7 +26,7 @@ import pytest_asyncio
 from mic_host.backends.block import BlockBackend
 from mic_host.vhost_user import VhostUserServer
 from tests.vhost_user.frontend import GPA, MEM_SIZE, UVA, FrontEnd
-from transport.vhost_user import MemRegion, Request
+from transport.vhost_user import MemRegion, Request, VhostUserChannel
 from transport.vhost_user.protocol import (
     HEADER,
     U64,
@@ -271,3 +273,23 @@ async def test_one_front_end_at_a_time(server: VhostUserServer) -> None:
         assert features
     finally:
         first.close()
+
+
+@pytest.mark.asyncio
+async def test_serves_one_end_of_a_socketpair(server: VhostUserServer) -> None:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    fe = FrontEnd(VhostUserChannel(ours))
+    task = asyncio.create_task(server.serve_connection(theirs))
+    try:
+        await fe.negotiate()
+        await fe.start(128)
+        assert (await fe.blk(BlkReqType.FLUSH, 0))[0] == BlkStatus.OK
+        # garbage: this connection is dropped, the task ends without raising
+        await fe.ch._fs.send_raw(b"\x00" * 12)
+        assert await fe.closed_by_peer()
+        await asyncio.wait_for(task, 30)
+    finally:
+        fe.close()
+    assert server.dropped == 1
+    await _still_serving(server)
