@@ -13,12 +13,15 @@ contain (no fixed sleeps anywhere).
 
 from __future__ import annotations
 
+import gzip
+import lzma
 import os
 import re
 import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +37,13 @@ class GuestKit:
     kernel: Path
     modules: list[Path]  # in load order
     busybox: Path
+
+
+_DECOMPRESS: dict[str, Callable[[bytes], bytes]] = {
+    ".ko": lambda b: b,
+    ".xz": lzma.decompress,
+    ".gz": gzip.decompress,
+}
 
 
 def _module_order(moddir: Path) -> list[Path]:
@@ -78,10 +88,23 @@ def find_guest_kit() -> GuestKit | str:
             modules = _module_order(moddir)
         except LookupError:
             continue
-        if any(m.suffix != ".ko" for m in modules):
-            continue  # compressed modules: busybox insmod cannot load them
+        if any(m.suffix not in _DECOMPRESS for m in modules):
+            continue  # zstd-compressed modules: no decompressor in the standard library
         return GuestKit(qemu, kernel, modules, busybox)
-    return "no readable kernel with virtio modules in /boot (Debian: linux-image-amd64)"
+    return (
+        "no readable kernel with uncompressed, xz or gzip virtio modules in /boot "
+        "(Debian: linux-image-amd64)"
+    )
+
+
+def _module_name(path: Path) -> str:
+    """``virtio_blk.ko`` whatever the compression of ``path``."""
+    return path.name.split(".ko")[0] + ".ko"
+
+
+def _module_bytes(path: Path) -> bytes:
+    """The module's ELF bytes (busybox insmod does not decompress)."""
+    return _DECOMPRESS[path.suffix](path.read_bytes())
 
 
 def _cpio_entry(name: str, mode: int, data: bytes = b"", ino: int = 0) -> bytes:
@@ -95,7 +118,7 @@ def _cpio_entry(name: str, mode: int, data: bytes = b"", ino: int = 0) -> bytes:
 
 def build_initramfs(kit: GuestKit, dest: Path, functions: str) -> None:
     """A newc initramfs: busybox, the modules, ``/checks.sh`` (``functions``), ``/init``."""
-    load = "\n".join(f"insmod /lib/modules/{m.name}" for m in kit.modules)
+    load = "\n".join(f"insmod /lib/modules/{_module_name(m)}" for m in kit.modules)
     init = f"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -113,7 +136,7 @@ exec sh
     ]
     ino = 100
     files = [("bin/busybox", 0o100755, kit.busybox.read_bytes())]
-    files += [(f"lib/modules/{m.name}", 0o100644, m.read_bytes()) for m in kit.modules]
+    files += [(f"lib/modules/{_module_name(m)}", 0o100644, _module_bytes(m)) for m in kit.modules]
     files += [("checks.sh", 0o100644, functions.encode()), ("init", 0o100755, init.encode())]
     for name, mode, data in files:
         ino += 1
