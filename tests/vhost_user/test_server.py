@@ -36,7 +36,7 @@ from transport.vhost_user.protocol import (
     encode_mem_table,
 )
 from virtio.blk import parse_config
-from virtio.constants import BlkReqType, BlkStatus, Feature
+from virtio.constants import BlkFeature, BlkReqType, BlkStatus, Feature
 
 IMAGE = 1 << 20
 SERIAL = "vu-serial"
@@ -293,3 +293,22 @@ async def test_serves_one_end_of_a_socketpair(server: VhostUserServer) -> None:
         fe.close()
     assert server.dropped == 1
     await _still_serving(server)
+
+
+@pytest.mark.asyncio
+async def test_read_only_disk(short_dir: Path) -> None:
+    image = short_dir / "ro.img"
+    content = os.urandom(IMAGE)
+    image.write_bytes(content)
+    backend = BlockBackend(image, name="ro", read_only=True, label="")
+    async with VhostUserServer(backend, short_dir / "ro.sock", queue_size=128) as srv:
+        fe = await _frontend(srv)
+        try:
+            offered = await fe.negotiate()
+            assert offered & BlkFeature.RO
+            await fe.start(128)
+            assert (await fe.blk(BlkReqType.OUT, 0, bytes(512)))[0] == BlkStatus.IOERR
+            assert await fe.blk(BlkReqType.IN, 0, in_len=512) == (BlkStatus.OK, content[:512])
+        finally:
+            fe.close()
+    assert image.read_bytes() == content
