@@ -175,6 +175,69 @@ class FramedSocket:
             self._buf += data
             return True
 
+    async def recv_exact(self, n: int, fds: list[int]) -> bytes:
+        """Exactly ``n`` raw bytes, never reading past them (for protocols with their
+        own framing, e.g. vhost-user: fds travel with the header, so a read must
+        not run into the next message). Fds that arrive are appended to ``fds``
+        (the caller owns them). Returns ``b""`` on EOF before the first byte.
+
+        Raises:
+            LinkLost: EOF after the first byte, or a socket error.
+            RemoteProtocolError: more fds than one message may carry.
+        """
+        if self._buf:
+            raise LocalProtocolError("recv_exact on a socket already read frame-wise")
+        got = bytearray()
+        while len(got) < n:
+            if self._closed:
+                raise ClosedResourceError("link is closed")
+            try:
+                data, anc, flags, _ = self.sock.recvmsg(n - len(got), _ANCBUF)
+            except (BlockingIOError, InterruptedError):
+                await self._wait(writable=False)
+                continue
+            except OSError as e:
+                raise LinkLost(f"socket broken: {e}") from e
+            for level, kind, cdata in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    a = array.array("i")
+                    a.frombytes(cdata[: len(cdata) - len(cdata) % a.itemsize])
+                    fds.extend(a)
+            if flags & socket.MSG_CTRUNC:
+                raise RemoteProtocolError("too many fds in one message (truncated)", reason="fds")
+            if not data:
+                if got:
+                    raise LinkLost(f"peer closed the socket after {len(got)} of {n} B")
+                return b""
+            got += data
+        return bytes(got)
+
+    async def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        """Send raw bytes (fds attached to the first byte), no framing added.
+
+        Raises:
+            LocalProtocolError: too many fds.
+            LinkLost: the peer is gone (EPIPE/ECONNRESET).
+        """
+        if len(fds) > MAX_FDS:
+            raise LocalProtocolError(f"{len(fds)} fds exceed the {MAX_FDS} per-frame limit")
+        async with self._send_lock:
+            if self._closed:
+                raise ClosedResourceError("link is closed")
+            view = memoryview(data)
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+            try:
+                while view:
+                    try:
+                        sent = self.sock.sendmsg([view], anc)
+                    except (BlockingIOError, InterruptedError):
+                        await self._wait(writable=True)
+                        continue
+                    anc = []  # fds went with the first byte
+                    view = view[sent:]
+            except OSError as e:
+                raise LinkLost(f"socket broken: {e}") from e
+
     async def recv_frame(self) -> tuple[dict[str, Any], list[int]]:
         """Receive one frame and the fds that came with it.
 
@@ -211,25 +274,7 @@ class FramedSocket:
             LocalProtocolError: bad message (see :func:`encode_frame`), too many fds.
             LinkLost: the peer is gone (EPIPE/ECONNRESET).
         """
-        data = encode_frame(msg, self.max_message)
-        if len(fds) > MAX_FDS:
-            raise LocalProtocolError(f"{len(fds)} fds exceed the {MAX_FDS} per-frame limit")
-        async with self._send_lock:
-            if self._closed:
-                raise ClosedResourceError("link is closed")
-            view = memoryview(data)
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-            try:
-                while view:
-                    try:
-                        sent = self.sock.sendmsg([view], anc)
-                    except (BlockingIOError, InterruptedError):
-                        await self._wait(writable=True)
-                        continue
-                    anc = []  # fds went with the first byte
-                    view = view[sent:]
-            except OSError as e:
-                raise LinkLost(f"control link broken: {e}") from e
+        await self.send_raw(encode_frame(msg, self.max_message), fds)
 
     def close(self) -> None:
         """Close the socket; a pending receive/send fails with ClosedResourceError."""

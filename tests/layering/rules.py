@@ -101,6 +101,8 @@ LAYERS: dict[str, tuple[tuple[str, ...], ...]] = {
         ("space",),
         # the host and card ends of a PCIe connection
         ("pcie",),
+        # vhost-user: the sans-IO codec, the mapped memory table, the socket with fds
+        ("vhost_user",),
         ("__init__",),
     ),
     "mic_host": (
@@ -113,6 +115,8 @@ LAYERS: dict[str, tuple[tuple[str, ...], ...]] = {
         ("endpoint", "agent"),
         # ... device backends (block, console, net) ...
         ("backends",),
+        # ... the vhost-user back-end serving one backend to QEMU (mic-vhost-user) ...
+        ("vhost_user",),
         # ... VOP: device page, devices, the set of devices ...
         ("vop",),
         # ... card manager: public operations, one boot session, link dispatch ...
