@@ -337,6 +337,34 @@ def test_driver_construction_errors() -> None:
     assert q._ind_max == 4  # clamped to the queue size
 
 
+def test_add_used_many_refuses_what_add_used_refuses() -> None:
+    p = PackedPair(4)
+    for _ in range(2):
+        p.add([b"x"], [])
+    p.driver.publish()
+    a, b = p.device.pop_many()
+    with pytest.raises(LocalProtocolError):
+        p.device.add_used_many([(a.head, 0), (3, 0)])  # 3 is not in flight
+    with pytest.raises(LocalProtocolError):
+        p.device.add_used_many([(b.head, 1 << 32)])
+    p.device.add_used_many([(b.head, 0)])  # the first entry above was staged
+    assert p.device.in_flight == 0
+    assert p.device.publish_used()
+    assert len(p.driver.get_used_many()) == 2
+
+
+def test_get_used_many_keeps_the_event_at_the_next_used_slot() -> None:
+    p = PackedPair(3, event_idx=True)
+    p.add([b"x"], [1])  # slots 0-1
+    p.add([b"y"], [])  # slot 2
+    p.driver.publish()
+    p.device.add_used_many([(c.head, 1) for c in p.device.pop_many()])
+    assert p.device.publish_used()
+    assert len(p.driver.get_used_many()) == 2
+    assert p.driver_event == event_word(DESC, 0, 0)  # 3 slots on a ring of 3: lap 0
+    assert p.driver.get_used_many() == []
+
+
 def test_device_misuse() -> None:
     p = PackedPair(4)
     v = p.device

@@ -329,9 +329,15 @@ def test_reject_bad_driver_event_word(features: int, word: int, fault: RingFault
 # driver side: a hostile device writes used descriptors and its event word
 
 
-def _expect_driver_fault(p: PackedPair, fault: RingFault) -> None:
+@pytest.fixture(params=["get_used", "get_used_many"])
+def reap(request: pytest.FixtureRequest) -> str:
+    """Every driver-side case is checked through ``get_used()`` and ``get_used_many()``."""
+    return request.param
+
+
+def _expect_driver_fault(p: PackedPair, fault: RingFault, reap: str = "get_used") -> None:
     with pytest.raises(RingError) as exc:
-        p.driver.get_used()
+        p.driver.get_used() if reap == "get_used" else p.driver.get_used_many()
     assert exc.value.fault is fault
     assert isinstance(exc.value, RemoteProtocolError)
     assert p.driver.broken
@@ -344,45 +350,45 @@ def _used_at(p: PackedPair, slot: int, bid: int, length: int = 0, wrap: int = 1)
     p.write_desc(slot, 0, length, bid, (AVAIL | USED) if wrap else 0)
 
 
-def test_driver_rejects_used_id_out_of_range() -> None:
+def test_driver_rejects_used_id_out_of_range(reap: str) -> None:
     p = PackedPair(4)
     p.add([b"x"], [])
     p.driver.publish()
     _used_at(p, 0, 4)
-    _expect_driver_fault(p, RingFault.USED_ID_OUT_OF_RANGE)
+    _expect_driver_fault(p, RingFault.USED_ID_OUT_OF_RANGE, reap)
 
 
-def test_driver_rejects_used_id_never_added() -> None:
+def test_driver_rejects_used_id_never_added(reap: str) -> None:
     p = PackedPair(4)
     _, bid = p.add([b"x"], [])
     p.driver.publish()
     _used_at(p, 0, bid + 1)
-    _expect_driver_fault(p, RingFault.USED_ID_NOT_HEAD)
+    _expect_driver_fault(p, RingFault.USED_ID_NOT_HEAD, reap)
 
 
-def test_driver_rejects_used_id_added_but_not_published() -> None:
+def test_driver_rejects_used_id_added_but_not_published(reap: str) -> None:
     p = PackedPair(4)
     p.add([b"x"], [])
     p.driver.publish()
     _, second = p.add([b"y"], [])
     _used_at(p, 0, second)
-    _expect_driver_fault(p, RingFault.USED_ID_NOT_HEAD)
+    _expect_driver_fault(p, RingFault.USED_ID_NOT_HEAD, reap)
 
 
-def test_driver_rejects_used_id_returned_twice() -> None:
+def test_driver_rejects_used_id_returned_twice(reap: str) -> None:
     p = PackedPair(4)
     _, bid = p.add([b"x"], [])
     p.driver.publish()
     _used_at(p, 0, bid)
     assert p.driver.get_used() is not None
     _used_at(p, 1, bid)  # the same id again, at the next slot
-    _expect_driver_fault(p, RingFault.USED_ID_NOT_HEAD)
+    _expect_driver_fault(p, RingFault.USED_ID_NOT_HEAD, reap)
 
 
-def test_driver_rejects_a_used_descriptor_with_nothing_outstanding() -> None:
+def test_driver_rejects_a_used_descriptor_with_nothing_outstanding(reap: str) -> None:
     p = PackedPair(4)
     _used_at(p, 0, 0)
-    _expect_driver_fault(p, RingFault.USED_ID_NOT_HEAD)
+    _expect_driver_fault(p, RingFault.USED_ID_NOT_HEAD, reap)
 
 
 @pytest.mark.parametrize(

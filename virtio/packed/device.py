@@ -257,6 +257,34 @@ class DeviceQueue:
         if not _available(self._desc_h[8 * pos + 7], wrap):
             return None
         n = self.size
+        addr, length, bid, flags = DESC.unpack_from(self._desc, pos * DESC_SIZE)
+        if (
+            not flags & (_NEXT | _INDIRECT)
+            and length
+            and addr + length <= ADDRESS_LIMIT
+            and bid < n
+            and not self._inflight[bid]
+            and self._inflight_slots < n
+        ):
+            # Fast path: a list of one direct buffer (the common small request).
+            # Anything unusual falls through to the full walk, which diagnoses it.
+            is_w = flags & _WRITE
+            if not (self.require_readable if is_w else self.require_writable):
+                try:
+                    seg = self._mem.view(addr, length, bool(is_w))
+                except MemoryFault as e:
+                    self._fail(RingFault.BUFFER_OUT_OF_MEMORY, str(e))
+                self._inflight[bid] = 1
+                self._inflight_slots += 1
+                self._in_flight += 1
+                pos += 1
+                if pos == n:
+                    pos = 0
+                    self._avail_wrap = wrap ^ 1
+                self._next_avail = pos
+                if is_w:
+                    return Chain(bid, [], [seg], 0, length, [(addr, length, True)])
+                return Chain(bid, [seg], [], length, 0, [(addr, length, False)])
         room = n - self._inflight_slots
         desc = self._desc
         unpack = DESC.unpack_from
@@ -387,8 +415,32 @@ class DeviceQueue:
 
     def add_used_many(self, entries: Iterable[tuple[int, int]]) -> None:
         """Stage several used descriptors (same checks as :meth:`add_used`)."""
-        for head, length in entries:
-            self.add_used(head, length)
+        if self.broken:
+            raise QueueBroken("queue is broken after a ring error; reset the device")
+        inflight, staged, desc, n = self._inflight, self._staged, self._desc, self.size
+        pack = USED_BODY.pack_into
+        slot, w = self._next_used, self._used_wrap
+        moved = 0
+        try:
+            for head, length in entries:
+                if not 0 <= head < n or not inflight[head]:
+                    raise LocalProtocolError(f"buffer id {head} is not in flight")
+                if not 0 <= length < _U32_LIMIT:
+                    raise LocalProtocolError(f"used length {length} out of range")
+                pack(desc, slot * DESC_SIZE + 8, length, head)
+                staged.append((slot, (AVAIL | USED) if w else 0))
+                count = inflight[head]
+                inflight[head] = 0
+                self._in_flight -= 1
+                moved += count
+                slot += count
+                if slot >= n:
+                    slot -= n
+                    w ^= 1
+        finally:
+            self._next_used, self._used_wrap = slot, w
+            self._inflight_slots -= moved
+            self._moved += moved
 
     def publish_used(self) -> bool:
         """Make staged used descriptors visible, in order, one aligned flags store each.
