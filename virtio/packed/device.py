@@ -240,14 +240,54 @@ class DeviceQueue:
         if self.broken or not self.ready:
             self._check_usable()
         out: list[Chain] = []
-        one = self._pop_one
+        desc, dh, inflight, n = self._desc, self._desc_h, self._inflight, self.size
+        unpack, view = DESC.unpack_from, self._mem.view
+        req_r, req_w = self.require_readable, self.require_writable
+        pos, wrap, slots = self._next_avail, self._avail_wrap, self._inflight_slots
         while len(out) < limit:
-            chain = one()
-            if chain is None:
+            f = dh[8 * pos + 7]
+            a = (f >> 7) & 1
+            if a != wrap or f >> 15 == a:
+                break  # not available in this lap
+            addr, length, bid, flags = unpack(desc, pos * DESC_SIZE)
+            is_w = flags & _WRITE
+            if (
+                not flags & (_NEXT | _INDIRECT)
+                and length
+                and addr + length <= ADDRESS_LIMIT
+                and bid < n
+                and not inflight[bid]
+                and slots < n
+                and not (req_r if is_w else req_w)
+            ):
+                # the one-buffer fast path of _pop_one, with locals
+                try:
+                    seg = view(addr, length, bool(is_w))
+                except MemoryFault:
+                    self._next_avail, self._avail_wrap, self._inflight_slots = pos, wrap, slots
+                    self._pop_one()  # raises BUFFER_OUT_OF_MEMORY
+                    raise  # pragma: no cover - _pop_one raised
+                inflight[bid] = 1
+                slots += 1
+                self._in_flight += 1
+                pos += 1
+                if pos == n:
+                    pos = 0
+                    wrap ^= 1
+                if is_w:
+                    out.append(Chain(bid, [], [seg], 0, length, [(addr, length, True)]))
+                else:
+                    out.append(Chain(bid, [seg], [], length, 0, [(addr, length, False)]))
+                continue
+            self._next_avail, self._avail_wrap, self._inflight_slots = pos, wrap, slots
+            chain = self._pop_one()  # the full walk: validates or raises
+            if chain is None:  # pragma: no cover - the driver took the head back meanwhile
                 break
             out.append(chain)
+            pos, wrap, slots = self._next_avail, self._avail_wrap, self._inflight_slots
+        self._next_avail, self._avail_wrap, self._inflight_slots = pos, wrap, slots
         if out and self.event_idx and self.notify_enabled:
-            self._dev_ev[0] = event_word(_DESC_EVENT, self._next_avail, self._avail_wrap)
+            self._dev_ev[0] = event_word(_DESC_EVENT, pos, wrap)
             full_fence()
         return out
 
