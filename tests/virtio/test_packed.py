@@ -20,6 +20,7 @@ from virtio.constants import Feature, PackedDescFlag, PackedEventFlag
 from virtio.errors import LocalProtocolError, WouldBlock
 from virtio.memory import FlatMemory
 from virtio.packed import (
+    DeviceQueue,
     DriverQueue,
     PackedLayout,
     QueueBroken,
@@ -406,3 +407,60 @@ def test_reset_both_sides_after_a_fault() -> None:
     assert all(p.read_desc(i) == (0, 0, 0, 0) for i in range(3))
     for _ in range(5):
         p.request([b"q"], [1])
+
+
+# --- save / restore -------------------------------------------------------------
+
+
+def test_save_restore_carries_positions_in_flight_and_staged() -> None:
+    p = PackedPair(3, event_idx=True)
+    for _ in range(2):
+        p.request([b"a"], [1])  # wrap the positions off zero
+    ta, a = p.add([b"x"], [1])  # 2 slots, wraps around
+    tb, _ = p.add([b"z"], [])  # 1 slot: the ring is full
+    p.driver.publish()
+    ca, cb = p.device.pop_many()
+    p.device.add_used(cb.head, 0)  # staged, out of order, not published
+    p.device.disable_notifications()
+    state = p.device.save()
+    assert state.inflight == ((a, 2),)
+    assert len(state.staged) == 1
+    q = DeviceQueue.restore(p.flat, state)
+    assert p.device_event == event_word(DISABLE)
+    assert q.in_flight == 1
+    assert q.publish_used()
+    assert p.driver.get_used() == (tb, 0)
+    q.push_used(ca.head, 1)
+    assert p.driver.get_used() == (ta, 1)
+    p.device = q
+    for _ in range(4):
+        p.request([b"q"], [1])
+    assert q.enable_notifications() is False
+    assert p.device_event == event_word(DESC, q.next_avail, q.avail_wrap)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"next_avail": 3},
+        {"used_wrap": 2},
+        {"inflight": ((0, 1), (0, 1))},
+        {"inflight": ((5, 1),)},
+        {"inflight": ((0, 0),)},
+        {"inflight": ((0, 2),)},  # the positions are 1 slot apart
+        {"moved": 4},
+        {"staged": ((3, 0),)},
+        {"staged": ((0, 0x80),)},
+    ],
+)
+def test_restore_refuses_an_inconsistent_state(change: dict[str, object]) -> None:
+    import dataclasses
+
+    p = PackedPair(3)
+    p.add([b"x"], [])
+    p.driver.publish()
+    assert p.device.pop() is not None
+    state = dataclasses.replace(p.device.save(), **change)  # type: ignore[arg-type]
+    with pytest.raises(LocalProtocolError):
+        DeviceQueue.restore(p.flat, state)
+    assert DeviceQueue.restore(p.flat, p.device.save()).in_flight == 1

@@ -9,12 +9,14 @@ interrupt suppression) and a :class:`DeviceQueue` (``pop``/``add_used``/
 :class:`QueueBroken` (with the packed ring's own :class:`RingFault` codes).
 Where the shapes differ: a ring is a :class:`PackedLayout` (descriptor ring,
 driver event area, device event area; any size up to 2^15), the "head" of a
-list is its buffer id, and there is no ``save``/``restore`` yet.
+list is its buffer id, and ``save`` returns a :class:`PackedQueueState`
+(positions with their wrap counters, in-flight ids with their list lengths).
 
 One concept per module, imports pointing down only::
 
     driver   DriverQueue                      (the card side)
     device   DeviceQueue                      (the host side)
+    state    PackedQueueState                 (save/restore)
     layout   PackedLayout, descriptor twins, event words, packed_need_event
 
 It reuses ``virtio.split``'s ``faults``, ``fence`` and ``chain``; ``driver``
@@ -42,6 +44,7 @@ from virtio.packed.layout import (
     event_word,
     packed_need_event,
 )
+from virtio.packed.state import PackedQueueState
 from virtio.split.chain import Chain
 from virtio.split.faults import QueueBroken, RingError, RingFault
 from virtio.split.fence import full_fence
@@ -53,6 +56,7 @@ __all__ = [
     "DeviceQueue",
     "DriverQueue",
     "PackedLayout",
+    "PackedQueueState",
     "QueueBroken",
     "RingError",
     "RingFault",

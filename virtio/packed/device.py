@@ -7,9 +7,9 @@ avail wrap counter (the checks follow QEMU ``virtqueue_packed_pop``, Linux
 silently truncate or trust the driver), writing used descriptors in or out
 of order with the used wrap counter and chain-length skips, notification
 suppression (the device event word; the driver's word decides interrupts),
-and reset.
+reset, and :class:`~virtio.packed.state.PackedQueueState` save/restore.
 
-Imports the lower ``virtio.packed`` module (layout), ``virtio.split.chain``,
+Imports the lower ``virtio.packed`` modules (layout, state), ``virtio.split.chain``,
 ``virtio.split.faults`` and ``virtio.split.fence`` and
 ``virtio.constants/errors/memory``; must not import
 ``virtio.packed.driver``, asyncio, the OS or ``transport``.
@@ -34,6 +34,7 @@ from virtio.packed.layout import (
 )
 from virtio.packed.layout import DESC as _DESC_STRUCT
 from virtio.packed.layout import USED_BODY as _USED_STRUCT
+from virtio.packed.state import PackedQueueState, state_problem
 from virtio.split.chain import Chain
 from virtio.split.faults import QueueBroken, RingError, RingFault
 from virtio.split.fence import full_fence
@@ -165,6 +166,53 @@ class DeviceQueue:
         self.broken = False
         self.ready = False
         self.notify_enabled = True
+
+    def save(self) -> PackedQueueState:
+        """Snapshot the private state (no shared memory is copied)."""
+        return PackedQueueState(
+            layout=self.layout,
+            next_avail=self._next_avail,
+            avail_wrap=self._avail_wrap,
+            next_used=self._next_used,
+            used_wrap=self._used_wrap,
+            event_idx=self.event_idx,
+            indirect=self.indirect,
+            ready=self.ready,
+            inflight=tuple((bid, c) for bid, c in enumerate(self._inflight) if c),
+            notify_enabled=self.notify_enabled,
+            staged=tuple(self._staged),
+            moved=self._moved,
+        )
+
+    @classmethod
+    def restore(cls, mem: Memory, state: PackedQueueState, **kwargs: bool | int) -> DeviceQueue:
+        """Rebuild a queue from :meth:`save`, re-running every check.
+
+        Raises:
+            RingError: the layout is invalid in ``mem``.
+            LocalProtocolError: the state itself is inconsistent.
+        """
+        features = (Feature.EVENT_IDX if state.event_idx else 0) | (
+            Feature.INDIRECT_DESC if state.indirect else 0
+        )
+        q = cls(mem, state.layout, int(features), **kwargs)  # type: ignore[arg-type]
+        bad = state_problem(state)
+        if bad is not None:
+            raise LocalProtocolError(f"inconsistent packed queue state: {bad}")
+        q._next_avail, q._avail_wrap = state.next_avail, state.avail_wrap
+        q._next_used, q._used_wrap = state.next_used, state.used_wrap
+        for bid, count in state.inflight:
+            q._inflight[bid] = count
+        q._inflight_slots = sum(c for _, c in state.inflight)
+        q._in_flight = len(state.inflight)
+        q._staged = list(state.staged)
+        q._moved = state.moved
+        q.ready = state.ready
+        if state.notify_enabled:
+            q.enable_notifications()
+        else:
+            q.disable_notifications()
+        return q
 
     # -- errors ------------------------------------------------------------
     def _fail(self, fault: RingFault, message: str) -> None:
