@@ -99,7 +99,8 @@ def test_driver_writes_consecutive_slots_with_wrap_bits_and_defers_the_head() ->
     assert chain is not None
     assert [s[1:] for s in chain.segments] == [(2, False), (2, False), (4, True)]
     p.device.push_used(chain.head, 4)
-    assert p.read_desc(0)[1:] == (4, bid, AVAIL | USED)  # one used descriptor for the list
+    # one used descriptor for the list; WRITE: the device wrote data (§2.8.3)
+    assert p.read_desc(0)[1:] == (4, bid, AVAIL | USED | WRITE)
     assert p.driver.get_used() is not None
     # the next list starts at slot 0 of lap 0: AVAIL clear, USED set
     _, bid2 = p.add([b"x"], [])
@@ -108,7 +109,7 @@ def test_driver_writes_consecutive_slots_with_wrap_bits_and_defers_the_head() ->
     chain = p.device.pop()
     assert chain is not None
     p.device.push_used(chain.head, 0)
-    assert p.read_desc(0)[3] & (AVAIL | USED) == 0  # lap-0 used: both clear
+    assert p.read_desc(0)[3] == 0  # lap-0 used: both clear, and nothing written
     assert p.driver.get_used() is not None
 
 
@@ -120,7 +121,7 @@ def test_indirect_list_takes_one_slot() -> None:
     assert (length, id_, flags) == (48, bid, INDIRECT | AVAIL)
     assert addr == p.indirect_area + bid * 3 * 16
     table = [L.PACKED_DESC_STRUCT.unpack_from(p.raw(), addr + 16 * i) for i in range(3)]
-    assert [t[3] for t in table] == [0, 0, WRITE]  # §2.8.20: only WRITE in a table
+    assert [t[3] for t in table] == [0, 0, WRITE]  # §2.8.7: only WRITE in a table
     assert p.driver.num_free == 3
     chain = p.device.pop()
     assert chain is not None

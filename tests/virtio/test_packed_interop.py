@@ -4,7 +4,7 @@ Our two sides are tested against each other elsewhere; a shared
 misreading of the spec would pass those. Here each side meets a small peer
 written straight from a reference instead:
 
-- :class:`SpecDriver` is the driver example of virtio 1.2 §2.8.21 (the
+- :class:`SpecDriver` is the driver example of virtio 1.2 §2.8 "Supplying Buffers" (the
   buffer id only in the last descriptor of a list, the head's flags last;
   the used side skips by its own list lengths), with Linux
   ``is_used_desc_packed`` for what is used and ``virtqueue_kick_prepare_packed``
@@ -38,7 +38,7 @@ _U32 = struct.Struct("<I")
 
 
 class SpecDriver:
-    """The spec's example driver (§2.8.21), no EVENT_IDX, over raw bytes."""
+    """The spec's example driver ("Supplying Buffers"), no EVENT_IDX, over raw bytes."""
 
     def __init__(self, raw: memoryview, layout: PackedLayout) -> None:
         self.raw, self.layout, self.size = raw, layout, layout.size

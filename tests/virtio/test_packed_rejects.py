@@ -238,7 +238,7 @@ def test_reject_indirect_with_next(take: str) -> None:
 
 
 def test_reject_indirect_inside_a_list(take: str) -> None:
-    """§2.8.20: no INDIRECT descriptor in a list linked by NEXT."""
+    """§2.8 driver requirements: no INDIRECT descriptor in a list linked by NEXT."""
     h = HostilePackedDriver(4, features=IND)
     at, ln = h.table(T, [(D, 8, 0)])
     h.offer(0, [(D, 8, 0), (at, ln, INDIRECT)])

@@ -489,7 +489,10 @@ class DeviceQueue:
         slot = self._next_used
         # id and len now, flags (what the driver polls) at publish_used
         USED_BODY.pack_into(self._desc, slot * DESC_SIZE + 8, length, head)
-        self._staged.append((slot, (AVAIL | USED) if self._used_wrap else 0))
+        # §2.8.3: WRITE in a used descriptor says data was written (QEMU sets it too)
+        self._staged.append(
+            (slot, ((AVAIL | USED) if self._used_wrap else 0) | (_WRITE if length else 0))
+        )
         count = self._inflight[head]
         self._inflight[head] = 0
         self._inflight_slots -= count
@@ -516,7 +519,7 @@ class DeviceQueue:
                 if not 0 <= length < _U32_LIMIT:
                     raise LocalProtocolError(f"used length {length} out of range")
                 pack(desc, slot * DESC_SIZE + 8, length, head)
-                staged.append((slot, (AVAIL | USED) if w else 0))
+                staged.append((slot, ((AVAIL | USED) if w else 0) | (_WRITE if length else 0)))
                 count = inflight[head]
                 inflight[head] = 0
                 self._in_flight -= 1

@@ -226,14 +226,14 @@ class DriverQueue(Generic[T]):
         rtotal = wtotal = 0
         for _, ln in readable:
             if ln <= 0:
-                raise LocalProtocolError("zero-length buffers are not allowed (§2.8.6)")
+                raise LocalProtocolError("zero-length buffers are not allowed")
             rtotal += ln
         for _, ln in writable:
             if ln <= 0:
-                raise LocalProtocolError("zero-length buffers are not allowed (§2.8.6)")
+                raise LocalProtocolError("zero-length buffers are not allowed")
             wtotal += ln
         if rtotal + wtotal >= _U32_LIMIT:
-            raise LocalProtocolError("chain of 2^32 bytes or more (§2.8.6)")
+            raise LocalProtocolError("chain of 2^32 bytes or more")
         use_ind = 1 < nseg <= self._ind_max
         need = 1 if use_ind else nseg
         if need > self.num_free:
@@ -267,7 +267,7 @@ class DriverQueue(Generic[T]):
                     k += 1
                     flags = wflag | (_NEXT if k < nseg else 0) | (AVAIL if wrap else USED)
                     if k == 1:
-                        # the head: its flags wait for publish (§2.8.21: made available last)
+                        # the head: its flags wait for publish (§2.8.6: made available last)
                         BODY.pack_into(desc, pos * DESC_SIZE, addr, ln, bid)
                         head_flags = flags
                     else:

@@ -61,6 +61,9 @@ def state_problem(s: PackedQueueState) -> str | None:
         return "in-flight slots do not add up to the distance between the positions"
     if not 0 <= s.moved <= n or len(s.staged) > n:
         return "staged completions exceed the ring"
-    if any(not 0 <= slot < n or flags not in (0, 0x8080) for slot, flags in s.staged):
+    if any(
+        not 0 <= slot < n or flags & ~0x8082 or (flags & 0x8080) not in (0, 0x8080)
+        for slot, flags in s.staged
+    ):
         return "a staged used descriptor is outside the ring or has foreign flags"
     return None
