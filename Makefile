@@ -31,7 +31,7 @@ test: $(TEST_STAMP)
 	$(BIN)/mypy
 	$(BIN)/mypy --strict examples/virtio-rng/src
 	$(BIN)/python -m pytest --cov --cov-report= $(PYTEST_ARGS)
-	$(BIN)/coverage report --include='virtio/split/*,virtio/status.py' --fail-under=95 --show-missing
+	$(BIN)/coverage report --include='virtio/split/*,virtio/packed/*,virtio/status.py' --fail-under=95 --show-missing
 
 # The main job: the host daemon with the embedded default config (card mic0
 # booted at start, with a console and a 64 MiB disk in the state directory).

@@ -29,20 +29,24 @@ def ring(r: dict[str, Any]) -> list[str]:
         "copies the payload into a shared buffer and makes it available; the device takes it, "
         "copies it to device-local memory and returns it; the driver reaps it. `ceiling` is a "
         "bare struct ring with no checks; `mic-vop` is `DriverQueue`/`DeviceQueue` with every "
-        "hostile-peer check; `pipe` is `multiprocessing.Pipe` request/response. `2proc`: device "
-        "in a forked process on the other core, both busy-polling shared memory.",
+        "hostile-peer check; `packed` is the packed ring (`virtio.packed`) doing the same "
+        "calls, measured in the same run; `pipe` is `multiprocessing.Pipe` request/response. "
+        "`2proc`: device in a forked process on the other core, both busy-polling shared memory.",
         "",
         "| mode | payload | batch | ceiling req/s | mic-vop req/s | pipe req/s "
-        "| vs ceiling | vs pipe |",
-        "|---|---|---|---|---|---|---|---|",
+        "| vs ceiling | vs pipe | packed req/s | packed vs split |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
         pipe = row["pipe_rps"]
         vs_pipe = row["ratio_vs_pipe"]
+        pk = row.get("packed_rps")
+        pk_cells = "- | -" if pk is None else f"{pk:,} | {row['ratio_packed_vs_split']:.2f}x"
         out.append(
             f"| {row['mode']} | {row['size']} B | {row['batch']} | {row['ceiling_rps']:,} | "
             f"{row['micvop_rps']:,} | {'-' if pipe is None else f'{pipe:,}'} | "
-            f"{row['ratio_vs_ceiling']:.2f}x | {'-' if vs_pipe is None else f'{vs_pipe:.1f}x'} |"
+            f"{row['ratio_vs_ceiling']:.2f}x | {'-' if vs_pipe is None else f'{vs_pipe:.1f}x'} | "
+            f"{pk_cells} |"
         )
     t = r["targets"]
     out += [

@@ -17,6 +17,7 @@ def test_ring_bench_runs_and_writes_ratios(tmp_path: Path) -> None:
     rows = {(r["mode"], r["size"], r["batch"]) for r in data["rows"]}
     assert ("1proc", 64, 32) in rows
     assert all(r["micvop_rps"] > 0 and r["ratio_vs_ceiling"] > 0 for r in data["rows"])
+    assert all(r["packed_rps"] > 0 and r["ratio_packed_vs_split"] > 0 for r in data["rows"])
 
 
 def test_report_renders_every_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

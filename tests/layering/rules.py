@@ -83,6 +83,9 @@ LAYERS: dict[str, tuple[tuple[str, ...], ...]] = {
         ("memory", "layouts"),
         # the ring cores (split: layout, chain, device side, driver side, faults, fence)
         ("split",),
+        # the packed ring core (driver side, device side, layout; reuses
+        # split's faults, fence and chain)
+        ("packed",),
         # the device page: live entry accessors, status negotiation, the
         # handshakes (status/host_ack, config change/guest_ack, used-ring move,
         # vdev reset, hot remove) as host and card halves

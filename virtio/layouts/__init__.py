@@ -72,8 +72,10 @@ from virtio.layouts.micpage import (
     parse_bootparam,
 )
 from virtio.layouts.vring import (
+    PACKED_DESC_BODY_STRUCT,
     PACKED_DESC_STRUCT,
     PACKED_EVENT_STRUCT,
+    PACKED_USED_STRUCT,
     SPLIT_DESC_STRUCT,
     USED_ELEM_STRUCT,
     PackedDesc,
@@ -104,6 +106,8 @@ __all__ = [
     "PackedEvent",
     "PACKED_DESC_STRUCT",
     "PACKED_EVENT_STRUCT",
+    "PACKED_DESC_BODY_STRUCT",
+    "PACKED_USED_STRUCT",
     # virtio-blk (spec 5.2)
     "BlkReqHeader",
     "BlkDiscardWriteZeroes",

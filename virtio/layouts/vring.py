@@ -35,6 +35,8 @@ __all__ = [
     "PackedEvent",
     "PACKED_DESC_STRUCT",
     "PACKED_EVENT_STRUCT",
+    "PACKED_DESC_BODY_STRUCT",
+    "PACKED_USED_STRUCT",
 ]
 
 
@@ -168,3 +170,10 @@ PackedEvent = Struct(
 
 PACKED_DESC_STRUCT = struct.Struct("<QIHH")
 PACKED_EVENT_STRUCT = struct.Struct("<HH")
+#: :data:`PackedDesc` without its trailing ``flags`` (``addr, len, id``): the
+#: flags word is what the peer polls, so it is published by itself with one
+#: aligned 16-bit store after the body is written (tested against the declaration).
+PACKED_DESC_BODY_STRUCT = struct.Struct("<QIH")
+#: ``len, id`` of :data:`PackedDesc` at offset 8: what the device writes into a
+#: used descriptor before publishing its flags (tested against the declaration).
+PACKED_USED_STRUCT = struct.Struct("<IH")

@@ -1,9 +1,11 @@
-"""Why a split ring is refused: the fault codes and the two errors of the ring core.
+"""Why a ring is refused: the fault codes and the two errors of the ring core.
 
 Owns :class:`RingFault` (one code per rule a peer can break), :class:`RingError`
 (the peer broke a rule; a :class:`~virtio.errors.RemoteProtocolError` that
 latches the queue broken, as QEMU's ``virtio_error``) and :class:`QueueBroken`
-(use of a queue after that). The bottom of ``virtio.split``: imports only
+(use of a queue after that). Shared by the split ring and the packed ring
+(:mod:`virtio.packed` raises the same errors; its own codes are at the end of
+the enum). The bottom of ``virtio.split``: imports only
 :mod:`virtio.errors`; must not import the other ``virtio.split`` modules,
 asyncio, the OS or ``transport``.
 """
@@ -43,6 +45,14 @@ class RingFault(StrEnum):
     USED_IDX_JUMP = "used-index-jump"
     USED_ID_OUT_OF_RANGE = "used-id-out-of-range"
     USED_ID_NOT_HEAD = "used-id-not-outstanding"
+    # packed ring (virtio 1.2 §2.8)
+    BUFFER_ID_OUT_OF_RANGE = "buffer-id-out-of-range"
+    BUFFER_ID_IN_USE = "buffer-id-already-in-use"
+    DESC_NOT_AVAILABLE = "chain-descriptor-not-available"
+    RING_OVERRUN = "ring-overrun"
+    INDIRECT_IN_CHAIN = "indirect-in-chain"
+    BAD_EVENT_FLAGS = "bad-event-flags"
+    BAD_EVENT_OFFSET = "bad-event-offset"
 
 
 class RingError(RemoteProtocolError):
