@@ -36,7 +36,7 @@ run: install
 
 bench: install
 	$(BIN)/python -m bench.ring
-	$(BIN)/python -m bench.transport
+	$(BIN)/python -m bench.transport_bench
 	$(BIN)/python -m bench.boot
 	$(BIN)/python -m bench.block
 	$(BIN)/python -m bench.accel

@@ -55,6 +55,7 @@ from transport.messages import (
     decode_from_host,
     encode,
 )
+from virtio import trace
 from virtio.constants import DeviceType
 from virtio.errors import (
     BrokenResourceError,
@@ -427,6 +428,8 @@ class CardOS:
         try:
             while True:
                 await vec.wait()
+                if trace.ON:
+                    trace.mark(trace.CARD_IRQ)
                 for db in sorted(mmio.ack_doorbells(0)):
                     self.bus.on_doorbell(db)
         except BrokenResourceError:

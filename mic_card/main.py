@@ -27,6 +27,7 @@ from mic_card.card import CardOS, DmesgHandler
 from transport import PcieCard
 from transport.errors import HandshakeError, LinkLost
 from transport.messages import Crashed, ShutdownStatusReport, encode
+from transport.tracing import install_from_env as install_trace
 from virtio.errors import BrokenResourceError, MicError, MicTimeoutError
 
 __all__ = ["main"]
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     logging.getLogger().addHandler(dmesg)
+    install_trace("card")
     try:
         return asyncio.run(_amain(args, dmesg))
     except KeyboardInterrupt:

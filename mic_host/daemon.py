@@ -37,6 +37,7 @@ from mic_host.paths import (
     resolve_state_dir,
     secure_state_dir,
 )
+from transport.tracing import install_from_env as install_trace
 from virtio.agent import exec_problem
 from virtio.errors import ConfigError, LocalProtocolError, MicError, ResourceError
 
@@ -301,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             _setup_logging(cfg.state_dir, args.log_level)
             secure_state_dir(cfg.state_dir)  # after logging: a tightened mode is logged
             log.info("config: %s", cfg.source)
+            install_trace("host")
             return asyncio.run(_amain(cfg, exit_with_parent=args.exit_with_parent))
     except ResourceError as e:
         print(f"mic-host: {e}", file=sys.stderr)

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from enum import Enum
 from typing import Protocol
 
+from virtio import trace
 from virtio.errors import (
     BrokenResourceError,
     ClosedResourceError,
@@ -197,6 +198,8 @@ class QueueEndpoint:
             raise BrokenResourceError(f"queue {self.index}: {e}") from e
         if chain is not None:
             self._inflight[id(chain)] = chain
+            if trace.ON:
+                trace.mark(trace.POP)
         return chain
 
     def get_nowait(self) -> Chain:
@@ -312,6 +315,8 @@ class QueueEndpoint:
             self.errors += 1
             self._owner._ring_error(self.index, e)
             return False
+        if trace.ON:
+            trace.mark(trace.PUSH)
         self.buffers += 1
         self.bytes_in += chain.readable_len
         self.bytes_out += written_len
@@ -333,6 +338,8 @@ class QueueEndpoint:
             return
         if q.publish_used():
             self.interrupts += 1
+            if trace.ON:
+                trace.mark(trace.INTERRUPT)
             self._owner._interrupt()
         self._owner._published(self.index, q.next_avail)
 

@@ -57,6 +57,7 @@ from transport.messages import (
     RunResult,
     ShutdownStatusReport,
 )
+from virtio import trace
 from virtio.errors import BrokenResourceError, MicError, MicTimeoutError, RemoteProtocolError
 from virtio.memory import Memory
 from virtio.ratelimit import LogBudget
@@ -90,6 +91,8 @@ async def pump_doorbells(mmio: Mmio, on_doorbell: Callable[[int], None]) -> None
     sleeps, turn = vec.sleeps, clock()
     while True:
         await vec.wait()
+        if trace.ON:
+            trace.mark(trace.HOST_WAKE)
         for db in sorted(mmio.ack_doorbells(0)):
             on_doorbell(db)
         if vec.sleeps != sleeps:  # it suspended: other tasks ran meanwhile
