@@ -37,6 +37,7 @@ from mic_host.paths import (
     resolve_state_dir,
     secure_state_dir,
 )
+from transport import spinloop
 from transport.tracing import install_from_env as install_trace
 from virtio.agent import exec_problem
 from virtio.errors import ConfigError, LocalProtocolError, MicError, ResourceError
@@ -303,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             secure_state_dir(cfg.state_dir)  # after logging: a tightened mode is logged
             log.info("config: %s", cfg.source)
             install_trace("host")
-            return asyncio.run(_amain(cfg, exit_with_parent=args.exit_with_parent))
+            return spinloop.run(_amain(cfg, exit_with_parent=args.exit_with_parent))
     except ResourceError as e:
         print(f"mic-host: {e}", file=sys.stderr)
         return 2

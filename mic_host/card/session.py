@@ -46,7 +46,15 @@ from mic_host.config import CardConfig
 from mic_host.lifecycle import CardEvent, CardLifecycle, CardState, ShutdownStatus
 from mic_host.paths import accel_socket_path
 from mic_host.vop import Vop
-from transport import CardIdentity, Mmio, PcieConfig, PcieHost, Perm
+from transport import (
+    CardIdentity,
+    Mmio,
+    NotifyMode,
+    NotifyPolicy,
+    PcieConfig,
+    PcieHost,
+    Perm,
+)
 from transport.messages import (
     CardMessage,
     Crashed,
@@ -66,6 +74,10 @@ __all__ = ["LINK_GRACE", "BootSession", "SessionOwner", "net_params"]
 
 log = logging.getLogger("mic_host.card")
 
+#: How the doorbell pump's vector waits: armed at once, no spin inside the task
+#: (a spin there holds the loop while the backend it just woke is ready to run);
+#: the loop itself polls before it sleeps (``transport.spinloop``).
+PUMP_NOTIFY = NotifyPolicy(NotifyMode.EVENTFD)
 #: How long a lost link may precede the process exit before we call it a crash.
 LINK_GRACE = 2.0
 #: Longest stretch the doorbell pump keeps the event loop while the card keeps
@@ -224,6 +236,7 @@ class BootSession:
                 card=CardIdentity(o.name, node_id=o.node_id),
                 config=pcfg,
                 boot_params=self._boot_params(backends),
+                notify=PUMP_NOTIFY,
             ) as pcie:
                 win = pcie.smpt.open(0, cfg.host_ram, Perm.RW)
                 async with Vop(_Platform(pcie, win.addr(0)), log_budget=self.log_budget) as vop:

@@ -94,7 +94,7 @@ LAYERS: dict[str, tuple[tuple[str, ...], ...]] = {
     "transport": (
         ("errors",),
         # regions, doorbells/interrupts, the typed control-link messages, tap
-        ("region", "notify", "messages", "tap", "tracing"),
+        ("region", "notify", "messages", "tap", "tracing", "spinloop"),
         # MMIO registers, the framed control link and its boot handshake, the DMA engine
         ("mmio", "link", "dma", "handshake"),
         # address spaces through windows (aperture, SMPT, IOMMU)
