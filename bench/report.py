@@ -236,6 +236,18 @@ def isolation(i: dict[str, Any]) -> list[str]:
         f"({yes('rss_growth_mib')}); no healthy-card error ({yes('no_errors')}).",
         "",
     ]
+    before = _load("isolation_before")
+    if before is not None:
+        b_alone, b_nb = before["phases"][0], before["phases"][1]
+        out += [
+            f"Before the latency work (issue 19; {before['when']}, {before['seconds']:g} s per "
+            f"phase, same window): block p99 {b_alone['block_p99_ms']:.3f} ms alone, "
+            f"{b_nb['block_p99_ms']:.3f} ms with the neighbour = "
+            f"{before['block_p99_ratio']:.2f}x; console echo p99 "
+            f"{b_alone['console_p99_ms']:.3f} / {b_nb['console_p99_ms']:.3f} ms; missed "
+            f"heartbeats {b_nb['missed_heartbeats']}.",
+            "",
+        ]
     return out
 
 
@@ -314,6 +326,20 @@ def latency(lat: dict[str, Any]) -> list[str]:
         ]
     for key, why in lat.get("skipped", {}).items():
         out += [f"`{key}` rows skipped: {why}.", ""]
+    ab = _load("throughput_ab")
+    if ab:
+        out += [
+            "### Issue 16's throughput targets, before and after (no trade)",
+            "",
+            f"{ab['note']}",
+            "",
+            "| figure | before | after | goal |",
+            "|---|---|---|---|",
+        ]
+        out.extend(
+            f"| {r['figure']} | {r['before']} | {r['after']} | {r['goal']} |" for r in ab["rows"]
+        )
+        out.append("")
     tb = _load("latency_trace_before") or {}
     tb_trace = tb.get("trace", {})
     ta = lat.get("trace", {})
