@@ -283,7 +283,8 @@ def latency(lat: dict[str, Any]) -> list[str]:
         "the host pty until its echo; net: ICMP echo from the card's namespace to the host "
         "address through the card's NIC (a raw-socket pinger, back to back; `10 ms apart` is "
         "`ping -i 0.01`). Goals (issue 19): block and console p50 <= 2x the floor, net "
-        "<= 3x, every p99 <= 2x its p50, idle < 1% of a CPU each.",
+        "<= 3x, every p99 <= 2x its p50, idle < 1% of a CPU each. How, why and what each "
+        "change was worth: `docs/latency.md`.",
         "",
     ]
     if before is not None:
