@@ -250,6 +250,11 @@ class QueueEndpoint:
                 self._owner._ring_error(self.index, e)
                 raise BrokenResourceError(str(e)) from e
             if not again:
+                if self._flush_handle is not None:
+                    # Nothing more is waiting: publish what was completed now
+                    # rather than one loop iteration later (coalesce only
+                    # while work waits, never by waiting for it).
+                    self.flush()
                 await self._wake.wait()
             if self._queue is q and not q.broken:
                 q.disable_notifications()
