@@ -66,12 +66,14 @@ __all__ = [
 T = TypeVar("T")
 
 ENV = "MIC_LOOP_SPIN_US"
-#: Longest spin before the loop sleeps: KVM's default ``halt_poll_ns``. A block
-#: request spends 20-60 µs on the other side; a ping from the card leaves the
-#: daemon idle ~140 µs between two packets (the pinger's own wake-up is in
-#: it), which a 100 µs maximum never caught (measured: the host slept at every
-#: doorbell, 30-45 µs each).
-DEFAULT_SPIN_US = 200
+#: Longest spin before the loop sleeps. A block request spends 20-60 µs on the
+#: other side; a console echo or a ping from the card involves a third process
+#: (the reader, the pinger) whose own wake-up sits inside the gap, 150-300 µs:
+#: with 100 µs the daemon slept at every doorbell; on the quiet machine 400
+#: against 200 µs gave console echo p50 160-170 against 300-330 µs, block read
+#: 73 against 80-90 µs (two runs each). Idle, the budget still halves at every
+#: long sleep (400 -> 0 in six).
+DEFAULT_SPIN_US = 400
 #: First budget after a short sleep showed that spinning would pay.
 GROW_START_NS = 10_000
 #: How often a spinning loop checks that no task waits for a CPU.
