@@ -45,12 +45,13 @@ run: $(RUN_STAMP)
 
 bench: install
 	$(BIN)/python -m bench.ring
-	$(BIN)/python -m bench.transport
+	$(BIN)/python -m bench.transport_bench
 	$(BIN)/python -m bench.boot
 	$(BIN)/python -m bench.block
 	$(BIN)/python -m bench.accel
 	$(BIN)/python -m bench.net
 	$(BIN)/python -m bench.isolation
+	$(BIN)/python -m bench.latency --trace
 	$(BIN)/python -m bench.report
 
 fmt: install

@@ -13,6 +13,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 OUT = ROOT / "docs" / "performance.md"
+SUMMARY = RESULTS / "summary.json"
+#: Issue 16's baseline ("today", measured on a quiet machine before its work):
+#: block 4 KiB random QD32 IOPS; its goal until bench/vhost_user.py exists is 3x.
+BLOCK_QD32_BASELINE_IOPS = {"randread": 24_900, "randwrite": 15_700}
 
 
 def _load(name: str) -> dict[str, Any] | None:
@@ -60,7 +64,7 @@ def ring(r: dict[str, Any]) -> list[str]:
 
 def transport(t: dict[str, Any]) -> list[str]:
     out = [
-        "## Transport (`bench/transport.py`)",
+        "## Transport (`bench/transport_bench.py`)",
         "",
         f"Measured {t['when']}. Doorbell round trip between two processes (µs, mean / p50 / "
         "p99); `split` = pinned to different cores, `same` = one core. Details and the DMA "
@@ -236,7 +240,300 @@ def isolation(i: dict[str, Any]) -> list[str]:
         f"({yes('rss_growth_mib')}); no healthy-card error ({yes('no_errors')}).",
         "",
     ]
+    before = _load("isolation_before")
+    if before is not None:
+        b_alone, b_nb = before["phases"][0], before["phases"][1]
+        out += [
+            f"Before the latency work (issue 19; {before['when']}, {before['seconds']:g} s per "
+            f"phase, same window): block p99 {b_alone['block_p99_ms']:.3f} ms alone, "
+            f"{b_nb['block_p99_ms']:.3f} ms with the neighbour = "
+            f"{before['block_p99_ratio']:.2f}x; console echo p99 "
+            f"{b_alone['console_p99_ms']:.3f} / {b_nb['console_p99_ms']:.3f} ms; missed "
+            f"heartbeats {b_nb['missed_heartbeats']}.",
+            "",
+        ]
     return out
+
+
+def _trace_table(before: dict[str, Any] | None, after: dict[str, Any] | None) -> list[str]:
+    """Per-hop medians of one row, before and after, step by step."""
+    steps: dict[str, list[str]] = {}
+    for col, t in ((0, before), (1, after)):
+        for s in (t or {}).get("steps", []):
+            cell = f"{s['p50_us']:.1f}" + (
+                f" (x{s['per_episode']:g})" if s["per_episode"] != 1 else ""
+            )
+            steps.setdefault(s["step"], ["-", "-"])[col] = cell
+    out = ["| step | before µs | after µs |", "|---|---|---|"]
+    out.extend(f"| {k} | {v[0]} | {v[1]} |" for k, v in steps.items())
+
+    def total(t: dict[str, Any] | None) -> str:
+        return "-" if not t or t.get("episode_p50_us") is None else f"{t['episode_p50_us']:.1f}"
+
+    out.append(f"| **whole episode (median)** | {total(before)} | {total(after)} |")
+    return out
+
+
+def latency(lat: dict[str, Any]) -> list[str]:
+    before = _load("latency_before")
+    out = [
+        "## Latency, one request at a time (`bench/latency.py`)",
+        "",
+        f"Measured {lat['when']} ({lat['code']}; load average {lat['loadavg'][0]:.2f}), "
+        f"{lat['n']} requests per run, median of {lat['runs']} runs. The floor is two asyncio "
+        "processes ping-ponging over eventfds with `add_reader` and no spin, measured in the "
+        "same run (before, between and after the rows); `ratio` = p50 / floor p50. Block: a "
+        "card app, 4 KiB random at queue depth 1 into a DMA buffer; console: a byte typed on "
+        "the host pty until its echo; net: ICMP echo from the card's namespace to the host "
+        "address through the card's NIC (a raw-socket pinger, back to back; `10 ms apart` is "
+        "`ping -i 0.01`). Goals (issue 19): block and console p50 <= 2x the floor, net "
+        "<= 3x, every p99 <= 2x its p50, idle < 1% of a CPU each. How, why and what each "
+        "change was worth: `docs/latency.md`.",
+        "",
+    ]
+    if before is not None:
+        out += [
+            f"Before: {before['when']} ({before['code']}; load {before['loadavg'][0]:.2f}), "
+            "the same bench against the code before this work, in the same window.",
+            "",
+            "| row | before p50 µs | before p99 µs | before ratio | after p50 µs "
+            "| after p99 µs | after ratio | goal | met |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        old = {r["key"]: r for r in before["rows"]}
+        for r in lat["rows"]:
+            b = old.get(r["key"])
+            bcells = (
+                f"{b['p50_us']:.1f} | {b['p99_us']:.1f} | {b['ratio']:.2f}x" if b else "- | - | -"
+            )
+            goal = "-" if r["goal"] is None else f"<= {r['goal']:g}x"
+            out.append(
+                f"| {r['label']} | {bcells} | {r['p50_us']:.1f} | {r['p99_us']:.1f} | "
+                f"{r['ratio']:.2f}x | {goal} | {_met(r['met'])} |"
+            )
+    else:
+        out += ["| row | p50 µs | p99 µs | ratio | goal | met |", "|---|---|---|---|---|---|"]
+        for r in lat["rows"]:
+            goal = "-" if r["goal"] is None else f"<= {r['goal']:g}x"
+            out.append(
+                f"| {r['label']} | {r['p50_us']:.1f} | {r['p99_us']:.1f} | {r['ratio']:.2f}x | "
+                f"{goal} | {_met(r['met'])} |"
+            )
+    out.append("")
+    idle = lat.get("idle")
+    if idle:
+        bi = (before or {}).get("idle") or {}
+        was = f" (before: daemon {bi['daemon_pct']:.2f}%, card {bi['card_pct']:.2f}%)" if bi else ""
+        out += [
+            f"Idle, a card online and nothing to do for {idle['seconds']:g} s (`/proc/PID/stat`): "
+            f"daemon {idle['daemon_pct']:.2f}%, card {idle['card_pct']:.2f}% of a CPU{was}.",
+            "",
+        ]
+    for key, why in lat.get("skipped", {}).items():
+        out += [f"`{key}` rows skipped: {why}.", ""]
+    ab = _load("throughput_ab")
+    if ab:
+        out += [
+            "### Issue 16's throughput targets, before and after (no trade)",
+            "",
+            f"{ab['note']}",
+            "",
+            "| figure | before | after | goal |",
+            "|---|---|---|---|",
+        ]
+        out.extend(
+            f"| {r['figure']} | {r['before']} | {r['after']} | {r['goal']} |" for r in ab["rows"]
+        )
+        out.append("")
+    tb = _load("latency_trace_before") or {}
+    tb_trace = tb.get("trace", {})
+    ta = lat.get("trace", {})
+    if ta or tb_trace:
+        out += [
+            "### Where one request's time goes (`MIC_TRACE`, `bench/latency.py --trace`)",
+            "",
+            "Median time of each step between consecutive hops, merged from the daemon's and "
+            "the card's marks (`virtio/trace.py`; x N: the step happens N times per request). "
+            f"Before: {tb.get('code', '-')}; after: {lat['code']}.",
+            "",
+        ]
+        for what in ("block", "console", "net"):
+            if what in ta or what in tb_trace:
+                out += [f"**{what}**", ""]
+                out += _trace_table(tb_trace.get(what), ta.get(what))
+                out.append("")
+    return out
+
+
+# -- the summary: every target of every bench, measured, goal, met ---------------------
+
+
+def _row(bench: str, target: str, measured: str, goal: str, met: bool | None) -> dict[str, Any]:
+    return {"bench": bench, "target": target, "measured": measured, "goal": goal, "met": met}
+
+
+def _ring_targets(r: dict[str, Any]) -> list[dict[str, Any]]:
+    t = r["targets"]
+    out = []
+    for row in r["rows"]:
+        if row["mode"] != "2proc" or row["batch"] != 32:
+            continue
+        out.append(
+            _row("ring", f"2 processes, batch 32, {row['size']} B vs bare struct ring",
+                 f"{row['ratio_vs_ceiling']:.2f}x", f">= {t['batch32_vs_ceiling']}x",
+                 row["ratio_vs_ceiling"] >= t["batch32_vs_ceiling"])
+        )  # fmt: skip
+        if row["ratio_vs_pipe"] is not None:
+            out.append(
+                _row("ring", f"2 processes, batch 32, {row['size']} B vs multiprocessing.Pipe",
+                     f"{row['ratio_vs_pipe']:.2f}x", f">= {t['vs_pipe']}x",
+                     row["ratio_vs_pipe"] >= t["vs_pipe"])
+            )  # fmt: skip
+    return out
+
+
+def _boot_targets(b: dict[str, Any]) -> list[dict[str, Any]]:
+    t = b["targets"]
+    wall = b["boot_wall_s"]["median"]
+    return [
+        _row("boot", "boot -> online", f"{wall * 1000:.0f} ms", f"<= {t['boot_s'] * 1000:.0f} ms",
+             wall <= t["boot_s"]),
+        _row("boot", "host + card memory (PSS)", f"{b['total_pss_mib']:.1f} MiB",
+             f"<= {t['total_mib']} MiB", b["total_pss_mib"] <= t["total_mib"]),
+    ]  # fmt: skip
+
+
+def _block_targets(b: dict[str, Any]) -> list[dict[str, Any]]:
+    goal = b["target"]["seqread_vs_local"]
+    best = b["ratios"]["seqread_vs_local_best"]
+    out = [
+        _row("block", "1 MiB sequential read QD8 vs local read", f"{best:.2f}x", f">= {goal}x",
+             best >= goal)
+    ]  # fmt: skip
+    for pattern, base in BLOCK_QD32_BASELINE_IOPS.items():
+        rows = [r for r in b["rows"] if r["pattern"] == pattern and r["zero_copy"]]
+        if not rows:
+            continue
+        iops = max(r["card_iops"] for r in rows)
+        out.append(
+            _row("block", f"4 KiB {pattern} QD32 IOPS (issue 16: 3x its baseline {base:,})",
+                 f"{iops:,} ({iops / base:.2f}x)", f">= {3 * base:,}", iops >= 3 * base)
+        )  # fmt: skip
+    return out
+
+
+def _accel_targets(a: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        _row("accel", name, str(t["value"]), str(t["target"]), bool(t["met"]))
+        for name, t in a["targets"].items()
+    ]
+
+
+def _net_targets(n: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        _row("net", f"iperf3 {row['direction'].replace('_', ' ')} vs veth (and above the relay)",
+             f"{row['vs_veth']:.2f}x veth, {row['vs_relay']:.2f}x relay",
+             f">= {n['target_vs_veth']}x veth, > 1x relay", bool(row["met"]))
+        for row in n["rows"]
+    ]  # fmt: skip
+
+
+def _isolation_targets(i: dict[str, Any]) -> list[dict[str, Any]]:
+    goals, met = i["goals"], i["met"]
+    nb = i["phases"][1]
+    return [
+        _row("isolation", "healthy block p99 next to a hostile card vs alone",
+             f"{i['block_p99_ratio']:.2f}x", f"<= {goals['p99_ratio']:g}x", met["p99_ratio"]),
+        _row("isolation", "missed heartbeats", str(nb["missed_heartbeats"]),
+             f"== {goals['missed_heartbeats']}", met["missed_heartbeats"]),
+        _row("isolation", "daemon RSS growth", f"{nb['rss_growth_mib']:.1f} MiB",
+             f"<= {goals['rss_growth_mib']} MiB", met["rss_growth_mib"]),
+        _row("isolation", "no healthy-card error", "none" if met["no_errors"] else "errors",
+             "none", met["no_errors"]),
+    ]  # fmt: skip
+
+
+def _latency_targets(lat: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    tail = lat["goals"]["p99_vs_p50"]
+    for r in lat["rows"]:
+        if r["goal"] is None:
+            continue
+        out.append(
+            _row("latency", f"{r['label']}: p50 vs floor", f"{r['ratio']:.2f}x "
+                 f"({r['p50_us']:.0f} µs)", f"<= {r['goal']:g}x", r["ratio"] <= r["goal"])
+        )  # fmt: skip
+        out.append(
+            _row("latency", f"{r['label']}: p99 vs its p50", f"{r['p99_vs_p50']:.2f}x",
+                 f"<= {tail:g}x", r["p99_vs_p50"] <= tail)
+        )  # fmt: skip
+    for key, why in lat.get("skipped", {}).items():
+        out.append(_row("latency", f"{key} rows", f"skipped: {why}", "-", None))
+    idle = lat.get("idle")
+    if idle:
+        for who in ("daemon", "card"):
+            v = idle[f"{who}_pct"]
+            goal = lat["goals"]["idle_cpu_pct"]
+            out.append(
+                _row("latency", f"idle CPU of the {who} (a card online, nothing to do)",
+                     f"{v:.2f}%", f"< {goal:g}%", v < goal)
+            )  # fmt: skip
+    return out
+
+
+SUMMARIES = (
+    ("ring", _ring_targets),
+    ("boot", _boot_targets),
+    ("block", _block_targets),
+    ("accel", _accel_targets),
+    ("net", _net_targets),
+    ("isolation", _isolation_targets),
+    ("latency", _latency_targets),
+)
+
+
+def summary() -> list[dict[str, Any]]:
+    """One row per target of every bench whose results exist."""
+    rows: list[dict[str, Any]] = []
+    for name, fn in SUMMARIES:
+        data = _load(name)
+        if data is None:
+            rows.append(_row(name, "(all)", f"no bench/results/{name}.json", "-", None))
+        else:
+            rows.extend(fn(data))
+    return rows
+
+
+def _met(v: bool | None) -> str:
+    return "-" if v is None else ("yes" if v else "**no**")
+
+
+def summary_md(rows: list[dict[str, Any]]) -> list[str]:
+    out = [
+        "## Summary: every target",
+        "",
+        "Also in `bench/results/summary.json`; `make bench` ends by printing it.",
+        "",
+        "| bench | target | measured | goal | met |",
+        "|---|---|---|---|---|",
+    ]
+    out.extend(
+        f"| {r['bench']} | {r['target']} | {r['measured']} | {r['goal']} | {_met(r['met'])} |"
+        for r in rows
+    )
+    out.append("")
+    return out
+
+
+def summary_text(rows: list[dict[str, Any]]) -> str:
+    cols = ("bench", "target", "measured", "goal", "met")
+    cells = [[r[c] if c != "met" else _met(r[c]).strip("*") for c in cols] for r in rows]
+    widths = [max(len(c), *(len(str(x[i])) for x in cells)) for i, c in enumerate(cols)]
+    line = "  ".join(f"{c:<{w}}" for c, w in zip(cols, widths, strict=True))
+    body = ["  ".join(f"{x!s:<{w}}" for x, w in zip(row, widths, strict=True)) for row in cells]
+    met = sum(1 for r in rows if r["met"])
+    judged = sum(1 for r in rows if r["met"] is not None)
+    return "\n".join([line, "-" * len(line), *body, f"{met} of {judged} targets met", ""])
 
 
 def main() -> int:
@@ -250,6 +547,7 @@ def main() -> int:
         "cores).",
         "",
     ]
+    intro = len(lines)
     sections = (
         ("ring", ring),
         ("transport", transport),
@@ -258,6 +556,7 @@ def main() -> int:
         ("accel", accel),
         ("net", net),
         ("isolation", isolation),
+        ("latency", latency),
     )
     for name, fn in sections:
         data = _load(name)
@@ -265,8 +564,14 @@ def main() -> int:
             lines += [f"## {name}", "", f"(no `bench/results/{name}.json` yet)", ""]
         else:
             lines += fn(data)
+    rows = summary()
+    lines[intro:intro] = summary_md(rows)
     OUT.write_text("\n".join(lines))
-    print(f"wrote {OUT}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    SUMMARY.write_text(json.dumps({"targets": rows}, indent=1) + "\n")
+    print(f"wrote {OUT} and {SUMMARY}")
+    print()
+    print(summary_text(rows))
     return 0
 
 

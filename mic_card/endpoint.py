@@ -22,6 +22,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from virtio import trace
 from virtio.errors import BrokenResourceError, LocalProtocolError, MicError, WouldBlock
 from virtio.split import DriverQueue, QueueBroken, RingError
 
@@ -123,6 +124,8 @@ class DriverEndpoint:
             raise BrokenResourceError(str(e)) from e
         self._outstanding.add(req)
         self.submitted += 1
+        if trace.ON:
+            trace.mark(trace.SUBMIT)
         if self._publish_handle is None:
             self._publish_handle = asyncio.get_running_loop().call_soon(self._publish)
         return req.future
@@ -162,6 +165,8 @@ class DriverEndpoint:
             return
         if self.queue.publish():
             self.kicks += 1
+            if trace.ON:
+                trace.mark(trace.DOORBELL)
             self._kick()
 
     def flush(self) -> None:
@@ -198,6 +203,8 @@ class DriverEndpoint:
                 else:
                     req.release = None  # the submitter owns the buffers again
                     req.future.set_result(length)
+                    if trace.ON:
+                        trace.mark(trace.COMPLETE)
             self._room.set()
 
     def fail(self, exc: BrokenResourceError) -> None:

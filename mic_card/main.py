@@ -16,7 +16,6 @@ link, handshake or boot parameters), 3 the link to the host was lost.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import logging
 import os
@@ -24,12 +23,18 @@ import socket
 import sys
 
 from mic_card.card import CardOS, DmesgHandler
-from transport import PcieCard
+from transport import NotifyMode, NotifyPolicy, PcieCard, spinloop
 from transport.errors import HandshakeError, LinkLost
 from transport.messages import Crashed, ShutdownStatusReport, encode
+from transport.tracing import install_from_env as install_trace
 from virtio.errors import BrokenResourceError, MicError, MicTimeoutError
 
 __all__ = ["main"]
+
+#: The interrupt pump's vector sleeps on its eventfd at once: a spin inside the
+#: task would hold the loop while the requests it just completed are ready to
+#: resume; the loop polls before it sleeps instead (``transport.spinloop``).
+PUMP_NOTIFY = NotifyPolicy(NotifyMode.EVENTFD)
 
 log = logging.getLogger("mic_card")
 
@@ -73,7 +78,7 @@ async def _amain(args: argparse.Namespace, dmesg: DmesgHandler) -> int:
                 link = socket.socket(fileno=args.link_fd)
             except OSError as e:
                 raise LinkLost(f"fd {args.link_fd} is not the host's link: {e}") from e
-        async with PcieCard.connect(link, expect_card=args.card) as pc:
+        async with PcieCard.connect(link, expect_card=args.card, notify=PUMP_NOTIFY) as pc:
             os_ = CardOS(
                 pc, apps=tuple(args.app), dmesg=dmesg, console_multiport=args.console_multiport
             )
@@ -107,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     logging.getLogger().addHandler(dmesg)
+    install_trace("card")
     try:
-        return asyncio.run(_amain(args, dmesg))
+        return spinloop.run(_amain(args, dmesg))
     except KeyboardInterrupt:
         return 130
 

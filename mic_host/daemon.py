@@ -42,6 +42,8 @@ from mic_host.paths import (
     secure_state_dir,
 )
 from mic_host.streams import serve_events, serve_logs, track_app, watch_card
+from transport import spinloop
+from transport.tracing import install_from_env as install_trace
 from virtio.agent import exec_problem
 from virtio.errors import ConfigError, LocalProtocolError, MicError, ResourceError
 
@@ -395,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
             _setup_logging(cfg.state_dir, args.log_level)
             secure_state_dir(cfg.state_dir)  # after logging: a tightened mode is logged
             log.info("config: %s", cfg.source)
-            return asyncio.run(_amain(cfg, exit_with_parent=args.exit_with_parent))
+            install_trace("host")
+            return spinloop.run(_amain(cfg, exit_with_parent=args.exit_with_parent))
     except ResourceError as e:
         print(f"mic-host: {e}", file=sys.stderr)
         return 2

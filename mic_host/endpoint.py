@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from enum import Enum
 from typing import Protocol
 
+from virtio import trace
 from virtio.errors import (
     BrokenResourceError,
     ClosedResourceError,
@@ -198,6 +199,8 @@ class QueueEndpoint:
         if chain is not None:
             self.popped += 1
             self._inflight[id(chain)] = chain
+            if trace.ON:
+                trace.mark(trace.POP)
         return chain
 
     def get_nowait(self) -> Chain:
@@ -250,6 +253,11 @@ class QueueEndpoint:
                 self._owner._ring_error(self.index, e)
                 raise BrokenResourceError(str(e)) from e
             if not again:
+                if self._flush_handle is not None:
+                    # Nothing more is waiting: publish what was completed now
+                    # rather than one loop iteration later (coalesce only
+                    # while work waits, never by waiting for it).
+                    self.flush()
                 await self._wake.wait()
                 woken = True
             if self._queue is q and not q.broken:
@@ -316,6 +324,8 @@ class QueueEndpoint:
             self.errors += 1
             self._owner._ring_error(self.index, e)
             return False
+        if trace.ON:
+            trace.mark(trace.PUSH)
         self.buffers += 1
         self.bytes_in += chain.readable_len
         self.bytes_out += written_len
@@ -337,6 +347,8 @@ class QueueEndpoint:
             return
         if q.publish_used():
             self.interrupts += 1
+            if trace.ON:
+                trace.mark(trace.INTERRUPT)
             self._owner._interrupt()
         self._owner._published(self.index, q.next_avail)
 

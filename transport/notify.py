@@ -35,10 +35,11 @@ import contextlib
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
-from virtio.errors import ClosedResourceError, WouldBlock
+from virtio.errors import ClosedResourceError, LocalProtocolError, WouldBlock
 
 __all__ = [
     "Doorbell",
@@ -196,6 +197,7 @@ class Vector:
         self._unmasked.set()
         self._error: BaseException | None = None
         self._closed = False
+        self._serving: Callable[[int], None] | None = None
         #: statistics: returns by path
         self.wakeups_spin = 0
         self.wakeups_eventfd = 0
@@ -222,6 +224,8 @@ class Vector:
         """Deliver held rings (a waiter returns at once if any are pending)."""
         self._words[self._mi] = 0
         self._unmasked.set()
+        if self._serving is not None and self._loop is not None:
+            self._loop.call_soon(self._deliver)
 
     def fail(self, exc: BaseException) -> None:
         """Make current and future waits raise ``exc`` (used on link loss)."""
@@ -268,7 +272,10 @@ class Vector:
         Raises:
             LinkLost: the link to the peer was lost (see :meth:`fail`).
             ClosedResourceError: the vector was closed.
+            LocalProtocolError: the vector is being served (:meth:`serve`).
         """
+        if self._serving is not None:
+            raise LocalProtocolError(f"vector {self.index} is being served (Vector.serve)")
         spun = False
         while True:
             self._check()
@@ -356,6 +363,68 @@ class Vector:
         finally:
             w[self._ai] = 0
             self._waiter = None
+
+    # -- serving from the eventfd callback ----------------------------------------
+    async def serve(self, on_rings: Callable[[int], None]) -> None:
+        """Call ``on_rings(n)`` from the eventfd's reader callback whenever rings
+        arrived, until the vector fails or is closed; never returns otherwise.
+
+        What a :meth:`wait` loop does, one loop iteration and one task switch
+        sooner: the work runs in the callback that noticed the ring, as an
+        ISR does. The vector stays armed while served (the ringer always
+        writes the eventfd), so each loop iteration delivers at most once:
+        a peer that never stops ringing gets one call per iteration and
+        everything else on the loop runs between them. Masked rings are held
+        and delivered on :meth:`unmask`. ``on_rings`` raising ends the serve
+        with its exception.
+
+        Raises:
+            LinkLost: the link to the peer was lost (see :meth:`fail`).
+            ClosedResourceError: the vector was closed.
+            LocalProtocolError: it is already being waited on or served.
+        """
+        self._check()
+        if self._waiter is not None:
+            raise LocalProtocolError(f"vector {self.index} is already being waited on")
+        loop = asyncio.get_running_loop()
+        if self._loop is not None and self._loop is not loop and not self._loop.is_closed():
+            self._loop.remove_reader(self._efd)
+        self._loop = loop
+        loop.add_reader(self._efd, self._on_serve_readable)
+        done: asyncio.Future[None] = loop.create_future()
+        self._waiter = done
+        self._serving = on_rings
+        w = self._words
+        w[self._ai] = 1
+        full_fence()  # store armed / load count: rings before this are seen below
+        loop.call_soon(self._deliver)
+        try:
+            await done
+        finally:
+            self._serving = None
+            self._waiter = None
+            if not self._closed:  # closed: the MMIO words and the eventfd are gone
+                w[self._ai] = 0
+                if not loop.is_closed():
+                    loop.add_reader(self._efd, self._on_readable)
+
+    def _on_serve_readable(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._efd)  # first: a ring after it makes the fd readable again
+        self._deliver()
+
+    def _deliver(self) -> None:
+        cb, done = self._serving, self._waiter
+        if cb is None or done is None or done.done() or self.masked:
+            return
+        n = self._take()
+        if not n:
+            return
+        self.wakeups_eventfd += 1
+        try:
+            cb(n)
+        except Exception as e:  # the server's own bug: end serve() with it, not the loop
+            done.set_exception(e)
 
     def close(self) -> None:
         """Stop waiting on the eventfd (idempotent; the fd itself belongs to the Mmio)."""

@@ -56,6 +56,7 @@ from mic_card.drivers.net_params import (
     plan,
 )
 from mic_card.drivers.net_tap import open_card_tap
+from virtio import trace
 from virtio.constants import NetFeature, NetHdrFlag
 from virtio.errors import (
     BrokenResourceError,
@@ -349,6 +350,8 @@ class NetDevice:
                     os.write(fd, first[:n0])
                 else:
                     os.writev(fd, [views[j][:n] for j, n in parts])
+                if trace.ON:
+                    trace.mark(trace.CARD_TAP_OUT)
             except OSError as e:
                 self.rx_dropped["tap_write"] += 1
                 if self._logged < _LOGGED:
@@ -619,6 +622,8 @@ class NetDevice:
                 log.error("%s: TAP read failed: %s", self.name, e)
                 self._pause_tap()
                 return
+            if trace.ON:
+                trace.mark(trace.CARD_TAP_IN)
             if n < NET_HDR_SIZE + ETH_HLEN:
                 free.append(slot)
                 self.tx_dropped["runt"] += 1

@@ -56,6 +56,7 @@ from mic_host.config.limits import (
 )
 from mic_host.config.sizes import format_size
 from mic_host.endpoint import QueueEndpoint
+from virtio import trace
 from virtio.blk import ID_BYTES, STATUS_SIZE, WRITE_ZEROES_FLAG_UNMAP, segment_flags_ok
 from virtio.blk import REQ_HEADER as _REQ_HEADER
 from virtio.blk import SEGMENT as _SEGMENT
@@ -387,7 +388,10 @@ class BlockBackend:
                 checked.length <= self.thread_threshold
                 and not (checked.kind == BlkReqType.OUT and self._writethrough)
             ):
-                self._complete(q, chain, *self._execute(checked))
+                done = self._execute(checked)
+                if trace.ON:
+                    trace.mark(trace.IO_DONE)
+                self._complete(q, chain, *done)
             else:
                 tg.create_task(self._serve_in_thread(q, chain, checked))
 

@@ -23,6 +23,7 @@ import termios
 import tty
 from collections.abc import Callable
 
+from virtio import trace
 from virtio.errors import ConfigError
 
 __all__ = ["ConsolePty"]
@@ -100,6 +101,8 @@ class ConsolePty:
             log.warning("%s: pty read failed: %s", self.label, e)
             self._stop_reading()
             return
+        if trace.ON:
+            trace.mark(trace.PTY_IN)
         if data and self._sink is not None and not self._sink(data):
             self._stop_reading()  # the sink calls resume() when it has room
 
@@ -125,6 +128,8 @@ class ConsolePty:
                 self._backlog.clear()
                 break
             del self._backlog[:n]
+            if trace.ON:
+                trace.mark(trace.PTY_OUT)
         if len(self._backlog) > self._max_backlog:
             # Nobody reads the slave: discard what it holds and the oldest
             # output, keep the newest, as a serial line would lose it.

@@ -46,7 +46,15 @@ from mic_host.config import CardConfig
 from mic_host.lifecycle import CardEvent, CardLifecycle, CardState, ShutdownStatus
 from mic_host.paths import accel_socket_path
 from mic_host.vop import Vop
-from transport import CardIdentity, Mmio, PcieConfig, PcieHost, Perm
+from transport import (
+    CardIdentity,
+    Mmio,
+    NotifyMode,
+    NotifyPolicy,
+    PcieConfig,
+    PcieHost,
+    Perm,
+)
 from transport.messages import (
     AppsReply,
     CardMessage,
@@ -59,6 +67,7 @@ from transport.messages import (
     RunResult,
     ShutdownStatusReport,
 )
+from virtio import trace
 from virtio.errors import BrokenResourceError, MicError, MicTimeoutError, RemoteProtocolError
 from virtio.memory import Memory
 from virtio.ratelimit import LogBudget
@@ -67,38 +76,34 @@ __all__ = ["LINK_GRACE", "BootSession", "SessionOwner", "net_params"]
 
 log = logging.getLogger("mic_host.card")
 
+#: How the doorbell pump's vector waits: armed at once, no spin inside a task
+#: (a spin there holds the loop while the backend it just woke is ready to run);
+#: the loop itself polls before it sleeps (``transport.spinloop``).
+PUMP_NOTIFY = NotifyPolicy(NotifyMode.EVENTFD)
 #: How long a lost link may precede the process exit before we call it a crash.
 LINK_GRACE = 2.0
-#: Longest stretch the doorbell pump keeps the event loop while the card keeps
-#: ringing (its vector never sleeps) before it lets other cards' work run.
-PUMP_SLICE_NS = 200_000
 
 
 async def pump_doorbells(mmio: Mmio, on_doorbell: Callable[[int], None]) -> None:
-    """Forever: wait on vector 0, ack its doorbells and hand each to ``on_doorbell``.
+    """Forever: ack vector 0's doorbells and hand each to ``on_doorbell``, from the
+    eventfd's reader callback (:meth:`transport.Vector.serve`).
 
-    A wait that finds the counter moved (or sees it move while it spins)
-    returns without suspending, so a card that never stops ringing would keep
-    this task on the event loop and starve every other card's work. After
-    :data:`PUMP_SLICE_NS` of that without the vector sleeping, the pump gives
-    the loop one turn (``asyncio.sleep(0)``); a card that lets its vector sleep
-    between bursts never pays it.
+    The work runs in the callback that noticed the ring, as an ISR does: no
+    task to wake, no extra loop iteration between a card's kick and the
+    backend it wakes. A card that never stops ringing gets one delivery per
+    loop iteration, and every other card's work runs between two of them.
 
     Raises:
         BrokenResourceError: the link was lost (the vector failed).
     """
-    vec = mmio.vector(0)
-    clock = time.perf_counter_ns
-    sleeps, turn = vec.sleeps, clock()
-    while True:
-        await vec.wait()
+
+    def on_rings(_n: int) -> None:
+        if trace.ON:
+            trace.mark(trace.HOST_WAKE)
         for db in sorted(mmio.ack_doorbells(0)):
             on_doorbell(db)
-        if vec.sleeps != sleeps:  # it suspended: other tasks ran meanwhile
-            sleeps, turn = vec.sleeps, clock()
-        elif clock() - turn > PUMP_SLICE_NS:
-            await asyncio.sleep(0)
-            turn = clock()
+
+    await mmio.vector(0).serve(on_rings)
 
 
 #: The statuses a card OS reports when it goes down on its own.
@@ -227,6 +232,7 @@ class BootSession:
                 card=CardIdentity(o.name, node_id=o.node_id),
                 config=pcfg,
                 boot_params=self._boot_params(backends),
+                notify=PUMP_NOTIFY,
             ) as pcie:
                 win = pcie.smpt.open(0, cfg.host_ram, Perm.RW)
                 async with Vop(_Platform(pcie, win.addr(0)), log_budget=self.log_budget) as vop:

@@ -78,7 +78,7 @@ LAYERS: dict[str, tuple[tuple[str, ...], ...]] = {
     "virtio": (
         # the leaves every layer of the project uses (ratelimit: what a peer
         # can make us log is bounded; the clock is a parameter)
-        ("errors", "constants", "ratelimit"),
+        ("errors", "constants", "ratelimit", "trace"),
         # the memory protocol and the byte layouts (construct declarations)
         ("memory", "layouts"),
         # the ring cores (split: layout, chain, device side, driver side, faults, fence)
@@ -97,7 +97,7 @@ LAYERS: dict[str, tuple[tuple[str, ...], ...]] = {
     "transport": (
         ("errors",),
         # regions, doorbells/interrupts, the typed control-link messages, tap
-        ("region", "notify", "messages", "tap", "appcode"),
+        ("region", "notify", "messages", "tap", "appcode", "tracing", "spinloop"),
         # MMIO registers, the framed control link and its boot handshake, the DMA engine
         ("mmio", "link", "dma", "handshake"),
         # address spaces through windows (aperture, SMPT, IOMMU)

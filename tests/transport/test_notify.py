@@ -163,3 +163,90 @@ def test_notify_policy_is_validated() -> None:
         NotifyPolicy(spin_ns=-1)
     with pytest.raises(ValueError):
         MmioLayout(h2c_doorbells=0)
+
+
+@pytest.mark.asyncio
+async def test_serve_delivers_from_the_callback_holds_masked_rings_and_fails() -> None:
+    host, card = _local_pair()
+    try:
+        v = card.vector(1)
+        got: list[int] = []
+        host.doorbell(1).ring()  # before serving: pending, delivered at once
+        server = asyncio.create_task(v.serve(got.append))
+        await asyncio.sleep(0.01)
+        assert got == [1]
+        host.doorbell(1).ring()
+        host.doorbell(3).ring()  # both route to vector 1: coalesced into one call
+        await asyncio.sleep(0.01)
+        assert got == [1, 2]
+        v.mask()
+        host.doorbell(1).ring()
+        await asyncio.sleep(0.01)
+        assert got == [1, 2]  # held while masked ...
+        v.unmask()
+        await asyncio.sleep(0.01)
+        assert got == [1, 2, 1]  # ... and delivered on unmask
+        with pytest.raises(LocalProtocolError):
+            await v.wait()  # one consumer at a time
+        card.fail(ConnectionAbortedError("gone"))
+        with pytest.raises(ConnectionAbortedError):
+            async with asyncio.timeout(5):
+                await server
+    finally:
+        card.close()
+        host.close()
+
+
+@pytest.mark.asyncio
+async def test_serve_ends_with_the_callbacks_error_and_on_close() -> None:
+    host, card = _local_pair()
+    try:
+
+        def boom(n: int) -> None:
+            raise RuntimeError("server bug")
+
+        server = asyncio.create_task(card.vector(0).serve(boom))
+        host.doorbell(0).ring()
+        with pytest.raises(RuntimeError, match="server bug"):
+            async with asyncio.timeout(5):
+                await server
+        server = asyncio.create_task(card.vector(0).serve(lambda n: None))
+        await asyncio.sleep(0.01)
+        card.close()
+        with pytest.raises(ClosedResourceError):
+            async with asyncio.timeout(5):
+                await server
+    finally:
+        card.close()
+        host.close()
+
+
+@pytest.mark.asyncio
+async def test_serve_across_processes_loses_no_wakeup(sock_path: str) -> None:
+    """The host serves its vector from the eventfd callback; the card echoes each ring."""
+    async with card_pair(sock_path) as p:
+        rounds = 3000
+        db = p.host.mmio.doorbell(0)
+        await p.link.send(
+            {"op": "pingpong", "rounds": rounds, "mode": "EVENTFD", "spin_ns": 0, "vec": 0, "db": 0}
+        )
+        seen = 0
+        done = asyncio.Event()
+
+        def on_rings(n: int) -> None:
+            nonlocal seen
+            seen += n
+            if seen >= rounds:
+                done.set()
+            else:
+                db.ring()
+
+        server = asyncio.create_task(p.host.mmio.vector(0).serve(on_rings))
+        db.ring()
+        async with asyncio.timeout(60):  # a lost wake-up stalls the exchange: fail, don't hang
+            await done.wait()
+            reply = await p.link.recv()
+        server.cancel()
+        assert reply["ok"]
+        assert reply["events"] == rounds
+        assert seen == rounds

@@ -30,6 +30,7 @@ from transport.tap import (
     Tap,
     TapError,
 )
+from virtio import trace
 from virtio.net import (
     ETH_HLEN,
     MAX_PACKET,
@@ -168,6 +169,8 @@ class TapNetBackend(NetBackend):
                 os.writev(self.tap.fd, views)
             else:
                 os.write(self.tap.fd, b"".join(views))
+            if trace.ON:
+                trace.mark(trace.HOST_TAP_OUT)
         except BlockingIOError:
             self.tx_drops["tap_full"] += 1
             return False
@@ -200,6 +203,8 @@ class TapNetBackend(NetBackend):
                 self._tap_failed = True
                 self._rx_pause()
                 return
+            if trace.ON:
+                trace.mark(trace.HOST_TAP_IN)
             if n > cap:
                 # tun returns the packet's full length when it did not fit.
                 self.rx_drops["truncated"] += 1

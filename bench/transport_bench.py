@@ -1,6 +1,6 @@
 """Transport benchmark: doorbell round trips and DMA copy bandwidth.
 
-``python -m bench.transport [--quick]``. Writes bench/results/transport.json and
+``python -m bench.transport_bench [--quick]``. Writes bench/results/transport.json and
 prints a markdown table (copied into docs/transport.md, "Performance").
 
 - Doorbell RTT: the host rings h2c doorbell 0, the card process (a real
@@ -177,7 +177,7 @@ async def doorbell_bench(quick: bool) -> dict[str, Any]:
         cfg = PcieConfig(card_ram_size=MiB, host_ram_size=MiB)
         async with PcieHost(path, config=cfg) as host:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bench.transport", "--card", path,
+                sys.executable, "-m", "bench.transport_bench", "--card", path,
                 cwd=REPO,
             )  # fmt: skip
             try:
