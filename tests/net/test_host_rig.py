@@ -144,8 +144,11 @@ class NetCard:
         self.txd: DriverQueue[tuple[int, int]] | None = None
         self.task: asyncio.Task[None] | None = None
         self.received: list[tuple[tuple[int, ...], bytes, int]] = []  # (hdr, frame, nbufs)
-        self.rx_chunks: list[int] = []  # used lengths, in order
+        #: used lengths of the buffers of every packet kept (not the kernel's IPv6
+        #: chatter), in order
+        self.rx_chunks: list[int] = []
         self._partial: list[bytes] = []
+        self._partial_lens: list[int] = []
         self._want = 0
         self.sent_done = 0
         self.ignored = 0
@@ -171,7 +174,7 @@ class NetCard:
             self.mem.view(layout.desc, span, True)[:] = bytes(span)
         self.rxd = DriverQueue(self.mem, self.layouts[0], RING_FEATURES)
         self.txd = DriverQueue(self.mem, self.layouts[1], RING_FEATURES)
-        self._partial, self._want = [], 0
+        self._partial, self._partial_lens, self._want = [], [], 0
         for ep, layout in zip(self.eps, self.layouts, strict=True):
             dq = DeviceQueue(self.mem, layout, RING_FEATURES)
             dq.activate()
@@ -216,14 +219,14 @@ class NetCard:
             (addr, size), ln = u
             data = bytes(self.mem.view(addr, ln))
             freed.append((addr, size))
-            self.rx_chunks.append(ln)
             if not self._want:
                 assert ln >= NET_HDR_SIZE, f"RX buffer with {ln} B, no room for a header"
                 (nb,) = NUM_BUFFERS.unpack_from(data, NUM_BUFFERS_OFFSET)
                 assert nb >= 1
                 self._want = nb if self.mrg else 1
-                self._partial = []
+                self._partial, self._partial_lens = [], []
             self._partial.append(data)
+            self._partial_lens.append(ln)
             if len(self._partial) == self._want:
                 raw = b"".join(self._partial)
                 h = NET_HDR.unpack_from(raw)
@@ -231,6 +234,7 @@ class NetCard:
                     self.ignored += 1  # the kernel's own IPv6 chatter on a fresh TAP
                 else:
                     self.received.append((h, raw[NET_HDR_SIZE:], self._want))
+                    self.rx_chunks.extend(self._partial_lens)
                 self._want = 0
         for addr, size in freed:
             self.alloc.put(addr, size)
