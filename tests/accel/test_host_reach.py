@@ -176,9 +176,20 @@ async def test_rsa_keys_travel_in_the_key_buffer(card: CardClient) -> None:
 async def test_a_cancelled_request_does_not_confuse_the_next(card: CardClient) -> None:
     async with card.accel_session("zlib", level=9) as s:
         big = DATA * 8
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.001):
-                await s.do(big)
+        # cancel it once it is on the ring (its doorbell rang), not after a fixed
+        # time: a 1 ms timeout raced the card, which can answer that fast
+        rung = s.stats["doorbells"]
+        task = asyncio.create_task(s.do(big))
+        for _ in range(100_000):  # the task lays the request out and rings
+            if s.stats["doorbells"] != rung:
+                break
+            await asyncio.sleep(0)
+        else:
+            pytest.fail("the request never rang the doorbell")
+        assert not task.done()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
         # the card may still be answering the cancelled request: the session drains it
         assert await s.do(b"next") == zlib.compress(b"next", 9)
         assert await s.do(DATA) == zlib.compress(DATA, 9)
