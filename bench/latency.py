@@ -374,26 +374,10 @@ async def real_ping(ns: str, addr: str, n: int, interval: float) -> list[int]:
 
 @contextlib.asynccontextmanager
 async def card_net(state: Path, hns: str, cns: str, trace_dir: Path | None) -> AsyncIterator[Any]:
-    import mic_host
+    """:func:`bench.net.card_net` with the trace's environment (``MIC_TRACE``)."""
+    from bench.net import card_net as tap_card
 
-    cfg = (
-        'version = 1\n[[cards]]\nname = "mic0"\ncard_ram = "64M"\nhost_ram = "4M"\n'
-        '[[cards.devices]]\ntype = "net"\nname = "net0"\n'
-        f'options = {{ backend = "tap", ifname = "mvl{uuid.uuid4().hex[:5]}", netns = "{hns}", '
-        f'card_netns = "{cns}" }}\n'
-    )
-    async with mic_host.launch(state, cfg, env=trace_env(trace_dir)) as client:
-        card = client.card("mic0")
-        await card.boot(wait=True, timeout=30)
-        deadline = time.monotonic() + 20
-        while True:
-            r = await card.net()
-            info = r["devices"][0].get("card") or {}
-            if info.get("mode") == "tap" and info.get("link") == "up":
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the card's NIC did not come up: {r}")
-            await asyncio.sleep(0.1)
+    async with tap_card(state, hns, cns, env=trace_env(trace_dir)) as card:
         yield card
 
 

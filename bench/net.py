@@ -127,7 +127,11 @@ async def relay(seconds: float) -> dict[str, float]:
 
 
 @contextlib.asynccontextmanager
-async def card_net(state: Path, hns: str, cns: str) -> AsyncIterator[Any]:
+async def card_net(
+    state: Path, hns: str, cns: str, env: dict[str, str] | None = None
+) -> AsyncIterator[Any]:
+    """Card ``mic0`` online with a TAP NIC between host namespace ``hns`` and card
+    namespace ``cns``, its link up; ``env`` is added to the daemon's environment."""
     import mic_host
 
     cfg = (
@@ -136,7 +140,7 @@ async def card_net(state: Path, hns: str, cns: str) -> AsyncIterator[Any]:
         f'options = {{ backend = "tap", ifname = "mvb{uuid.uuid4().hex[:5]}", netns = "{hns}", '
         f'card_netns = "{cns}" }}\n'
     )
-    async with mic_host.launch(state, cfg) as client:
+    async with mic_host.launch(state, cfg, env=env) as client:
         card = client.card("mic0")
         await card.boot(wait=True, timeout=30)
         deadline = time.monotonic() + 20
