@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from virtio.constants import VRING_SIZE_MAX, Feature, PackedDescFlag, PackedEventFlag
+from virtio.constants import VRING_SIZE_MAX, Feature
 from virtio.errors import LocalProtocolError
 from virtio.memory import ADDRESS_LIMIT, Memory, MemoryFault
 from virtio.packed.layout import (
@@ -33,7 +33,14 @@ from virtio.packed.layout import (
     ring_views,
 )
 from virtio.packed.layout import DESC as _DESC_STRUCT
+from virtio.packed.layout import EVENT_DESC as _DESC_EVENT
+from virtio.packed.layout import EVENT_DISABLE as _DISABLE
+from virtio.packed.layout import EVENT_ENABLE as _ENABLE
+from virtio.packed.layout import INDIRECT as _INDIRECT
+from virtio.packed.layout import NEXT as _NEXT
+from virtio.packed.layout import U32_LIMIT as _U32_LIMIT
 from virtio.packed.layout import USED_BODY as _USED_STRUCT
+from virtio.packed.layout import WRITE as _WRITE
 from virtio.packed.state import PackedQueueState, state_problem
 from virtio.split.chain import Chain
 from virtio.split.faults import QueueBroken, RingError, RingFault
@@ -41,13 +48,6 @@ from virtio.split.fence import full_fence
 
 __all__ = ["DeviceQueue"]
 
-_NEXT = int(PackedDescFlag.NEXT)
-_WRITE = int(PackedDescFlag.WRITE)
-_INDIRECT = int(PackedDescFlag.INDIRECT)
-_ENABLE = int(PackedEventFlag.ENABLE)
-_DISABLE = int(PackedEventFlag.DISABLE)
-_DESC_EVENT = int(PackedEventFlag.DESC)
-_U32_LIMIT = 1 << 32
 #: Bound by assignment (see virtio.split.device: LOAD_METHOD on CPython 3.11).
 DESC = _DESC_STRUCT
 USED_BODY = _USED_STRUCT

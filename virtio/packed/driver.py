@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Generic, TypeVar
 
-from virtio.constants import Feature, PackedDescFlag, PackedEventFlag
+from virtio.constants import Feature
 from virtio.errors import LocalProtocolError, WouldBlock
 from virtio.memory import Memory, MemoryFault
 from virtio.packed.layout import (
@@ -34,18 +34,18 @@ from virtio.packed.layout import (
 )
 from virtio.packed.layout import DESC as _DESC_STRUCT
 from virtio.packed.layout import DESC_BODY as _BODY_STRUCT
+from virtio.packed.layout import EVENT_DESC as _DESC_EVENT
+from virtio.packed.layout import EVENT_DISABLE as _DISABLE
+from virtio.packed.layout import EVENT_ENABLE as _ENABLE
+from virtio.packed.layout import INDIRECT as _INDIRECT
+from virtio.packed.layout import NEXT as _NEXT
+from virtio.packed.layout import U32_LIMIT as _U32_LIMIT
+from virtio.packed.layout import WRITE as _WRITE
 from virtio.split.faults import QueueBroken, RingError, RingFault
 from virtio.split.fence import full_fence
 
 __all__ = ["DriverQueue"]
 
-_NEXT = int(PackedDescFlag.NEXT)
-_WRITE = int(PackedDescFlag.WRITE)
-_INDIRECT = int(PackedDescFlag.INDIRECT)
-_ENABLE = int(PackedEventFlag.ENABLE)
-_DISABLE = int(PackedEventFlag.DISABLE)
-_DESC_EVENT = int(PackedEventFlag.DESC)
-_U32_LIMIT = 1 << 32
 #: Bound by assignment (see virtio.split.driver: LOAD_METHOD on CPython 3.11).
 DESC = _DESC_STRUCT
 BODY = _BODY_STRUCT

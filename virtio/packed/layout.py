@@ -34,8 +34,15 @@ __all__ = [
     "DESC",
     "DESC_BODY",
     "DESC_SIZE",
+    "EVENT_DESC",
+    "EVENT_DISABLE",
+    "EVENT_ENABLE",
     "EVENT_SIZE",
+    "INDIRECT",
+    "NEXT",
+    "U32_LIMIT",
     "USED",
+    "WRITE",
     "USED_BODY",
     "PackedLayout",
     "event_problem",
@@ -53,12 +60,17 @@ USED_BODY = PACKED_USED_STRUCT
 DESC_SIZE = DESC.size
 EVENT_SIZE = PACKED_EVENT_STRUCT.size
 
+#: the flag and event values as plain ints, for both sides' hot paths
 AVAIL = int(PackedDescFlag.AVAIL)
 USED = int(PackedDescFlag.USED)
-
-_ENABLE = int(PackedEventFlag.ENABLE)
-_DISABLE = int(PackedEventFlag.DISABLE)
-_DESC_EVENT = int(PackedEventFlag.DESC)
+NEXT = int(PackedDescFlag.NEXT)
+WRITE = int(PackedDescFlag.WRITE)
+INDIRECT = int(PackedDescFlag.INDIRECT)
+EVENT_ENABLE = int(PackedEventFlag.ENABLE)
+EVENT_DISABLE = int(PackedEventFlag.DISABLE)
+EVENT_DESC = int(PackedEventFlag.DESC)
+U32_LIMIT = 1 << 32
+_ENABLE, _DISABLE, _DESC_EVENT = EVENT_ENABLE, EVENT_DISABLE, EVENT_DESC
 
 #: §2.8.14: ``desc_event_off`` has 15 bits, so a packed ring has at most 2^15 entries.
 WRAP_BIT = 15
