@@ -323,20 +323,16 @@ class VopDevice:
                 ring[:] = bytes(len(ring))
             q.activate()
             ep.attach(q)
+        where = [
+            "host" if u == v.default_used else "card"
+            for u, v in zip(used, self.vrings, strict=True)
+        ]
         self.card_log.info(
             "%s live: features %#x, queues %s, %s",
             self.name,
             features,
             [v.num for v in self.vrings],
-            "packed rings"
-            if is_packed
-            else "used rings "
-            + str(
-                [
-                    "host" if u == v.default_used else "card"
-                    for u, v in zip(used, self.vrings, strict=True)
-                ]
-            ),
+            "packed rings" if is_packed else f"used rings {where}",
         )
 
     def stop_queues(self, state: EndpointState, reason: str) -> None:
