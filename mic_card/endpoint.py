@@ -1,6 +1,8 @@
 """The asyncio face of one driver-side virtqueue, for card drivers.
 
-Owns the loop around one :class:`virtio.split.DriverQueue`: adding requests
+Owns the loop around one :class:`virtio.split.DriverQueue` or
+:class:`virtio.packed.DriverQueue` (the same shape; the bus builds the one
+the device negotiated, VIRTIO_F_RING_PACKED): adding requests
 (waiting for room when the ring is full), publishing a burst of them with one
 ``avail.idx`` store and at most one kick, resolving a future per request when
 the host interrupts, and failing every outstanding request when the device is
@@ -21,12 +23,19 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
-from virtio import trace
+from virtio import packed, split, trace
 from virtio.errors import BrokenResourceError, LocalProtocolError, MicError, WouldBlock
-from virtio.split import DriverQueue, QueueBroken, RingError
+from virtio.split import QueueBroken, RingError
 
-__all__ = ["DriverEndpoint", "Request"]
+T = TypeVar("T")
+
+__all__ = ["AnyDriverQueue", "DriverEndpoint", "Request"]
+
+#: Either ring's driver side (``AnyDriverQueue[Token]``): the endpoint uses
+#: only what both have.
+AnyDriverQueue = split.DriverQueue[T] | packed.DriverQueue[T]
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +67,7 @@ class DriverEndpoint:
 
     def __init__(
         self,
-        queue: DriverQueue[Request],
+        queue: AnyDriverQueue[Request],
         kick: Callable[[], None],
         index: int,
         *,

@@ -1,6 +1,8 @@
 """The asyncio face of one device-side virtqueue, for host backends.
 
-Owns the loop around one :class:`virtio.split.DeviceQueue`: waiting for the
+Owns the loop around one :class:`virtio.split.DeviceQueue` or
+:class:`virtio.packed.DeviceQueue` (the same shape; VOP picks the one the
+card negotiated, VIRTIO_F_RING_PACKED): waiting for the
 card's doorbell (with notification suppression and the re-check that avoids a
 lost wake-up), batching used-ring publication at the end of a burst, raising
 the card's interrupt when the ring core says so, and the per-queue counters.
@@ -24,7 +26,7 @@ from collections.abc import AsyncIterator, Callable
 from enum import Enum
 from typing import Protocol
 
-from virtio import trace
+from virtio import packed, split, trace
 from virtio.errors import (
     BrokenResourceError,
     ClosedResourceError,
@@ -32,9 +34,12 @@ from virtio.errors import (
     MicError,
     WouldBlock,
 )
-from virtio.split import Chain, DeviceQueue, QueueBroken, RingError
+from virtio.split import Chain, QueueBroken, RingError
 
-__all__ = ["EndpointOwner", "EndpointState", "QueueEndpoint"]
+__all__ = ["AnyDeviceQueue", "EndpointOwner", "EndpointState", "QueueEndpoint"]
+
+#: Either ring's device side: the endpoint uses only what both have.
+AnyDeviceQueue = split.DeviceQueue | packed.DeviceQueue
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +97,7 @@ class QueueEndpoint:
         self.size = size
         self.on_detach = on_detach
         self._owner = owner
-        self._queue: DeviceQueue | None = None
+        self._queue: AnyDeviceQueue | None = None
         self._state = EndpointState.IDLE
         self._reason = ""
         self._generation = 0
@@ -120,7 +125,7 @@ class QueueEndpoint:
         return self._state
 
     @property
-    def queue(self) -> DeviceQueue | None:
+    def queue(self) -> AnyDeviceQueue | None:
         return self._queue
 
     @property
@@ -136,7 +141,7 @@ class QueueEndpoint:
         self._state_changed.set()
         self._state_changed = asyncio.Event()
 
-    def attach(self, queue: DeviceQueue) -> None:
+    def attach(self, queue: AnyDeviceQueue) -> None:
         """Serve ``queue`` (already validated and activated) from now on."""
         if self._state is EndpointState.CLOSED:
             raise ClosedResourceError(f"queue {self.index} is closed")
@@ -182,14 +187,14 @@ class QueueEndpoint:
         if self._state is EndpointState.BROKEN:
             raise BrokenResourceError(f"queue {self.index} broken: {self._reason}")
 
-    def _check(self) -> DeviceQueue:
+    def _check(self) -> AnyDeviceQueue:
         self._raise_if_dead()
         q = self._queue
         if q is None:
             raise WouldBlock(f"queue {self.index} is not live")
         return q
 
-    def _pop(self, q: DeviceQueue) -> Chain | None:
+    def _pop(self, q: AnyDeviceQueue) -> Chain | None:
         try:
             chain = q.pop()
         except (RingError, QueueBroken) as e:

@@ -30,6 +30,7 @@ from virtio.layouts import (
     mic_vq_features,
     vring_size,
 )
+from virtio.packed.layout import PackedLayout
 
 __all__ = [
     "C2H_DOORBELLS",
@@ -44,12 +45,18 @@ __all__ = [
     "vring_info_offset",
     "vring_alloc_size",
     "VRING_PAGE",
+    "RING_PACKED",
+    "packed_vring",
 ]
 
 
 #: Transport features of the VOP platform (both sides support them; the host
 #: offers them on every device on top of its backend's).
 TRANSPORT_FEATURES = int(Feature.VERSION_1 | Feature.EVENT_IDX | Feature.INDIRECT_DESC)
+#: VIRTIO_F_RING_PACKED (bit 34). Not a transport feature the host offers on
+#: every device: it offers it on a device configured with ``ring = "packed"``;
+#: the card's core takes it whenever it is offered.
+RING_PACKED = int(Feature.RING_PACKED)
 #: Largest virtqueue VOP allocates (Linux MIC_VRING_ENTRIES: 128; we allow 256).
 MAX_QUEUE_SIZE = 256
 #: X100 doorbells: host->card (the card picks h2c_config_db / h2c_vdev_db among
@@ -108,6 +115,21 @@ def vring_alloc_size(num: int) -> int:
     """Host RAM one vring of ``num`` entries takes: PAGE_ALIGN(vring_size + info)
     (Linux ``vop_vringh``'s allocation), for VOP and the config checks alike."""
     return -(-(vring_info_offset(num) + _VRING_INFO_SIZE) // VRING_PAGE) * VRING_PAGE
+
+
+def packed_vring(address: int, num: int) -> PackedLayout:
+    """Where a packed ring lives in the vring block the host allocated at ``address``.
+
+    With VIRTIO_F_RING_PACKED negotiated, ``vqconfig.address`` is the
+    descriptor ring (16 * ``num`` B), followed by the driver event area and
+    the device event area (4 B each): :meth:`PackedLayout.contiguous`. This
+    is smaller than the split ring the block was sized for, so the block and
+    its ``_mic_vring_info`` (at :func:`vring_info_offset`) stay as they are.
+    A packed ring has no used ring: the device writes used descriptors in
+    place, so ``used_address`` keeps the host's value and the card may not
+    move it (the used-ring handshake is refused).
+    """
+    return PackedLayout.contiguous(address, num)
 
 
 class EntryView:

@@ -53,6 +53,7 @@ from typing import Any
 
 from mic_card.bus.device import CardDevice
 from mic_card.bus.devices import VirtioBus
+from mic_card.endpoint import AnyDriverQueue
 from virtio.constants import DeviceStatus
 from virtio.errors import (
     BrokenResourceError,
@@ -61,7 +62,6 @@ from virtio.errors import (
     RemoteProtocolError,
 )
 from virtio.memory import Memory
-from virtio.split import DriverQueue
 
 __all__ = ["ClaimedDevice", "RawQueue", "claim_device"]
 
@@ -76,7 +76,8 @@ class RawQueue:
     """One virtqueue of a claimed device: the ring core, the doorbell, the interrupt.
 
     - :attr:`ring` is the driver side of the split ring
-      (:class:`virtio.split.DriverQueue`): ``add(readable, writable, token)``
+      (:class:`virtio.split.DriverQueue`, or :class:`virtio.packed.DriverQueue`
+      when the claim acked VIRTIO_F_RING_PACKED): ``add(readable, writable, token)``
       writes a chain, ``publish()`` exposes it and says whether to kick,
       ``get_used()`` returns ``(token, length)`` of a completed chain (or None),
       ``disable_interrupts()``/``enable_interrupts()`` suppress interrupts.
@@ -90,7 +91,7 @@ class RawQueue:
     """
 
     def __init__(
-        self, dev: CardDevice, index: int, ring: DriverQueue[Any], indirect_max: int
+        self, dev: CardDevice, index: int, ring: AnyDriverQueue[Any], indirect_max: int
     ) -> None:
         self._dev = dev
         self.index = index
@@ -354,7 +355,7 @@ class ClaimedDevice:
             ring, n_ind = self._dev.make_queue(i, indirect_max)
             queues.append(RawQueue(self._dev, i, ring, n_ind))
         self.queues = queues
-        if self._dev.used_in_card:
+        if self._dev.moves_used_rings:
             await self._dev.move_used_rings()
         return list(queues)
 

@@ -21,14 +21,17 @@ import logging
 from collections.abc import Callable
 from typing import Any, ClassVar, Protocol
 
-from mic_card.endpoint import DriverEndpoint
+from mic_card.endpoint import AnyDriverQueue, DriverEndpoint
+from virtio import packed
 from virtio.constants import MIC_MAGIC, MIC_VIRTIO_RING_ALIGN, DeviceStatus, Feature
 from virtio.devpage import (
     C2H_DOORBELLS,
     MAX_QUEUE_SIZE,
+    RING_PACKED,
     TRANSPORT_FEATURES,
     Ctrl,
     EntryView,
+    packed_vring,
     vring_info_offset,
 )
 from virtio.errors import (
@@ -73,8 +76,9 @@ __all__ = [
 
 log = logging.getLogger("mic_card.bus")
 
-#: Transport features the card's virtio core supports.
-CARD_TRANSPORT_FEATURES = TRANSPORT_FEATURES
+#: Transport features the card's virtio core supports: the packed ring too,
+#: taken whenever the host offers it (a device configured ``ring = "packed"``).
+CARD_TRANSPORT_FEATURES = TRANSPORT_FEATURES | RING_PACKED
 _POLL = 0.05  # fallback re-check period while waiting for a handshake
 _AWAITING = frozenset(
     {CardState.AWAIT_STATUS_ACK, CardState.AWAIT_RESET_ACK, CardState.AWAIT_USED_ACK}
@@ -362,12 +366,23 @@ class CardDevice:
             )
         self.features = acks
         self._setup_queues()
-        if self.used_in_card:
+        if self.moves_used_rings:
             await self._handshake(MoveUsedRings(), "take the card's used rings")
         st = await self._set_status(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK)
         if st & S.DEVICE_NEEDS_RESET or not st & S.DRIVER_OK:
             raise RemoteProtocolError(f"host did not accept DRIVER_OK (status {st:#x})")
         self.state = "live"
+
+    @property
+    def packed(self) -> bool:
+        """VIRTIO_F_RING_PACKED was negotiated: every queue is a packed ring."""
+        return bool(self.features & RING_PACKED)
+
+    @property
+    def moves_used_rings(self) -> bool:
+        """The used rings go to card RAM (``used_in_card``, split rings only: a
+        packed ring has no used ring to move)."""
+        return self.used_in_card and not self.packed
 
     def _setup_queues(self) -> None:
         imax = self.bus.indirect_max if self.features & Feature.INDIRECT_DESC else 0
@@ -375,13 +390,16 @@ class CardDevice:
             q, n_ind = self.make_queue(i, imax)
             self.endpoints.append(DriverEndpoint(q, self._notify_host, i, indirect_max=n_ind))
 
-    def make_queue(self, i: int, indirect_max: int = 0) -> tuple[DriverQueue[Any], int]:
+    def make_queue(self, i: int, indirect_max: int = 0) -> tuple[AnyDriverQueue[Any], int]:
         """The driver side of virtqueue ``i``: check the host's vring, map it, zero it.
 
         Every check of a hostile host's ring happens here (size, reachable
         memory, MIC vring magic) and in :class:`~virtio.split.DriverQueue`
-        (every used-ring entry). With ``used_in_card`` the used ring moves to
-        card RAM (the caller then runs the used-ring handshake). With
+        (every used-ring entry). With VIRTIO_F_RING_PACKED negotiated the
+        queue is a :class:`virtio.packed.DriverQueue` at
+        :func:`virtio.devpage.packed_vring` of the same block. With
+        ``used_in_card`` a split ring's used ring moves to card RAM (the
+        caller then runs the used-ring handshake). With
         ``indirect_max > 1`` (INDIRECT_DESC negotiated) an indirect-table area
         is allocated. Card RAM taken here is freed by :meth:`release`.
         Returns the queue and its indirect table length (0: none).
@@ -409,21 +427,26 @@ class CardDevice:
                 f"vq {i}: vring magic {magic:#x}, want {want:#x}", reason="vring-magic"
             )
         layout = SplitLayout.contiguous(addr, num, MIC_VIRTIO_RING_ALIGN)
-        if self.used_in_card:
+        if self.moves_used_rings:
             used = self._alloc(layout.used_bytes, 4096)
             mem.view(used, layout.used_bytes, True)[:] = bytes(layout.used_bytes)
             layout = SplitLayout(num, layout.desc, layout.avail, used)
             self.view.set_vq_used_address(i, used)
         n_ind = min(indirect_max, num) if self.features & Feature.INDIRECT_DESC else 0
         area = self._alloc(num * n_ind * DESC_SIZE, 64) if n_ind > 1 else None
+        imax = n_ind if area is not None else 0
         try:
-            q: DriverQueue[Any] = DriverQueue(
-                mem,
-                layout,
-                self.features,
-                indirect_area=area,
-                indirect_max=n_ind if area is not None else 0,
-            )
+            q: AnyDriverQueue[Any]
+            if self.packed:
+                q = packed.DriverQueue(
+                    mem,
+                    packed_vring(addr, num),
+                    self.features,
+                    indirect_area=area,
+                    indirect_max=imax,
+                )
+            else:
+                q = DriverQueue(mem, layout, self.features, indirect_area=area, indirect_max=imax)
         except LocalProtocolError as e:
             raise RemoteProtocolError(f"vq {i}: host gave an unusable ring: {e}") from e
         return q, n_ind if area is not None else 0
@@ -504,7 +527,8 @@ class CardDevice:
             "queue_sizes": list(self.queue_sizes),
             "h2c_db": self.h2c_db,
             "c2h_db": self.c2h_db,
-            "used_in_card": self.used_in_card,
+            "used_in_card": self.moves_used_rings,
+            "ring": "packed" if self.packed else "split",
             "driver": (self.driver_name or type(self.driver).__name__)
             if self.driver is not None
             else None,

@@ -22,6 +22,7 @@ from mic_host.backends import Backend, create_backend
 from mic_host.backends.console import ConsoleBackend, ConsolePty
 from mic_host.backends.net import create_net_backend
 from mic_host.config import DeviceConfig
+from mic_host.config.options import TRANSPORT_OPTION_NAMES
 from mic_host.paths import card_log_path, netns_record_path
 from virtio.errors import ConfigError, LocalProtocolError
 
@@ -88,7 +89,9 @@ class DeviceSet:
         Raises:
             ConfigError: bad options, or what the backend refuses (a TAP...).
         """
-        opts: dict[str, Any] = dict(dev.options)
+        opts: dict[str, Any] = {
+            k: v for k, v in dev.options.items() if k not in TRANSPORT_OPTION_NAMES
+        }
         name = self.name_of(dev, index)
         if dev.type == "block":
             opts["path"] = opts.pop("image")
@@ -112,6 +115,12 @@ class DeviceSet:
         if isinstance(backend, ConsoleBackend) and backend.agent is not None:
             backend.agent.label = self.card
         return backend
+
+    @staticmethod
+    def packed(dev: DeviceConfig) -> bool:
+        """``dev`` asks for the packed ring (``ring = "packed"``: VOP offers
+        VIRTIO_F_RING_PACKED)."""
+        return dev.options.get("ring") == "packed"
 
     def new_entry(self, dtype: str, name: str | None, options: dict[str, Any]) -> DeviceConfig:
         """The entry a device attached now gets (not added yet: :meth:`append` it).

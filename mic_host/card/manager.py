@@ -432,7 +432,7 @@ class CardManager:
                     # Before the device appears, so the card's driver finds them.
                     link = self._online_link()
                     await link.ask(lambda rid: NetParams(id=rid, net=params), timeout)
-                vdev = self.vop.add_device(backend)
+                vdev = self.vop.add_device(backend, packed=devices.packed(dev))
             except MicError:
                 await backend.aclose()
                 await devices.release(devices.name_of(dev, len(devices.entries)))

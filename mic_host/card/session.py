@@ -227,6 +227,7 @@ class BootSession:
             # its own message, and the card's boot parameters come from them.
             for i, dev in enumerate(o.device_set.entries):
                 backends.append(o.device_set.make_backend(dev, i))
+            packed = [o.device_set.packed(dev) for dev in o.device_set.entries]
             async with PcieHost(
                 None,  # a socket pair: only the process we spawn can reach the link
                 card=CardIdentity(o.name, node_id=o.node_id),
@@ -238,7 +239,7 @@ class BootSession:
                 async with Vop(_Platform(pcie, win.addr(0)), log_budget=self.log_budget) as vop:
                     self.vop = vop
                     while backends:
-                        vop.add_device(backends[0])
+                        vop.add_device(backends[0], packed=packed.pop(0))
                         backends.pop(0)  # the Vop owns (and closes) it now
                     pcie.mmio.spad.set_device_page(win.addr(0))
                     for db in range(pcie.config.layout.c2h_doorbells):

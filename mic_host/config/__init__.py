@@ -45,7 +45,10 @@ the 4 KiB device page. Durations are positive numbers of seconds, and
 
 Device options are checked for the built-in types (see :data:`DEVICE_OPTIONS`);
 options of other (plug-in) types pass through untouched for their backend to
-check. In string options of kind ``path``/``str`` the placeholders
+check. Every type takes the transport option ``ring = "split" | "packed"``
+(:data:`~mic_host.config.options.TRANSPORT_OPTIONS`): the virtqueue layout VOP
+offers; the daemon takes it out before the backend sees the options. In
+string options of kind ``path``/``str`` the placeholders
 ``{state_dir}`` and ``{card}`` are expanded at load time, and relative paths
 are resolved against the config file's directory (the state directory for the
 embedded default).

@@ -26,6 +26,8 @@ from virtio.errors import ConfigError
 
 __all__ = [
     "DEVICE_OPTIONS",
+    "TRANSPORT_OPTIONS",
+    "TRANSPORT_OPTION_NAMES",
     "OptionKind",
     "OptionSpec",
     "Ctx",
@@ -101,6 +103,19 @@ DEVICE_OPTIONS: dict[str, dict[str, OptionSpec]] = {
         ),
     },
 }
+
+
+#: Options every device type takes (built-in or plug-in): how VOP carries the
+#: device, not what the backend does. The daemon takes them out of the
+#: options before the backend sees them (:data:`TRANSPORT_OPTION_NAMES`).
+TRANSPORT_OPTIONS: dict[str, OptionSpec] = {
+    "ring": OptionSpec(
+        "str",
+        help='virtqueue layout: "split" (default) or "packed" (offers VIRTIO_F_RING_PACKED)',
+    ),
+}
+TRANSPORT_OPTION_NAMES = frozenset(TRANSPORT_OPTIONS)
+_RING_CHOICES = ("split", "packed")
 
 
 class Ctx:
@@ -180,17 +195,33 @@ def _check_option(ctx: Ctx, key: str, spec: OptionSpec, value: object, card: str
     return n
 
 
+def _check_transport(ctx: Ctx, key: str, options: Mapping[str, object]) -> dict[str, Any]:
+    """The :data:`TRANSPORT_OPTIONS` among ``options``, checked."""
+    out: dict[str, Any] = {}
+    if "ring" in options:
+        ring = options["ring"]
+        if ring not in _RING_CHOICES:
+            raise ctx.error(
+                f"{key}.ring", f"expected one of {', '.join(_RING_CHOICES)}, got {ring!r}"
+            )
+        out["ring"] = ring
+    return out
+
+
 def check_options(
     ctx: Ctx, key: str, dtype: str, options: Mapping[str, object], card: str
 ) -> dict[str, Any]:
+    transport = _check_transport(ctx, key, options)
     specs = DEVICE_OPTIONS.get(dtype)
     if specs is None:
-        return dict(options)
-    out: dict[str, Any] = {}
+        return dict(options) | transport
+    out: dict[str, Any] = dict(transport)
     for name, value in options.items():
+        if name in TRANSPORT_OPTIONS:
+            continue
         spec = specs.get(name)
         if spec is None:
-            known = ", ".join(sorted(specs)) or "none"
+            known = ", ".join(sorted({*specs, *TRANSPORT_OPTIONS})) or "none"
             raise ctx.error(f"{key}.{name}", f"unknown option for {dtype} devices (known: {known})")
         out[name] = _check_option(ctx, f"{key}.{name}", spec, value, card)
     for name, spec in specs.items():

@@ -70,6 +70,7 @@ def attach_options(args: argparse.Namespace) -> dict[str, Any]:
         "serial": args.serial,
         "num_queues": getattr(args, "queues", None),
         "force_share": True if getattr(args, "force_share", False) else None,
+        "ring": getattr(args, "ring", None),
     }
     for key, value in flags.items():
         if value is None:
@@ -225,6 +226,12 @@ def _conf_attach(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="block: attach even if another card, daemon or QEMU holds the image "
         "(image locks are skipped: only when the writers cannot collide)",
+    )
+    p.add_argument(
+        "--ring",
+        choices=("split", "packed"),
+        help="any type: virtqueue layout offered to the card (default split; "
+        "packed offers VIRTIO_F_RING_PACKED)",
     )
     p.add_argument(
         "--opt",

@@ -11,7 +11,9 @@ from VOP is only where the rings live and how notifications travel:
   every descriptor access is checked against the regions;
 - a ring starts on SET_VRING_KICK once its size, base and addresses are known
   (as libvhost-user does), as a :class:`virtio.split.DeviceQueue` restored at
-  the front-end's base index; it stops on GET_VRING_BASE after the requests in
+  the front-end's base index, or with VIRTIO_F_RING_PACKED acked a
+  :class:`virtio.packed.DeviceQueue` (addresses and the two-position base:
+  :mod:`mic_host.vhost_user.packed`); it stops on GET_VRING_BASE after the requests in
   flight have completed, so the base returned loses nothing;
 - the kick eventfd wakes the endpoint; the call eventfd is its interrupt; a
   ring the guest driver breaks is latched broken and reported on the error
@@ -39,6 +41,7 @@ from typing import Self
 
 from mic_host.backends import Backend
 from mic_host.endpoint import EndpointState, QueueEndpoint
+from mic_host.vhost_user.packed import encode_base, packed_layout, start_packed
 from mic_host.vhost_user.vring import Vring, VringOwner, listen_unix
 from transport.errors import LinkLost
 from transport.vhost_user import GuestMemory, Message, ProtocolFeature, Request, VhostUserChannel
@@ -59,6 +62,7 @@ from transport.vhost_user.protocol import (
     decode_vring_addr,
     decode_vring_state,
 )
+from virtio import packed
 from virtio.constants import Feature
 from virtio.errors import LocalProtocolError, MicError, RemoteProtocolError
 from virtio.ratelimit import LogBudget
@@ -69,7 +73,9 @@ __all__ = ["OFFERED_PROTOCOL_FEATURES", "RING_FEATURES", "VhostUserServer"]
 log = logging.getLogger(__name__)
 
 #: Transport features offered on top of the backend's own.
-RING_FEATURES = int(Feature.VERSION_1 | Feature.EVENT_IDX | Feature.INDIRECT_DESC)
+RING_FEATURES = int(
+    Feature.VERSION_1 | Feature.EVENT_IDX | Feature.INDIRECT_DESC | Feature.RING_PACKED
+)
 #: Protocol features offered: QEMU's vhost-user-blk needs CONFIG; MQ lets it ask
 #: for the queue count; REPLY_ACK lets it learn that a request failed.
 OFFERED_PROTOCOL_FEATURES = int(
@@ -360,7 +366,7 @@ class VhostUserServer:
     async def _set_vring_base(self, msg: Message) -> None:
         index, base = decode_vring_state(msg)
         vr = self._vring(index, msg)
-        if base > 0xFFFF:
+        if base > 0xFFFF and not self._packed:  # a packed base holds two (packed.decode_base)
             raise _error(f"SET_VRING_BASE: queue {index} base {base} is not a 16-bit index")
         vr.base = base
 
@@ -369,8 +375,11 @@ class VhostUserServer:
         vr = self._vring(addr.index, msg)
         if self._memory is None:
             raise _error(f"SET_VRING_ADDR for queue {addr.index} before SET_MEM_TABLE")
-        if vr.num:
-            self._layout(vr.num, addr)  # refuse addresses outside the regions now
+        if vr.num:  # refuse addresses outside the regions now
+            if self._packed:
+                packed_layout(self._memory, vr.num, addr)
+            else:
+                self._layout(vr.num, addr)
         vr.addr = addr
 
     async def _get_vring_base(self, msg: Message) -> bytes:
@@ -425,6 +434,11 @@ class VhostUserServer:
         raise _error("SET_CONFIG: this device's config space is read-only")
 
     # -- rings --------------------------------------------------------------------------
+    @property
+    def _packed(self) -> bool:
+        """VIRTIO_F_RING_PACKED was acked: rings are packed (:mod:`.packed`)."""
+        return bool(self.ctx.acked & Feature.RING_PACKED)
+
     def _layout(self, num: int, addr: VringAddr) -> SplitLayout:
         mem = self._memory
         assert mem is not None
@@ -454,6 +468,13 @@ class VhostUserServer:
         assert self._memory is not None
         assert vr.addr is not None
         f = self.ctx.acked
+        if f & Feature.RING_PACKED:
+            q: DeviceQueue | packed.DeviceQueue
+            q = start_packed(self._memory, vr.num, vr.addr, vr.base, f)
+            vr.queue = q
+            vr.endpoint.attach(q)
+            vr.watch_kicks()
+            return
         state = QueueState(
             layout=self._layout(vr.num, vr.addr),
             next_avail=vr.base,
@@ -493,7 +514,7 @@ class VhostUserServer:
                 )
             ep.flush()
             ep.detach(EndpointState.IDLE, "ring stopped by the front-end")
-        vr.base = q.next_avail
+        vr.base = encode_base(q) if isinstance(q, packed.DeviceQueue) else q.next_avail
         vr.queue = None
 
     def stats(self) -> dict[str, object]:

@@ -1,7 +1,7 @@
 """One vhost-user virtqueue as the back-end keeps it between messages.
 
 Owns :class:`Vring` (what SET_VRING_NUM/BASE/ADDR/KICK/CALL/ERR/ENABLE said,
-the eventfds, the running :class:`virtio.split.DeviceQueue`, the kick watch on
+the eventfds, the running split or packed device queue, the kick watch on
 the event loop) and :class:`VringOwner`, what the vring's
 :class:`mic_host.endpoint.QueueEndpoint` calls back into: the call eventfd is
 its interrupt, a ring error latches the queue broken and is signalled on the
@@ -19,12 +19,11 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mic_host.endpoint import EndpointState, QueueEndpoint
+from mic_host.endpoint import AnyDeviceQueue, EndpointState, QueueEndpoint
 from transport.vhost_user import VringAddr
 from transport.vhost_user import close_fds as _close_fds
 from virtio.errors import MicError
 from virtio.ratelimit import LimitedLogger
-from virtio.split import DeviceQueue
 
 __all__ = ["Vring", "VringOwner", "listen_unix"]
 
@@ -67,7 +66,7 @@ class Vring:
     call_fd: int | None = None
     err_fd: int | None = None
     enabled: bool = False
-    queue: DeviceQueue | None = None
+    queue: AnyDeviceQueue | None = None
     _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
 
     @property

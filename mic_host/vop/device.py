@@ -25,8 +25,17 @@ from typing import Any, Protocol
 from mic_host.backends import Backend
 from mic_host.endpoint import EndpointState, QueueEndpoint
 from mic_host.events import MAX_MESSAGE, emit
+from virtio import packed
 from virtio.constants import MicConfigChange
-from virtio.devpage import H2C_DOORBELLS, MAX_QUEUE_SIZE, TRANSPORT_FEATURES, Ctrl, EntryView
+from virtio.devpage import (
+    H2C_DOORBELLS,
+    MAX_QUEUE_SIZE,
+    RING_PACKED,
+    TRANSPORT_FEATURES,
+    Ctrl,
+    EntryView,
+    packed_vring,
+)
 from virtio.errors import LocalProtocolError, MicError, MicTimeoutError
 from virtio.handshake import (
     Action,
@@ -138,7 +147,10 @@ class VopDevice:
         view: EntryView,
         vrings: list[Vring],
         c2h_db: int,
+        *,
+        packed: bool = False,
     ) -> None:
+        """``packed``: also offer VIRTIO_F_RING_PACKED (the device's ``ring = "packed"``)."""
         self._owner = owner
         self.backend = backend
         self.name = backend.name
@@ -146,6 +158,8 @@ class VopDevice:
         self.vrings = vrings
         self.c2h_db = c2h_db
         self.offered = int(backend.features()) | HOST_TRANSPORT_FEATURES
+        if packed:
+            self.offered |= RING_PACKED
         self.machine = DeviceStatusMachine(self.offered)
         self.hs = HostHandshake(
             view,
@@ -287,24 +301,38 @@ class VopDevice:
         return None
 
     def _start_queues(self, used: Sequence[int], features: int) -> None:
-        """DRIVER_OK: build a DeviceQueue per vring over the card view (may raise RingError)."""
+        """DRIVER_OK: build a DeviceQueue per vring over the card view (may raise RingError).
+
+        The split ring's used ring is where the card last put it (zeroed
+        here); a packed ring is :func:`virtio.devpage.packed_vring` of the
+        block the host allocated (the card zeroed its descriptors; the
+        device queue writes its own event area).
+        """
         mem = self._owner.card_view
+        is_packed = bool(features & RING_PACKED)
         for i, (vr, ep) in enumerate(zip(self.vrings, self.endpoints, strict=True)):
-            layout = SplitLayout(vr.num, vr.bus, vr.bus + 16 * vr.num, used[i])
-            q = DeviceQueue(mem, layout, features, max_size=MAX_QUEUE_SIZE)
-            ring = mem.view(layout.used, layout.used_bytes, True)
-            ring[:] = bytes(len(ring))
+            q: DeviceQueue | packed.DeviceQueue
+            if is_packed:
+                q = packed.DeviceQueue(
+                    mem, packed_vring(vr.bus, vr.num), features, max_size=MAX_QUEUE_SIZE
+                )
+            else:
+                layout = SplitLayout(vr.num, vr.bus, vr.bus + 16 * vr.num, used[i])
+                q = DeviceQueue(mem, layout, features, max_size=MAX_QUEUE_SIZE)
+                ring = mem.view(layout.used, layout.used_bytes, True)
+                ring[:] = bytes(len(ring))
             q.activate()
             ep.attach(q)
+        where = [
+            "host" if u == v.default_used else "card"
+            for u, v in zip(used, self.vrings, strict=True)
+        ]
         self.card_log.info(
-            "%s live: features %#x, queues %s, used rings %s",
+            "%s live: features %#x, queues %s, %s",
             self.name,
             features,
             [v.num for v in self.vrings],
-            [
-                "host" if u == v.default_used else "card"
-                for u, v in zip(used, self.vrings, strict=True)
-            ],
+            "packed rings" if is_packed else f"used rings {where}",
         )
 
     def stop_queues(self, state: EndpointState, reason: str) -> None:
@@ -445,6 +473,7 @@ class VopDevice:
             "dev_state": self.machine.state.value,
             "offered": self.offered,
             "features": self.machine.features,
+            "ring": "packed" if self.machine.features & RING_PACKED else "split",
             "slot": self.view.offset,
             "c2h_db": self.c2h_db,
             "h2c_db": self.view.ctrl(Ctrl.H2C_VDEV_DB),

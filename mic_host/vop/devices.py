@@ -27,7 +27,13 @@ from mic_host.endpoint import EndpointState
 from mic_host.vop.device import HOST_TRANSPORT_FEATURES, VopDevice, Vring
 from mic_host.vop.page import PAGE, DevicePage, HostRamAllocator, vring_alloc_size
 from virtio.constants import MIC_DP_SIZE, MIC_MAGIC
-from virtio.devpage import C2H_DOORBELLS, H2C_DOORBELLS, MAX_QUEUE_SIZE, vring_info_offset
+from virtio.devpage import (
+    C2H_DOORBELLS,
+    H2C_DOORBELLS,
+    MAX_QUEUE_SIZE,
+    RING_PACKED,
+    vring_info_offset,
+)
 from virtio.errors import (
     BrokenResourceError,
     LocalProtocolError,
@@ -203,8 +209,12 @@ class Vop:
                 load[dev.c2h_db] += 1
         return min(self._c2h, key=lambda d: (load[d], d))
 
-    def add_device(self, backend: Backend) -> VopDevice:
+    def add_device(self, backend: Backend, *, packed: bool = False) -> VopDevice:
         """Put ``backend``'s device on the page, start its backend, tell the card.
+
+        ``packed`` also offers VIRTIO_F_RING_PACKED (the device's ``ring =
+        "packed"`` option): the card then runs packed rings in the same vring
+        blocks (:func:`virtio.devpage.packed_vring`).
 
         Allocates and zeroes the vrings in host RAM (legacy contiguous layout,
         4096-aligned used ring, ``_mic_vring_info`` after it), writes the entry
@@ -233,6 +243,8 @@ class Vop:
         if not 0 < dtype < 128:
             raise LocalProtocolError(f"{name}: device type {dtype} outside 1..127")
         features = int(backend.features()) | HOST_TRANSPORT_FEATURES
+        if packed:
+            features |= RING_PACKED
         vrings: list[Vring] = []
         try:
             for i, n in enumerate(sizes):
@@ -263,7 +275,7 @@ class Vop:
             for v in vrings:
                 self.alloc.free(v.offset)
             raise
-        dev = VopDevice(self, backend, view, vrings, c2h)
+        dev = VopDevice(self, backend, view, vrings, c2h, packed=packed)
         self._devices[name] = dev
         dev.task = asyncio.get_running_loop().create_task(self._run_backend(dev), name=name)
         self._tasks.add(dev.task)

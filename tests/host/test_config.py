@@ -233,7 +233,15 @@ BLOCK = '[[cards.devices]]\ntype = "block"\n'
         ),
         (
             card(devices="[[cards.devices]]\ntype = 'console'\noptions = { x = 1 }"),
-            ("cards[0].devices[0].options.x: unknown option for console devices", "known: none"),
+            ("cards[0].devices[0].options.x: unknown option for console devices", "known: ring"),
+        ),
+        (
+            card(devices="[[cards.devices]]\ntype = 'console'\noptions = { ring = 'ring' }"),
+            ("cards[0].devices[0].options.ring: expected one of split, packed, got 'ring'",),
+        ),
+        (
+            card(devices="[[cards.devices]]\ntype = 'plugin-x'\noptions = { ring = true }"),
+            ("cards[0].devices[0].options.ring: expected one of split, packed, got True",),
         ),
         (
             card(devices=BLOCK + "options = {}"),

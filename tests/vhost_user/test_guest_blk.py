@@ -1,7 +1,8 @@
 """A Linux guest's virtio-blk disk is ``mic-vhost-user blk``: real QEMU, real driver.
 
 One guest boot per ring configuration (EVENT_IDX and INDIRECT_DESC on, then
-both off) under QEMU TCG with ``-smp 2`` (QEMU 7.2's single-vCPU TCG may drop
+both off with two queues, then the packed ring: ``packed=on``, with both on)
+under QEMU TCG with ``-smp 2`` (QEMU 7.2's single-vCPU TCG may drop
 guest barriers, which would hide a lost notification of ours). The back-end is
 the installed ``mic-vhost-user`` command in its own process, and every check
 compares what the guest read or wrote with the image on the host: buffered and
@@ -72,6 +73,7 @@ class Booted:
     server_log: Path
     ring_features: bool
     queues: int
+    packed: bool = False
 
     def host_hash(self, off_mib: int, count_mib: int) -> str:
         with self.image.open("rb") as f:
@@ -95,7 +97,8 @@ def _wait_ready(proc: subprocess.Popen[bytes], log: Path, timeout: float = 60.0)
 
 
 @pytest.fixture(
-    scope="module", params=["event_idx+indirect", "no event_idx, no indirect, 2 queues"]
+    scope="module",
+    params=["event_idx+indirect", "no event_idx, no indirect, 2 queues", "packed"],
 )
 def booted(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -107,7 +110,8 @@ def booted(
     sock = d / "vu.sock"
     server_log = d / "mic-vhost-user.log"
     exe = shutil.which("mic-vhost-user", path=str(Path(sys.executable).parent)) or "mic-vhost-user"
-    on = request.param == "event_idx+indirect"
+    packed = request.param == "packed"
+    on = request.param != "no event_idx, no indirect, 2 queues"
     queues = 1 if on else 2
     argv = [exe, "blk", "--socket", str(sock), "--image", str(image), "--serial", SERIAL]
     argv += ["--queues", str(queues)]
@@ -123,6 +127,7 @@ def booted(
         initrd = d / "initrd.cpio"
         build_initramfs(KIT, initrd, CHECKS)
         ring = "" if on else ",event_idx=off,indirect_desc=off"
+        ring += ",packed=on" if packed else ""
         argv = [
             KIT.qemu,
             "-machine", "pc,accel=tcg,memory-backend=mem",
@@ -139,7 +144,7 @@ def booted(
         ]  # fmt: skip
         guest = Guest(argv, d / "console.log")
         guest.wait_for("GUEST-UP", 120)
-        yield Booted(guest, image, server, server_log, on, queues)
+        yield Booted(guest, image, server, server_log, on, queues, packed)
     finally:
         if guest is not None:
             guest.close()
@@ -163,9 +168,11 @@ def test_device_as_configured(booted: Booted) -> None:
     assert cache == ["write", "back"]  # FLUSH negotiated: fsync reaches the image
     assert int(max_segments) == 126  # seg_max derived from the 128-entry ring
     assert int(discard_max) > 0
-    # the guest's feature bitmap: bit 28 INDIRECT_DESC, 29 EVENT_IDX, 32 VERSION_1
+    # the guest's feature bitmap: bit 28 INDIRECT_DESC, 29 EVENT_IDX, 32 VERSION_1,
+    # 34 RING_PACKED (offered always; QEMU asks for it with packed=on only)
     assert features[32] == "1"
     assert features[28] == features[29] == ("1" if booted.ring_features else "0")
+    assert features[34] == ("1" if booted.packed else "0")
 
 
 def test_buffered_and_direct_reads(booted: Booted) -> None:

@@ -88,9 +88,10 @@ class Rig:
         self.cp.target = self.vop
         self.bus: VirtioBus | None = None
 
-    def add(self, *backends: Backend) -> None:
+    def add(self, *backends: Backend, packed: bool = False) -> None:
+        """Add devices (``packed``: offering VIRTIO_F_RING_PACKED)."""
         for b in backends:
-            self.vop.add_device(b)
+            self.vop.add_device(b, packed=packed)
 
     async def boot(self, **bus_kw: Any) -> VirtioBus:
         bus_kw.setdefault("timeout", 2.0)

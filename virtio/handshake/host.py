@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from virtio.constants import MicConfigChange
-from virtio.devpage import H2C_DOORBELLS, Ctrl, EntryView
+from virtio.devpage import H2C_DOORBELLS, RING_PACKED, Ctrl, EntryView
 from virtio.errors import LocalProtocolError, RemoteProtocolError
 from virtio.handshake.events import (
     Action,
@@ -268,6 +268,11 @@ class HostHandshake:
         if self.machine.live:
             raise RemoteProtocolError(
                 "card moved the used ring after DRIVER_OK", reason="used-address"
+            )
+        if self.machine.features & RING_PACKED:
+            raise RemoteProtocolError(
+                "card moved the used ring of a packed-ring device (a packed ring has none)",
+                reason="used-address",
             )
         new: list[int] = []
         for i, num in enumerate(self.sizes):
