@@ -70,7 +70,14 @@ def build_net_backend(
     """
     if (tap is None) == (switch is None):
         raise ConfigError("vhost-user net: give exactly one of a TAP or a switch")
-    common: dict[str, Any] = {"name": name, "card": port, "mtu": mtu, "card_mode": "frames"}
+    # no card behind it: no card address, no card namespace
+    common: dict[str, Any] = {
+        "name": name,
+        "card": port,
+        "mtu": mtu,
+        "card_mode": "frames",
+        "card_ip": "",
+    }
     if tap is not None:
         if uplink is not None:
             raise ConfigError("vhost-user net: an uplink TAP belongs to a switch, not to --tap")

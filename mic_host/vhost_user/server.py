@@ -257,7 +257,7 @@ class VhostUserServer:
                     _close_fds(msg.fds)  # handlers take (and clear) the fds they keep
         except RemoteProtocolError as e:
             self.dropped += 1
-            self._log.error("vhost-user connection dropped: %s", e)
+            self._log.error("vhost-user connection dropped: %s (socket %s)", e, self.path)
         except LinkLost as e:
             self._log.info("vhost-user front-end gone: %s", e)
         except Exception:  # a bug of ours: this connection goes, the server stays
@@ -517,6 +517,11 @@ class VhostUserServer:
             ep.detach(EndpointState.IDLE, "ring stopped by the front-end")
         vr.base = q.next_avail
         vr.queue = None
+
+    @property
+    def connected(self) -> bool:
+        """A front-end is being served now."""
+        return self._active is not None
 
     def stats(self) -> dict[str, object]:
         return {
