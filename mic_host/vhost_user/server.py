@@ -138,10 +138,10 @@ class VhostUserServer:
     connection, stops the backend, closes it and removes the socket.
     """
 
-    #: why the front-end's rings may not be smaller than ``queue_size`` (for errors)
+    #: why the front-end's rings may not be smaller than ``queue_size`` (for errors;
+    #: ``{queue_size}`` is filled in)
     ring_size_note = (
-        "its seg_max was derived from the queue size: set the front-end's queue-size to at "
-        "least that"
+        "its seg_max was derived from {queue_size}: set the front-end's queue-size to at least that"
     )
 
     #: the protocol features offered (a net device must not offer CONFIG: QEMU 7.2's
@@ -368,9 +368,10 @@ class VhostUserServer:
         index, num = decode_vring_state(msg)
         vr = self._vring(index, msg)
         if num & (num - 1) or not self.queue_size <= num <= VRING_MAX:
+            why = self.ring_size_note.format(queue_size=self.queue_size)
             raise _error(
                 f"SET_VRING_NUM: queue {index} of {num} entries; this back-end needs a power "
-                f"of two in {self.queue_size}..{VRING_MAX} ({self.ring_size_note})"
+                f"of two in {self.queue_size}..{VRING_MAX} ({why})"
             )
         vr.num = num
 
