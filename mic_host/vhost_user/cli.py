@@ -31,7 +31,7 @@ import sys
 
 from mic_host.backends.block import MAX_QUEUES, BlockBackend
 from mic_host.config.limits import BLOCK_QUEUE_SIZE
-from mic_host.vhost_user.net_cli import add_net_parser, build_net_server
+from mic_host.vhost_user.net_cli import add_net_parser, run_net
 from mic_host.vhost_user.server import VRING_MAX, VhostUserServer
 from virtio.errors import ConfigError
 
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=level, format="mic-vhost-user: %(levelname)s %(message)s")
     if args.kind == "net":
-        return _main_net(args)
+        return run_net(args)
     qs = args.queue_size
     if qs < 4 or qs > VRING_MAX or qs & (qs - 1):
         print(
@@ -133,21 +133,6 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"mic-vhost-user: cannot listen on {args.socket}: {e}", file=sys.stderr)
         asyncio.run(backend.aclose())
-        return 1
-    return 0
-
-
-def _main_net(args: argparse.Namespace) -> int:
-    os.umask(0o077)  # the socket is the user's alone
-    built = build_net_server(args)
-    if built is None:
-        return 1
-    server, ready = built
-    try:
-        asyncio.run(_serve(server, ready))
-    except OSError as e:
-        print(f"mic-vhost-user: cannot listen on {args.socket}: {e}", file=sys.stderr)
-        asyncio.run(server.backend.aclose())
         return 1
     return 0
 

@@ -1,6 +1,6 @@
 """``mic-vhost-user net`` as a user runs it: ready once the socket listens, stops on
-SIGTERM, creates (and removes) its TAP with the host address, refuses bad arguments
-with a clear message."""
+SIGTERM, creates (and removes) its TAP with the host address, carries frames between
+two guests on its own switch, refuses bad arguments with a clear message."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.vhost_user.net_frontend import NetFrontEnd, frame
 from tests.vhost_user.test_cli import EXE, short_dir
 from transport.tap import ip_sync, tap_privilege_problem
+from transport.vhost_user import ProtocolFeature
 
 __all__ = ["short_dir"]
 
@@ -31,6 +33,14 @@ def _serve(sock: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(str(sock))  # listening before the line was written
     return proc, line
+
+
+async def _front_end(path: Path) -> NetFrontEnd:
+    fe = await NetFrontEnd.connect(path)
+    assert isinstance(fe, NetFrontEnd)
+    await fe.negotiate_net(int(ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK))
+    await fe.start_net()
+    return fe
 
 
 def _stop(proc: subprocess.Popen[str], sig: signal.Signals = signal.SIGTERM) -> int:
@@ -51,6 +61,28 @@ def test_switch_serves_until_signalled(short_dir: Path) -> None:
     assert f"serving switch lan on {sock}" in line
     assert _stop(proc, signal.SIGINT) == 0
     assert not sock.exists()
+
+
+@pytest.mark.asyncio
+async def test_two_guests_on_the_process_switch(short_dir: Path) -> None:
+    a, b = short_dir / "a.sock", short_dir / "b.sock"
+    proc, line = _serve(a, "--socket", str(b), "--switch", "lan")
+    try:
+        assert f"serving switch lan on {a}, {b}" in line
+        fa, fb = await _front_end(a), await _front_end(b)
+        try:
+            fb.post_rx(2)
+            payload = os.urandom(256)
+            fa.send_frame(frame(1, payload))
+            token, length = await fb.used(0)
+            assert fb.rx_frame(token, length) == frame(1, payload)
+        finally:
+            fa.close()
+            fb.close()
+    finally:
+        assert _stop(proc) == 0
+    assert not a.exists()
+    assert not b.exists()
 
 
 @pytest.mark.skipif(PROBLEM is not None, reason=f"TAP unavailable: {PROBLEM}")
@@ -77,6 +109,7 @@ def test_tap_is_created_with_the_host_address_and_removed(short_dir: Path) -> No
         (["--tap", "t0", "--uplink", "u0"], 1, "--uplink needs --switch"),
         (["--switch", "s0", "--mtu", "10"], 1, "mtu 10 outside 68..65535"),
         (["--tap", "bad name"], 1, "bad interface name 'bad name'"),
+        (["--tap", "t0", "--socket", "/tmp/second.sock"], 2, "one guest per TAP"),
     ],
 )
 def test_bad_arguments(short_dir: Path, args: list[str], code: int, words: str) -> None:
