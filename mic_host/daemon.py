@@ -26,6 +26,7 @@ from typing import Any
 
 from mic_host import host_cli
 from mic_host.backends import available_backends
+from mic_host.backends.net import create_net_backend
 from mic_host.card import CardManager
 from mic_host.card.devlist import devices_report
 from mic_host.config import DaemonConfig, check_device_types, default_config, load_config
@@ -42,6 +43,7 @@ from mic_host.paths import (
     secure_state_dir,
 )
 from mic_host.streams import serve_events, serve_logs, track_app, watch_card
+from mic_host.vhost_user.export import VhostUserExports, configured_switches
 from transport import spinloop
 from transport.tracing import install_from_env as install_trace
 from virtio.agent import exec_problem
@@ -69,6 +71,10 @@ class Daemon:
         self.hostlog: HostLog | None = None
         for m in self.cards.values():
             watch_card(self.bus, m)
+        #: vhost-user net sockets on the cards' switches (``micctl vhost-user``)
+        self.vhost_user = VhostUserExports(
+            create_net_backend.switches, lambda: configured_switches(self.config)
+        )
 
     def _card(self, name: str | None) -> CardManager:
         if name is None or name not in self.cards:
@@ -112,6 +118,7 @@ class Daemon:
                 await stop.wait()
                 log.info("stopping: shutting the cards down")
         finally:
+            await self.vhost_user.aclose()
             await asyncio.gather(*(m.aclose() for m in self.cards.values()))
 
     # -- ControlHandler ----------------------------------------------------
@@ -264,6 +271,17 @@ class Daemon:
         if app_id is not None and app_id != int(app_id):
             raise LocalProtocolError(f"kill: app id must be an integer, got {app_id}")
         return await self._card(card).kill(None if app_id is None else int(app_id), tag)
+
+    async def vhost_user_export(self, socket: str, switch: str, mtu: float) -> dict[str, Any]:
+        if mtu != int(mtu):
+            raise LocalProtocolError(f"vhost-user export: mtu must be an integer, got {mtu}")
+        return await self.vhost_user.export(switch, socket, int(mtu))
+
+    async def vhost_user_unexport(self, socket: str) -> dict[str, Any]:
+        return await self.vhost_user.unexport(socket)
+
+    async def vhost_user_exports(self) -> dict[str, Any]:
+        return self.vhost_user.list()
 
 
 class _StateLock:

@@ -291,6 +291,19 @@ class Client:
         """Host PM resume: the daemon boots again the cards suspend stopped."""
         return await self.request("resume")
 
+    async def vhost_user_export(self, socket: str, switch: str, mtu: int = 1500) -> dict[str, Any]:
+        """Serve a vhost-user net socket (absolute path) on the daemon's switch
+        ``switch``: a QEMU guest's ``-netdev vhost-user`` then shares it with cards."""
+        return await self.request("vhost_user_export", socket=socket, switch=switch, mtu=mtu)
+
+    async def vhost_user_unexport(self, socket: str) -> dict[str, Any]:
+        """Stop serving an exported vhost-user socket (its guest loses the link)."""
+        return await self.request("vhost_user_unexport", socket=socket)
+
+    async def vhost_user_exports(self) -> dict[str, Any]:
+        """``{"exports": [{socket, switch, port, connected, counters, ...}, ...]}``."""
+        return await self.request("vhost_user_exports")
+
     def card(self, name: str) -> CardClient:
         """A handle on one card (no request is made)."""
         return CardClient(self, name)

@@ -234,6 +234,21 @@ OPS: dict[str, OpSpec] = {
     "devices": OpSpec(
         "required", help="the card's virtio devices: bound driver, state, error, claim holder"
     ),
+    "vhost_user_export": OpSpec(
+        "none",
+        {
+            "socket": ArgSpec("string", required=True, help="absolute path of the socket"),
+            "switch": ArgSpec("string", required=True, help="one of the daemon's switches"),
+            "mtu": ArgSpec("number", default=1500, help="the port's MTU"),
+        },
+        help="serve a vhost-user net socket on a daemon switch (a QEMU guest shares it)",
+    ),
+    "vhost_user_unexport": OpSpec(
+        "none",
+        {"socket": ArgSpec("string", required=True, help="the exported socket")},
+        help="stop serving an exported vhost-user socket",
+    ),
+    "vhost_user_exports": OpSpec("none", help="the vhost-user sockets the daemon serves"),
 }
 
 

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 # imported for their registrations: card apps, the built-in subcommands, console,
-# devices, exec, reboot, events; and help and completion (which list the others
+# devices, exec, reboot, events, vhost-user; and help and completion (which list the others
 # when the parser is built)
 import mic_host.micctl.apps
 import mic_host.micctl.commands
@@ -25,7 +25,8 @@ import mic_host.micctl.devices
 import mic_host.micctl.events
 import mic_host.micctl.execute
 import mic_host.micctl.help
-import mic_host.micctl.reboot  # noqa: F401
+import mic_host.micctl.reboot
+import mic_host.micctl.vhost_user  # noqa: F401
 from mic_host.client.connection import connect
 from mic_host.micctl.registry import (
     EXIT_FAILED,

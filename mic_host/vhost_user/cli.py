@@ -11,6 +11,9 @@ then, in QEMU::
     -chardev socket,id=vu,path=/tmp/vhost.sock
     -device vhost-user-blk-pci,chardev=vu,num-queues=N
 
+``mic-vhost-user net --socket PATH (--tap NAME | --switch NAME)`` serves the
+net backend to ``-netdev vhost-user`` (:mod:`mic_host.vhost_user.net_cli`).
+
 It serves until SIGTERM or SIGINT; the socket is listening before the
 ``ready`` line is logged (on stderr), so a script may wait for that line.
 Exit status: 0 after a signal, 1 when the backend or the socket cannot be set
@@ -28,6 +31,7 @@ import sys
 
 from mic_host.backends.block import MAX_QUEUES, BlockBackend
 from mic_host.config.limits import BLOCK_QUEUE_SIZE
+from mic_host.vhost_user.net_cli import add_net_parser, run_net
 from mic_host.vhost_user.server import VRING_MAX, VhostUserServer
 from virtio.errors import ConfigError
 
@@ -78,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
         help=f"smallest ring the front-end may set up; seg_max is derived from it "
         f"(QEMU: queue-size, default {BLOCK_QUEUE_SIZE})",
     )
+    add_net_parser(sub)
     return p
 
 
@@ -99,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mic-vhost-user: --log-level {args.log_level!r} is not a level", file=sys.stderr)
         return 2
     logging.basicConfig(level=level, format="mic-vhost-user: %(levelname)s %(message)s")
+    if args.kind == "net":
+        return run_net(args)
     qs = args.queue_size
     if qs < 4 or qs > VRING_MAX or qs & (qs - 1):
         print(

@@ -144,6 +144,16 @@ class VhostUserServer:
     connection, stops the backend, closes it and removes the socket.
     """
 
+    #: why the front-end's rings may not be smaller than ``queue_size`` (for errors;
+    #: ``{queue_size}`` is filled in)
+    ring_size_note = (
+        "its seg_max was derived from {queue_size}: set the front-end's queue-size to at least that"
+    )
+
+    #: the protocol features offered (a net device must not offer CONFIG: QEMU 7.2's
+    #: virtio-net crashes on it)
+    protocol_features = OFFERED_PROTOCOL_FEATURES
+
     def __init__(self, backend: Backend, path: str | os.PathLike[str], *, queue_size: int) -> None:
         self.backend = backend
         self.path = Path(path)
@@ -166,6 +176,8 @@ class VhostUserServer:
         self._active: VhostUserChannel | None = None
         self._memory: GuestMemory | None = None
         self._protocol = 0
+        #: the front-end acked VHOST_USER_F_PROTOCOL_FEATURES (rings then start disabled)
+        self.protocol_features_acked = False
         self.connections = 0
         self.dropped = 0
 
@@ -251,7 +263,7 @@ class VhostUserServer:
                     _close_fds(msg.fds)  # handlers take (and clear) the fds they keep
         except RemoteProtocolError as e:
             self.dropped += 1
-            self._log.error("vhost-user connection dropped: %s", e)
+            self._log.error("vhost-user connection dropped: %s (socket %s)", e, self.path)
         except LinkLost as e:
             self._log.info("vhost-user front-end gone: %s", e)
         except Exception:  # a bug of ours: this connection goes, the server stays
@@ -271,6 +283,7 @@ class VhostUserServer:
             vr.enabled = False
         self.ctx.acked = 0
         self._protocol = 0
+        self.protocol_features_acked = False
         if self._memory is not None:
             self._memory.close()
             self._memory = None
@@ -313,6 +326,7 @@ class VhostUserServer:
         if not f & Feature.VERSION_1:
             raise _error("SET_FEATURES without VERSION_1: legacy devices are not supported")
         self.ctx.acked = f & ~PROTOCOL_FEATURES_BIT
+        self.protocol_features_acked = bool(f & PROTOCOL_FEATURES_BIT)
 
     async def _nothing(self, msg: Message) -> None:
         pass
@@ -323,17 +337,21 @@ class VhostUserServer:
         self.ctx.acked = 0
 
     async def _get_protocol_features(self, msg: Message) -> bytes:
-        return U64.pack(OFFERED_PROTOCOL_FEATURES)
+        return U64.pack(self.protocol_features)
 
     async def _set_protocol_features(self, msg: Message) -> None:
         f = decode_u64(msg)
-        extra = f & ~OFFERED_PROTOCOL_FEATURES
+        extra = f & ~self.protocol_features
         if extra:
             raise _error(f"SET_PROTOCOL_FEATURES acks {extra:#x}, which were not offered")
         self._protocol = f
 
     async def _get_queue_num(self, msg: Message) -> bytes:
-        return U64.pack(len(self.vrings))
+        return U64.pack(self.max_queues())
+
+    def max_queues(self) -> int:
+        """The GET_QUEUE_NUM answer (a subclass may count queue pairs)."""
+        return len(self.vrings)
 
     async def _get_max_mem_slots(self, msg: Message) -> bytes:
         return U64.pack(MAX_MEM_REGIONS)
@@ -356,10 +374,10 @@ class VhostUserServer:
         index, num = decode_vring_state(msg)
         vr = self._vring(index, msg)
         if num & (num - 1) or not self.queue_size <= num <= VRING_MAX:
+            why = self.ring_size_note.format(queue_size=self.queue_size)
             raise _error(
                 f"SET_VRING_NUM: queue {index} of {num} entries; this back-end needs a power "
-                f"of two in {self.queue_size}..{VRING_MAX} (its seg_max was derived from "
-                f"{self.queue_size}: set the front-end's queue-size to at least that)"
+                f"of two in {self.queue_size}..{VRING_MAX} ({why})"
             )
         vr.num = num
 
@@ -421,7 +439,12 @@ class VhostUserServer:
 
     async def _set_vring_enable(self, msg: Message) -> None:
         index, enable = decode_vring_state(msg)
-        self._vring(index, msg).enabled = bool(enable)
+        vr = self._vring(index, msg)
+        vr.enabled = bool(enable)
+        await self._enable_changed(vr)
+
+    async def _enable_changed(self, vr: Vring) -> None:
+        """SET_VRING_ENABLE changed ``vr.enabled`` (a subclass may start or stop the ring)."""
 
     async def _get_config(self, msg: Message) -> bytes:
         offset, size, flags, _ = decode_config(msg, with_payload=False)
@@ -516,6 +539,11 @@ class VhostUserServer:
             ep.detach(EndpointState.IDLE, "ring stopped by the front-end")
         vr.base = encode_base(q) if isinstance(q, packed.DeviceQueue) else q.next_avail
         vr.queue = None
+
+    @property
+    def connected(self) -> bool:
+        """A front-end is being served now."""
+        return self._active is not None
 
     def stats(self) -> dict[str, object]:
         return {

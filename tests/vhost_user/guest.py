@@ -27,8 +27,8 @@ from pathlib import Path
 
 __all__ = ["Guest", "GuestKit", "build_initramfs", "find_guest_kit"]
 
-#: Modules virtio-blk over PCI needs, resolved with their dependencies from modules.dep.
-_WANTED = ("virtio_blk", "virtio_pci")
+#: Modules virtio-blk and virtio-net over PCI need (with their dependencies, from modules.dep).
+_WANTED = ("virtio_blk", "virtio_pci", "virtio_net")
 
 
 @dataclass(frozen=True)
