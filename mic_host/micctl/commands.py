@@ -70,6 +70,8 @@ def attach_options(args: argparse.Namespace) -> dict[str, Any]:
         "serial": args.serial,
         "num_queues": getattr(args, "queues", None),
         "force_share": True if getattr(args, "force_share", False) else None,
+        "backend": getattr(args, "backend", None),
+        "socket": getattr(args, "socket", None),
     }
     for key, value in flags.items():
         if value is None:
@@ -226,6 +228,13 @@ def _conf_attach(p: argparse.ArgumentParser) -> None:
         help="block: attach even if another card, daemon or QEMU holds the image "
         "(image locks are skipped: only when the writers cannot collide)",
     )
+    p.add_argument(
+        "--backend",
+        choices=("file", "vhost-user"),
+        help="block: who serves the disk: MIC-VOP from --image (file, the default) or an "
+        "external vhost-user back-end on --socket (qemu-storage-daemon; docs/vhost-user.md)",
+    )
+    p.add_argument("--socket", metavar="PATH", help="block: the vhost-user back-end's socket")
     p.add_argument(
         "--opt",
         type=_opt,
