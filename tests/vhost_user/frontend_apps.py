@@ -61,3 +61,26 @@ async def zero(card: CardServices, dev: str) -> int:
     await blk.write_zeroes(0, blk.capacity)
     await blk.flush()
     return blk.capacity
+
+
+async def bad_buffer(card: CardServices, dev: str) -> str:
+    """Claim ``dev`` and post a read whose buffer lies outside every memory region
+    (a broken or hostile card driver); what the card sees once the host reacts."""
+    import asyncio
+
+    from virtio.blk import REQ_HEADER, REQ_HEADER_SIZE
+    from virtio.constants import BlkReqType, Feature
+
+    async with card.claim(dev) as raw:
+        await raw.negotiate(Feature.VERSION_1)
+        (q,) = await raw.setup_queues()
+        await raw.driver_ok()
+        hdr, status = raw.alloc(REQ_HEADER_SIZE), raw.alloc(1)
+        raw.memory.view(hdr, REQ_HEADER_SIZE, True)[:] = REQ_HEADER.pack(BlkReqType.IN, 0)
+        q.ring.add([(hdr, REQ_HEADER_SIZE)], [(0x4000_0000_0000, 4096), (status, 1)], "bad")
+        q.publish()
+        try:
+            await asyncio.wait_for(q.get_used(), 60)
+        except MicError as e:
+            return f"{type(e).__name__}: {e}"
+        return f"completed, status {raw.memory.view(status, 1)[0]}"

@@ -338,3 +338,92 @@ def test_config_checks_the_vhost_user_options(tmp_path: Path) -> None:
         check(size="1M")
     with pytest.raises(ConfigError, match='expected "file" or "vhost-user"'):
         check(backend="nbd", socket="s")
+
+
+@needs_qsd
+@pytest.mark.asyncio
+async def test_a_card_driver_that_breaks_the_ring_breaks_only_its_device(
+    state_dir: Path, qsd: Qsd
+) -> None:
+    async with mic_host.launch(state_dir, _config(qsd)) as client:
+        card = client.card("mic0")
+        await card.wait("online", timeout=60)
+        # a claimed vda gets a read into memory the card does not have:
+        # qemu-storage-daemon drops that connection, the device goes NEEDS_RESET
+        got = (await card.run(f"{APPS}:bad_buffer", "vda", timeout=120))["value"]
+        assert got.startswith("BrokenResourceError"), got
+        assert "needs reset" in got, got
+        dev = await _device(client, "data")
+        assert "vhost-user back-end lost" in dev["last_error"]
+        # the other disk of the same qemu-storage-daemon, the card and the daemon carry on
+        h = await card.run(f"{APPS}:read_hash", "vdb", timeout=120)
+        assert h["value"] == _sha(qsd.images["journal"])
+        assert qsd.pid is not None
+        assert _alive(qsd.pid)
+        # the claim's end reset the device: it reconnected and serves the card again
+        h = await card.run(f"{APPS}:read_hash", "vda", timeout=120)
+        assert h["value"] == _sha(qsd.images["data"])
+        assert (await _device(client, "data"))["backend"]["reconnects"] == 1
+
+
+async def _fake_back_end(path: Path, behaviour: str) -> asyncio.Server:
+    """A back-end that answers GET_FEATURES wrongly (``behaviour``): "legacy" offers
+    no VERSION_1, "garbage" sends bytes that are no reply, "hangup" closes."""
+    import struct
+
+    hdr = struct.Struct("=III")
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                request, _flags, size = hdr.unpack(await reader.readexactly(hdr.size))
+                await reader.readexactly(size)
+                if request == 15:  # GET_PROTOCOL_FEATURES: CONFIG only (no acks)
+                    writer.write(hdr.pack(15, 0x5, 8) + struct.pack("=Q", 1 << 9))
+                elif request != 1:  # GET_FEATURES is answered below; the rest is not
+                    continue
+                elif behaviour == "legacy":  # no VERSION_1, otherwise plausible
+                    writer.write(hdr.pack(1, 0x5, 8) + struct.pack("=Q", 0x7 << 28))
+                elif behaviour == "garbage":
+                    writer.write(b"\xff" * 20)
+                elif behaviour == "hangup":
+                    writer.close()
+                    return
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_unix_server(serve, path=str(path))
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("behaviour", "message"),
+    [
+        ("legacy", "does not offer VERSION_1"),
+        ("garbage", "protocol version"),
+        ("hangup", "closed the connection"),
+    ],
+)
+async def test_a_bad_back_end_is_refused_with_a_clear_error(
+    state_dir: Path, behaviour: str, message: str
+) -> None:
+    sock = state_dir / "fake.sock"
+    server = await _fake_back_end(sock, behaviour)
+    try:
+        async with mic_host.launch(state_dir, CONSOLE_ONLY) as client:
+            card = client.card("mic0")
+            await card.wait("online", timeout=60)
+            done = await micctl(
+                state_dir, "attach", "mic0", "block", "--backend=vhost-user", f"--socket={sock}"
+            )
+            assert done.rc == 1, done
+            assert str(sock) in done.err
+            assert message in done.err, done.err
+            assert [d["device"] for d in await card.devices()] == ["hvc0"]
+            assert (await card.exec("echo", "ok")).stdout == b"ok\n"
+    finally:
+        server.close()
+        await server.wait_closed()
