@@ -427,3 +427,39 @@ async def test_a_bad_back_end_is_refused_with_a_clear_error(
     finally:
         server.close()
         await server.wait_closed()
+
+
+@needs_qsd
+@pytest.mark.asyncio
+async def test_card_killed_mid_storm_then_booted_again(state_dir: Path, qsd: Qsd) -> None:
+    data, journal, seed = qsd.images["data"], qsd.images["journal"], 13
+    async with mic_host.launch(state_dir, _config(qsd)) as client:
+        card = client.card("mic0")
+        await card.wait("online", timeout=60)
+        await card.run(f"{APPS}:zero", "vda", timeout=120)
+        task = asyncio.ensure_future(
+            card.run(
+                f"{BLOCK_APPS}:write_storm", "vda", "vdb", seed, 16, 10**9, str(state_dir / "s")
+            )
+        )
+        deadline = time.monotonic() + 120
+        while storm.read_journal(journal.read_bytes()[:SECTOR], seed)[1] < 500:
+            assert not task.done(), task.result()
+            assert time.monotonic() < deadline, "storm made no progress"
+            await asyncio.sleep(0.05)
+        os.kill((await card.status())["pid"], signal.SIGKILL)
+        with pytest.raises(MicError):
+            await asyncio.wait_for(task, 60)
+        await card.wait("crashed", timeout=60)
+        # the rings were taken back (every request qemu-storage-daemon had taken
+        # completed) before the card's memory went: the image holds what was flushed
+        _, prefix = storm.read_journal(journal.read_bytes()[:SECTOR], seed)
+        verdict = storm.check_image(data.read_bytes(), seed, prefix)
+        assert verdict.problems == [], verdict
+        # a new boot connects again and reads the same disk
+        await card.boot(wait=True, timeout=60)
+        got = await card.run(f"{BLOCK_APPS}:digest", "vda", timeout=120)
+        assert got["value"] == _sha(data)
+        dev = await _device(client, "data")
+        assert dev["backend"]["connected"] is True
+        assert dev["errors"] == 0
