@@ -159,6 +159,8 @@ class VhostUserBlockBackend:
         self.card = card
         self.timeout = timeout
         self.who = label or f"vhost-user disk {self.socket}"
+        # what the connection's errors say: the disk, and always the socket
+        self._fe_label = self.who if not label else f"{label} (back-end {self.socket})"
         self._fe: VhostUserFrontend | None = None
         self._offered = 0
         self._config = b""
@@ -181,7 +183,7 @@ class VhostUserBlockBackend:
     async def _connect(self) -> VhostUserFrontend:
         try:
             fe = await VhostUserFrontend.connect(
-                self.socket, label=f"{self.who}: vhost-user back-end", timeout=self.timeout
+                self.socket, label=self._fe_label, timeout=self.timeout
             )
         except MicError as e:
             raise ConfigError(str(e)) from e
@@ -201,26 +203,26 @@ class VhostUserBlockBackend:
             missing = TRANSPORT_FEATURES & ~fe.features
             if missing:
                 raise ConfigError(
-                    f"{self.who}: the back-end does not offer {_names(missing)}, "
+                    f"{self._fe_label}: the back-end does not offer {_names(missing)}, "
                     "which VOP offers every card"
                 )
             try:
                 config = await fe.get_config(CONFIG_SIZE)
                 cfg = parse_config(config)
             except MicError as e:
-                raise ConfigError(f"{self.who}: config space: {e}") from e
+                raise ConfigError(f"{self._fe_label}: config space: {e}") from e
             nq = 1
             if fe.features & BlkFeature.MQ and int(cfg.num_queues) > 1:
                 nq = int(cfg.num_queues)
             if nq > min(MAX_NUM_VQ, fe.queue_num):
                 raise ConfigError(
-                    f"{self.who}: {nq} queues; VOP gives a device at most "
+                    f"{self._fe_label}: {nq} queues; VOP gives a device at most "
                     f"{min(MAX_NUM_VQ, fe.queue_num)}"
                 )
             seg_max = int(cfg.seg_max)
             if fe.features & BlkFeature.SEG_MAX and seg_max + 2 > self.queue_size:
                 raise ConfigError(
-                    f"{self.who}: the back-end's seg_max {seg_max} needs rings of at least "
+                    f"{self._fe_label}: the back-end's seg_max {seg_max} needs rings of at least "
                     f"{seg_max + 2} entries; queue_size is {self.queue_size}"
                 )
         except BaseException:
@@ -441,7 +443,7 @@ class VhostUserBlockBackend:
         while True:
             try:
                 idx = int.from_bytes(memory.view(v.spec.used + 2, 2), "little")
-            except MicError:
+            except (MicError, ValueError):  # unreachable, or the card's memory is gone
                 return
             if idx == want:
                 return

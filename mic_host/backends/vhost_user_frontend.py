@@ -114,7 +114,7 @@ class VhostUserFrontend:
         (SET_OWNER, features, protocol features, queue count).
 
         Raises:
-            BrokenResourceError: nobody listens there (the message names ``path``).
+            BrokenResourceError: nobody listens there (``label`` should name ``path``).
             RemoteProtocolError: the back-end lacks what a block device needs.
             MicTimeoutError: it did not answer in time.
         """
@@ -126,7 +126,7 @@ class VhostUserFrontend:
         except (OSError, TimeoutError) as e:
             sock.close()
             why = e.strerror if isinstance(e, OSError) and e.strerror else "timed out"
-            raise BrokenResourceError(f"{label}: cannot connect to {path}: {why}") from e
+            raise BrokenResourceError(f"{label}: cannot connect: {why}") from e
         fe = cls(sock, label=label, timeout=timeout)
         try:
             await fe._handshake()
