@@ -120,11 +120,12 @@ def qsd(state_dir: Path) -> Iterator[Qsd]:
         q.kill(signal.SIGTERM)
 
 
-def _config(q: Qsd) -> str:
+def _config(q: Qsd, used_ring_in_card: bool = True) -> str:
     return f"""
 [[cards]]
 name = "mic0"
 boot_at_start = true
+used_ring_in_card = {str(used_ring_in_card).lower()}
 
 [[cards.devices]]
 type = "console"
@@ -157,11 +158,13 @@ async def _card_state(client: Client, device: str) -> str:
 
 @needs_qsd
 @pytest.mark.asyncio
+# the used rings in card RAM (the MIC trick) or in host RAM: two regions of the table
+@pytest.mark.parametrize("used_ring_in_card", [True, False])
 async def test_card_dd_sha256sum_and_flush_storm_land_in_the_image(
-    state_dir: Path, qsd: Qsd
+    state_dir: Path, qsd: Qsd, used_ring_in_card: bool
 ) -> None:
     data = qsd.images["data"]
-    async with mic_host.launch(state_dir, _config(qsd)) as client:
+    async with mic_host.launch(state_dir, _config(qsd, used_ring_in_card)) as client:
         card = client.card("mic0")
         await card.wait("online", timeout=60)
         info = (await card.run(f"{APPS}:info", "vda"))["value"]
