@@ -260,7 +260,10 @@ def section(r: dict[str, Any]) -> list[str]:
         "zero-copy buffers: `vda` is MIC-VOP's block backend, `vdb` qemu-storage-daemon 7.2 "
         "serving the card's rings through the daemon's vhost-user front-end "
         "(`docs/vhost-user.md`). `ratio` is MIC-VOP / qemu-storage-daemon (IOPS), the "
-        "median of the per-round ratios.",
+        "median of the per-round ratios. The qsd path includes the daemon relaying the "
+        "card's doorbell to the kick eventfd and the call eventfd to the card's interrupt "
+        "(one daemon wake-up each way, as for any back-end outside the daemon on the MIC "
+        "doorbell ABI), which weighs most at QD1.",
         "",
         "| cell | MIC-VOP IOPS | qsd IOPS | MIC-VOP MB/s | qsd MB/s | ratio "
         "| p50 µs MIC-VOP / qsd |",
