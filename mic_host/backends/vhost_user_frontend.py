@@ -125,7 +125,10 @@ class VhostUserFrontend:
                 await asyncio.get_running_loop().sock_connect(sock, path)
         except (OSError, TimeoutError) as e:
             sock.close()
-            why = e.strerror if isinstance(e, OSError) and e.strerror else "timed out"
+            if isinstance(e, TimeoutError):
+                why = f"no answer within {timeout} s"
+            else:
+                why = e.strerror or str(e)  # "AF_UNIX path too long" has no strerror
             raise BrokenResourceError(f"{label}: cannot connect: {why}") from e
         fe = cls(sock, label=label, timeout=timeout)
         try:

@@ -252,6 +252,8 @@ def _check_block(ctx: Ctx, key: str, out: dict[str, Any]) -> None:
         raise ctx.error(f"{key}.image", str(e)) from None
 
 
+#: the longest Unix socket path (``sun_path`` is 108 bytes with its NUL)
+_SUN_PATH_MAX = 107
 #: block options that only a disk MIC-VOP serves itself has (a vhost-user back-end decides)
 _FILE_ONLY = (
     "image",
@@ -281,6 +283,11 @@ def _check_block_backend(ctx: Ctx, key: str, out: dict[str, Any]) -> bool:
         return False
     if "socket" not in out:
         raise ctx.error(f"{key}.socket", 'a backend = "vhost-user" disk needs the socket')
+    if len(os.fsencode(out["socket"])) > _SUN_PATH_MAX:
+        raise ctx.error(
+            f"{key}.socket",
+            f"{out['socket']!r} is longer than a Unix socket path may be ({_SUN_PATH_MAX} bytes)",
+        )
     for name in _FILE_ONLY:
         if name in out:
             raise ctx.error(

@@ -339,6 +339,8 @@ def test_config_checks_the_vhost_user_options(tmp_path: Path) -> None:
         check(image="x.img", socket="s")
     with pytest.raises(ConfigError, match=r"options\.image: required"):
         check(size="1M")
+    with pytest.raises(ConfigError, match="longer than a Unix socket path may be"):
+        check(backend="vhost-user", socket="/tmp/" + "x" * 120)
     with pytest.raises(ConfigError, match='expected "file" or "vhost-user"'):
         check(backend="nbd", socket="s")
 
