@@ -142,6 +142,20 @@ options = {{ backend = "vhost-user", socket = "{q.sock("journal")}" }}
 """
 
 
+NEIGHBOUR = """
+[[cards]]
+name = "mic1"
+boot_at_start = true
+
+[[cards.devices]]
+type = "console"
+
+[[cards.devices]]
+type = "block"
+options = { image = "{state_dir}/mic1.img", size = "1M", create = true }
+"""
+
+
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -230,9 +244,10 @@ async def test_card_dd_sha256sum_and_flush_storm_land_in_the_image(
 @pytest.mark.asyncio
 async def test_back_end_killed_mid_storm_breaks_only_that_device(state_dir: Path, qsd: Qsd) -> None:
     data, seed = qsd.images["data"], 9
-    async with mic_host.launch(state_dir, _config(qsd)) as client:
+    async with mic_host.launch(state_dir, _config(qsd) + NEIGHBOUR) as client:
         card = client.card("mic0")
         await card.wait("online", timeout=60)
+        await client.card("mic1").wait("online", timeout=60)
         await card.run(f"{APPS}:zero", "vda", timeout=120)
         task = asyncio.ensure_future(
             card.run(
@@ -263,6 +278,10 @@ async def test_back_end_killed_mid_storm_breaks_only_that_device(state_dir: Path
         assert await card.state() == "online"
         out = await card.exec("echo", "still here")
         assert out.stdout == b"still here\n"
+        # ... and so does another card, whose disk MIC-VOP serves
+        mic1 = client.card("mic1")
+        out = await mic1.exec("sha256sum", "/dev/vda")
+        assert out.stdout.split()[0].decode() == _sha(state_dir / "mic1.img")
         dev = await _device(client, "data")
         assert "vhost-user back-end lost" in dev["last_error"]
         # every write acknowledged before the last completed FLUSH is in the image
