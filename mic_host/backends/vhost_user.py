@@ -348,6 +348,8 @@ class VhostUserBlockBackend:
 
     async def _start(self, cmd: _Start) -> None:
         host = cmd.host
+        if self._vrings:  # VOP always stops first; never leave rings behind anyway
+            await self._stop()
         try:
             if not cmd.features & Feature.VERSION_1:
                 raise RemoteProtocolError(
