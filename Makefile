@@ -52,6 +52,7 @@ bench: install
 	$(BIN)/python -m bench.net
 	$(BIN)/python -m bench.isolation
 	$(BIN)/python -m bench.latency --trace
+	$(BIN)/python -m bench.vhost_user
 	$(BIN)/python -m bench.report
 
 fmt: install

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bench import vhost_user
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 OUT = ROOT / "docs" / "performance.md"
@@ -489,6 +491,7 @@ SUMMARIES = (
     ("net", _net_targets),
     ("isolation", _isolation_targets),
     ("latency", _latency_targets),
+    ("vhost_user", vhost_user.targets),
 )
 
 
@@ -557,6 +560,7 @@ def main() -> int:
         ("net", net),
         ("isolation", isolation),
         ("latency", latency),
+        ("vhost_user", vhost_user.section),
     )
     for name, fn in sections:
         data = _load(name)

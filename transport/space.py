@@ -44,6 +44,7 @@ __all__ = [
     "FaultLog",
     "HostAddressSpace",
     "Perm",
+    "SharedRange",
     "SmptTable",
     "Window",
 ]
@@ -81,6 +82,20 @@ class Window:
     def addr(self, offset: int = 0) -> int:
         """Bus address of ``offset`` bytes into the window."""
         return SMPT_BASE + self.host_offset + offset
+
+
+@dataclass(frozen=True, slots=True)
+class SharedRange:
+    """A card-physical range backed by a shareable file: ``size`` bytes at ``bus``
+    are bytes ``[offset, offset + size)`` of ``fd`` (a memfd; the fd stays its
+    region's, a user that needs it longer dups it). What an external process
+    must map to follow the card's descriptors (a vhost-user memory table).
+    """
+
+    bus: int
+    size: int
+    fd: int
+    offset: int
 
 
 class FaultLog:
@@ -303,6 +318,29 @@ class HostAddressSpace(_Space):
         super().__init__(card_ram, host_ram)
         self._smpt = smpt
         self.enforce_windows = enforce_windows
+        self._regions = (card_ram, host_ram)
+
+    def shared_ranges(self) -> tuple[SharedRange, ...]:
+        """What the card can reach for reading and writing, as file ranges: card RAM,
+        then each read-write SMPT window (all of host RAM without enforcement).
+        Read-only or write-only windows are left out: a file mapping cannot
+        carry their restriction.
+
+        Raises:
+            ClosedResourceError: a region was closed.
+        """
+        card, host = self._regions
+        out = [SharedRange(0, self._card_size, card.fd, 0)]
+        wins = self._windows()
+        if wins is None:
+            out.append(SharedRange(SMPT_BASE, self._host_size, host.fd, 0))
+        else:
+            out.extend(
+                SharedRange(w.card_addr, w.size, host.fd, w.host_offset)
+                for w in wins
+                if w.perm & Perm.RW == Perm.RW
+            )
+        return tuple(out)
 
     def _windows(self) -> tuple[Window, ...] | None:
         return self._smpt.windows if self.enforce_windows else None

@@ -21,19 +21,25 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Protocol, runtime_checkable
 
 from mic_host.endpoint import QueueEndpoint
 from virtio.errors import ConfigError
+from virtio.memory import Memory
 
 __all__ = [
     "ENTRY_POINT_GROUP",
     "Backend",
     "BackendContext",
     "BackendFactory",
+    "ExternalRings",
+    "RingHost",
+    "RingSpec",
     "available_backends",
     "create_backend",
+    "open_backend",
     "register_backend",
 ]
 
@@ -95,6 +101,60 @@ class Backend(Protocol):
     async def run(self, ctx: BackendContext) -> None: ...
 
     async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RingSpec:
+    """One vring the card set up, in card-physical (bus) addresses."""
+
+    index: int
+    num: int
+    desc: int
+    avail: int
+    used: int
+
+
+class RingHost(Protocol):
+    """What a backend serving its rings itself gets from its device (``VopDevice``)."""
+
+    def ring_interrupt(self) -> None:
+        """Raise the card's interrupt for this device (its h2c doorbell)."""
+
+    def ring_fault(self, reason: str) -> None:
+        """The rings cannot be served: the device goes to NEEDS_RESET with ``reason``."""
+
+
+@runtime_checkable
+class ExternalRings(Protocol):
+    """A backend whose rings are served by someone else (a vhost-user back-end),
+    so VOP builds no ``DeviceQueue`` for it: on DRIVER_OK it hands over the ring
+    addresses (:meth:`start_rings`), relays the card's doorbell (:meth:`kick`)
+    and takes them back on reset, NEEDS_RESET or removal (:meth:`stop_rings`,
+    then :meth:`drain_rings` before the reset is acknowledged). The synchronous
+    calls only queue work; they never raise for what the other side does.
+    """
+
+    def start_rings(
+        self, host: RingHost, memory: Memory, rings: Sequence[RingSpec], features: int
+    ) -> None: ...
+
+    def stop_rings(self, reason: str) -> None: ...
+
+    async def drain_rings(self) -> None: ...
+
+    def kick(self) -> None: ...
+
+
+async def open_backend(backend: Backend) -> None:
+    """Run ``backend.aopen()`` if it has one: a backend that must ask someone
+    (a vhost-user back-end) what it offers before its device goes on the page.
+
+    Raises:
+        MicError: what the backend's ``aopen`` raises (its message names the device).
+    """
+    opener = getattr(backend, "aopen", None)
+    if opener is not None:
+        await opener()
 
 
 BackendFactory = Callable[..., Backend]

@@ -18,9 +18,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from mic_host.backends import Backend, create_backend
+from mic_host.backends import Backend, create_backend, open_backend
 from mic_host.backends.console import ConsoleBackend, ConsolePty
 from mic_host.backends.net import create_net_backend
+from mic_host.backends.vhost_user import QUEUE_SIZE as VHOST_USER_QUEUE_SIZE
+from mic_host.backends.vhost_user import VhostUserBlockBackend
 from mic_host.config import DeviceConfig
 from mic_host.config.options import TRANSPORT_OPTION_NAMES
 from mic_host.paths import card_log_path, netns_record_path
@@ -93,6 +95,14 @@ class DeviceSet:
             k: v for k, v in dev.options.items() if k not in TRANSPORT_OPTION_NAMES
         }
         name = self.name_of(dev, index)
+        if dev.type == "block" and opts.pop("backend", "file") == "vhost-user":
+            return VhostUserBlockBackend(
+                name,
+                opts["socket"],
+                queue_size=opts.get("queue_size", VHOST_USER_QUEUE_SIZE),
+                label=self.user_label(dev),
+                card=self.card,
+            )
         if dev.type == "block":
             opts["path"] = opts.pop("image")
             # errors name what the user chose: the label if they gave one, else the path
@@ -121,6 +131,21 @@ class DeviceSet:
         """``dev`` asks for the packed ring (``ring = "packed"``: VOP offers
         VIRTIO_F_RING_PACKED)."""
         return dev.options.get("ring") == "packed"
+
+    async def open_backend(self, dev: DeviceConfig, index: int) -> Backend:
+        """:meth:`make_backend`, then the backend's own async opening (a vhost-user
+        back-end is asked what it offers); closed again if that fails.
+
+        Raises:
+            ConfigError: as :meth:`make_backend`, or the backend cannot be opened.
+        """
+        backend = self.make_backend(dev, index)
+        try:
+            await open_backend(backend)
+        except BaseException:
+            await backend.aclose()
+            raise
+        return backend
 
     def new_entry(self, dtype: str, name: str | None, options: dict[str, Any]) -> DeviceConfig:
         """The entry a device attached now gets (not added yet: :meth:`append` it).

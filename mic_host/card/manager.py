@@ -423,7 +423,7 @@ class CardManager:
         # The whole list must fit the device page and the host RAM window, so an
         # attach to a card that is down fails now, not at its next boot.
         check_card_devices(self.cfg, [*devices.entries, dev])
-        backend = devices.make_backend(dev, len(devices.entries))  # validates (opens the image)
+        backend = await devices.open_backend(dev, len(devices.entries))  # validates (the image)
         card_name = None
         if self.vop is not None:
             try:

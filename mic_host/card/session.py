@@ -226,7 +226,7 @@ class BootSession:
             # Backends first: a TAP that cannot be created fails the boot with
             # its own message, and the card's boot parameters come from them.
             for i, dev in enumerate(o.device_set.entries):
-                backends.append(o.device_set.make_backend(dev, i))
+                backends.append(await o.device_set.open_backend(dev, i))
             packed = [o.device_set.packed(dev) for dev in o.device_set.entries]
             async with PcieHost(
                 None,  # a socket pair: only the process we spawn can reach the link

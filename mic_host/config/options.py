@@ -60,7 +60,7 @@ class OptionSpec:
 #: types without an entry pass their options through unchecked.
 DEVICE_OPTIONS: dict[str, dict[str, OptionSpec]] = {
     "block": {
-        "image": OptionSpec("path", required=True, help="backing file"),
+        "image": OptionSpec("path", help="backing file (required unless backend is vhost-user)"),
         "size": OptionSpec("size", help="size of the image to create"),
         "create": OptionSpec("bool", help="create the image (sparse, `size` bytes) if missing"),
         "read_only": OptionSpec("bool", help="offer VIRTIO_BLK_F_RO; writes fail"),
@@ -74,6 +74,12 @@ DEVICE_OPTIONS: dict[str, dict[str, OptionSpec]] = {
             help="open the image even if another card, daemon or QEMU holds it "
             "(QEMU's share-rw: only when the writers cannot collide)",
         ),
+        "backend": OptionSpec(
+            "str",
+            help='"file" (default: MIC-VOP serves `image`) or "vhost-user" (an external '
+            "back-end such as qemu-storage-daemon serves the card's rings; docs/vhost-user.md)",
+        ),
+        "socket": OptionSpec("path", help="vhost-user: the back-end's Unix socket"),
     },
     "console": {},
     "net": {
@@ -240,6 +246,8 @@ def _check_block(ctx: Ctx, key: str, out: dict[str, Any]) -> None:
     # (a user of this module) does not need to start.
     import mic_host.config.limits as lim
 
+    if _check_block_backend(ctx, key, out):
+        return
     nq = out.get("num_queues", 1)
     if not 1 <= nq <= lim.BLOCK_MAX_QUEUES:
         raise ctx.error(f"{key}.num_queues", f"{nq} queues: expected 1..{lim.BLOCK_MAX_QUEUES}")
@@ -273,6 +281,65 @@ def _check_block(ctx: Ctx, key: str, out: dict[str, Any]) -> None:
         probe_image(out["image"], bs)
     except ConfigError as e:
         raise ctx.error(f"{key}.image", str(e)) from None
+
+
+#: the longest Unix socket path (``sun_path`` is 108 bytes with its NUL)
+_SUN_PATH_MAX = 107
+#: block options that only a disk MIC-VOP serves itself has (a vhost-user back-end decides)
+_FILE_ONLY = (
+    "image",
+    "size",
+    "create",
+    "read_only",
+    "serial",
+    "num_queues",
+    "blk_size",
+    "discard",
+    "force_share",
+)
+
+
+def _check_block_backend(ctx: Ctx, key: str, out: dict[str, Any]) -> bool:
+    """The ``backend`` choice and its options; True for a vhost-user disk (checked)."""
+    import mic_host.config.limits as lim
+
+    backend = out.get("backend", "file")
+    if backend not in ("file", "vhost-user"):
+        raise ctx.error(f"{key}.backend", f'expected "file" or "vhost-user", got {backend!r}')
+    if backend == "file":
+        if "socket" in out:
+            raise ctx.error(f"{key}.socket", 'only a backend = "vhost-user" disk has a socket')
+        if "image" not in out:
+            raise ctx.error(f"{key}.image", "required option of block devices is missing")
+        return False
+    if "socket" not in out:
+        raise ctx.error(f"{key}.socket", 'a backend = "vhost-user" disk needs the socket')
+    if len(os.fsencode(out["socket"])) > _SUN_PATH_MAX:
+        raise ctx.error(
+            f"{key}.socket",
+            f"{out['socket']!r} is longer than a Unix socket path may be ({_SUN_PATH_MAX} bytes)",
+        )
+    if out.get("ring") == "packed":
+        raise ctx.error(
+            f"{key}.ring",
+            "a vhost-user disk gets split rings (qemu-storage-daemon 7.2's libvhost-user "
+            "has no packed ring; docs/vhost-user.md)",
+        )
+    for name in _FILE_ONLY:
+        if name in out:
+            raise ctx.error(
+                f"{key}.{name}",
+                "not an option of a vhost-user disk (the back-end decides; "
+                "set it on qemu-storage-daemon's export)",
+            )
+    qs = out.get("queue_size", lim.BLOCK_QUEUE_SIZE)
+    if not (lim.is_power_of_two(qs) and lim.BLOCK_QUEUE_SIZE_MIN <= qs <= lim.MAX_QUEUE_SIZE):
+        raise ctx.error(
+            f"{key}.queue_size",
+            f"{qs} entries: expected a power of two "
+            f"{lim.BLOCK_QUEUE_SIZE_MIN}..{lim.MAX_QUEUE_SIZE} (the VOP limit)",
+        )
+    return True
 
 
 _NET_CHOICES = {"backend": ("tap", "switch"), "card_mode": ("auto", "tap", "frames")}

@@ -71,6 +71,8 @@ def attach_options(args: argparse.Namespace) -> dict[str, Any]:
         "num_queues": getattr(args, "queues", None),
         "force_share": True if getattr(args, "force_share", False) else None,
         "ring": getattr(args, "ring", None),
+        "backend": getattr(args, "backend", None),
+        "socket": getattr(args, "socket", None),
     }
     for key, value in flags.items():
         if value is None:
@@ -233,6 +235,13 @@ def _conf_attach(p: argparse.ArgumentParser) -> None:
         help="any type: virtqueue layout offered to the card (default split; "
         "packed offers VIRTIO_F_RING_PACKED)",
     )
+    p.add_argument(
+        "--backend",
+        choices=("file", "vhost-user"),
+        help="block: who serves the disk: MIC-VOP from --image (file, the default) or an "
+        "external vhost-user back-end on --socket (qemu-storage-daemon; docs/vhost-user.md)",
+    )
+    p.add_argument("--socket", metavar="PATH", help="block: the vhost-user back-end's socket")
     p.add_argument(
         "--opt",
         type=_opt,

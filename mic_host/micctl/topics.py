@@ -53,7 +53,9 @@ vdb, ...; consoles hvc0, ...; NICs eth0, ... (`micctl status` lists them).
 
   block    options: image (required path), size, create, read_only, serial
            (<= 20 bytes), num_queues (1..4), queue_size (4..256, power of 2),
-           blk_size (512..64K), discard (default true)
+           blk_size (512..64K), discard (default true); or backend "vhost-user"
+           with socket (an external back-end such as qemu-storage-daemon serves
+           the card's rings) and queue_size (default 128)
   console  a pty on the host (`micctl console CARD`), the card shell on port 0,
            the agent on a named port (`micctl exec`)
   net      backend "tap" (a host TAP, needs root) or "switch" (userspace);

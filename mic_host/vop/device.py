@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
 
-from mic_host.backends import Backend
+from mic_host.backends import Backend, ExternalRings, RingSpec
 from mic_host.endpoint import EndpointState, QueueEndpoint
 from mic_host.events import MAX_MESSAGE, emit
 from virtio import packed
@@ -169,6 +169,8 @@ class VopDevice:
             self._check_used,
         )
         self.endpoints = [QueueEndpoint(self, i, v.num) for i, v in enumerate(vrings)]
+        #: a backend that serves its rings itself (vhost-user): no DeviceQueue here
+        self.external = backend if isinstance(backend, ExternalRings) else None
         self.state = VopDeviceState.ACTIVE
         self._config_lock = asyncio.Lock()
         self._ctrl_event = asyncio.Event()
@@ -236,6 +238,13 @@ class VopDevice:
     def _ring_error(self, index: int, exc: MicError) -> None:
         self._act(self.hs.receive(Fault(f"queue {index}: {exc}")))
 
+    # -- RingHost (a backend that serves its rings itself) ------------------------
+    def ring_interrupt(self) -> None:
+        self._interrupt()
+
+    def ring_fault(self, reason: str) -> None:
+        self._act(self.hs.receive(Fault(reason)))
+
     def _published(self, index: int, next_avail: int) -> None:
         off = self.vrings[index].info
         self._owner.host_ram[off : off + 2] = (next_avail & 0xFFFF).to_bytes(2, "little")
@@ -249,6 +258,8 @@ class VopDevice:
         if self.hs.state is HostState.SERVING:
             for ep in self.endpoints:
                 ep.notify()
+            if self.external is not None:
+                self.external.kick()
 
     def _act(self, actions: list[Action]) -> None:
         """Perform the handshake core's actions, in order."""
@@ -309,6 +320,9 @@ class VopDevice:
         device queue writes its own event area).
         """
         mem = self._owner.card_view
+        if self.external is not None:
+            self._start_external(self.external, mem, used, features)
+            return
         is_packed = bool(features & RING_PACKED)
         for i, (vr, ep) in enumerate(zip(self.vrings, self.endpoints, strict=True)):
             q: DeviceQueue | packed.DeviceQueue
@@ -335,10 +349,30 @@ class VopDevice:
             "packed rings" if is_packed else f"used rings {where}",
         )
 
+    def _start_external(
+        self, ext: ExternalRings, mem: Memory, used: Sequence[int], features: int
+    ) -> None:
+        """DRIVER_OK of a device whose backend serves the rings: hand them over."""
+        specs = []
+        for i, vr in enumerate(self.vrings):
+            layout = SplitLayout(vr.num, vr.bus, vr.bus + 16 * vr.num, used[i])
+            ring = mem.view(layout.used, layout.used_bytes, True)
+            ring[:] = bytes(len(ring))
+            specs.append(RingSpec(i, vr.num, layout.desc, layout.avail, layout.used))
+        ext.start_rings(self, mem, specs, features)
+        self.card_log.info(
+            "%s live (rings served by the backend): features %#x, queues %s",
+            self.name,
+            features,
+            [v.num for v in self.vrings],
+        )
+
     def stop_queues(self, state: EndpointState, reason: str) -> None:
         """Detach every queue from its ring (requests in flight fail or park)."""
         for ep in self.endpoints:
             ep.detach(state, reason)
+        if self.external is not None:
+            self.external.stop_rings(reason)
 
     async def _notify_needs_reset(self) -> None:
         if self._owner.config_db < 0:
@@ -391,6 +425,8 @@ class VopDevice:
             async with asyncio.timeout(limit):
                 for ep in self.endpoints:
                     await ep.drain()
+                if self.external is not None:
+                    await self.external.drain_rings()
         except TimeoutError:
             self.card_log.warning(
                 "%s: backend still holds stale requests after %s s; resetting anyway",

@@ -172,3 +172,33 @@ def test_region_is_sealed_and_checked_on_adoption() -> None:
     with pytest.raises(ClosedResourceError):
         r3.view()
     v.release()
+
+
+def test_shared_ranges_are_what_the_card_can_reach_read_write() -> None:
+    """What a vhost-user back-end is given to map (docs/vhost-user.md, Front-end):
+    card RAM and the read-write windows, as the bytes of the regions' memfds."""
+    card, host, mmio, smpt, hs, cs = _spaces()
+    try:
+        rw = smpt.open(0x2000, 0x2000)
+        smpt.open(0x8000, 0x1000, Perm.READ)  # a file mapping cannot be read-only: left out
+        ranges = hs.shared_ranges()
+        assert [(r.bus, r.size, r.fd, r.offset) for r in ranges] == [
+            (0, card.size, card.fd, 0),
+            (rw.addr(0), 0x2000, host.fd, 0x2000),
+        ]
+        hs.view(rw.addr(0x10), 4, True)[:] = b"host"
+        hs.view(0x20, 4, True)[:] = b"card"
+        for r, addr, want in ((ranges[1], rw.addr(0x10), b"host"), (ranges[0], 0x20, b"card")):
+            assert os.pread(r.fd, 4, r.offset + addr - r.bus) == want
+        free = HostAddressSpace(card, host, smpt, enforce_windows=False)
+        assert [(r.bus, r.size, r.offset) for r in free.shared_ranges()] == [
+            (0, card.size, 0),
+            (SMPT_BASE, host.size, 0),
+        ]
+        free.release()
+    finally:
+        hs.release()
+        cs.release()
+        mmio.close()
+        card.close()
+        host.close()
