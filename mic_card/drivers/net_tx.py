@@ -1,0 +1,162 @@
+"""The transmit half of the card's virtio-net driver (virtio 1.2 §5.1.6.2).
+
+Owns the transmit slots (card RAM the frames go out of) on transmitq
+(queue 1): :meth:`NetTx.send_nowait`/:meth:`NetTx.send` for frames-mode
+apps, and in tap mode the TAP reader, which reads each frame the card's
+kernel sent straight into a free slot (``os.readv``, header included) and
+puts it on the ring; it pauses while no slot or ring room is free and
+resumes on the next transmit completion.
+
+Part of :class:`mic_card.drivers.net.NetDevice` (see
+:mod:`mic_card.drivers.net_base`); imports ``virtio`` and ``net_base`` only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from mic_card.drivers.net_base import TAP_BATCH, NetState
+from virtio import trace
+from virtio.errors import BrokenResourceError, LocalProtocolError, WouldBlock
+from virtio.net import ETH_HLEN, NET_HDR, NET_HDR_SIZE, FrameError, check_header
+
+__all__ = ["NetTx"]
+
+log = logging.getLogger("mic_card.drivers.net")
+
+
+class NetTx(NetState):
+    """Transmit: slots, ``send``, and the TAP reader (tap mode)."""
+
+    def _on_tx_done(self, slot: int, fut: asyncio.Future[int]) -> None:
+        if not fut.cancelled():
+            fut.exception()  # retrieved: a failed endpoint means detach follows
+        if self._closed is not None:
+            return
+        self._tx_free.append(slot)
+        self._tx_room.set()
+        if not self._reading and self._tap_fd >= 0:
+            self._resume_tap()
+
+    def _submit_tx(self, slot: int, length: int) -> None:
+        """Raises: WouldBlock, BrokenResourceError (the slot is still the caller's)."""
+        fut = self.txq.submit_nowait(((self._tx.addrs[slot], length),), ())
+        fut.add_done_callback(self._tx_cbs[slot])
+
+    def _count_tx(self, frame_len: int, gso_type: int) -> None:
+        self.tx_packets += 1
+        self.tx_bytes += frame_len
+        if gso_type:
+            self.tx_gso += 1
+        if frame_len > self.tx_largest:
+            self.tx_largest = frame_len
+
+    def send_nowait(
+        self,
+        frame: bytes | bytearray | memoryview,
+        *,
+        flags: int = 0,
+        gso_type: int = 0,
+        hdr_len: int = 0,
+        gso_size: int = 0,
+        csum_start: int = 0,
+        csum_offset: int = 0,
+    ) -> None:
+        """Queue one Ethernet frame for the host (the header fields default to zero:
+        a complete frame; set them for a partial checksum or a GSO segment when
+        CSUM / HOST_TSO were negotiated).
+
+        Raises:
+            WouldBlock: no free transmit slot or ring room right now.
+            LocalProtocolError: a runt, oversized frame or a header the host did
+                not negotiate.
+            BrokenResourceError: the device went away.
+        """
+        if self._closed is not None:
+            raise BrokenResourceError(str(self._closed))
+        n = len(frame)
+        hdr = (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, 0)
+        try:
+            check_header(hdr, n, self._tx_accepts, mtu=self.mtu, from_driver=True)
+        except FrameError as e:
+            raise LocalProtocolError(f"{self.name}: {e}") from e
+        if n + NET_HDR_SIZE > self._tx.size:
+            raise LocalProtocolError(f"{self.name}: frame of {n} B does not fit a transmit slot")
+        if not self._tx_free or not self.txq.queue.num_free:
+            raise WouldBlock(f"{self.name}: transmit ring full")
+        slot = self._tx_free.pop()
+        view = self._tx.views[slot]
+        NET_HDR.pack_into(view, 0, *hdr)
+        view[NET_HDR_SIZE : NET_HDR_SIZE + n] = frame
+        try:
+            self._submit_tx(slot, NET_HDR_SIZE + n)
+        except (WouldBlock, BrokenResourceError):
+            self._tx_free.append(slot)
+            raise
+        self._count_tx(n, gso_type)
+
+    async def send(self, frame: bytes | bytearray | memoryview, **header: int) -> None:
+        """Queue one Ethernet frame, waiting for a free transmit slot.
+
+        Returns once the frame is on the ring (not when the host consumed it).
+
+        Raises: as :meth:`send_nowait` (except WouldBlock).
+        """
+        while True:
+            try:
+                self.send_nowait(frame, **header)
+                return
+            except WouldBlock:
+                self._tx_room.clear()
+                await self._tx_room.wait()
+
+    # -- the TAP reader (tap mode) ------------------------------------------------
+    def _resume_tap(self) -> None:
+        if self._tap_fd >= 0 and not self._reading:
+            asyncio.get_running_loop().add_reader(self._tap_fd, self._on_tap_readable)
+            self._reading = True
+
+    def _pause_tap(self) -> None:
+        if self._reading:
+            asyncio.get_running_loop().remove_reader(self._tap_fd)
+            self._reading = False
+
+    def _on_tap_readable(self) -> None:
+        """Frames the card's kernel sent: read each straight into a transmit slot."""
+        fd = self._tap_fd
+        free = self._tx_free
+        q = self.txq.queue
+        iov = self._tx_iov
+        views = self._tx.views
+        readv = os.readv
+        for _ in range(TAP_BATCH):
+            if not free or not q.num_free:
+                self._pause_tap()  # resumed by the next transmit completion
+                return
+            slot = free.pop()
+            try:
+                n = readv(fd, iov[slot])
+            except BlockingIOError:
+                free.append(slot)
+                return
+            except OSError as e:
+                free.append(slot)
+                log.error("%s: TAP read failed: %s", self.name, e)
+                self._pause_tap()
+                return
+            if trace.ON:
+                trace.mark(trace.CARD_TAP_IN)
+            if n < NET_HDR_SIZE + ETH_HLEN:
+                free.append(slot)
+                self.tx_dropped["runt"] += 1
+                continue
+            try:
+                self._submit_tx(slot, n)
+            except (WouldBlock, BrokenResourceError):
+                free.append(slot)
+                self.tx_dropped["ring"] += 1
+                self._pause_tap()
+                return
+            self._count_tx(n - NET_HDR_SIZE, views[slot][1])
