@@ -181,6 +181,17 @@ class DriverEndpoint:
         if self._exc is not None:
             return
         self.interrupts += 1
+        self.reclaim()
+
+    def reclaim(self) -> None:
+        """Resolve every request the host completed, interrupt or not. Never raises.
+
+        For a queue whose interrupts the driver suppressed
+        (:meth:`suppress_interrupts`), this is how completions are reaped:
+        on the next submit, when the ring runs low, or from a timer.
+        """
+        if self._exc is not None:
+            return
         # Drain until a look at used.idx comes back empty: that last look
         # happens after the used_event store and its barrier, so a completion
         # the host published without interrupting us is still seen (Linux
@@ -207,6 +218,25 @@ class DriverEndpoint:
                         trace.mark(trace.COMPLETE)
             self._room.set()
 
+    def suppress_interrupts(self) -> None:
+        """Ask the host not to interrupt for this queue's completions (NO_INTERRUPT,
+        or a lagging ``used_event`` with EVENT_IDX: the host may still interrupt
+        once). The driver then reaps them with :meth:`reclaim`, as Linux
+        virtio-net's transmit queue does without ``napi_tx``."""
+        if self._exc is None:
+            self.queue.disable_interrupts()
+
+    def allow_interrupts(self) -> None:
+        """Ask for interrupts again; what was completed meanwhile is reaped now
+        (``virtqueue_enable_cb``: a completion published before the request would
+        otherwise never interrupt)."""
+        if self._exc is None and self.queue.enable_interrupts():
+            self.reclaim()
+
+    @property
+    def interrupts_suppressed(self) -> bool:
+        return not self.queue.interrupts_enabled
+
     def fail(self, exc: BrokenResourceError) -> None:
         """Fail every outstanding request with ``exc`` (device gone); idempotent."""
         if self._exc is None:
@@ -230,6 +260,7 @@ class DriverEndpoint:
             "outstanding": len(self._outstanding),
             "kicks": self.kicks,
             "interrupts": self.interrupts,
+            "interrupts_suppressed": not self.queue.interrupts_enabled,
             "errors": self.errors,
             "broken": self._exc is not None,
         }

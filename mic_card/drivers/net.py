@@ -195,6 +195,7 @@ class NetDevice(NetRx, NetTx):
         self._tx_cbs = [functools.partial(self._on_tx_done, i) for i in range(self._tx.count)]
         for i in range(self._rx.count):
             self._post_rx(i)
+        self._tx_start()
         if planned == "tap":
             self._setup_task = asyncio.get_running_loop().create_task(
                 self._setup_tap(), name=f"{self.name}-tap"
@@ -324,6 +325,7 @@ class NetDevice(NetRx, NetTx):
         if self._closed is not None:
             return
         self._closed = exc
+        self._tx_stop()
         if self._setup_task is not None and not self._setup_task.done():
             self._setup_task.cancel()  # its handler closes the TAP
         else:
@@ -361,6 +363,7 @@ class NetDevice(NetRx, NetTx):
             "tx_dropped": dict(self.tx_dropped),
             "rx_buffers": self._rx.count if self._closed is None else 0,
             "rx_buffer_size": self._rx.size,
+            "tx_slots": self._tx.count,
             "tx_slots_free": len(self._tx_free),
             "config_changes": self.config_changes,
         }

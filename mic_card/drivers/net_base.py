@@ -35,6 +35,7 @@ __all__ = [
     "MRG_BUFFER",
     "RX_QUEUE_MAX",
     "TAP_BATCH",
+    "TX_REAP_IDLE",
     "TX_SLOTS",
     "NetState",
     "SlotPool",
@@ -52,6 +53,9 @@ MAX_BIG_BUFFERS = 64
 RX_QUEUE_MAX = 1024
 #: Packets read from the TAP per readable event (then the loop runs again).
 TAP_BATCH = 64
+#: Transmit completions are reaped without interrupts; this long after a
+#: transmit a timer reaps what is left, so an idle NIC gets its slots back.
+TX_REAP_IDLE = 0.02
 #: Malformed packets logged per device (then only counted).
 LOGGED = 20
 ALIGN = 64

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import os
 
-from mic_card.drivers.net_base import TAP_BATCH, NetState
+from mic_card.drivers.net_base import TAP_BATCH, TX_REAP_IDLE, NetState
 from virtio import trace
 from virtio.errors import BrokenResourceError, LocalProtocolError, WouldBlock
 from virtio.net import ETH_HLEN, NET_HDR, NET_HDR_SIZE, FrameError, check_header
@@ -28,22 +28,62 @@ log = logging.getLogger("mic_card.drivers.net")
 
 
 class NetTx(NetState):
-    """Transmit: slots, ``send``, and the TAP reader (tap mode)."""
+    """Transmit: slots, ``send``, and the TAP reader (tap mode).
+
+    Transmit completions do not interrupt the card (Linux virtio-net without
+    ``napi_tx``): the host would otherwise interrupt once for a ping's
+    request and again for its reply. They are reaped on the next transmit,
+    by any interrupt of the device (the reply's), and, so that an idle NIC
+    still gets its slots back, by a timer :data:`TX_REAP_IDLE` after a
+    transmit. Only when no slot or ring room is left does the driver ask for
+    interrupts again (until half the slots are free).
+    """
+
+    _tx_timer: asyncio.TimerHandle | None = None
+
+    def _tx_start(self) -> None:
+        """Transmit completions are reaped, not interrupted for (call once, at setup)."""
+        self.txq.suppress_interrupts()
+
+    def _tx_stop(self) -> None:
+        if self._tx_timer is not None:
+            self._tx_timer.cancel()
+            self._tx_timer = None
 
     def _on_tx_done(self, slot: int, fut: asyncio.Future[int]) -> None:
         if not fut.cancelled():
             fut.exception()  # retrieved: a failed endpoint means detach follows
         if self._closed is not None:
             return
-        self._tx_free.append(slot)
+        free = self._tx_free
+        free.append(slot)
         self._tx_room.set()
         if not self._reading and self._tap_fd >= 0:
             self._resume_tap()
+        if len(free) * 2 >= self._tx.count and not self.txq.interrupts_suppressed:
+            self.txq.suppress_interrupts()  # room again: back to reaping
+
+    def _tx_low(self) -> None:
+        """No slot or ring room: reap, and ask for an interrupt for the rest."""
+        self.txq.reclaim()
+        self.txq.allow_interrupts()
+
+    def _tx_reap_idle(self) -> None:
+        self._tx_timer = None
+        if self._closed is not None:
+            return
+        txq = self.txq
+        txq.reclaim()
+        if txq.outstanding:
+            # The host has not consumed them yet: let it interrupt when it does.
+            txq.allow_interrupts()
 
     def _submit_tx(self, slot: int, length: int) -> None:
         """Raises: WouldBlock, BrokenResourceError (the slot is still the caller's)."""
         fut = self.txq.submit_nowait(((self._tx.addrs[slot], length),), ())
         fut.add_done_callback(self._tx_cbs[slot])
+        if self._tx_timer is None:
+            self._tx_timer = asyncio.get_running_loop().call_later(TX_REAP_IDLE, self._tx_reap_idle)
 
     def _count_tx(self, frame_len: int, gso_type: int) -> None:
         self.tx_packets += 1
@@ -84,7 +124,10 @@ class NetTx(NetState):
             raise LocalProtocolError(f"{self.name}: {e}") from e
         if n + NET_HDR_SIZE > self._tx.size:
             raise LocalProtocolError(f"{self.name}: frame of {n} B does not fit a transmit slot")
+        if len(self._tx_free) * 2 < self._tx.count:
+            self.txq.reclaim()  # slots come back in this iteration's callbacks
         if not self._tx_free or not self.txq.queue.num_free:
+            self._tx_low()
             raise WouldBlock(f"{self.name}: transmit ring full")
         slot = self._tx_free.pop()
         view = self._tx.views[slot]
@@ -131,9 +174,12 @@ class NetTx(NetState):
         iov = self._tx_iov
         views = self._tx.views
         readv = os.readv
+        if len(free) * 2 < len(views):
+            self.txq.reclaim()  # slots come back in this iteration's callbacks
         for _ in range(TAP_BATCH):
             if not free or not q.num_free:
                 self._pause_tap()  # resumed by the next transmit completion
+                self._tx_low()
                 return
             slot = free.pop()
             try:
