@@ -19,10 +19,9 @@ link status, and where frames go on the card:
 
 The mode comes from the boot parameters (``bus.params["net"]``, an entry per
 NIC matched by MAC: :mod:`mic_card.drivers.net_params`); the TAP is opened and
-configured by :mod:`mic_card.drivers.net_tap`. Completions
-are handled in future callbacks, no task per packet (as
-:mod:`mic_card.drivers.console`); one publish and one kick per loop iteration
-is :class:`mic_card.endpoint.DriverEndpoint`'s job.
+configured by :mod:`mic_card.drivers.net_tap`. Completions are handled in
+the interrupt itself, no future or task per packet; one publish and one kick
+per loop iteration is :class:`mic_card.endpoint.DriverEndpoint`'s job.
 
 The namespace has one owner, the host daemon: it creates it before the card
 boots or the NIC is hot-added and deletes it when its net backend closes

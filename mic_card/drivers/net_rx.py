@@ -6,7 +6,8 @@ was negotiated (malformed packets dropped and counted by reason, never an
 exception), and delivers the frame: to the TAP in tap mode (one
 ``os.write``/``os.writev`` straight out of the ring buffers), else to the
 frames-mode queue :meth:`NetRx.recv` reads. Completions are handled in
-future callbacks, no task per packet.
+the interrupt itself (``DriverEndpoint.submit_callback``): no future, no
+task and no extra loop iteration per packet.
 
 Part of :class:`mic_card.drivers.net.NetDevice` (see
 :mod:`mic_card.drivers.net_base`); imports ``virtio`` and ``net_base`` only.
@@ -14,7 +15,6 @@ Part of :class:`mic_card.drivers.net.NetDevice` (see
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -44,20 +44,20 @@ class NetRx(NetState):
 
     def _post_rx(self, i: int) -> None:
         try:
-            fut = self.rxq.submit_nowait((), self._rx_segs[i])
+            self.rxq.submit_callback((), self._rx_segs[i], self._rx_cbs[i])
         except (WouldBlock, BrokenResourceError, LocalProtocolError) as e:
             # One descriptor per buffer and never more buffers than the ring
             # holds, so only a broken queue gets here (detach follows).
             self.rx_dropped["repost"] += 1
             log.debug("%s: receive buffer not posted: %s", self.name, e)
             return
-        fut.add_done_callback(self._rx_cbs[i])
 
-    def _on_rx(self, i: int, fut: asyncio.Future[int]) -> None:
-        """One receive buffer completed (in used-ring order). Never raises."""
-        if fut.cancelled() or fut.exception() is not None or self._closed is not None:
-            return  # the endpoint failed: detach frees the pool
-        n = fut.result()
+    def _on_rx(self, i: int, n: int) -> None:
+        """Receive buffer ``i`` came back with ``n`` bytes (in used-ring order, from
+        the interrupt itself). Never raises. A failed queue never calls it:
+        detach frees the pool."""
+        if self._closed is not None:
+            return
         if self._rx_need:
             self._rx_parts.append((i, n))
             self._rx_need -= 1

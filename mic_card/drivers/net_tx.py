@@ -35,11 +35,14 @@ class NetTx(NetState):
     request and again for its reply. They are reaped on the next transmit,
     by any interrupt of the device (the reply's), and, so that an idle NIC
     still gets its slots back, by a timer :data:`TX_REAP_IDLE` after a
-    transmit. Only when no slot or ring room is left does the driver ask for
-    interrupts again (until half the slots are free).
+    transmit (again while some are in flight and the host makes progress).
+    The driver asks for interrupts again only when no slot or ring room is
+    left, or when the host consumed nothing for a whole timer period, until
+    half the slots are free.
     """
 
     _tx_timer: asyncio.TimerHandle | None = None
+    _tx_reaped = -1  # txq.completed when the idle timer last looked
 
     def _tx_start(self) -> None:
         """Transmit completions are reaped, not interrupted for (call once, at setup)."""
@@ -50,9 +53,8 @@ class NetTx(NetState):
             self._tx_timer.cancel()
             self._tx_timer = None
 
-    def _on_tx_done(self, slot: int, fut: asyncio.Future[int]) -> None:
-        if not fut.cancelled():
-            fut.exception()  # retrieved: a failed endpoint means detach follows
+    def _on_tx_done(self, slot: int, _length: int) -> None:
+        """The host consumed slot ``slot`` (called by the reap itself). Never raises."""
         if self._closed is not None:
             return
         free = self._tx_free
@@ -74,14 +76,20 @@ class NetTx(NetState):
             return
         txq = self.txq
         txq.reclaim()
-        if txq.outstanding:
-            # The host has not consumed them yet: let it interrupt when it does.
+        if not txq.outstanding:
+            return
+        if txq.completed != self._tx_reaped:
+            # Still in flight but the host is making progress: look again later.
+            self._tx_reaped = txq.completed
+            self._tx_timer = asyncio.get_running_loop().call_later(TX_REAP_IDLE, self._tx_reap_idle)
+        else:
+            # Nothing consumed for a whole period: let the host interrupt when
+            # it gets to them, rather than polling a stalled queue.
             txq.allow_interrupts()
 
     def _submit_tx(self, slot: int, length: int) -> None:
         """Raises: WouldBlock, BrokenResourceError (the slot is still the caller's)."""
-        fut = self.txq.submit_nowait(((self._tx.addrs[slot], length),), ())
-        fut.add_done_callback(self._tx_cbs[slot])
+        self.txq.submit_callback(((self._tx.addrs[slot], length),), (), self._tx_cbs[slot])
         if self._tx_timer is None:
             self._tx_timer = asyncio.get_running_loop().call_later(TX_REAP_IDLE, self._tx_reap_idle)
 
@@ -125,7 +133,7 @@ class NetTx(NetState):
         if n + NET_HDR_SIZE > self._tx.size:
             raise LocalProtocolError(f"{self.name}: frame of {n} B does not fit a transmit slot")
         if len(self._tx_free) * 2 < self._tx.count:
-            self.txq.reclaim()  # slots come back in this iteration's callbacks
+            self.txq.reclaim()
         if not self._tx_free or not self.txq.queue.num_free:
             self._tx_low()
             raise WouldBlock(f"{self.name}: transmit ring full")
@@ -175,7 +183,7 @@ class NetTx(NetState):
         views = self._tx.views
         readv = os.readv
         if len(free) * 2 < len(views):
-            self.txq.reclaim()  # slots come back in this iteration's callbacks
+            self.txq.reclaim()
         for _ in range(TAP_BATCH):
             if not free or not q.num_free:
                 self._pause_tap()  # resumed by the next transmit completion
@@ -186,6 +194,9 @@ class NetTx(NetState):
                 n = readv(fd, iov[slot])
             except BlockingIOError:
                 free.append(slot)
+                # Drained: nothing more to coalesce with, so publish and kick
+                # now rather than at the end of the loop iteration.
+                self.txq.flush()
                 return
             except OSError as e:
                 free.append(slot)
