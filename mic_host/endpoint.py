@@ -91,10 +91,6 @@ class QueueEndpoint:
         self.index = index
         self.size = size
         self.on_detach = on_detach
-        #: If set, called (synchronously, after a waiting :meth:`get` is woken)
-        #: on every doorbell of the device: a backend that serves the ring from
-        #: the doorbell itself, with :meth:`get_nowait`, saves a task switch.
-        self.on_kick: Callable[[], None] | None = None
         self._owner = owner
         self._queue: DeviceQueue | None = None
         self._state = EndpointState.IDLE
@@ -176,11 +172,8 @@ class QueueEndpoint:
         await self._stale_empty.wait()
 
     def notify(self) -> None:
-        """The card rang this device's doorbell: wake a waiting :meth:`get`, then
-        call :attr:`on_kick`."""
+        """The card rang this device's doorbell: wake a waiting :meth:`get`."""
         self._wake.set()
-        if self.on_kick is not None:
-            self.on_kick()
 
     # -- consuming -----------------------------------------------------------
     def _raise_if_dead(self) -> None:

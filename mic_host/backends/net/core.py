@@ -206,7 +206,6 @@ class NetBackend:
         self._starved = asyncio.Event()
         for q in (self._rxq, self._txq):
             q.on_detach = self._on_detach
-        self._txq.on_kick = self._tx_kick
         self._started()
         try:
             async with asyncio.TaskGroup() as tg:
@@ -325,24 +324,6 @@ class NetBackend:
                 await asyncio.sleep(0)  # let other cards and the publisher run
             else:
                 self._tx_drained(q)
-
-    def _tx_kick(self) -> None:
-        """The card kicked: transmit right in the doorbell callback (no task switch
-        on a ping's path). The TX task, woken too, finds the ring empty or takes
-        what is left over :data:`TX_BATCH`; the first chain of a session is its."""
-        q = self._txq
-        if not self._live or q is None:
-            return
-        n = 0
-        while n < TX_BATCH:
-            try:
-                chain = q.get_nowait()
-            except MicError:  # empty, or gone (on_detach ended the session)
-                break
-            self._tx_one(q, chain)
-            n += 1
-        if n:
-            self._tx_drained(q)
 
     def _tx_one(self, q: QueueEndpoint, chain: Chain) -> None:
         """Check one TX chain (§5.1.6.2) and hand it on; never raises for the card's input."""
