@@ -184,7 +184,7 @@ class NetTx(NetState):
         readv = os.readv
         if len(free) * 2 < len(views):
             self.txq.reclaim()
-        for _ in range(TAP_BATCH):
+        for i in range(TAP_BATCH):
             if not free or not q.num_free:
                 self._pause_tap()  # resumed by the next transmit completion
                 self._tx_low()
@@ -217,3 +217,8 @@ class NetTx(NetState):
                 self._pause_tap()
                 return
             self._count_tx(n - NET_HDR_SIZE, views[slot][1])
+            if not i:
+                # Kick for the first frame before looking for more: the host
+                # starts on it while we read on (a ping has no second frame);
+                # the rest are published together when the TAP is drained.
+                self.txq.flush()

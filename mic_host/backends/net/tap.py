@@ -185,13 +185,14 @@ class TapNetBackend(NetBackend):
 
     def _tx_drained(self, q: QueueEndpoint) -> None:
         # What we just wrote is often answered during the writev (the kernel's
-        # ICMP echo reply, a TCP ACK): publish the transmit completions, then
-        # read the TAP now instead of one loop iteration later, so the card
-        # takes both with one interrupt (it reaps transmit completions
-        # without one). Costs one read that may find nothing per batch.
-        q.flush()
+        # ICMP echo reply, a TCP ACK): read the TAP now instead of one loop
+        # iteration later (the reply's interrupt goes out first), then
+        # publish the transmit completions, which the card reaps in that
+        # interrupt without one of their own. Costs one read that may find
+        # nothing per batch.
         if self._reading:
             self._on_readable()
+        q.flush()
 
     def _on_readable(self) -> None:
         """TAP -> card, up to :data:`RX_BATCH` packets straight into the posted buffers."""
