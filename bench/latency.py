@@ -393,6 +393,38 @@ def net_problem() -> str | None:
     return tap_privilege_problem()
 
 
+def _proc_cost(pid: int) -> tuple[int, int]:
+    """(ns on a CPU, voluntary context switches i.e. sleeps) of every thread of ``pid``."""
+    ns = sleeps = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            ns += int((task / "schedstat").read_text().split()[0])
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    sleeps += int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that just ended
+    return ns, sleeps
+
+
+async def net_cost(card: Any, pings: int, run: Any) -> dict[str, float]:
+    """CPU µs and wake-ups (voluntary context switches) per ping of the daemon and
+    the card while ``run()`` pings ``pings`` times: what the path costs, which
+    unlike the latency barely depends on what else the machine runs."""
+    pids = {
+        "daemon": int((await card.client.request("ping"))["pid"]),
+        "card": int((await card.status())["pid"]),
+    }
+    before = {k: _proc_cost(p) for k, p in pids.items()}
+    out = await run()
+    after = {k: _proc_cost(p) for k, p in pids.items()}
+    cost: dict[str, float] = {}
+    for k in pids:
+        cost[f"{k}_cpu_us"] = round((after[k][0] - before[k][0]) / 1e3 / pings, 1)
+        cost[f"{k}_wakeups"] = round((after[k][1] - before[k][1]) / pings, 2)
+    return {**cost, "samples": out}
+
+
 async def net(n: int, runs: int, trace_dir: Path | None, spaced: bool) -> dict[str, Any]:
     res: dict[str, Any] = {}
     a, b = f"mvla-{uuid.uuid4().hex[:5]}", f"mvlb-{uuid.uuid4().hex[:5]}"
@@ -407,9 +439,18 @@ async def net(n: int, runs: int, trace_dir: Path | None, spaced: bool) -> dict[s
     state = Path(tempfile.mkdtemp(prefix="micl", dir="/tmp"))
     try:
         with namespaces(hns):
-            async with card_net(state, hns, cns, trace_dir):
+            async with card_net(state, hns, cns, trace_dir) as card:
                 await real_ping(cns, HOST_ADDR, 3, 0.05)  # ARP, both ways
-                res["net"] = [await pinger(cns, HOST_ADDR, n) for _ in range(runs)]
+                res["net"] = []
+                costs = []
+                for _ in range(runs):
+                    warm = max(20, n // 10)
+                    c = await net_cost(card, n + warm, lambda: pinger(cns, HOST_ADDR, n))
+                    res["net"].append(c.pop("samples"))
+                    costs.append(c)
+                res["net_cost"] = {
+                    k: round(statistics.median(c[k] for c in costs), 2) for k in costs[0]
+                }
                 if spaced:
                     res["net_spaced"] = [await real_ping(cns, HOST_ADDR, min(n, 300), 0.01)]
     finally:
@@ -510,6 +551,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
                          "goal": goal, "met": met})  # fmt: skip
     idle = raw.get("idle")
     return {
+        "net_cost": raw.get("net_cost"),
         "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "python": sys.version.split()[0],
         "code": args.label or _git_head(),
@@ -569,6 +611,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['label']:40} p50 {r['p50_us']:8.1f} µs  p99 {r['p99_us']:8.1f} µs  "
             f"x{r['ratio']:.2f}{goal}"
         )
+    if res["net_cost"]:
+        print(f"net ping, per ping (CPU µs, wake-ups): {res['net_cost']}")
     if res["idle"]:
         print(f"idle CPU: {res['idle']}")
     for k, why in res["skipped"].items():

@@ -331,6 +331,15 @@ def latency(lat: dict[str, Any]) -> list[str]:
             f"daemon {idle['daemon_pct']:.2f}%, card {idle['card_pct']:.2f}% of a CPU{was}.",
             "",
         ]
+    nc = lat.get("net_cost")
+    if nc:
+        out += [
+            f"Net ping, per ping: the daemon {nc['daemon_cpu_us']:.0f} µs of CPU and "
+            f"{nc['daemon_wakeups']:.2f} wake-ups, the card {nc['card_cpu_us']:.0f} µs and "
+            f"{nc['card_wakeups']:.2f} (`/proc/PID/task/*/schedstat`, voluntary context "
+            "switches; far less load-dependent than the latency).",
+            "",
+        ]
     for key, why in lat.get("skipped", {}).items():
         out += [f"`{key}` rows skipped: {why}.", ""]
     ab = _load("throughput_ab")

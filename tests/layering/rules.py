@@ -139,6 +139,10 @@ LAYERS: dict[str, tuple[tuple[str, ...], ...]] = {
         ("services", "endpoint"),
         # the card bus: reads the device page, probes the drivers it is given
         ("bus",),
+        # the parts of the net driver (shared state and pools, receive half,
+        # transmit half, boot parameters, TAP setup), below the class that
+        # composes them
+        ("drivers.net_*",),
         # virtio drivers: blk, console, net; the driver table's loader
         # (built-ins + mic_vop.drivers entry points: drivers.plugins)
         ("drivers",),

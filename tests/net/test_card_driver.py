@@ -313,6 +313,30 @@ async def test_many_sends_wait_for_slots(rig: NetRig) -> None:
 
 
 @pytest.mark.asyncio
+async def test_transmit_slots_are_reaped_without_interrupts(rig: NetRig) -> None:
+    dev = RingNet()
+    await rig.boot(dev)
+    nic = rig.nic()
+    assert dev.ctx is not None
+    txq = dev.ctx.queues[1]
+    assert nic.txq.interrupts_suppressed
+    slots = nic.stats()["tx_slots"]
+    irqs = txq.interrupts
+    # One frame at a time, each consumed before the next (a ping without its
+    # reply): the host completes each one and must not interrupt for it.
+    n = slots + 16  # more than the slots: they are reaped on the way
+    for i in range(n):
+        await nic.send(eth(PEER, MAC, i.to_bytes(4, "big") * 10))
+        await until(lambda i=i: len(dev.sent) == i + 1, "frame consumed")
+    assert txq.interrupts - irqs < slots // 4, (txq.interrupts, irqs)
+    assert not nic.stats()["tx_dropped"]
+    # Idle: the timer reaps the last ones; nothing stays held.
+    await until(lambda: nic.stats()["tx_slots_free"] == slots, "every slot free again")
+    assert nic.txq.outstanding == 0
+    assert nic.txq.interrupts_suppressed
+
+
+@pytest.mark.asyncio
 async def test_mrg_rxbuf_reassembles_a_64k_gso_packet(rig: NetRig) -> None:
     dev = RingNet()
     await rig.boot(dev, drivers={int(DeviceType.NET): OffloadFrames})

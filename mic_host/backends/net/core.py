@@ -245,6 +245,9 @@ class NetBackend:
         """Send one checked frame (header + Ethernet frame) from the card; False if dropped."""
         raise NotImplementedError
 
+    def _tx_drained(self, q: QueueEndpoint) -> None:
+        """The transmitq is empty for now (after a batch shorter than :data:`TX_BATCH`)."""
+
     def _close_host_side(self) -> None:
         """Close the TAP / leave the switch."""
 
@@ -319,6 +322,8 @@ class NetBackend:
                 n += 1
             if n >= TX_BATCH:
                 await asyncio.sleep(0)  # let other cards and the publisher run
+            else:
+                self._tx_drained(q)
 
     def _tx_one(self, q: QueueEndpoint, chain: Chain) -> None:
         """Check one TX chain (§5.1.6.2) and hand it on; never raises for the card's input."""
