@@ -270,6 +270,10 @@ class ConsoleBackend:
         if self._log is not None:
             await self._log.room()
 
+    def held_back(self) -> bool:
+        """The log is behind (:meth:`pause` would wait)."""
+        return self._log is not None and self._log.behind
+
     async def flush_log(self) -> None:
         """Wait until the console log file has everything output so far."""
         if self._log is not None:
@@ -277,10 +281,10 @@ class ConsoleBackend:
 
     # -- port 0 output ---------------------------------------------------------------
     def _output(self, data: bytes) -> None:
+        if self.pty is not None:
+            self.pty.write(data)  # first: someone may be waiting for it (an echo)
         if self._log is not None:
             self._log.append(data)
-        if self.pty is not None:
-            self.pty.write(data)
         self._history += data
         if len(self._history) > self._history_max:
             del self._history[: len(self._history) - self._history_max]
