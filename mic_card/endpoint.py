@@ -37,6 +37,9 @@ class Request:
 
     future: asyncio.Future[int]
     release: Callable[[], None] | None = None
+    #: called with the used length in the interrupt's callback, before the
+    #: future's own callbacks (which run one loop iteration later)
+    on_done: Callable[[int], None] | None = None
 
 
 def _release(req: Request) -> None:
@@ -97,12 +100,15 @@ class DriverEndpoint:
         readable: Sequence[tuple[int, int]],
         writable: Sequence[tuple[int, int]],
         release: Callable[[], None] | None = None,
+        on_done: Callable[[int], None] | None = None,
     ) -> asyncio.Future[int]:
         """Add one chain now; returns the future of its used length.
 
         Publication (and the kick) happens at the end of this loop iteration,
         once for every chain added in it. If this raises, ``release`` is not
-        called: the caller still owns the buffers.
+        called: the caller still owns the buffers. ``on_done``, if given, is
+        called with the used length right in the interrupt's callback (as a
+        driver's completion handler runs in its ISR), the future resolved.
 
         Raises:
             WouldBlock: not enough free descriptors right now.
@@ -116,7 +122,7 @@ class DriverEndpoint:
             raise LocalProtocolError(
                 f"chain of {nseg} buffers on a queue of {self.size} (indirect {self._indirect_max})"
             )
-        req = Request(asyncio.get_running_loop().create_future(), release)
+        req = Request(asyncio.get_running_loop().create_future(), release, on_done)
         try:
             self.queue.add(readable, writable, req)
         except QueueBroken as e:
@@ -205,6 +211,11 @@ class DriverEndpoint:
                     req.future.set_result(length)
                     if trace.ON:
                         trace.mark(trace.COMPLETE)
+                    if req.on_done is not None:
+                        try:
+                            req.on_done(length)
+                        except Exception:  # a driver's bug must not stop the others' completions
+                            log.exception("queue %d: completion handler failed", self.index)
             self._room.set()
 
     def fail(self, exc: BrokenResourceError) -> None:

@@ -114,25 +114,20 @@ class ConsolePort:
     def _post(self, addr: int) -> None:
         dev = self.device.dev
         try:
-            fut = self.rx.submit_nowait([], [(addr, RX_BUFFER)])
+            fut = self.rx.submit_nowait(
+                [], [(addr, RX_BUFFER)], on_done=functools.partial(self._on_rx, addr)
+            )
         except (WouldBlock, BrokenResourceError) as e:
             dev.free(addr)
             if isinstance(e, BrokenResourceError):
                 self._close(e)
             return
-        fut.add_done_callback(lambda f: self._on_rx(addr, f))
+        fut.add_done_callback(functools.partial(self._on_rx_failed, addr))
 
-    def _on_rx(self, addr: int, fut: asyncio.Future[int]) -> None:
+    def _on_rx(self, addr: int, n: int) -> None:
+        """A receive buffer came back with ``n`` bytes: in the interrupt's callback,
+        so a reader waiting for them is woken in the same loop iteration."""
         dev = self.device.dev
-        if fut.cancelled() or fut.exception() is not None:
-            # The endpoint failed: the host no longer touches the buffer.
-            dev.free(addr)
-            exc = fut.exception() if not fut.cancelled() else None
-            self._close(
-                exc if isinstance(exc, BrokenResourceError) else BrokenResourceError("closed")
-            )
-            return
-        n = fut.result()
         if n:
             self._data += dev.mem.view(addr, n)
             self.bytes_in += n
@@ -141,6 +136,14 @@ class ConsolePort:
             self._post(addr)
         else:
             dev.free(addr)
+
+    def _on_rx_failed(self, addr: int, fut: asyncio.Future[int]) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            return  # completed: _on_rx had it
+        # The endpoint failed: the host no longer touches the buffer.
+        self.device.dev.free(addr)
+        exc = fut.exception() if not fut.cancelled() else None
+        self._close(exc if isinstance(exc, BrokenResourceError) else BrokenResourceError("closed"))
 
     async def read(self, max_bytes: int = -1) -> bytes:
         """Bytes the host sent (at least one; at most ``max_bytes`` if > 0).
@@ -199,7 +202,19 @@ class ConsolePort:
                     raise BrokenResourceError(str(self._closed))
                 addr = dev.alloc(len(chunk), 64)
                 dev.mem.view(addr, len(chunk), True)[:] = chunk
-                await self.tx.submit([(addr, len(chunk))], [], release=_freer(dev, addr))
+                try:
+                    fut = self.tx.submit_nowait([(addr, len(chunk))], [], release=_freer(dev, addr))
+                except WouldBlock:  # the ring is full (not from our writes: one at a time)
+                    await self.tx.submit([(addr, len(chunk))], [], release=_freer(dev, addr))
+                except BaseException:
+                    dev.free(addr)
+                    raise
+                else:
+                    # Writes are one at a time (the lock): nothing can join this
+                    # one, so the host is told now rather than at the end of the
+                    # loop iteration.
+                    self.tx.flush()
+                    await fut
                 dev.free(addr)
                 self.bytes_out += len(chunk)
 

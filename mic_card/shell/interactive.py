@@ -29,30 +29,21 @@ log = logging.getLogger("mic_card.shell")
 
 
 class _Input:
-    """Typed bytes from the console port, read in the background, with Ctrl-C detection."""
+    """Typed bytes from the console port, with Ctrl-C detection.
+
+    The port is read by whoever needs input now (the line editor, or the
+    Ctrl-C watch while a command runs; never both), not by a task of its
+    own: a typed byte wakes the line editor directly, one task switch on
+    the way to its echo.
+    """
 
     def __init__(self, port: ConsolePort) -> None:
         self.port = port
         self.buf = bytearray()
-        self.event = asyncio.Event()
-        self.closed: BaseException | None = None
-
-    async def pump(self) -> None:
-        try:
-            while True:
-                data = await self.port.read()
-                self.buf += data
-                self.event.set()
-        except BrokenResourceError as e:
-            self.closed = e
-            self.event.set()
 
     async def byte(self) -> int:
-        while not self.buf:
-            if self.closed is not None:
-                raise BrokenResourceError(str(self.closed))
-            self.event.clear()
-            await self.event.wait()
+        if not self.buf:
+            self.buf += await self.port.read()  # raises BrokenResourceError once closed
         b = self.buf[0]
         del self.buf[0]
         return b
@@ -64,10 +55,11 @@ class _Input:
             if i >= 0:
                 del self.buf[: i + 1]
                 return
-            if self.closed is not None:
+            try:
+                data = await self.port.read()
+            except BrokenResourceError:
                 await asyncio.Event().wait()  # nothing more will come
-            self.event.clear()
-            await self.event.wait()
+            self.buf += data
 
 
 class InteractiveShell:
@@ -95,16 +87,13 @@ class InteractiveShell:
 
     async def run(self) -> None:
         inp = _Input(self.port)
-        async with asyncio.TaskGroup() as tg:
-            pump = tg.create_task(inp.pump())
-            try:
-                while True:
-                    self.sessions += 1
-                    if not await self._session(inp):
-                        break
-            except BrokenResourceError as e:
-                log.info("shell on %s ended: %s", self.port.label, e)
-            pump.cancel()
+        try:
+            while True:
+                self.sessions += 1
+                if not await self._session(inp):
+                    break
+        except BrokenResourceError as e:
+            log.info("shell on %s ended: %s", self.port.label, e)
 
     async def _write(self, text: str) -> None:
         await self.out.write(text.encode())
