@@ -90,7 +90,14 @@ class ConsolePort:
         self._closed: BrokenResourceError | None = None
         self._tx_lock = asyncio.Lock()
         self.resize_listeners: list[Callable[[int, int], None]] = []
+        #: called with the bytes of each receive buffer in the interrupt's
+        #: callback, once they are buffered for :meth:`read` (a line discipline's
+        #: hook: it may echo them at once with :meth:`write_nowait`)
+        self.on_receive: Callable[[bytes], None] | None = None
+        self._in_receive = False
         self.bytes_in = 0
+        #: bytes written back from :attr:`on_receive` (echoed in the interrupt)
+        self.irq_echoed = 0
         self.bytes_out = 0
 
     def __repr__(self) -> str:
@@ -129,9 +136,16 @@ class ConsolePort:
         so a reader waiting for them is woken in the same loop iteration."""
         dev = self.device.dev
         if n:
-            self._data += dev.mem.view(addr, n)
+            data = bytes(dev.mem.view(addr, n))
+            self._data += data
             self.bytes_in += n
             self._data_event.set()
+            if self.on_receive is not None:
+                self._in_receive = True
+                try:
+                    self.on_receive(data)
+                finally:
+                    self._in_receive = False
         if self._closed is None:
             self._post(addr)
         else:
@@ -144,6 +158,11 @@ class ConsolePort:
         self.device.dev.free(addr)
         exc = fut.exception() if not fut.cancelled() else None
         self._close(exc if isinstance(exc, BrokenResourceError) else BrokenResourceError("closed"))
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not read yet."""
+        return len(self._data)
 
     async def read(self, max_bytes: int = -1) -> bytes:
         """Bytes the host sent (at least one; at most ``max_bytes`` if > 0).
@@ -218,6 +237,37 @@ class ConsolePort:
                 dev.free(addr)
                 self.bytes_out += len(chunk)
 
+    def write_nowait(self, data: bytes) -> bool:
+        """Send ``data`` (at most :data:`TX_CHUNK` bytes) now, without waiting for the
+        host, when nothing else is being written; False (nothing sent) otherwise.
+
+        For a line discipline's echo from :attr:`on_receive`: the kick goes out
+        in the same callback. It goes out after everything written before
+        and before everything written after.
+        """
+        if self._closed is not None or self._tx_lock.locked() or not 0 < len(data) <= TX_CHUNK:
+            return False
+        dev = self.device.dev
+        try:
+            addr = dev.alloc(len(data), 64)
+        except MicError:
+            return False
+        dev.mem.view(addr, len(data), True)[:] = data
+        release = _freer(dev, addr)
+        try:
+            fut = self.tx.submit_nowait(
+                [(addr, len(data))], [], release=release, on_done=lambda _n: release()
+            )
+        except (WouldBlock, BrokenResourceError, LocalProtocolError):
+            dev.free(addr)
+            return False
+        fut.add_done_callback(_retrieve)
+        self.tx.flush()
+        self.bytes_out += len(data)
+        if self._in_receive:
+            self.irq_echoed += len(data)
+        return True
+
     # -- open / close ----------------------------------------------------------------
     def open(self) -> None:
         """Tell the host we have the port open (PORT_OPEN 1; a no-op without MULTIPORT)."""
@@ -238,6 +288,11 @@ class ConsolePort:
         if self._closed is None:
             self._closed = exc
         self._data_event.set()
+
+
+def _retrieve(fut: asyncio.Future[int]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # a failed echo: the port's readers and writers see it themselves
 
 
 def _freer(dev: CardDevice, addr: int) -> Callable[[], None]:
@@ -506,7 +561,15 @@ class ConsoleDevice:
             "max_nr_ports": self.max_nr_ports,
             "control_errors": self.control_errors,
             "ports": [
-                {"id": p.id, "name": p.label, "console": p.console, "host_open": p.host_connected}
+                {
+                    "id": p.id,
+                    "name": p.label,
+                    "console": p.console,
+                    "host_open": p.host_connected,
+                    "bytes_in": p.bytes_in,
+                    "bytes_out": p.bytes_out,
+                    "irq_echoed": p.irq_echoed,
+                }
                 for p in sorted(self.ports.values(), key=lambda p: p.id)
             ],
         }

@@ -28,22 +28,61 @@ __all__ = ["InteractiveShell"]
 log = logging.getLogger("mic_card.shell")
 
 
+_PRINTABLE = bytes(range(0x20, 0x7F))
+
+
 class _Input:
-    """Typed bytes from the console port, with Ctrl-C detection.
+    """Typed bytes from the console port, with Ctrl-C detection and early echo.
 
     The port is read by whoever needs input now (the line editor, or the
     Ctrl-C watch while a command runs; never both), not by a task of its
-    own: a typed byte wakes the line editor directly, one task switch on
-    the way to its echo.
+    own. While the line editor waits for a byte with nothing pending
+    (:attr:`echo_ready`), printable ASCII is echoed from the port's receive
+    callback, as a tty line discipline echoes while its reader sleeps: the
+    echo leaves in the interrupt that brought the byte, and the editor,
+    which would have written exactly these bytes, counts them in
+    :attr:`echoed` instead.
     """
 
     def __init__(self, port: ConsolePort) -> None:
         self.port = port
         self.buf = bytearray()
+        #: the line editor waits for a byte, its state needs no context
+        #: (not in an escape sequence or a UTF-8 sequence), all input is read
+        self.echo_ready = False
+        #: bytes at the head of the input already echoed
+        self.echoed = 0
 
-    async def byte(self) -> int:
+    def attach(self) -> None:
+        self.port.on_receive = self._on_receive
+
+    def detach(self) -> None:
+        if self.port.on_receive == self._on_receive:
+            self.port.on_receive = None
+
+    def _on_receive(self, data: bytes) -> None:
+        if not self.echo_ready:
+            return
+        # Only what follows everything echoed so far, all printable ASCII: the
+        # line editor writes back exactly such bytes, one by one.
+        if (
+            self.port.buffered == self.echoed + len(data)
+            and not data.translate(None, _PRINTABLE)
+            and self.port.write_nowait(data)
+        ):
+            self.echoed += len(data)
+        else:
+            self.echo_ready = False  # the editor echoes this and what follows, in order
+
+    async def byte(self, echo: bool = False) -> int:
+        """The next byte; ``echo``: the caller would echo a printable one (see
+        :attr:`echo_ready`)."""
         if not self.buf:
-            self.buf += await self.port.read()  # raises BrokenResourceError once closed
+            self.echo_ready = echo
+            try:
+                self.buf += await self.port.read()  # raises BrokenResourceError once closed
+            finally:
+                self.echo_ready = False
         b = self.buf[0]
         del self.buf[0]
         return b
@@ -87,6 +126,7 @@ class InteractiveShell:
 
     async def run(self) -> None:
         inp = _Input(self.port)
+        inp.attach()
         try:
             while True:
                 self.sessions += 1
@@ -94,6 +134,8 @@ class InteractiveShell:
                     break
         except BrokenResourceError as e:
             log.info("shell on %s ended: %s", self.port.label, e)
+        finally:
+            inp.detach()
 
     async def _write(self, text: str) -> None:
         await self.out.write(text.encode())
@@ -139,22 +181,35 @@ class InteractiveShell:
                 await self._write("logout\n")
                 return True
 
+    async def _echo(self, text: str) -> None:
+        """The line editor's echo: sent without waiting for the host when the port
+        allows it (in order all the same), so the editor is back waiting for the
+        next byte at once and that byte's echo can leave from the interrupt."""
+        data = text.encode()
+        if not self.port.write_nowait(data.replace(b"\n", b"\r\n")):
+            await self.out.write(data)
+
     async def _readline(self, inp: _Input) -> str | None:
         """One edited line; None for Ctrl-D on an empty line."""
         buf: list[str] = []
         raw = bytearray()  # an incomplete UTF-8 sequence
         last_cr = False
         while True:
-            b = await inp.byte()
+            b = await inp.byte(echo=not raw)
+            if inp.echoed:  # printable ASCII the port echoed already
+                inp.echoed -= 1
+                buf.append(chr(b))
+                last_cr = False
+                continue
             if b == 0x0A and last_cr:  # \r\n from a terminal that sends both
                 last_cr = False
                 continue
             last_cr = b == 0x0D
             if b in (0x0D, 0x0A):
-                await self._write("\n")
+                await self._echo("\n")
                 return "".join(buf)
             if b == 0x03:  # Ctrl-C: drop the line
-                await self._write("^C\n")
+                await self._echo("^C\n")
                 return ""
             if b == 0x04:  # Ctrl-D
                 if not buf:
@@ -163,11 +218,11 @@ class InteractiveShell:
             if b in (0x7F, 0x08):  # backspace / DEL
                 if buf:
                     buf.pop()
-                    await self._write("\b \b")
+                    await self._echo("\b \b")
                 continue
             if b == 0x15:  # Ctrl-U: kill the line
                 if buf:
-                    await self._write("\b \b" * len(buf))
+                    await self._echo("\b \b" * len(buf))
                     buf.clear()
                 continue
             if b == 0x1B:  # an escape sequence (arrows...): swallow it
@@ -187,4 +242,4 @@ class InteractiveShell:
                 ch = "\ufffd"
             raw.clear()
             buf.append(ch)
-            await self._write(ch)
+            await self._echo(ch)
