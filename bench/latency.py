@@ -11,6 +11,11 @@ Measured in one run (issue 19), every row as p50 / p99 and p50 / floor:
   into a DMA buffer, timed on the card, back to back.
 - ``console echo``: one byte written on the host pty until the card shell's
   echo of it comes back, timed here (blocking reads, one wake-up).
+- ``pty echo, no card``: the same client against an asyncio process that
+  echoes on the pty's master from its reader callback: what the kernel's pty
+  costs (each direction goes through a kworker, ``tty_flip_buffer_push``), the
+  part of the console row no change to this code can remove. Reported with
+  its ratio to the floor; no goal of its own.
 - ``net ping``: ICMP echo from the card's network namespace to the host
   address through the card's virtio-net NIC (``tap`` backend), back to back
   (a raw-socket pinger, one request at a time); ``net ping 10 ms`` is the same
@@ -131,6 +136,56 @@ def floor(n: int) -> list[int]:
         os.waitpid(pid, 0)
         os.close(a)
         os.close(b)
+
+
+def _pty_echo_child(master: int) -> None:
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def on_ready() -> None:
+            data = os.read(master, 4096)
+            if b"q" in data:
+                done.set_result(None)
+                return
+            os.write(master, data)
+
+        loop.add_reader(master, on_ready)
+        await done
+
+    asyncio.run(serve())
+
+
+def pty_floor(n: int) -> list[int]:
+    """``n`` one-byte echoes over a raw pty: this module's console client (blocking
+    reads on the slave) against an asyncio process echoing on the master."""
+    import tty
+
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    os.set_blocking(master, False)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.close(slave)
+            _pty_echo_child(master)
+        finally:
+            os._exit(0)
+    os.close(master)
+    clock = time.perf_counter_ns
+    out: list[int] = []
+    try:
+        for i in range(n + n // 10):
+            t0 = clock()
+            os.write(slave, b"x")
+            os.read(slave, 1)
+            if i >= n // 10:
+                out.append(clock() - t0)
+    finally:
+        os.write(slave, b"q")
+        os.waitpid(pid, 0)
+        os.close(slave)
+    return out
 
 
 # ----------------------------------------------------------------- card apps
@@ -449,6 +504,7 @@ ROWS: tuple[tuple[str, str, str | None], ...] = (
     ("block_read", "block 4 KiB random read, QD1", "block"),
     ("block_write", "block 4 KiB random write, QD1", "block"),
     ("console", "console echo (host pty)", "console"),
+    ("pty", "pty echo, no card (kernel pty floor)", None),
     ("net", "net ping card -> host, back to back", "net"),
     ("net_spaced", "net ping card -> host, 10 ms apart", None),
     ("veth", "veth ping, back to back (kernel)", None),
@@ -471,6 +527,10 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         parts = ",".join(rows & {"block", "console"})
         bc = await block_and_console(n, runs, None, args.idle if "idle" in rows else 0.0, parts)
         raw.update(bc)
+        if "console" in rows:
+            raw["pty"] = [
+                await asyncio.to_thread(pty_floor, max(1000, n)) for _ in range(max(1, runs))
+            ]
         await take_floor()
     if "net" in rows:
         problem = net_problem()
