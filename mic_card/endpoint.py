@@ -33,12 +33,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(eq=False, slots=True)
 class Request:
-    """One outstanding chain: the future its submitter awaits, and how to free its buffers."""
+    """One outstanding chain: the future its submitter awaits (or the callback
+    :meth:`DriverEndpoint.submit_callback` calls), and how to free its buffers."""
 
-    future: asyncio.Future[int]
+    future: asyncio.Future[int] | None
     release: Callable[[], None] | None = None
-    #: called with the used length in the interrupt's callback, before the
-    #: future's own callbacks (which run one loop iteration later)
     on_done: Callable[[int], None] | None = None
 
 
@@ -100,21 +99,41 @@ class DriverEndpoint:
         readable: Sequence[tuple[int, int]],
         writable: Sequence[tuple[int, int]],
         release: Callable[[], None] | None = None,
-        on_done: Callable[[int], None] | None = None,
     ) -> asyncio.Future[int]:
         """Add one chain now; returns the future of its used length.
 
         Publication (and the kick) happens at the end of this loop iteration,
         once for every chain added in it. If this raises, ``release`` is not
-        called: the caller still owns the buffers. ``on_done``, if given, is
-        called with the used length right in the interrupt's callback (as a
-        driver's completion handler runs in its ISR), the future resolved.
+        called: the caller still owns the buffers.
 
         Raises:
             WouldBlock: not enough free descriptors right now.
             BrokenResourceError: the device is gone or its ring broke.
             LocalProtocolError: a chain no ring of this size can hold, or bad buffers.
         """
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._add(readable, writable, Request(fut, release))
+        return fut
+
+    def submit_callback(
+        self,
+        readable: Sequence[tuple[int, int]],
+        writable: Sequence[tuple[int, int]],
+        on_done: Callable[[int], None],
+    ) -> None:
+        """Add one chain now; ``on_done(used length)`` is called when the host
+        completes it, from the interrupt (or :meth:`reclaim`) itself: no future,
+        no loop iteration in between (a driver's receive buffers, transmit
+        slots). ``on_done`` must not raise. If the queue fails it is not
+        called: the driver's ``detach`` owns the buffers then.
+
+        Raises: as :meth:`submit_nowait`.
+        """
+        self._add(readable, writable, Request(None, None, on_done))
+
+    def _add(
+        self, readable: Sequence[tuple[int, int]], writable: Sequence[tuple[int, int]], req: Request
+    ) -> None:
         if self._exc is not None:
             raise BrokenResourceError(str(self._exc)) from self._exc
         nseg = len(readable) + len(writable)
@@ -122,7 +141,6 @@ class DriverEndpoint:
             raise LocalProtocolError(
                 f"chain of {nseg} buffers on a queue of {self.size} (indirect {self._indirect_max})"
             )
-        req = Request(asyncio.get_running_loop().create_future(), release, on_done)
         try:
             self.queue.add(readable, writable, req)
         except QueueBroken as e:
@@ -134,7 +152,6 @@ class DriverEndpoint:
             trace.mark(trace.SUBMIT)
         if self._publish_handle is None:
             self._publish_handle = asyncio.get_running_loop().call_soon(self._publish)
-        return req.future
 
     async def submit(
         self,
@@ -187,6 +204,17 @@ class DriverEndpoint:
         if self._exc is not None:
             return
         self.interrupts += 1
+        self.reclaim()
+
+    def reclaim(self) -> None:
+        """Resolve every request the host completed, interrupt or not. Never raises.
+
+        For a queue whose interrupts the driver suppressed
+        (:meth:`suppress_interrupts`), this is how completions are reaped:
+        on the next submit, when the ring runs low, or from a timer.
+        """
+        if self._exc is not None:
+            return
         # Drain until a look at used.idx comes back empty: that last look
         # happens after the used_event store and its barrier, so a completion
         # the host published without interrupting us is still seen (Linux
@@ -204,19 +232,50 @@ class DriverEndpoint:
             for req, length in done:
                 self._outstanding.discard(req)
                 self.completed += 1
-                if req.future.done():  # cancelled by its submitter: buffers are ours to free
+                fut = req.future
+                if fut is None:
+                    if trace.ON:
+                        trace.mark(trace.COMPLETE)
+                    self._call(req, length)
+                elif fut.done():  # cancelled by its submitter: buffers are ours to free
                     _release(req)
                 else:
                     req.release = None  # the submitter owns the buffers again
-                    req.future.set_result(length)
+                    fut.set_result(length)
                     if trace.ON:
                         trace.mark(trace.COMPLETE)
-                    if req.on_done is not None:
-                        try:
-                            req.on_done(length)
-                        except Exception:  # a driver's bug must not stop the others' completions
-                            log.exception("queue %d: completion handler failed", self.index)
             self._room.set()
+            if self._publish_handle is not None:
+                # Callbacks resubmitted (receive buffers): publish them before
+                # looking again, so the ring core's fast path still applies.
+                self.flush()
+
+    def _call(self, req: Request, length: int) -> None:
+        cb = req.on_done
+        assert cb is not None
+        try:
+            cb(length)
+        except Exception:  # a driver bug must not lose the rest of the batch
+            log.exception("queue %d: completion callback failed", self.index)
+
+    def suppress_interrupts(self) -> None:
+        """Ask the host not to interrupt for this queue's completions (NO_INTERRUPT,
+        or a lagging ``used_event`` with EVENT_IDX: the host may still interrupt
+        once). The driver then reaps them with :meth:`reclaim`, as Linux
+        virtio-net's transmit queue does without ``napi_tx``."""
+        if self._exc is None:
+            self.queue.disable_interrupts()
+
+    def allow_interrupts(self) -> None:
+        """Ask for interrupts again; what was completed meanwhile is reaped now
+        (``virtqueue_enable_cb``: a completion published before the request would
+        otherwise never interrupt)."""
+        if self._exc is None and self.queue.enable_interrupts():
+            self.reclaim()
+
+    @property
+    def interrupts_suppressed(self) -> bool:
+        return not self.queue.interrupts_enabled
 
     def fail(self, exc: BrokenResourceError) -> None:
         """Fail every outstanding request with ``exc`` (device gone); idempotent."""
@@ -228,7 +287,7 @@ class DriverEndpoint:
         pending, self._outstanding = self._outstanding, set()
         for req in pending:
             _release(req)
-            if not req.future.done():
+            if req.future is not None and not req.future.done():
                 req.future.set_exception(BrokenResourceError(str(exc)))
         self._room.set()
 
@@ -241,6 +300,7 @@ class DriverEndpoint:
             "outstanding": len(self._outstanding),
             "kicks": self.kicks,
             "interrupts": self.interrupts,
+            "interrupts_suppressed": not self.queue.interrupts_enabled,
             "errors": self.errors,
             "broken": self._exc is not None,
         }

@@ -95,6 +95,9 @@ class ConsolePort:
         #: hook: it may echo them at once with :meth:`write_nowait`)
         self.on_receive: Callable[[bytes], None] | None = None
         self._in_receive = False
+        #: card RAM lent to the host: receive buffers and writes nobody waits for
+        #: (freed on completion, or by _close once the queues failed)
+        self._lent: set[int] = set()
         self.bytes_in = 0
         #: bytes written back from :attr:`on_receive` (echoed in the interrupt)
         self.irq_echoed = 0
@@ -121,19 +124,19 @@ class ConsolePort:
     def _post(self, addr: int) -> None:
         dev = self.device.dev
         try:
-            fut = self.rx.submit_nowait(
-                [], [(addr, RX_BUFFER)], on_done=functools.partial(self._on_rx, addr)
-            )
+            self.rx.submit_callback([], [(addr, RX_BUFFER)], functools.partial(self._on_rx, addr))
         except (WouldBlock, BrokenResourceError) as e:
             dev.free(addr)
             if isinstance(e, BrokenResourceError):
                 self._close(e)
+                self._reclaim_lent()
             return
-        fut.add_done_callback(functools.partial(self._on_rx_failed, addr))
+        self._lent.add(addr)
 
     def _on_rx(self, addr: int, n: int) -> None:
-        """A receive buffer came back with ``n`` bytes: in the interrupt's callback,
-        so a reader waiting for them is woken in the same loop iteration."""
+        """A receive buffer came back with ``n`` bytes: in the interrupt itself, so a
+        reader waiting for them is woken in the same loop iteration."""
+        self._lent.discard(addr)
         dev = self.device.dev
         if n:
             data = bytes(dev.mem.view(addr, n))
@@ -150,14 +153,6 @@ class ConsolePort:
             self._post(addr)
         else:
             dev.free(addr)
-
-    def _on_rx_failed(self, addr: int, fut: asyncio.Future[int]) -> None:
-        if not fut.cancelled() and fut.exception() is None:
-            return  # completed: _on_rx had it
-        # The endpoint failed: the host no longer touches the buffer.
-        self.device.dev.free(addr)
-        exc = fut.exception() if not fut.cancelled() else None
-        self._close(exc if isinstance(exc, BrokenResourceError) else BrokenResourceError("closed"))
 
     @property
     def buffered(self) -> int:
@@ -253,20 +248,21 @@ class ConsolePort:
         except MicError:
             return False
         dev.mem.view(addr, len(data), True)[:] = data
-        release = _freer(dev, addr)
         try:
-            fut = self.tx.submit_nowait(
-                [(addr, len(data))], [], release=release, on_done=lambda _n: release()
-            )
+            self.tx.submit_callback([(addr, len(data))], [], functools.partial(self._on_sent, addr))
         except (WouldBlock, BrokenResourceError, LocalProtocolError):
             dev.free(addr)
             return False
-        fut.add_done_callback(_retrieve)
+        self._lent.add(addr)
         self.tx.flush()
         self.bytes_out += len(data)
         if self._in_receive:
             self.irq_echoed += len(data)
         return True
+
+    def _on_sent(self, addr: int, _n: int) -> None:
+        self._lent.discard(addr)
+        self.device.dev.free(addr)
 
     # -- open / close ----------------------------------------------------------------
     def open(self) -> None:
@@ -289,10 +285,13 @@ class ConsolePort:
             self._closed = exc
         self._data_event.set()
 
-
-def _retrieve(fut: asyncio.Future[int]) -> None:
-    if not fut.cancelled():
-        fut.exception()  # a failed echo: the port's readers and writers see it themselves
+    def _reclaim_lent(self) -> None:
+        """The port's queues failed (the bus fails them before it detaches the
+        driver): the host no longer touches the buffers lent to it."""
+        dev = self.device.dev
+        for addr in self._lent:
+            dev.free(addr)
+        self._lent.clear()
 
 
 def _freer(dev: CardDevice, addr: int) -> Callable[[], None]:
@@ -313,6 +312,7 @@ class ConsoleDevice:
         self.multiport = bool(dev.features & ConsoleFeature.MULTIPORT) and dev.num_vq >= 4
         self._rx_buffers = rx_buffers
         self.ports: dict[int, ConsolePort] = {}
+        self._removed: list[ConsolePort] = []  # ports the host removed (DEVICE_REMOVE)
         self.max_nr_ports = 1
         self.control_errors = 0
         self._closed: BrokenResourceError | None = None
@@ -510,6 +510,9 @@ class ConsoleDevice:
             return
         if event == ConsoleEvent.DEVICE_REMOVE:
             del self.ports[pid]
+            # Its buffers stay lent until they complete (or the device fails).
+            self._removed = [p for p in self._removed if p._lent]
+            self._removed.append(port)
             port._close(BrokenResourceError(f"{self.name}: port {pid} removed by the host"))
             self._signal()
         elif event == ConsoleEvent.CONSOLE_PORT:
@@ -551,8 +554,9 @@ class ConsoleDevice:
     def detach(self, exc: BrokenResourceError) -> None:
         if self._closed is None:
             self._closed = exc
-        for p in self.ports.values():
+        for p in (*self.ports.values(), *self._removed):
             p._close(exc)
+            p._reclaim_lent()
         self._signal()
 
     def info(self) -> dict[str, object]:
