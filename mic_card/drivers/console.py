@@ -142,13 +142,13 @@ class ConsolePort:
             data = bytes(dev.mem.view(addr, n))
             self._data += data
             self.bytes_in += n
-            self._data_event.set()
-            if self.on_receive is not None:
+            if self.on_receive is not None:  # first: it may echo (a person waits for that)
                 self._in_receive = True
                 try:
                     self.on_receive(data)
                 finally:
                     self._in_receive = False
+            self._data_event.set()
         if self._closed is None:
             self._post(addr)
         else:
