@@ -216,6 +216,8 @@ class ConsolePort:
                     raise BrokenResourceError(str(self._closed))
                 addr = dev.alloc(len(chunk), 64)
                 dev.mem.view(addr, len(chunk), True)[:] = chunk
+                if self.tx.interrupts_suppressed:
+                    self.tx.allow_interrupts()  # this write waits for its completion
                 try:
                     fut = self.tx.submit_nowait([(addr, len(chunk))], [], release=_freer(dev, addr))
                 except WouldBlock:  # the ring is full (not from our writes: one at a time)
@@ -238,23 +240,32 @@ class ConsolePort:
 
         For a line discipline's echo from :attr:`on_receive`: the kick goes out
         in the same callback. It goes out after everything written before
-        and before everything written after.
+        and before everything written after. The host does not interrupt for
+        its completion (the next interrupt or write reaps it).
         """
         if self._closed is not None or self._tx_lock.locked() or not 0 < len(data) <= TX_CHUNK:
             return False
         dev = self.device.dev
+        tx = self.tx
+        # Nobody waits for these completions: they are reaped after the kick,
+        # or by the next interrupt of the device (typed input); the host is
+        # asked not to interrupt for them.
+        if not tx.interrupts_suppressed:
+            tx.suppress_interrupts()
         try:
             addr = dev.alloc(len(data), 64)
         except MicError:
             return False
         dev.mem.view(addr, len(data), True)[:] = data
         try:
-            self.tx.submit_callback([(addr, len(data))], [], functools.partial(self._on_sent, addr))
+            tx.submit_callback([(addr, len(data))], [], functools.partial(self._on_sent, addr))
         except (WouldBlock, BrokenResourceError, LocalProtocolError):
             dev.free(addr)
+            tx.reclaim()  # a ring full of reaped-later echoes: room for the next one
             return False
         self._lent.add(addr)
-        self.tx.flush()
+        tx.flush()
+        tx.reclaim()
         self.bytes_out += len(data)
         if self._in_receive:
             self.irq_echoed += len(data)
