@@ -235,11 +235,13 @@ class HostPort:
                 backend.name, self.id, n, backend.max_chain,
             )  # fmt: skip
             return CHAIN_COST
-        if n:
-            data = chain.read()
-            self.bytes_from_card += n
-            self.on_output(data)
-        q.put(chain, 0)
+        try:
+            if n:
+                data = chain.read()
+                self.bytes_from_card += n
+                self.on_output(data)
+        finally:
+            q.put(chain, 0)
         return n + CHAIN_COST
 
     def _on_kick(self) -> bool:
@@ -270,6 +272,10 @@ class HostPort:
                     break
                 budget += self._transmit(q, chain)
         except MicError:  # not live, or the ring broke: the loop finds out
+            drained = False
+        except Exception as e:  # a bug in an output sink must not reach the doorbell
+            backend = self.backend
+            backend.card_fault("%s: port %d: output failed: %r", backend.name, self.id, e)
             drained = False
         if served:
             q.flush()  # nothing more is waiting: publish now
