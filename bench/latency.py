@@ -11,7 +11,8 @@ Measured in one run (issue 19), every row as p50 / p99 and p50 / floor:
   into a DMA buffer, timed on the card, back to back.
 - ``console echo``: one byte written on the host pty until the card shell's
   echo of it comes back, timed here (blocking reads, one wake-up).
-- ``pty echo, no card``: the same client against an asyncio process that
+- ``pty echo, no card`` (:func:`bench.floors.pty_floor`): the same client
+  against an asyncio process that
   echoes on the pty's master from its reader callback: what the kernel's pty
   costs (each direction goes through a kworker, ``tty_flip_buffer_push``), the
   part of the console row no change to this code can remove. Reported with
@@ -74,118 +75,6 @@ def summary(samples: list[int]) -> dict[str, Any]:
         "p99_us": round(pct(samples, 0.99), 1),
         "mean_us": round(statistics.fmean(samples) / 1000.0, 1),
     }
-
-
-# ----------------------------------------------------------------- floor
-
-
-def _floor_child(efd_in: int, efd_out: int) -> None:
-    async def serve() -> None:
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-
-        def on_ready() -> None:
-            v = os.eventfd_read(efd_in)
-            if v >= 1 << 40:
-                done.set_result(None)
-                return
-            os.eventfd_write(efd_out, 1)
-
-        loop.add_reader(efd_in, on_ready)
-        await done
-
-    asyncio.run(serve())
-
-
-def floor(n: int) -> list[int]:
-    """``n`` eventfd + ``add_reader`` round trips between two asyncio processes."""
-    a, b = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        try:
-            _floor_child(a, b)
-        finally:
-            os._exit(0)
-
-    async def drive() -> list[int]:
-        loop = asyncio.get_running_loop()
-        out: list[int] = []
-        fut: asyncio.Future[None] | None = None
-
-        def on_ready() -> None:
-            os.eventfd_read(b)
-            if fut is not None and not fut.done():
-                fut.set_result(None)
-
-        loop.add_reader(b, on_ready)
-        clock = time.perf_counter_ns
-        for i in range(n + n // 10):
-            fut = loop.create_future()
-            t0 = clock()
-            os.eventfd_write(a, 1)
-            await fut
-            if i >= n // 10:
-                out.append(clock() - t0)
-        loop.remove_reader(b)
-        return out
-
-    try:
-        return asyncio.run(drive())
-    finally:
-        os.eventfd_write(a, 1 << 41)
-        os.waitpid(pid, 0)
-        os.close(a)
-        os.close(b)
-
-
-def _pty_echo_child(master: int) -> None:
-    async def serve() -> None:
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-
-        def on_ready() -> None:
-            data = os.read(master, 4096)
-            if b"q" in data:
-                done.set_result(None)
-                return
-            os.write(master, data)
-
-        loop.add_reader(master, on_ready)
-        await done
-
-    asyncio.run(serve())
-
-
-def pty_floor(n: int) -> list[int]:
-    """``n`` one-byte echoes over a raw pty: this module's console client (blocking
-    reads on the slave) against an asyncio process echoing on the master."""
-    import tty
-
-    master, slave = os.openpty()
-    tty.setraw(slave)
-    os.set_blocking(master, False)
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        try:
-            os.close(slave)
-            _pty_echo_child(master)
-        finally:
-            os._exit(0)
-    os.close(master)
-    clock = time.perf_counter_ns
-    out: list[int] = []
-    try:
-        for i in range(n + n // 10):
-            t0 = clock()
-            os.write(slave, b"x")
-            os.read(slave, 1)
-            if i >= n // 10:
-                out.append(clock() - t0)
-    finally:
-        os.write(slave, b"q")
-        os.waitpid(pid, 0)
-        os.close(slave)
-    return out
 
 
 # ----------------------------------------------------------------- card apps
@@ -515,6 +404,9 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     rows = set(args.rows.split(","))
     n, runs = (300, 1) if args.quick else (args.n, args.runs)
     floors: list[list[int]] = []
+
+    # Imported here, not at the top: the card imports this module for card_block.
+    from bench.floors import floor, pty_floor
 
     async def take_floor() -> None:
         # In a thread: floor() forks and runs its own loops, away from this one.
