@@ -29,6 +29,8 @@ log = logging.getLogger("mic_card.shell")
 
 
 _PRINTABLE = bytes(range(0x20, 0x7F))
+_ERASE = b"\x7f\x08"  # DEL / backspace
+_EARLY = _PRINTABLE + _ERASE
 
 
 class _Input:
@@ -37,11 +39,12 @@ class _Input:
     The port is read by whoever needs input now (the line editor, or the
     Ctrl-C watch while a command runs; never both), not by a task of its
     own. While the line editor waits for a byte with nothing pending
-    (:attr:`echo_ready`), printable ASCII is echoed from the port's receive
-    callback, as a tty line discipline echoes while its reader sleeps: the
-    echo leaves in the interrupt that brought the byte, and the editor,
-    which would have written exactly these bytes, counts them in
-    :attr:`echoed` instead.
+    (:attr:`echo_ready`), printable ASCII and erases are echoed from the
+    port's receive callback, as a tty line discipline echoes while its
+    reader sleeps: the echo leaves in the interrupt that brought the byte,
+    and the editor, which would have written exactly that (it is told the
+    line's length, :attr:`line_len`), counts those bytes in :attr:`echoed`
+    instead.
     """
 
     def __init__(self, port: ConsolePort) -> None:
@@ -50,6 +53,8 @@ class _Input:
         #: the line editor waits for a byte, its state needs no context
         #: (not in an escape sequence or a UTF-8 sequence), all input is read
         self.echo_ready = False
+        #: characters in the editor's line, counting the early-echoed bytes
+        self.line_len = 0
         #: bytes at the head of the input already echoed
         self.echoed = 0
 
@@ -63,16 +68,26 @@ class _Input:
     def _on_receive(self, data: bytes) -> None:
         if not self.echo_ready:
             return
-        # Only what follows everything echoed so far, all printable ASCII: the
-        # line editor writes back exactly such bytes, one by one.
-        if (
-            self.port.buffered == self.echoed + len(data)
-            and not data.translate(None, _PRINTABLE)
-            and self.port.write_nowait(data)
-        ):
-            self.echoed += len(data)
-        else:
+        # Only what follows everything echoed so far, and only bytes whose echo
+        # the editor would write as is: printable ASCII, and erases.
+        if self.port.buffered != self.echoed + len(data) or data.translate(None, _EARLY):
             self.echo_ready = False  # the editor echoes this and what follows, in order
+            return
+        echo = bytearray()
+        n = self.line_len
+        for b in data:
+            if b in _ERASE:
+                if n:
+                    n -= 1
+                    echo += b"\b \b"
+            else:
+                n += 1
+                echo.append(b)
+        if not echo or self.port.write_nowait(bytes(echo)):
+            self.echoed += len(data)
+            self.line_len = n
+        else:
+            self.echo_ready = False
 
     async def byte(self, echo: bool = False) -> int:
         """The next byte; ``echo``: the caller would echo a printable one (see
@@ -195,10 +210,15 @@ class InteractiveShell:
         raw = bytearray()  # an incomplete UTF-8 sequence
         last_cr = False
         while True:
+            inp.line_len = len(buf)
             b = await inp.byte(echo=not raw)
-            if inp.echoed:  # printable ASCII the port echoed already
+            if inp.echoed:  # echoed from the port's receive callback already
                 inp.echoed -= 1
-                buf.append(chr(b))
+                if b in _ERASE:
+                    if buf:
+                        buf.pop()
+                else:
+                    buf.append(chr(b))
                 last_cr = False
                 continue
             if b == 0x0A and last_cr:  # \r\n from a terminal that sends both
