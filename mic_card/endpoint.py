@@ -219,7 +219,7 @@ class DriverEndpoint:
         # happens after the used_event store and its barrier, so a completion
         # the host published without interrupting us is still seen (Linux
         # loops on virtqueue_get_buf until it returns NULL for the same reason).
-        while True:
+        while self._exc is None:  # a callback's resubmit may have found the ring broken
             try:
                 done = self.queue.get_used_many()
             except (RingError, QueueBroken) as e:
