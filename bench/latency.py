@@ -11,6 +11,12 @@ Measured in one run (issue 19), every row as p50 / p99 and p50 / floor:
   into a DMA buffer, timed on the card, back to back.
 - ``console echo``: one byte written on the host pty until the card shell's
   echo of it comes back, timed here (blocking reads, one wake-up).
+- ``pty echo, no card`` (:func:`bench.floors.pty_floor`): the same client
+  against an asyncio process that
+  echoes on the pty's master from its reader callback: what the kernel's pty
+  costs (each direction goes through a kworker, ``tty_flip_buffer_push``), the
+  part of the console row no change to this code can remove. Reported with
+  its ratio to the floor; no goal of its own.
 - ``net ping``: ICMP echo from the card's network namespace to the host
   address through the card's virtio-net NIC (``tap`` backend), back to back
   (a raw-socket pinger, one request at a time); ``net ping 10 ms`` is the same
@@ -69,68 +75,6 @@ def summary(samples: list[int]) -> dict[str, Any]:
         "p99_us": round(pct(samples, 0.99), 1),
         "mean_us": round(statistics.fmean(samples) / 1000.0, 1),
     }
-
-
-# ----------------------------------------------------------------- floor
-
-
-def _floor_child(efd_in: int, efd_out: int) -> None:
-    async def serve() -> None:
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-
-        def on_ready() -> None:
-            v = os.eventfd_read(efd_in)
-            if v >= 1 << 40:
-                done.set_result(None)
-                return
-            os.eventfd_write(efd_out, 1)
-
-        loop.add_reader(efd_in, on_ready)
-        await done
-
-    asyncio.run(serve())
-
-
-def floor(n: int) -> list[int]:
-    """``n`` eventfd + ``add_reader`` round trips between two asyncio processes."""
-    a, b = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        try:
-            _floor_child(a, b)
-        finally:
-            os._exit(0)
-
-    async def drive() -> list[int]:
-        loop = asyncio.get_running_loop()
-        out: list[int] = []
-        fut: asyncio.Future[None] | None = None
-
-        def on_ready() -> None:
-            os.eventfd_read(b)
-            if fut is not None and not fut.done():
-                fut.set_result(None)
-
-        loop.add_reader(b, on_ready)
-        clock = time.perf_counter_ns
-        for i in range(n + n // 10):
-            fut = loop.create_future()
-            t0 = clock()
-            os.eventfd_write(a, 1)
-            await fut
-            if i >= n // 10:
-                out.append(clock() - t0)
-        loop.remove_reader(b)
-        return out
-
-    try:
-        return asyncio.run(drive())
-    finally:
-        os.eventfd_write(a, 1 << 41)
-        os.waitpid(pid, 0)
-        os.close(a)
-        os.close(b)
 
 
 # ----------------------------------------------------------------- card apps
@@ -490,6 +434,7 @@ ROWS: tuple[tuple[str, str, str | None], ...] = (
     ("block_read", "block 4 KiB random read, QD1", "block"),
     ("block_write", "block 4 KiB random write, QD1", "block"),
     ("console", "console echo (host pty)", "console"),
+    ("pty", "pty echo, no card (kernel pty floor)", None),
     ("net", "net ping card -> host, back to back", "net"),
     ("net_spaced", "net ping card -> host, 10 ms apart", None),
     ("veth", "veth ping, back to back (kernel)", None),
@@ -500,6 +445,9 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     rows = set(args.rows.split(","))
     n, runs = (300, 1) if args.quick else (args.n, args.runs)
     floors: list[list[int]] = []
+
+    # Imported here, not at the top: the card imports this module for card_block.
+    from bench.floors import floor, pty_floor
 
     async def take_floor() -> None:
         # In a thread: floor() forks and runs its own loops, away from this one.
@@ -512,6 +460,10 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         parts = ",".join(rows & {"block", "console"})
         bc = await block_and_console(n, runs, None, args.idle if "idle" in rows else 0.0, parts)
         raw.update(bc)
+        if "console" in rows:
+            raw["pty"] = [
+                await asyncio.to_thread(pty_floor, max(1000, n)) for _ in range(max(1, runs))
+            ]
         await take_floor()
     if "net" in rows:
         problem = net_problem()

@@ -84,6 +84,10 @@ class QueueEndpoint:
       calls gives them back there, whichever of its loops is running; a
       :meth:`get` on an IDLE queue waits without raising, so a reset between
       two ``get`` calls is otherwise not reported.
+    - :attr:`on_kick`, if set, is called by :meth:`notify` (the card's
+      doorbell, in the doorbell's callback) while the queue is live. A backend
+      that serves the queue right there, with :meth:`poll`, returns True and
+      no waiting :meth:`get` is woken; False wakes it as usual.
     """
 
     def __init__(
@@ -96,6 +100,7 @@ class QueueEndpoint:
         self.index = index
         self.size = size
         self.on_detach = on_detach
+        self.on_kick: Callable[[], bool] | None = None
         self._owner = owner
         self._queue: AnyDeviceQueue | None = None
         self._state = EndpointState.IDLE
@@ -177,7 +182,11 @@ class QueueEndpoint:
         await self._stale_empty.wait()
 
     def notify(self) -> None:
-        """The card rang this device's doorbell: wake a waiting :meth:`get`."""
+        """The card rang this device's doorbell: serve it (:attr:`on_kick`) or wake a
+        waiting :meth:`get`."""
+        kick = self.on_kick
+        if kick is not None and self._state is EndpointState.LIVE and kick():
+            return
         self._wake.set()
 
     # -- consuming -----------------------------------------------------------
@@ -220,6 +229,21 @@ class QueueEndpoint:
         chain = self._pop(q)
         if chain is None:
             raise WouldBlock(f"queue {self.index} is empty")
+        return chain
+
+    def poll(self) -> Chain | None:
+        """The next chain, for a backend serving kicks from :attr:`on_kick`; None once
+        the ring is empty and kicks are asked for again (the card rings for the next one).
+
+        Raises:
+            WouldBlock: the queue is not live.
+            BrokenResourceError: the device needs a reset (or the ring just broke).
+            ClosedResourceError: the device was removed.
+        """
+        q = self._check()
+        chain = self._pop(q)
+        if chain is None and q.enable_notifications():
+            chain = self._pop(q)  # made available between the last look and the request
         return chain
 
     async def get(self) -> Chain:

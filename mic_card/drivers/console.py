@@ -90,7 +90,17 @@ class ConsolePort:
         self._closed: BrokenResourceError | None = None
         self._tx_lock = asyncio.Lock()
         self.resize_listeners: list[Callable[[int, int], None]] = []
+        #: called with the bytes of each receive buffer in the interrupt's
+        #: callback, once they are buffered for :meth:`read` (a line discipline's
+        #: hook: it may echo them at once with :meth:`write_nowait`)
+        self.on_receive: Callable[[bytes], None] | None = None
+        self._in_receive = False
+        #: card RAM lent to the host: receive buffers and writes nobody waits for
+        #: (freed on completion, or by _close once the queues failed)
+        self._lent: set[int] = set()
         self.bytes_in = 0
+        #: bytes written back from :attr:`on_receive` (echoed in the interrupt)
+        self.irq_echoed = 0
         self.bytes_out = 0
 
     def __repr__(self) -> str:
@@ -114,33 +124,40 @@ class ConsolePort:
     def _post(self, addr: int) -> None:
         dev = self.device.dev
         try:
-            fut = self.rx.submit_nowait([], [(addr, RX_BUFFER)])
+            self.rx.submit_callback([], [(addr, RX_BUFFER)], functools.partial(self._on_rx, addr))
         except (WouldBlock, BrokenResourceError) as e:
             dev.free(addr)
             if isinstance(e, BrokenResourceError):
                 self._close(e)
+                self._reclaim_lent()
             return
-        fut.add_done_callback(lambda f: self._on_rx(addr, f))
+        self._lent.add(addr)
 
-    def _on_rx(self, addr: int, fut: asyncio.Future[int]) -> None:
+    def _on_rx(self, addr: int, n: int) -> None:
+        """A receive buffer came back with ``n`` bytes: in the interrupt itself, so a
+        reader waiting for them is woken in the same loop iteration."""
+        self._lent.discard(addr)
         dev = self.device.dev
-        if fut.cancelled() or fut.exception() is not None:
-            # The endpoint failed: the host no longer touches the buffer.
-            dev.free(addr)
-            exc = fut.exception() if not fut.cancelled() else None
-            self._close(
-                exc if isinstance(exc, BrokenResourceError) else BrokenResourceError("closed")
-            )
-            return
-        n = fut.result()
         if n:
-            self._data += dev.mem.view(addr, n)
+            data = bytes(dev.mem.view(addr, n))
+            self._data += data
             self.bytes_in += n
+            if self.on_receive is not None:  # first: it may echo (a person waits for that)
+                self._in_receive = True
+                try:
+                    self.on_receive(data)
+                finally:
+                    self._in_receive = False
             self._data_event.set()
         if self._closed is None:
             self._post(addr)
         else:
             dev.free(addr)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not read yet."""
+        return len(self._data)
 
     async def read(self, max_bytes: int = -1) -> bytes:
         """Bytes the host sent (at least one; at most ``max_bytes`` if > 0).
@@ -199,9 +216,64 @@ class ConsolePort:
                     raise BrokenResourceError(str(self._closed))
                 addr = dev.alloc(len(chunk), 64)
                 dev.mem.view(addr, len(chunk), True)[:] = chunk
-                await self.tx.submit([(addr, len(chunk))], [], release=_freer(dev, addr))
+                if self.tx.interrupts_suppressed:
+                    self.tx.allow_interrupts()  # this write waits for its completion
+                try:
+                    fut = self.tx.submit_nowait([(addr, len(chunk))], [], release=_freer(dev, addr))
+                except WouldBlock:  # the ring is full (not from our writes: one at a time)
+                    await self.tx.submit([(addr, len(chunk))], [], release=_freer(dev, addr))
+                except BaseException:
+                    dev.free(addr)
+                    raise
+                else:
+                    # Writes are one at a time (the lock): nothing can join this
+                    # one, so the host is told now rather than at the end of the
+                    # loop iteration.
+                    self.tx.flush()
+                    await fut
                 dev.free(addr)
                 self.bytes_out += len(chunk)
+
+    def write_nowait(self, data: bytes) -> bool:
+        """Send ``data`` (at most :data:`TX_CHUNK` bytes) now, without waiting for the
+        host, when nothing else is being written; False (nothing sent) otherwise.
+
+        For a line discipline's echo from :attr:`on_receive`: the kick goes out
+        in the same callback. It goes out after everything written before
+        and before everything written after. The host does not interrupt for
+        its completion (the next interrupt or write reaps it).
+        """
+        if self._closed is not None or self._tx_lock.locked() or not 0 < len(data) <= TX_CHUNK:
+            return False
+        dev = self.device.dev
+        tx = self.tx
+        # Nobody waits for these completions: they are reaped after the kick,
+        # or by the next interrupt of the device (typed input); the host is
+        # asked not to interrupt for them.
+        if not tx.interrupts_suppressed:
+            tx.suppress_interrupts()
+        try:
+            addr = dev.alloc(len(data), 64)
+        except MicError:
+            return False
+        dev.mem.view(addr, len(data), True)[:] = data
+        try:
+            tx.submit_callback([(addr, len(data))], [], functools.partial(self._on_sent, addr))
+        except (WouldBlock, BrokenResourceError, LocalProtocolError):
+            dev.free(addr)
+            tx.reclaim()  # a ring full of reaped-later echoes: room for the next one
+            return False
+        self._lent.add(addr)
+        tx.flush()
+        tx.reclaim()
+        self.bytes_out += len(data)
+        if self._in_receive:
+            self.irq_echoed += len(data)
+        return True
+
+    def _on_sent(self, addr: int, _n: int) -> None:
+        self._lent.discard(addr)
+        self.device.dev.free(addr)
 
     # -- open / close ----------------------------------------------------------------
     def open(self) -> None:
@@ -224,6 +296,14 @@ class ConsolePort:
             self._closed = exc
         self._data_event.set()
 
+    def _reclaim_lent(self) -> None:
+        """The port's queues failed (the bus fails them before it detaches the
+        driver): the host no longer touches the buffers lent to it."""
+        dev = self.device.dev
+        for addr in self._lent:
+            dev.free(addr)
+        self._lent.clear()
+
 
 def _freer(dev: CardDevice, addr: int) -> Callable[[], None]:
     def release() -> None:
@@ -243,6 +323,7 @@ class ConsoleDevice:
         self.multiport = bool(dev.features & ConsoleFeature.MULTIPORT) and dev.num_vq >= 4
         self._rx_buffers = rx_buffers
         self.ports: dict[int, ConsolePort] = {}
+        self._removed: list[ConsolePort] = []  # ports the host removed (DEVICE_REMOVE)
         self.max_nr_ports = 1
         self.control_errors = 0
         self._closed: BrokenResourceError | None = None
@@ -440,6 +521,9 @@ class ConsoleDevice:
             return
         if event == ConsoleEvent.DEVICE_REMOVE:
             del self.ports[pid]
+            # Its buffers stay lent until they complete (or the device fails).
+            self._removed = [p for p in self._removed if p._lent]
+            self._removed.append(port)
             port._close(BrokenResourceError(f"{self.name}: port {pid} removed by the host"))
             self._signal()
         elif event == ConsoleEvent.CONSOLE_PORT:
@@ -481,8 +565,9 @@ class ConsoleDevice:
     def detach(self, exc: BrokenResourceError) -> None:
         if self._closed is None:
             self._closed = exc
-        for p in self.ports.values():
+        for p in (*self.ports.values(), *self._removed):
             p._close(exc)
+            p._reclaim_lent()
         self._signal()
 
     def info(self) -> dict[str, object]:
@@ -491,7 +576,15 @@ class ConsoleDevice:
             "max_nr_ports": self.max_nr_ports,
             "control_errors": self.control_errors,
             "ports": [
-                {"id": p.id, "name": p.label, "console": p.console, "host_open": p.host_connected}
+                {
+                    "id": p.id,
+                    "name": p.label,
+                    "console": p.console,
+                    "host_open": p.host_connected,
+                    "bytes_in": p.bytes_in,
+                    "bytes_out": p.bytes_out,
+                    "irq_echoed": p.irq_echoed,
+                }
                 for p in sorted(self.ports.values(), key=lambda p: p.id)
             ],
         }

@@ -28,31 +28,76 @@ __all__ = ["InteractiveShell"]
 log = logging.getLogger("mic_card.shell")
 
 
+_PRINTABLE = bytes(range(0x20, 0x7F))
+_ERASE = b"\x7f\x08"  # DEL / backspace
+_EARLY = _PRINTABLE + _ERASE
+
+
 class _Input:
-    """Typed bytes from the console port, read in the background, with Ctrl-C detection."""
+    """Typed bytes from the console port, with Ctrl-C detection and early echo.
+
+    The port is read by whoever needs input now (the line editor, or the
+    Ctrl-C watch while a command runs; never both), not by a task of its
+    own. While the line editor waits for a byte with nothing pending
+    (:attr:`echo_ready`), printable ASCII and erases are echoed from the
+    port's receive callback, as a tty line discipline echoes while its
+    reader sleeps: the echo leaves in the interrupt that brought the byte,
+    and the editor, which would have written exactly that (it is told the
+    line's length, :attr:`line_len`), counts those bytes in :attr:`echoed`
+    instead.
+    """
 
     def __init__(self, port: ConsolePort) -> None:
         self.port = port
         self.buf = bytearray()
-        self.event = asyncio.Event()
-        self.closed: BaseException | None = None
+        #: the line editor waits for a byte, its state needs no context
+        #: (not in an escape sequence or a UTF-8 sequence), all input is read
+        self.echo_ready = False
+        #: characters in the editor's line, counting the early-echoed bytes
+        self.line_len = 0
+        #: bytes at the head of the input already echoed
+        self.echoed = 0
 
-    async def pump(self) -> None:
-        try:
-            while True:
-                data = await self.port.read()
-                self.buf += data
-                self.event.set()
-        except BrokenResourceError as e:
-            self.closed = e
-            self.event.set()
+    def attach(self) -> None:
+        self.port.on_receive = self._on_receive
 
-    async def byte(self) -> int:
-        while not self.buf:
-            if self.closed is not None:
-                raise BrokenResourceError(str(self.closed))
-            self.event.clear()
-            await self.event.wait()
+    def detach(self) -> None:
+        if self.port.on_receive == self._on_receive:
+            self.port.on_receive = None
+
+    def _on_receive(self, data: bytes) -> None:
+        if not self.echo_ready:
+            return
+        # Only what follows everything echoed so far, and only bytes whose echo
+        # the editor would write as is: printable ASCII, and erases.
+        if self.port.buffered != self.echoed + len(data) or data.translate(None, _EARLY):
+            self.echo_ready = False  # the editor echoes this and what follows, in order
+            return
+        echo = bytearray()
+        n = self.line_len
+        for b in data:
+            if b in _ERASE:
+                if n:
+                    n -= 1
+                    echo += b"\b \b"
+            else:
+                n += 1
+                echo.append(b)
+        if not echo or self.port.write_nowait(bytes(echo)):
+            self.echoed += len(data)
+            self.line_len = n
+        else:
+            self.echo_ready = False
+
+    async def byte(self, echo: bool = False) -> int:
+        """The next byte; ``echo``: the caller would echo a printable one (see
+        :attr:`echo_ready`)."""
+        if not self.buf:
+            self.echo_ready = echo
+            try:
+                self.buf += await self.port.read()  # raises BrokenResourceError once closed
+            finally:
+                self.echo_ready = False
         b = self.buf[0]
         del self.buf[0]
         return b
@@ -64,10 +109,11 @@ class _Input:
             if i >= 0:
                 del self.buf[: i + 1]
                 return
-            if self.closed is not None:
+            try:
+                data = await self.port.read()
+            except BrokenResourceError:
                 await asyncio.Event().wait()  # nothing more will come
-            self.event.clear()
-            await self.event.wait()
+            self.buf += data
 
 
 class InteractiveShell:
@@ -95,16 +141,16 @@ class InteractiveShell:
 
     async def run(self) -> None:
         inp = _Input(self.port)
-        async with asyncio.TaskGroup() as tg:
-            pump = tg.create_task(inp.pump())
-            try:
-                while True:
-                    self.sessions += 1
-                    if not await self._session(inp):
-                        break
-            except BrokenResourceError as e:
-                log.info("shell on %s ended: %s", self.port.label, e)
-            pump.cancel()
+        inp.attach()
+        try:
+            while True:
+                self.sessions += 1
+                if not await self._session(inp):
+                    break
+        except BrokenResourceError as e:
+            log.info("shell on %s ended: %s", self.port.label, e)
+        finally:
+            inp.detach()
 
     async def _write(self, text: str) -> None:
         await self.out.write(text.encode())
@@ -150,22 +196,40 @@ class InteractiveShell:
                 await self._write("logout\n")
                 return True
 
+    async def _echo(self, text: str) -> None:
+        """The line editor's echo: sent without waiting for the host when the port
+        allows it (in order all the same), so the editor is back waiting for the
+        next byte at once and that byte's echo can leave from the interrupt."""
+        data = text.encode()
+        if not self.port.write_nowait(data.replace(b"\n", b"\r\n")):
+            await self.out.write(data)
+
     async def _readline(self, inp: _Input) -> str | None:
         """One edited line; None for Ctrl-D on an empty line."""
         buf: list[str] = []
         raw = bytearray()  # an incomplete UTF-8 sequence
         last_cr = False
         while True:
-            b = await inp.byte()
+            inp.line_len = len(buf)
+            b = await inp.byte(echo=not raw)
+            if inp.echoed:  # echoed from the port's receive callback already
+                inp.echoed -= 1
+                if b in _ERASE:
+                    if buf:
+                        buf.pop()
+                else:
+                    buf.append(chr(b))
+                last_cr = False
+                continue
             if b == 0x0A and last_cr:  # \r\n from a terminal that sends both
                 last_cr = False
                 continue
             last_cr = b == 0x0D
             if b in (0x0D, 0x0A):
-                await self._write("\n")
+                await self._echo("\n")
                 return "".join(buf)
             if b == 0x03:  # Ctrl-C: drop the line
-                await self._write("^C\n")
+                await self._echo("^C\n")
                 return ""
             if b == 0x04:  # Ctrl-D
                 if not buf:
@@ -174,11 +238,11 @@ class InteractiveShell:
             if b in (0x7F, 0x08):  # backspace / DEL
                 if buf:
                     buf.pop()
-                    await self._write("\b \b")
+                    await self._echo("\b \b")
                 continue
             if b == 0x15:  # Ctrl-U: kill the line
                 if buf:
-                    await self._write("\b \b" * len(buf))
+                    await self._echo("\b \b" * len(buf))
                     buf.clear()
                 continue
             if b == 0x1B:  # an escape sequence (arrows...): swallow it
@@ -198,4 +262,4 @@ class InteractiveShell:
                 ch = "\ufffd"
             raw.clear()
             buf.append(ch)
-            await self._write(ch)
+            await self._echo(ch)

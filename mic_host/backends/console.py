@@ -77,6 +77,7 @@ from virtio.errors import (
     MicError,
 )
 from virtio.layouts import MAX_NUM_VQ
+from virtio.split.chain import Chain
 
 __all__ = [
     "AGENT_PORT",
@@ -184,6 +185,8 @@ class ConsoleBackend:
         self._ctrl_out: collections.deque[bytes] = collections.deque()
         self._ctrl_event = asyncio.Event()
         self._ctx: BackendContext | None = None
+        self._ctrl_q: QueueEndpoint | None = None  # the control transmitq, while served
+        self._ctrl_parked = False  # _control_in waits for a chain (the callback may serve)
         self.driver_ready = False
         self.control_errors = 0
         self.control_messages = 0
@@ -270,6 +273,10 @@ class ConsoleBackend:
         if self._log is not None:
             await self._log.room()
 
+    def held_back(self) -> bool:
+        """The log is behind (:meth:`pause` would wait)."""
+        return self._log is not None and self._log.behind
+
     async def flush_log(self) -> None:
         """Wait until the console log file has everything output so far."""
         if self._log is not None:
@@ -277,10 +284,10 @@ class ConsoleBackend:
 
     # -- port 0 output ---------------------------------------------------------------
     def _output(self, data: bytes) -> None:
+        if self.pty is not None:
+            self.pty.write(data)  # first: someone may be waiting for it (an echo)
         if self._log is not None:
             self._log.append(data)
-        if self.pty is not None:
-            self.pty.write(data)
         self._history += data
         if len(self._history) > self._history_max:
             del self._history[: len(self._history) - self._history_max]
@@ -374,29 +381,64 @@ class ConsoleBackend:
             q.put(chain, chain.write(msg))
 
     async def _control_in(self, q: QueueEndpoint) -> None:
+        """Card -> host control messages: served in the doorbell callback while
+        this loop is parked (:meth:`_on_control_kick`), here otherwise."""
         budget = 0
-        async for chain in q.chains():
-            n = chain.readable_len
-            data = b""
-            if n > MAX_DRIVER_CONTROL:
-                # Every message a driver sends is one 8-byte header (§5.3.6.2):
-                # a longer buffer is malformed, and is not read at all.
-                self._reject(
-                    f"buffer of {n} bytes, a driver's message is {CONTROL_SIZE} (not read)"
-                )
-            else:
-                try:
-                    data = chain.read()
-                except MicError as e:  # a chain the card botched: reject, keep serving
-                    self._reject(f"unreadable control buffer: {e}")
-            q.put(chain, 0)
-            if data:
-                self.control_messages += 1
-                self._on_control(data)
-            budget += CHAIN_COST
-            if budget >= TX_STEP:
-                budget = 0
-                await asyncio.sleep(0)
+        self._ctrl_q = q
+        q.on_kick = self._on_control_kick
+        self._ctrl_parked = True
+        try:
+            async for chain in q.chains():
+                self._ctrl_parked = False
+                self._control_chain(q, chain)
+                budget += CHAIN_COST
+                if budget >= TX_STEP:
+                    budget = 0
+                    await asyncio.sleep(0)
+                self._ctrl_parked = True
+        finally:
+            q.on_kick = None
+            self._ctrl_q = None
+
+    def _on_control_kick(self) -> bool:
+        """A doorbell: take the card's control messages right here (at most
+        :data:`TX_STEP` worth); True when the queue was drained."""
+        q = self._ctrl_q
+        if q is None or not self._ctrl_parked:
+            return False
+        budget = 0
+        served = drained = False
+        try:
+            while budget < TX_STEP:
+                chain = q.poll()
+                if chain is None:
+                    drained = True
+                    break
+                served = True
+                self._control_chain(q, chain)
+                budget += CHAIN_COST
+        except MicError:  # not live, or the ring broke: the loop finds out
+            drained = False
+        if served:
+            q.flush()
+        return drained
+
+    def _control_chain(self, q: QueueEndpoint, chain: Chain) -> None:
+        n = chain.readable_len
+        data = b""
+        if n > MAX_DRIVER_CONTROL:
+            # Every message a driver sends is one 8-byte header (§5.3.6.2):
+            # a longer buffer is malformed, and is not read at all.
+            self._reject(f"buffer of {n} bytes, a driver's message is {CONTROL_SIZE} (not read)")
+        else:
+            try:
+                data = chain.read()
+            except MicError as e:  # a chain the card botched: reject, keep serving
+                self._reject(f"unreadable control buffer: {e}")
+        q.put(chain, 0)
+        if data:
+            self.control_messages += 1
+            self._on_control(data)
 
     def _reject(self, why: str) -> None:
         self.control_errors += 1

@@ -114,6 +114,11 @@ class ConsoleLog:
         if len(self._pending) >= self.max_pending:
             self._room.clear()
 
+    @property
+    def behind(self) -> bool:
+        """``max_pending`` bytes or more wait for the disk (:meth:`room` would wait)."""
+        return len(self._pending) >= self.max_pending and not self._closed
+
     async def room(self) -> None:
         """Wait while ``max_pending`` bytes or more wait for the disk."""
         while len(self._pending) >= self.max_pending and not self._closed:

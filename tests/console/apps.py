@@ -41,3 +41,10 @@ async def hang_agent(card: Card) -> str:
 
     agent._handle = never  # type: ignore[method-assign]
     return "hung"
+
+
+async def console_info(card: Card) -> dict[str, Any]:
+    """The console driver's ports and their counters (``irq_echoed``...)."""
+    info = card.device("hvc0").info()
+    assert isinstance(info, dict)
+    return info
