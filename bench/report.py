@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bench.report_throughput import ab_sections, profile, scaling, scaling_targets
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 OUT = ROOT / "docs" / "performance.md"
@@ -489,6 +491,7 @@ SUMMARIES = (
     ("net", _net_targets),
     ("isolation", _isolation_targets),
     ("latency", _latency_targets),
+    ("scaling", scaling_targets),
 )
 
 
@@ -557,6 +560,8 @@ def main() -> int:
         ("net", net),
         ("isolation", isolation),
         ("latency", latency),
+        ("profile", profile),
+        ("scaling", scaling),
     )
     for name, fn in sections:
         data = _load(name)
@@ -564,6 +569,7 @@ def main() -> int:
             lines += [f"## {name}", "", f"(no `bench/results/{name}.json` yet)", ""]
         else:
             lines += fn(data)
+    lines += ab_sections(RESULTS)
     rows = summary()
     lines[intro:intro] = summary_md(rows)
     OUT.write_text("\n".join(lines))
