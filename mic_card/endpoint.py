@@ -20,32 +20,24 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from virtio import trace
 from virtio.errors import BrokenResourceError, LocalProtocolError, MicError, WouldBlock
 from virtio.split import DriverQueue, QueueBroken, RingError
 
-__all__ = ["DriverEndpoint", "Request"]
+__all__ = ["DriverEndpoint"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(eq=False, slots=True)
-class Request:
-    """One outstanding chain: the future its submitter awaits, and how to free its buffers."""
-
-    future: asyncio.Future[int]
-    release: Callable[[], None] | None = None
+Release = Callable[[], None]
 
 
-def _release(req: Request) -> None:
-    if req.release is not None:
-        rel, req.release = req.release, None
-        try:
-            rel()
-        except MicError as e:  # pragma: no cover - allocator misuse is a local bug
-            log.error("releasing request buffers failed: %s", e)
+def _release(rel: Release) -> None:
+    try:
+        rel()
+    except MicError as e:  # pragma: no cover - allocator misuse is a local bug
+        log.error("releasing request buffers failed: %s", e)
 
 
 class DriverEndpoint:
@@ -58,7 +50,7 @@ class DriverEndpoint:
 
     def __init__(
         self,
-        queue: DriverQueue[Request],
+        queue: DriverQueue[asyncio.Future[int]],
         kick: Callable[[], None],
         index: int,
         *,
@@ -69,7 +61,11 @@ class DriverEndpoint:
         self.size = queue.size
         self._kick = kick
         self._indirect_max = indirect_max if queue.indirect else 0
-        self._outstanding: set[Request] = set()
+        # The completion table: each outstanding request's future (the ring's
+        # token for its chain) -> how to free its buffers. No object per request
+        # beyond the future its submitter awaits.
+        self._outstanding: dict[asyncio.Future[int], Release | None] = {}
+        self._max_segments = max(self.size, self._indirect_max)
         self._room = asyncio.Event()
         self._publish_handle: asyncio.Handle | None = None
         self._exc: BrokenResourceError | None = None
@@ -89,7 +85,7 @@ class DriverEndpoint:
 
     def max_segments(self) -> int:
         """Longest chain this queue can ever take (more would wait forever)."""
-        return max(self.size, self._indirect_max)
+        return self._max_segments
 
     # -- submitting ------------------------------------------------------------
     def submit_nowait(
@@ -112,23 +108,24 @@ class DriverEndpoint:
         if self._exc is not None:
             raise BrokenResourceError(str(self._exc)) from self._exc
         nseg = len(readable) + len(writable)
-        if nseg > self.max_segments():
+        if nseg > self._max_segments:
             raise LocalProtocolError(
                 f"chain of {nseg} buffers on a queue of {self.size} (indirect {self._indirect_max})"
             )
-        req = Request(asyncio.get_running_loop().create_future(), release)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int] = loop.create_future()
         try:
-            self.queue.add(readable, writable, req)
+            self.queue.add(readable, writable, fut)
         except QueueBroken as e:
             self.fail(BrokenResourceError(f"queue {self.index} broken"))
             raise BrokenResourceError(str(e)) from e
-        self._outstanding.add(req)
+        self._outstanding[fut] = release
         self.submitted += 1
         if trace.ON:
             trace.mark(trace.SUBMIT)
         if self._publish_handle is None:
-            self._publish_handle = asyncio.get_running_loop().call_soon(self._publish)
-        return req.future
+            self._publish_handle = loop.call_soon(self._publish)
+        return fut
 
     async def submit(
         self,
@@ -195,14 +192,15 @@ class DriverEndpoint:
                 return
             if not done:
                 return
-            for req, length in done:
-                self._outstanding.discard(req)
-                self.completed += 1
-                if req.future.done():  # cancelled by its submitter: buffers are ours to free
-                    _release(req)
-                else:
-                    req.release = None  # the submitter owns the buffers again
-                    req.future.set_result(length)
+            table = self._outstanding
+            self.completed += len(done)
+            for fut, length in done:
+                rel = table.pop(fut, None)
+                if fut.done():  # cancelled by its submitter: buffers are ours to free
+                    if rel is not None:
+                        _release(rel)
+                else:  # the submitter owns the buffers again
+                    fut.set_result(length)
                     if trace.ON:
                         trace.mark(trace.COMPLETE)
             self._room.set()
@@ -214,11 +212,12 @@ class DriverEndpoint:
         if self._publish_handle is not None:
             self._publish_handle.cancel()
             self._publish_handle = None
-        pending, self._outstanding = self._outstanding, set()
-        for req in pending:
-            _release(req)
-            if not req.future.done():
-                req.future.set_exception(BrokenResourceError(str(exc)))
+        pending, self._outstanding = self._outstanding, {}
+        for fut, rel in pending.items():
+            if rel is not None:
+                _release(rel)
+            if not fut.done():
+                fut.set_exception(BrokenResourceError(str(exc)))
         self._room.set()
 
     def stats(self) -> dict[str, int | bool]:
