@@ -53,7 +53,7 @@ bench: install
 	$(BIN)/python -m bench.isolation
 	$(BIN)/python -m bench.latency --trace
 	$(BIN)/python -m bench.scaling
-	$(BIN)/python -m bench.profile --svg docs/img
+	$(BIN)/python -m bench.profile
 	$(BIN)/python -m bench.report
 
 fmt: install

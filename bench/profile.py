@@ -236,6 +236,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         "load": os.getloadavg()[0],
         "seconds": args.seconds,
         "rate": args.rate,
+        "label": args.label,
         "runs": {},
     }
     for w in args.workload.split(","):
@@ -261,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     p.add_argument("--svg", type=Path, default=None, help="also write flame graphs here")
     p.add_argument("--json", type=Path, default=RESULTS)
+    p.add_argument("--label", default="", help="what was measured (the report's heading)")
     args = p.parse_args(argv)
     why = problem()
     if why is not None:

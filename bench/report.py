@@ -561,7 +561,9 @@ def main() -> int:
         ("isolation", isolation),
         ("latency", latency),
         ("profile", profile),
+        ("profile_before", profile),
         ("scaling", scaling),
+        ("scaling_before", scaling),
     )
     for name, fn in sections:
         data = _load(name)

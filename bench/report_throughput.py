@@ -22,8 +22,9 @@ def _pct(x: float) -> str:
 
 
 def profile(p: dict[str, Any]) -> list[str]:
+    label = f": {p['label']}" if p.get("label") else ""
     out = [
-        "## Where the time goes (`bench/profile.py`)",
+        f"## Where the time goes{label} (`bench/profile.py`)",
         "",
         f"Measured {p['when']} (load average {p['load']:.1f}), py-spy at {p['rate']} Hz on the "
         "daemon and the card for the whole workload, CPU time from `/proc/PID/stat` over the "
@@ -68,8 +69,9 @@ def profile(p: dict[str, Any]) -> list[str]:
 def scaling(s: dict[str, Any]) -> list[str]:
     env = ", ".join(f"{k}={v}" for k, v in s["env"].items()) or "default loop"
     load = s["load"][0]
+    label = f": {s['label']}" if s.get("label") else ""
     out = [
-        "## Cost as work grows (`bench/scaling.py`)",
+        f"## Cost as work grows{label} (`bench/scaling.py`)",
         "",
         f"Measured {s['when']} (load average {load:.1f}; {env}): one daemon, {s['cards']} "
         f"cards each with its own block device; {s['workload']}, {s['seconds']:g} s per phase, "

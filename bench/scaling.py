@@ -136,9 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", type=Path, default=RESULTS)
+    p.add_argument("--label", default="", help="what was measured (the report's heading)")
     args = p.parse_args(argv)
     env = dict(e.split("=", 1) for e in args.env)
     res = asyncio.run(amain(args.cards, args.seconds, args.runs, env))
+    if args.label:
+        res["label"] = args.label
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(res, indent=1) + "\n")
     print(
