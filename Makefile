@@ -53,6 +53,8 @@ bench: install
 	$(BIN)/python -m bench.isolation
 	$(BIN)/python -m bench.latency --trace
 	$(BIN)/python -m bench.vhost_user
+	$(BIN)/python -m bench.scaling
+	$(BIN)/python -m bench.profile
 	$(BIN)/python -m bench.report
 
 fmt: install

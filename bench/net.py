@@ -24,7 +24,9 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -50,6 +52,24 @@ while True:
     for fd in select.select(list(peer), [], [])[0]:
         os.write(peer[fd], os.read(fd, 65536))
 """
+
+
+async def stop(proc: asyncio.subprocess.Process, grace: float = 0.0) -> None:
+    """Give ``proc`` ``grace`` seconds to exit on its own, then SIGKILL it; reap it.
+
+    ``os.kill``, not ``proc.kill()``: ``Popen.send_signal`` polls first, and a
+    child that has just exited (iperf3 ``-s -1`` does, after its one test) is
+    then reaped behind asyncio's child watcher, which logs "Unknown child
+    process pid N, will report returncode 255".
+    """
+    if grace > 0:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await proc.wait()
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+    await proc.wait()
 
 
 def ip(*args: str) -> None:
@@ -85,9 +105,7 @@ async def iperf(server_ns: str, client_ns: str, addr: str, seconds: float) -> fl
             raise RuntimeError(f"iperf3 failed: {out.decode()[-500:]} {err.decode()[-500:]}")
         return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            srv.kill()
-        await srv.wait()
+        await stop(srv, grace=2.0)  # -1: it exits after the client's test
 
 
 async def veth(seconds: float) -> dict[str, float]:
@@ -122,8 +140,7 @@ async def relay(seconds: float) -> dict[str, float]:
                 "b_to_a": await iperf(a, b, "10.202.0.1", seconds),
             }
         finally:
-            proc.kill()
-            await proc.wait()
+            await stop(proc)
 
 
 @contextlib.asynccontextmanager

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import vhost_user
+from bench.report_throughput import ab_sections, profile, scaling, scaling_targets
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -502,6 +503,7 @@ SUMMARIES = (
     ("isolation", _isolation_targets),
     ("latency", _latency_targets),
     ("vhost_user", vhost_user.targets),
+    ("scaling", scaling_targets),
 )
 
 
@@ -571,6 +573,10 @@ def main() -> int:
         ("isolation", isolation),
         ("latency", latency),
         ("vhost_user", vhost_user.section),
+        ("profile", profile),
+        ("profile_before", profile),
+        ("scaling", scaling),
+        ("scaling_before", scaling),
     )
     for name, fn in sections:
         data = _load(name)
@@ -578,6 +584,7 @@ def main() -> int:
             lines += [f"## {name}", "", f"(no `bench/results/{name}.json` yet)", ""]
         else:
             lines += fn(data)
+    lines += ab_sections(RESULTS)
     rows = summary()
     lines[intro:intro] = summary_md(rows)
     OUT.write_text("\n".join(lines))

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TypeVar
 
 from virtio import packed, split, trace
@@ -31,7 +30,7 @@ from virtio.split import QueueBroken, RingError
 
 T = TypeVar("T")
 
-__all__ = ["AnyDriverQueue", "DriverEndpoint", "Request"]
+__all__ = ["AnyDriverQueue", "DriverEndpoint", "Token"]
 
 #: Either ring's driver side (``AnyDriverQueue[Token]``): the endpoint uses
 #: only what both have.
@@ -40,23 +39,29 @@ AnyDriverQueue = split.DriverQueue[T] | packed.DriverQueue[T]
 log = logging.getLogger(__name__)
 
 
-@dataclass(eq=False, slots=True)
-class Request:
-    """One outstanding chain: the future its submitter awaits (or the callback
-    :meth:`DriverEndpoint.submit_callback` calls), and how to free its buffers."""
-
-    future: asyncio.Future[int] | None
-    release: Callable[[], None] | None = None
-    on_done: Callable[[int], None] | None = None
+Release = Callable[[], None]
 
 
-def _release(req: Request) -> None:
-    if req.release is not None:
-        rel, req.release = req.release, None
-        try:
-            rel()
-        except MicError as e:  # pragma: no cover - allocator misuse is a local bug
-            log.error("releasing request buffers failed: %s", e)
+class _Callback:
+    """The ring token of a :meth:`DriverEndpoint.submit_callback` chain (one per
+    chain: tokens are told apart by identity)."""
+
+    __slots__ = ("on_done",)
+
+    def __init__(self, on_done: Callable[[int], None]) -> None:
+        self.on_done = on_done
+
+
+#: What the ring carries for each chain: the future its submitter awaits, or
+#: the callback to call from the interrupt.
+Token = asyncio.Future[int] | _Callback
+
+
+def _release(rel: Release) -> None:
+    try:
+        rel()
+    except MicError as e:  # pragma: no cover - allocator misuse is a local bug
+        log.error("releasing request buffers failed: %s", e)
 
 
 class DriverEndpoint:
@@ -69,7 +74,7 @@ class DriverEndpoint:
 
     def __init__(
         self,
-        queue: AnyDriverQueue[Request],
+        queue: AnyDriverQueue[Token],
         kick: Callable[[], None],
         index: int,
         *,
@@ -80,7 +85,11 @@ class DriverEndpoint:
         self.size = queue.size
         self._kick = kick
         self._indirect_max = indirect_max if queue.indirect else 0
-        self._outstanding: set[Request] = set()
+        # The completion table: each outstanding chain's token (the future its
+        # submitter awaits, or its callback) -> how to free its buffers. No object
+        # per request beyond the future.
+        self._outstanding: dict[Token, Release | None] = {}
+        self._max_segments = max(self.size, self._indirect_max)
         self._room = asyncio.Event()
         self._publish_handle: asyncio.Handle | None = None
         self._exc: BrokenResourceError | None = None
@@ -100,7 +109,7 @@ class DriverEndpoint:
 
     def max_segments(self) -> int:
         """Longest chain this queue can ever take (more would wait forever)."""
-        return max(self.size, self._indirect_max)
+        return self._max_segments
 
     # -- submitting ------------------------------------------------------------
     def submit_nowait(
@@ -121,7 +130,7 @@ class DriverEndpoint:
             LocalProtocolError: a chain no ring of this size can hold, or bad buffers.
         """
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._add(readable, writable, Request(fut, release))
+        self._add(readable, writable, fut, release)
         return fut
 
     def submit_callback(
@@ -138,24 +147,28 @@ class DriverEndpoint:
 
         Raises: as :meth:`submit_nowait`.
         """
-        self._add(readable, writable, Request(None, None, on_done))
+        self._add(readable, writable, _Callback(on_done), None)
 
     def _add(
-        self, readable: Sequence[tuple[int, int]], writable: Sequence[tuple[int, int]], req: Request
+        self,
+        readable: Sequence[tuple[int, int]],
+        writable: Sequence[tuple[int, int]],
+        tok: Token,
+        release: Release | None,
     ) -> None:
         if self._exc is not None:
             raise BrokenResourceError(str(self._exc)) from self._exc
         nseg = len(readable) + len(writable)
-        if nseg > self.max_segments():
+        if nseg > self._max_segments:
             raise LocalProtocolError(
                 f"chain of {nseg} buffers on a queue of {self.size} (indirect {self._indirect_max})"
             )
         try:
-            self.queue.add(readable, writable, req)
+            self.queue.add(readable, writable, tok)
         except QueueBroken as e:
             self.fail(BrokenResourceError(f"queue {self.index} broken"))
             raise BrokenResourceError(str(e)) from e
-        self._outstanding.add(req)
+        self._outstanding[tok] = release
         self.submitted += 1
         if trace.ON:
             trace.mark(trace.SUBMIT)
@@ -238,19 +251,19 @@ class DriverEndpoint:
                 return
             if not done:
                 return
-            for req, length in done:
-                self._outstanding.discard(req)
-                self.completed += 1
-                fut = req.future
-                if fut is None:
+            table = self._outstanding
+            self.completed += len(done)
+            for tok, length in done:
+                rel = table.pop(tok, None)
+                if isinstance(tok, _Callback):
                     if trace.ON:
                         trace.mark(trace.COMPLETE)
-                    self._call(req, length)
-                elif fut.done():  # cancelled by its submitter: buffers are ours to free
-                    _release(req)
-                else:
-                    req.release = None  # the submitter owns the buffers again
-                    fut.set_result(length)
+                    self._call(tok.on_done, length)
+                elif tok.done():  # cancelled by its submitter: buffers are ours to free
+                    if rel is not None:
+                        _release(rel)
+                else:  # the submitter owns the buffers again
+                    tok.set_result(length)
                     if trace.ON:
                         trace.mark(trace.COMPLETE)
             self._room.set()
@@ -259,9 +272,7 @@ class DriverEndpoint:
                 # looking again, so the ring core's fast path still applies.
                 self.flush()
 
-    def _call(self, req: Request, length: int) -> None:
-        cb = req.on_done
-        assert cb is not None
+    def _call(self, cb: Callable[[int], None], length: int) -> None:
         try:
             cb(length)
         except Exception:  # a driver bug must not lose the rest of the batch
@@ -293,11 +304,12 @@ class DriverEndpoint:
         if self._publish_handle is not None:
             self._publish_handle.cancel()
             self._publish_handle = None
-        pending, self._outstanding = self._outstanding, set()
-        for req in pending:
-            _release(req)
-            if req.future is not None and not req.future.done():
-                req.future.set_exception(BrokenResourceError(str(exc)))
+        pending, self._outstanding = self._outstanding, {}
+        for tok, rel in pending.items():
+            if rel is not None:
+                _release(rel)
+            if not isinstance(tok, _Callback) and not tok.done():
+                tok.set_exception(BrokenResourceError(str(exc)))
         self._room.set()
 
     def stats(self) -> dict[str, int | bool]:

@@ -23,7 +23,7 @@ import socket
 import sys
 
 from mic_card.card import CardOS, DmesgHandler
-from transport import NotifyMode, NotifyPolicy, PcieCard, spinloop
+from transport import NotifyMode, NotifyPolicy, PcieCard, eventloop
 from transport.errors import HandshakeError, LinkLost
 from transport.messages import Crashed, ShutdownStatusReport, encode
 from transport.tracing import install_from_env as install_trace
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger().addHandler(dmesg)
     install_trace("card")
     try:
-        return spinloop.run(_amain(args, dmesg))
+        return eventloop.run(_amain(args, dmesg))
     except KeyboardInterrupt:
         return 130
 

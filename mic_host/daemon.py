@@ -44,7 +44,7 @@ from mic_host.paths import (
 )
 from mic_host.streams import serve_events, serve_logs, track_app, watch_card
 from mic_host.vhost_user.export import VhostUserExports, configured_switches
-from transport import spinloop
+from transport import eventloop
 from transport.tracing import install_from_env as install_trace
 from virtio.agent import exec_problem
 from virtio.errors import ConfigError, LocalProtocolError, MicError, ResourceError
@@ -385,8 +385,20 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="stop when the process that started the daemon exits (used by mic_host.launch)",
     )
+    p.add_argument(
+        "--event-loop",
+        choices=eventloop.LOOPS,
+        default=None,
+        help="event loop of the daemon and its cards (default: $MIC_EVENT_LOOP, else spin; "
+        'uvloop needs pip install "mic-vop[uvloop]"; see docs/throughput.md)',
+    )
     host_cli.add_arguments(p)  # --version, --check-config, --print-default-config
     args = p.parse_args(argv)
+    if args.event_loop is not None:
+        if (why := eventloop.unavailable(args.event_loop)) is not None:
+            print(f"mic-host: --event-loop {args.event_loop}: {why}", file=sys.stderr)
+            return 2
+        os.environ[eventloop.ENV] = args.event_loop  # the cards inherit it
     if (answered := host_cli.run_offline(args)) is not None:
         return answered
     if args.log_level.upper() not in _LOG_LEVELS:
@@ -416,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             secure_state_dir(cfg.state_dir)  # after logging: a tightened mode is logged
             log.info("config: %s", cfg.source)
             install_trace("host")
-            return spinloop.run(_amain(cfg, exit_with_parent=args.exit_with_parent))
+            return eventloop.run(_amain(cfg, exit_with_parent=args.exit_with_parent))
     except ResourceError as e:
         print(f"mic-host: {e}", file=sys.stderr)
         return 2

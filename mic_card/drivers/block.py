@@ -23,7 +23,8 @@ Must not import ``transport`` or ``mic_host``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from mic_card.endpoint import DriverEndpoint
@@ -50,6 +51,9 @@ REQ_HEADER = _REQ_HEADER
 _ALIGN = 64  # the X100 DMA granule: requests are cache-line aligned
 #: Largest data segment when the host does not say (no SIZE_MAX).
 _DEFAULT_SIZE_MAX = 1 << 20
+#: One request's header (16 B) and status byte, in a slot of their own cache line.
+_SLOT = 64
+_STATUS_AT = REQ_HEADER.size
 
 
 class BlockIOError(MicError):
@@ -58,6 +62,29 @@ class BlockIOError(MicError):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+
+class _HeaderSlots:
+    """Every request's header and status byte, carved from one card-RAM allocation.
+
+    One slot per descriptor the device's rings hold (no more chains can be
+    outstanding), so a request takes a slot and gives it back without a call
+    to the card-RAM allocator, a memoryview or a closure of its own. The
+    allocation is the device's (``alloc_tracked``): it is freed with the
+    device's other card RAM once the host can no longer touch it.
+    """
+
+    __slots__ = ("addr", "free", "releases", "view")
+
+    def __init__(self, dev: CardDevice, n: int) -> None:
+        self.addr = dev.alloc_tracked(n * _SLOT, _ALIGN)
+        self.view = dev.mem.view(self.addr, n * _SLOT, True)
+        self.free = list(range(n - 1, -1, -1))
+        #: ``releases[i]()`` gives slot ``i`` back (what the endpoint calls when a
+        #: cancelled request completes or fails).
+        self.releases: list[Callable[[], None]] = [
+            functools.partial(self.free.append, i) for i in range(n)
+        ]
 
 
 class DmaBuffer:
@@ -138,6 +165,9 @@ class BlockDevice:
         self.write_zeroes_may_unmap = False
         self._closed: BrokenResourceError | None = None
         self.config_changes = 0
+        self._limit = self.blk_size
+        self._slots: _HeaderSlots | None = None
+        self._slots_failed = False
         self._read_config()
 
     def _read_config(self) -> None:
@@ -176,6 +206,7 @@ class BlockDevice:
             self.max_write_zeroes_sectors = int(cfg.max_write_zeroes_sectors)
             self.max_write_zeroes_seg = max(1, int(cfg.max_write_zeroes_seg))
             self.write_zeroes_may_unmap = bool(cfg.write_zeroes_may_unmap)
+        self._limit = self._max_request()
 
     @property
     def size(self) -> int:
@@ -214,7 +245,20 @@ class BlockDevice:
 
     def _data_segments(self, addr: int, length: int) -> list[tuple[int, int]]:
         step = self.size_max
+        if length <= step:
+            return [(addr, length)]
         return [(addr + o, min(step, length - o)) for o in range(0, length, step)]
+
+    def _header_slots(self) -> _HeaderSlots | None:
+        """The slots, made on the first request; None if card RAM could not hold them
+        (then every request allocates its own header, as before)."""
+        if self._slots is None and not self._slots_failed:
+            n = sum(ep.size for ep in self.dev.endpoints)
+            try:
+                self._slots = _HeaderSlots(self.dev, n)
+            except MicError:
+                self._slots_failed = True
+        return self._slots
 
     async def _submit(
         self,
@@ -231,6 +275,26 @@ class BlockDevice:
         """
         if self._closed is not None:
             raise BrokenResourceError(str(self._closed))
+        slots = None if extra_out else (self._slots or self._header_slots())
+        if slots is not None and slots.free:
+            i = slots.free.pop()
+            off = i * _SLOT
+            view = slots.view
+            haddr = slots.addr + off
+            REQ_HEADER.pack_into(view, off, req_type, sector)
+            view[off + _STATUS_AT] = 0xFF
+            rd = [(haddr, _STATUS_AT)]
+            wr: list[tuple[int, int]] = []
+            if out is not None and out[1]:
+                rd += self._data_segments(*out)
+            if into is not None and into[1]:
+                wr += self._data_segments(*into)
+            wr.append((haddr + _STATUS_AT, STATUS_SIZE))
+            # On an exception the endpoint has called releases[i] (slot given back).
+            await self._pick().submit(rd, wr, release=slots.releases[i])
+            status = view[off + _STATUS_AT]
+            slots.free.append(i)
+            return status
         dev = self.dev
         mem = dev.mem
         meta = REQ_HEADER.size + len(extra_out)
@@ -303,7 +367,17 @@ class BlockDevice:
     async def _rw(self, req_type: int, sector: int, addr: int, nbytes: int) -> None:
         """Read or write ``nbytes`` at ``sector`` from/into card RAM at ``addr``,
         split into requests the host accepts (concurrently)."""
-        limit = self._max_request()
+        limit = self._limit
+        if nbytes <= limit:  # one request: no closure, no gather
+            seg = (addr, nbytes)
+            if req_type == BlkReqType.IN:
+                status = await self._submit(req_type, sector, None, seg)
+            else:
+                status = await self._submit(req_type, sector, seg, None)
+            if status != BlkStatus.OK:
+                op = "read" if req_type == BlkReqType.IN else "write"
+                self._check(f"{op} of {nbytes // SECTOR_SIZE} sectors at {sector}", status)
+            return
         op = "read" if req_type == BlkReqType.IN else "write"
 
         async def one(off: int, n: int) -> None:
@@ -315,10 +389,7 @@ class BlockDevice:
                 status = await self._submit(req_type, s, seg, None)
             self._check(f"{op} of {n // SECTOR_SIZE} sectors at {s}", status)
 
-        if nbytes <= limit:
-            await one(0, nbytes)
-        else:
-            await asyncio.gather(*(one(o, min(limit, nbytes - o)) for o in range(0, nbytes, limit)))
+        await asyncio.gather(*(one(o, min(limit, nbytes - o)) for o in range(0, nbytes, limit)))
 
     # -- the API ---------------------------------------------------------------------
     async def read(self, sector: int, count: int) -> bytes:

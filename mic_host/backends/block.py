@@ -379,21 +379,27 @@ class BlockBackend:
 
     # -- serving -------------------------------------------------------------------
     async def _serve(self, q: QueueEndpoint, tg: asyncio.TaskGroup) -> None:
-        async for chain in q.chains():
+        # One pass per doorbell's batch: every ready chain is checked, run and
+        # completed without an await in between, then published once (the
+        # endpoint flushes when the ring is empty). Requests too big to run on
+        # the loop go to a thread and complete later.
+        async for batch in q.batches():
             self._features = self._ctx.features if self._ctx is not None else 0
-            checked = self._check(chain)
-            if not isinstance(checked, _Io):
-                self._complete(q, chain, *checked)
-            elif checked.kind in (BlkReqType.IN, BlkReqType.OUT) and (
-                checked.length <= self.thread_threshold
-                and not (checked.kind == BlkReqType.OUT and self._writethrough)
-            ):
-                done = self._execute(checked)
-                if trace.ON:
-                    trace.mark(trace.IO_DONE)
-                self._complete(q, chain, *done)
-            else:
-                tg.create_task(self._serve_in_thread(q, chain, checked))
+            threshold = self.thread_threshold
+            inline_out = not self._writethrough
+            for chain in batch:
+                checked = self._check(chain)
+                if not isinstance(checked, _Io):
+                    self._complete(q, chain, *checked)
+                elif (
+                    checked.kind == BlkReqType.IN or (checked.kind == BlkReqType.OUT and inline_out)
+                ) and checked.length <= threshold:
+                    done = self._execute(checked)
+                    if trace.ON:
+                        trace.mark(trace.IO_DONE)
+                    self._complete(q, chain, *done)
+                else:
+                    tg.create_task(self._serve_in_thread(q, chain, checked))
 
     @property
     def _writethrough(self) -> bool:

@@ -63,8 +63,11 @@ async def spawn_card_os(
 async def stop_card_os(proc: asyncio.subprocess.Process) -> None:
     """Kill the card OS and its process group (if still there), then reap it."""
     if proc.returncode is None:
+        # os.kill, not proc.kill(): Popen.send_signal polls first and would reap
+        # a card that has just exited behind the child watcher, which then logs
+        # "Unknown child process" and reports 255 instead of its real status.
         with contextlib.suppress(ProcessLookupError):
-            proc.kill()
+            os.kill(proc.pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError):

@@ -226,3 +226,43 @@ async def write_storm(
         ft.cancel()
         with contextlib.suppress(BaseException):
             await ft
+
+
+async def cancel_storm(card: CardServices, dev: str, rounds: int) -> dict[str, Any]:
+    """Deep concurrent reads of 4 KiB blocks whose content names their block (the
+    test writes them), a third of them cancelled while in flight; every read that
+    completes must return its own block (two requests sharing a header slot would
+    read each other's sectors), and every header slot must come back."""
+    blk = _blk(card, dev)
+    nblocks = min(blk.capacity // 8, 256)
+    wrong: list[int] = []
+    completed = cancelled = 0
+
+    async def one(b: int) -> None:
+        nonlocal completed
+        data = await blk.read(b * 8, 8)
+        if data[:8] != b.to_bytes(8, "little"):
+            wrong.append(b)
+        completed += 1
+
+    for r in range(rounds):
+        tasks = [asyncio.ensure_future(one((r * 97 + i * 13) % nblocks)) for i in range(96)]
+        await asyncio.sleep(0)  # submitted, not answered yet
+        for t in tasks[::3]:
+            t.cancel()
+        for res in await asyncio.gather(*tasks, return_exceptions=True):
+            cancelled += isinstance(res, asyncio.CancelledError)
+    # A cancelled request's slot comes back when the host answers it: wait for that
+    # (bounded), a read answered after its canceller returned is still counted here.
+    deadline = time.monotonic() + 30
+    while sum(q.outstanding for q in blk.queues) and time.monotonic() < deadline:  # noqa: ASYNC110 (no event for it)
+        await asyncio.sleep(0.01)
+    slots = blk._slots
+    return {
+        "completed": completed,
+        "cancelled": cancelled,
+        "wrong": wrong,
+        "slots": None if slots is None else len(slots.free),
+        "slots_total": sum(ep.size for ep in blk.dev.endpoints),
+        "outstanding": sum(q.outstanding for q in blk.queues),
+    }

@@ -353,3 +353,33 @@ def test_random_io_matches_model_across_processes(
 
     assert remote.call(run) == expected
     assert image.read_bytes() == bytes(model)
+
+
+CANCEL_CONFIG = """
+[[cards]]
+name = "mic0"
+boot_at_start = true
+
+[[cards.devices]]
+type = "block"
+options = {{ image = "{img}", num_queues = 2 }}
+"""
+
+
+@pytest.mark.asyncio
+async def test_cancelled_requests_give_their_header_slot_back(state_dir: Path) -> None:
+    """The driver's per-request headers come from a pool of card-RAM slots: cancelled
+    requests return theirs once the host is done with them, and no two requests in
+    flight ever share one (each read returns its own block)."""
+    img = state_dir / "blocks.img"
+    img.write_bytes(b"".join(b.to_bytes(8, "little") * 512 for b in range(256)))  # 1 MiB
+    async with mic_host.launch(state_dir, CANCEL_CONFIG.format(img=img)) as client:
+        card = client.card("mic0")
+        await card.wait("online", timeout=30)
+        res = (await card.run(app("cancel_storm"), "vda", 20))["value"]
+    assert res["wrong"] == []
+    assert res["cancelled"] > 0, res
+    assert res["completed"] > 0, res
+    assert res["completed"] + res["cancelled"] == 20 * 96
+    assert res["outstanding"] == 0
+    assert res["slots"] == res["slots_total"], res  # every slot came back

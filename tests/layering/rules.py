@@ -98,6 +98,8 @@ LAYERS: dict[str, tuple[tuple[str, ...], ...]] = {
         ("errors",),
         # regions, doorbells/interrupts, the typed control-link messages, tap
         ("region", "notify", "messages", "tap", "appcode", "tracing", "spinloop"),
+        # which loop mic-host and mic-card run on (spin, asyncio, uvloop)
+        ("eventloop",),
         # MMIO registers, the framed control link and its boot handshake, the DMA engine
         ("mmio", "link", "dma", "handshake"),
         # address spaces through windows (aperture, SMPT, IOMMU)
