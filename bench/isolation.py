@@ -53,6 +53,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -168,13 +169,11 @@ async def verified_io(
     Returns ``ops`` (write+read pairs), ``errors``, the latencies of every write
     and read as a histogram (``hist``: ``[[bucket, count], ...]``, see
     :func:`hist_key`) and their maximum (``max_ms``). Not one number per
-    operation: at 12,000 operations a second that list was ~150 KB of JSON a
+    operation: at 12,000 operations a second that list was ~100 KB of JSON a
     second through the card's link, the daemon and the bench, a stall of
     several ms once a second that landed on the console echoes measured
     meanwhile (and grew with the block throughput).
     """
-    import random
-
     rng = random.Random(seed)
     blk = card.device(dev)
     span = int(blk.capacity) - sectors
