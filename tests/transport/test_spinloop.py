@@ -128,3 +128,160 @@ def test_crowded_reads_the_running_count() -> None:
         assert isinstance(sel._crowded(), bool)  # parses this kernel's /proc/loadavg
     finally:
         sel.close()
+
+
+def test_a_gap_in_the_poll_keeps_polling_when_the_cpu_is_free(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every poll looks preempted (``CONTENDED_NS`` below any gap) but no task waits
+    for a CPU: the loop polls on with its budget and still catches every answer (it
+    used to drop the budget to 0 and sleep, and the next requests paid wake-ups)."""
+    monkeypatch.setattr(SpinSelector, "_crowded", lambda self: False)
+    monkeypatch.setattr(spinloop, "CONTENDED_NS", -1)
+    ping, pong = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.set_blocking(ping, True)
+            while os.eventfd_read(ping) < 1000:
+                time.sleep(0.002)
+                os.eventfd_write(pong, 1)
+        finally:
+            os._exit(0)
+
+    async def main() -> SpinSelector:
+        loop = asyncio.get_running_loop()
+        sel = loop._selector  # type: ignore[attr-defined]
+        assert isinstance(sel, SpinSelector)
+        sel.spin_ns = sel.max_spin_ns
+        got: asyncio.Queue[int] = asyncio.Queue()
+        loop.add_reader(pong, lambda: got.put_nowait(os.eventfd_read(pong)))
+        for _ in range(5):
+            os.eventfd_write(ping, 1)
+            await asyncio.wait_for(got.get(), 10)
+        loop.remove_reader(pong)
+        return sel
+
+    try:
+        sel = spinloop.run(main(), max_spin_ns=1_000_000_000)
+    finally:
+        os.eventfd_write(ping, 1000)
+        os.waitpid(pid, 0)
+        os.close(ping)
+        os.close(pong)
+    assert sel.preempted > 0
+    assert sel.spin_hits >= 5
+    assert sel.sleeps == 0
+    assert sel.spin_ns == sel.max_spin_ns
+
+
+def test_a_gap_while_tasks_wait_sleeps_but_keeps_the_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = []
+
+    def crowded(self: SpinSelector) -> bool:
+        calls.append(1)
+        return len(calls) > 1  # free when the poll begins, crowded after the gap
+
+    monkeypatch.setattr(SpinSelector, "_crowded", crowded)
+    monkeypatch.setattr(spinloop, "CONTENDED_NS", -1)
+    sel = SpinSelector(1_000_000_000)
+    try:
+        sel.spin_ns = sel.max_spin_ns
+        assert sel.select(0.002) == []
+        assert (sel.spins, sel.preempted, sel.contended, sel.sleeps) == (1, 1, 1, 1)
+        assert sel.spin_ns == sel.max_spin_ns  # a short sleep: nothing says polling stopped paying
+    finally:
+        sel.close()
+
+
+class _Sched:
+    """A scripted scheduler for :meth:`SpinSelector._crowded`: the running count and
+    this thread's CPU and wait times."""
+
+    def __init__(self, sel: SpinSelector, ncpu: int = 2) -> None:
+        sel._ncpu = ncpu
+        sel._exec_ns = sel._delay_ns = 0
+        sel._judge_at = 0
+        sel._seen = [0] * 8
+        self.running = 0
+        self.exec_ns = self.delay_ns = 0
+        sel._running = lambda: self.running  # type: ignore[method-assign]
+        sel._sched_times = lambda: (self.exec_ns, self.delay_ns)  # type: ignore[method-assign]
+
+
+def test_a_runnable_task_that_never_takes_our_cpu_is_background() -> None:
+    """A nice-19 hog next to a busy pair: three runnable on two CPUs in every reading,
+    yet we hardly wait for a CPU. It stops counting as crowding; a task that arrives
+    on top of it (a woken client) counts at once."""
+    sel = SpinSelector(100_000)
+    try:
+        s = _Sched(sel)
+        s.running = 3
+        assert sel._crowded()  # nothing judged yet: three on two CPUs is crowded
+        for _ in range(50):
+            sel._crowded()
+        s.exec_ns, s.delay_ns = 20_000_000, 200_000  # 1% of our CPU time spent waiting
+        sel._judge_at = 0
+        assert not sel._crowded()
+        assert sel.background == 1
+        s.running = 4  # a client woken on top of the hog
+        assert sel._crowded()
+    finally:
+        sel.close()
+
+
+def test_tasks_that_take_turns_with_us_are_never_background() -> None:
+    sel = SpinSelector(100_000)
+    try:
+        s = _Sched(sel)
+        s.running = 3
+        for _ in range(50):
+            sel._crowded()
+        s.exec_ns, s.delay_ns = 20_000_000, 8_000_000  # waited 40% of our CPU time
+        sel._judge_at = 0
+        assert sel._crowded()
+        assert sel.background == 0
+    finally:
+        sel.close()
+
+
+def test_a_task_present_now_and_then_is_not_background() -> None:
+    """A client woken by every reply (runnable in a few readings): not persistent."""
+    sel = SpinSelector(100_000)
+    try:
+        s = _Sched(sel)
+        for i in range(100):
+            s.running = 3 if i % 5 == 0 else 2
+            sel._crowded()
+        s.exec_ns, s.delay_ns = 20_000_000, 0
+        s.running = 3
+        sel._judge_at = 0
+        assert sel._crowded()
+        assert sel.background == 0
+    finally:
+        sel.close()
+
+
+def test_no_judgement_on_too_little_cpu_time() -> None:
+    sel = SpinSelector(100_000)
+    try:
+        s = _Sched(sel)
+        s.running = 3
+        s.exec_ns = spinloop.JUDGE_CPU_NS - 1
+        assert sel._crowded()
+        assert sel.background == 0
+        assert 0 < sel._judge_at - time.perf_counter_ns() <= spinloop.JUDGE_NS // 10
+    finally:
+        sel.close()
+
+
+def test_schedstat_is_read_for_the_loop_thread() -> None:
+    sel = SpinSelector(100_000)
+    try:
+        exec_ns, delay_ns = sel._sched_times()
+        assert exec_ns > 0  # this kernel has schedstats
+        assert delay_ns >= 0
+    finally:
+        sel.close()
