@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from enum import Enum
 from typing import Protocol, TypeVar
 
@@ -335,27 +335,21 @@ class QueueEndpoint:
                 raise ClosedResourceError(f"queue {self.index} closed: {self._reason}")
             await self._state_changed.wait()
 
-    async def chains(self) -> AsyncIterator[Chain]:
+    def chains(self) -> AsyncIterator[Chain]:
         """Every chain, forever, across resets; ends when the device is removed."""
-        while True:
-            try:
-                chain = await self.get()
-            except BrokenResourceError:
-                try:
-                    await self.wait_live()
-                except ClosedResourceError:
-                    return
-                continue
-            except ClosedResourceError:
-                return
-            yield chain
+        return self._across_resets(self.get)
 
-    async def batches(self) -> AsyncIterator[list[Chain]]:
+    def batches(self) -> AsyncIterator[list[Chain]]:
         """:meth:`chains` a doorbell's batch at a time (:meth:`get_many`): a backend
         serves every ready chain in one pass of the loop, then publishes once."""
+        return self._across_resets(self.get_many)
+
+    async def _across_resets(self, get: Callable[[], Awaitable[_T]]) -> AsyncIterator[_T]:
+        """What ``get`` returns, forever: a reset waits for the queue to be live
+        again; the device's removal ends it."""
         while True:
             try:
-                batch = await self.get_many()
+                item = await get()
             except BrokenResourceError:
                 try:
                     await self.wait_live()
@@ -364,7 +358,7 @@ class QueueEndpoint:
                 continue
             except ClosedResourceError:
                 return
-            yield batch
+            yield item
 
     # -- completing ----------------------------------------------------------
     def put(self, chain: Chain, written_len: int) -> bool:

@@ -13,6 +13,8 @@ Owns the wire rules of a block request, used by the host backend
   flags}``: :data:`SEGMENT`, twin of :data:`virtio.layouts.BlkDiscardWriteZeroes`,
   and which flags a device accepts (:func:`segment_flags_ok`);
 - GET_ID answers exactly :data:`ID_BYTES` bytes;
+- :data:`DRIVER_FEATURES`: the device features the card's driver knows (and so
+  what a back-end that is not MIC-VOP's passes on to it);
 - the config space: :func:`parse_config` turns the bytes the host wrote into
   the construct value or raises the remote error.
 
@@ -29,11 +31,12 @@ from typing import Any
 
 from construct import ConstructError
 
-from virtio.constants import BlkReqType, BlkStatus
+from virtio.constants import BlkFeature, BlkReqType, BlkStatus
 from virtio.errors import RemoteProtocolError
 from virtio.layouts import BlkConfig
 
 __all__ = [
+    "DRIVER_FEATURES",
     "ID_BYTES",
     "REQ_HEADER",
     "REQ_HEADER_SIZE",
@@ -62,6 +65,19 @@ STATUS_SIZE = 1
 ID_BYTES = 20
 #: ``VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP``: the only defined segment flag.
 WRITE_ZEROES_FLAG_UNMAP = 1
+#: The virtio-blk device features MIC-VOP's card driver knows: what it accepts,
+#: and what the vhost-user front-end passes on from an external back-end.
+DRIVER_FEATURES = int(
+    BlkFeature.SEG_MAX
+    | BlkFeature.SIZE_MAX
+    | BlkFeature.BLK_SIZE
+    | BlkFeature.TOPOLOGY
+    | BlkFeature.FLUSH
+    | BlkFeature.RO
+    | BlkFeature.MQ
+    | BlkFeature.DISCARD
+    | BlkFeature.WRITE_ZEROES
+)
 
 
 def segment_flags_ok(req_type: int, flags: int) -> bool:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from mic_card.endpoint import DriverEndpoint
 from virtio.blk import (
+    DRIVER_FEATURES,
     ID_BYTES,
     STATUS_SIZE,
     WRITE_ZEROES_FLAG_UNMAP,
@@ -128,17 +129,7 @@ class BlockDevice:
     ``write_zeroes_supported``, ``flush_supported``.
     """
 
-    FEATURES: ClassVar[int] = int(
-        BlkFeature.SEG_MAX
-        | BlkFeature.SIZE_MAX
-        | BlkFeature.BLK_SIZE
-        | BlkFeature.TOPOLOGY
-        | BlkFeature.FLUSH
-        | BlkFeature.RO
-        | BlkFeature.MQ
-        | BlkFeature.DISCARD
-        | BlkFeature.WRITE_ZEROES
-    )
+    FEATURES: ClassVar[int] = DRIVER_FEATURES
 
     def __init__(self, dev: CardDevice) -> None:
         """Raises: RemoteProtocolError: the config space does not parse or is inconsistent."""

@@ -46,7 +46,7 @@ from typing import Any, Protocol, runtime_checkable
 from mic_host.backends import BackendContext, RingHost, RingSpec
 from mic_host.backends.vhost_user_frontend import VhostUserFrontend, VringSetup, eventfd
 from transport.vhost_user.protocol import PROTOCOL_FEATURES_BIT
-from virtio.blk import parse_config
+from virtio.blk import DRIVER_FEATURES, parse_config
 from virtio.constants import BlkFeature, DeviceType, Feature
 from virtio.devpage import MAX_QUEUE_SIZE, TRANSPORT_FEATURES
 from virtio.errors import ConfigError, MicError, RemoteProtocolError
@@ -63,17 +63,7 @@ log = logging.getLogger("mic_host.backends.vhost_user")
 CONFIG_SIZE = 60
 #: Device features passed on to the card (those the card's block driver knows);
 #: VOP adds VERSION_1, EVENT_IDX and INDIRECT_DESC, which the back-end must offer.
-DEVICE_FEATURES = int(
-    BlkFeature.SEG_MAX
-    | BlkFeature.SIZE_MAX
-    | BlkFeature.BLK_SIZE
-    | BlkFeature.TOPOLOGY
-    | BlkFeature.FLUSH
-    | BlkFeature.RO
-    | BlkFeature.MQ
-    | BlkFeature.DISCARD
-    | BlkFeature.WRITE_ZEROES
-)
+DEVICE_FEATURES = DRIVER_FEATURES
 #: Default ring size: QEMU's ``queue-size`` default, which qemu-storage-daemon's
 #: ``seg_max`` (126 = 128 - 2) is derived from.
 QUEUE_SIZE = 128
