@@ -142,7 +142,7 @@ class InflightRegion:
         (used_idx,) = _U16.unpack_from(mem.view(state.layout.used + 2, 2), 0)
         _, version, desc_num, _last, region_used = INFLIGHT_HDR.unpack_from(mm, base)
         resubmit: list[int] = []
-        counter = 0
+        counter = repaired = 0
         if version == 0:  # fresh (or reset by the guest): start tracking
             INFLIGHT_HDR.pack_into(mm, base, 0, VERSION, size, 0, state.next_used)
         else:
@@ -151,7 +151,7 @@ class InflightRegion:
                     f"queue {index}: inflight region describes {desc_num} descriptors, "
                     f"the ring has {size}"
                 )
-            _repair(mm, base, mem, state.layout, region_used, used_idx)
+            repaired = _repair(mm, base, mem, state.layout, region_used, used_idx)
             entries: list[tuple[int, int]] = []
             for head in range(size):
                 flag, _, c = INFLIGHT_DESC.unpack_from(mm, base + INFLIGHT_HDR.size + 16 * head)
@@ -175,34 +175,43 @@ class InflightRegion:
         q = TrackedQueue.restore(mem, state)
         assert isinstance(q, TrackedQueue)
         q.track(mm, base, counter, resubmit)
+        q.repaired = repaired
         return q
 
 
 def _repair(
     mm: mmap.mmap, base: int, mem: Memory, layout: SplitLayout, region_used: int, used_idx: int
-) -> None:
+) -> int:
     """Clear the heads the used ring shows completed past the region's ``used_idx``
-    (the back-end died between publishing ``used.idx`` and clearing them)."""
+    (the back-end died between publishing ``used.idx`` and clearing them); how many
+    were still marked."""
     torn = (used_idx - region_used) & 0xFFFF
     if not torn:
-        return
+        return 0
     if torn > layout.size:
         raise _error(
             f"inflight region's used index {region_used} is {torn} behind the ring's {used_idx}"
         )
     view = mem.view(layout.used, 4 + 8 * layout.size, False)
+    cleared = 0
     for k in range(torn):
         slot = (region_used + k) & (layout.size - 1)
         (head,) = struct.unpack_from("=I", view, 4 + 8 * slot)
-        if head < layout.size:
+        if head < layout.size and mm[base + INFLIGHT_HDR.size + 16 * head]:
             mm[base + INFLIGHT_HDR.size + 16 * head] = 0
+            cleared += 1
     INFLIGHT_HDR.pack_into(mm, base, 0, VERSION, layout.size, 0, used_idx)
+    return cleared
 
 
 class TrackedQueue(DeviceQueue):
     """A split device queue that records its requests in an :class:`InflightRegion`."""
 
-    __slots__ = ("_batch", "_counter", "_entries", "_hdr", "_resubmit", "_rmm")
+    __slots__ = ("_batch", "_counter", "_entries", "_hdr", "_resubmit", "_rmm", "repaired")
+
+    #: entries found marked although the used ring showed them completed (a torn
+    #: publication), cleared at the start
+    repaired: int
 
     def track(self, mm: mmap.mmap, base: int, counter: int, resubmit: list[int]) -> None:
         self._rmm = mm

@@ -514,6 +514,11 @@ class VhostUserServer:
             q = DeviceQueue.restore(self._memory, state)
         else:  # resume what a previous back-end process had taken (.inflight)
             q = self._inflight.start_queue(vr.index, self._memory, state)
+            if q.resubmitting or q.repaired:
+                n, done = q.resubmitting, q.repaired
+                self._log.info(
+                    "queue %d: resubmitting %d requests (%d were done)", vr.index, n, done
+                )
         vr.queue = q
         vr.endpoint.attach(q)
         vr.watch_kicks()

@@ -140,6 +140,7 @@ def test_a_torn_publication_is_not_resubmitted(
     assert INFLIGHT_DESC.unpack_from(region._mm, INFLIGHT_HDR.size + 16 * a)[0] == 1
     second = region.start_queue(0, mem, _state(_used_idx(mem)))
     assert second.resubmitting == 1
+    assert second.repaired == 1
     chain = second.pop()
     assert chain is not None
     assert chain.head == b
