@@ -43,6 +43,7 @@ VERSION = 1
 _LAST_BATCH_OFF = 12
 _USED_IDX_OFF = 14
 _U16 = struct.Struct("=H")
+_U64 = struct.Struct("=Q")
 
 
 def _error(msg: str) -> RemoteProtocolError:
@@ -227,8 +228,9 @@ class TrackedQueue(DeviceQueue):
         return len(self._resubmit)
 
     def _mark(self, head: int) -> None:
+        """``counter`` then ``inflight = 1`` (``next`` is unused for split rings)."""
         off = self._entries + 16 * head
-        INFLIGHT_DESC.pack_into(self._rmm, off, 0, 0, self._counter)
+        _U64.pack_into(self._rmm, off + 8, self._counter)
         self._counter += 1
         self._rmm[off] = 1
 
@@ -251,8 +253,14 @@ class TrackedQueue(DeviceQueue):
                 out.append(self._walk(self._resubmit.pop()))
             return out
         chains = super().pop_many(limit)
-        for chain in chains:
-            self._mark(chain.head)
+        if chains:  # _mark, inlined: this is the block backend's path
+            mm, entries, counter = self._rmm, self._entries, self._counter
+            for chain in chains:
+                off = entries + 16 * chain.head
+                _U64.pack_into(mm, off + 8, counter)
+                counter += 1
+                mm[off] = 1
+            self._counter = counter
         return chains
 
     def pending(self) -> int:
