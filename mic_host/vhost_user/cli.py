@@ -55,7 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "blk",
         help="a virtio-blk disk backed by a raw image (QEMU: -device vhost-user-blk-pci)",
-        description="Serve a raw image as a virtio-blk device.",
+        description="Serve a raw image as a virtio-blk device. It may be restarted (even "
+        "after kill -9) under a running guest whose QEMU chardev has reconnect=N: the "
+        "requests it had taken are resubmitted (INFLIGHT_SHMFD).",
     )
     b.add_argument(
         "--log-level",

@@ -34,13 +34,15 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 from mic_host.backends import Backend
 from mic_host.endpoint import EndpointState, QueueEndpoint
+from mic_host.vhost_user.context import BackendContext
+from mic_host.vhost_user.inflight import InflightRegion
 from mic_host.vhost_user.packed import encode_base, packed_layout, start_packed
 from mic_host.vhost_user.vring import Vring, VringOwner, listen_unix
 from transport.errors import LinkLost
@@ -57,6 +59,7 @@ from transport.vhost_user.protocol import (
     VringAddr,
     check_fds,
     decode_config,
+    decode_inflight,
     decode_mem_table,
     decode_u64,
     decode_vring_addr,
@@ -77,9 +80,13 @@ RING_FEATURES = int(
     Feature.VERSION_1 | Feature.EVENT_IDX | Feature.INDIRECT_DESC | Feature.RING_PACKED
 )
 #: Protocol features offered: QEMU's vhost-user-blk needs CONFIG; MQ lets it ask
-#: for the queue count; REPLY_ACK lets it learn that a request failed.
+#: for the queue count; REPLY_ACK lets it learn that a request failed;
+#: INFLIGHT_SHMFD lets a restarted back-end finish what it had taken (:mod:`.inflight`).
 OFFERED_PROTOCOL_FEATURES = int(
-    ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG
+    ProtocolFeature.MQ
+    | ProtocolFeature.REPLY_ACK
+    | ProtocolFeature.CONFIG
+    | ProtocolFeature.INFLIGHT_SHMFD
 )
 #: Largest ring a front-end may set up (QEMU's VIRTQUEUE_MAX_SIZE).
 VRING_MAX = 1024
@@ -94,42 +101,13 @@ _REPLYING = frozenset(
         Request.GET_VRING_BASE,
         Request.GET_CONFIG,
         Request.GET_MAX_MEM_SLOTS,
+        Request.GET_INFLIGHT_FD,
     }
 )
 
 
 def _error(msg: str) -> RemoteProtocolError:
     return RemoteProtocolError(msg, reason="vhost-user")
-
-
-class _Context:
-    """The :class:`mic_host.backends.BackendContext` a backend runs with."""
-
-    def __init__(self, name: str, queues: Sequence[QueueEndpoint]) -> None:
-        self._name = name
-        self._queues = queues
-        self.acked = 0
-        self._log = logging.getLogger(f"mic_host.vhost_user.{name}")
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def queues(self) -> Sequence[QueueEndpoint]:
-        return self._queues
-
-    @property
-    def features(self) -> int:
-        return self.acked
-
-    @property
-    def log(self) -> logging.Logger:
-        return self._log
-
-    async def update_config(self, config: bytes) -> None:
-        # A config-change notification needs the BACKEND_REQ channel, not offered.
-        raise RemoteProtocolError("config change is not supported over vhost-user")
 
 
 class VhostUserServer:
@@ -169,13 +147,15 @@ class VhostUserServer:
             owner.vring = vr
             self.vrings.append(vr)
             self.endpoints.append(vr.endpoint)
-        self.ctx = _Context(backend.name, self.endpoints)
+        self.ctx = BackendContext(backend.name, self.endpoints)
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._backend_task: asyncio.Task[None] | None = None
         self._active: VhostUserChannel | None = None
         self._memory: GuestMemory | None = None
         self._protocol = 0
+        self._inflight: InflightRegion | None = None
+        self._reply_fds: list[int] = []  # sent with the next reply, then closed
         #: the front-end acked VHOST_USER_F_PROTOCOL_FEATURES (rings then start disabled)
         self.protocol_features_acked = False
         self.connections = 0
@@ -287,6 +267,9 @@ class VhostUserServer:
         if self._memory is not None:
             self._memory.close()
             self._memory = None
+        if self._inflight is not None:
+            self._inflight.close()
+            self._inflight = None
 
     async def _dispatch(self, ch: VhostUserChannel, msg: Message) -> None:
         try:
@@ -302,7 +285,11 @@ class VhostUserServer:
             raise
         if msg.request in _REPLYING:
             assert out is not None
-            await ch.send(msg.request, out)
+            fds, self._reply_fds = self._reply_fds, []
+            try:
+                await ch.send(msg.request, out, fds)
+            finally:
+                _close_fds(fds)
         elif msg.need_reply and self._protocol & ProtocolFeature.REPLY_ACK:
             await ch.send(msg.request, U64.pack(0))
 
@@ -456,6 +443,21 @@ class VhostUserServer:
         decode_config(msg, with_payload=True)
         raise _error("SET_CONFIG: this device's config space is read-only")
 
+    async def _get_inflight_fd(self, msg: Message) -> bytes:
+        _, _, num_queues, queue_size = decode_inflight(msg)
+        out, fd = InflightRegion.allocate(num_queues, queue_size, len(self.vrings))
+        self._reply_fds.append(fd)
+        return out
+
+    async def _set_inflight_fd(self, msg: Message) -> None:
+        size, offset, num_queues, queue_size = decode_inflight(msg)
+        region = InflightRegion.map(
+            msg.fds[0], size, offset, num_queues, queue_size, len(self.vrings)
+        )
+        old, self._inflight = self._inflight, region
+        if old is not None:
+            old.close()
+
     # -- rings --------------------------------------------------------------------------
     @property
     def _packed(self) -> bool:
@@ -508,10 +510,19 @@ class VhostUserServer:
             inflight=(),
         )
         # RingError (bad size, misaligned part) is a RemoteProtocolError: the connection goes
-        q = DeviceQueue.restore(self._memory, state)
+        if self._inflight is None:
+            q = DeviceQueue.restore(self._memory, state)
+        else:  # resume what a previous back-end process had taken (.inflight)
+            q = self._inflight.start_queue(vr.index, self._memory, state)
+            if q.resubmitting or q.repaired:
+                n, done = q.resubmitting, q.repaired
+                self._log.info(
+                    "queue %d: resubmitting %d requests (%d were done)", vr.index, n, done
+                )
         vr.queue = q
         vr.endpoint.attach(q)
         vr.watch_kicks()
+        vr.endpoint.notify()  # serve what is already there (libvhost-user kicks itself)
 
     async def _stop(self, vr: Vring) -> None:
         """Stop a ring once the requests in flight completed; its base is where it stopped."""
@@ -573,4 +584,6 @@ _HANDLERS: dict[int, Callable[[VhostUserServer, Message], Awaitable[bytes | None
     Request.SET_VRING_ENABLE: VhostUserServer._set_vring_enable,
     Request.GET_CONFIG: VhostUserServer._get_config,
     Request.SET_CONFIG: VhostUserServer._set_config,
+    Request.GET_INFLIGHT_FD: VhostUserServer._get_inflight_fd,
+    Request.SET_INFLIGHT_FD: VhostUserServer._set_inflight_fd,
 }

@@ -21,6 +21,7 @@ from pathlib import Path
 from transport.vhost_user import MemRegion, Message, ProtocolFeature, Request, VhostUserChannel
 from transport.vhost_user.protocol import (
     CONFIG_HDR,
+    INFLIGHT,
     PROTOCOL_FEATURES_BIT,
     U64,
     VRING_ADDR,
@@ -120,11 +121,12 @@ class FrontEnd:
             index, 0, lay.desc + to_uva, lay.used + to_uva, lay.avail + to_uva, 0
         )
 
-    async def negotiate(self, features: int = 0) -> int:
+    async def negotiate(self, features: int = 0, protocol: int = 0) -> int:
         offered = U64.unpack(await self.call_(Request.GET_FEATURES))[0]
         assert offered & PROTOCOL_FEATURES_BIT
         proto = U64.unpack(await self.call_(Request.GET_PROTOCOL_FEATURES))[0]
         want = int(ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIG | ProtocolFeature.MQ)
+        want |= protocol
         assert proto & want == want
         await self.call_(Request.SET_PROTOCOL_FEATURES, U64.pack(want))
         self.reply_ack = True
@@ -132,6 +134,15 @@ class FrontEnd:
         acked = int(Feature.VERSION_1) | PROTOCOL_FEATURES_BIT | (features & offered)
         await self.call_(Request.SET_FEATURES, U64.pack(acked))
         return int(offered)
+
+    async def get_inflight(self, num_queues: int = 1, queue_size: int = 128) -> tuple[int, int]:
+        """GET_INFLIGHT_FD as QEMU's vhost-user-blk sends it: ``(mmap_size, fd)``."""
+        await self.send(Request.GET_INFLIGHT_FD, INFLIGHT.pack(0, 0, num_queues, queue_size))
+        msg = await self.reply()
+        assert len(msg.fds) == 1, msg
+        size, offset, nq, qs = INFLIGHT.unpack(msg.payload)
+        assert (offset, nq, qs) == (0, num_queues, queue_size)
+        return int(size), msg.fds[0]
 
     async def config(self, size: int = 60) -> bytes:
         out = await self.call_(Request.GET_CONFIG, CONFIG_HDR.pack(0, size, 0) + bytes(size))

@@ -25,7 +25,7 @@ import struct
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 
-from construct import Array, Bytes, Int32un, Int64un, Padding, Struct, this
+from construct import Array, Bytes, Int8un, Int16un, Int32un, Int64un, Padding, Struct, this
 
 from virtio.errors import LocalProtocolError, RemoteProtocolError
 
@@ -35,6 +35,9 @@ __all__ = [
     "FLAG_NEED_REPLY",
     "FLAG_REPLY",
     "HEADER",
+    "INFLIGHT",
+    "INFLIGHT_DESC",
+    "INFLIGHT_HDR",
     "MAX_FDS",
     "MAX_MEM_REGIONS",
     "MAX_PAYLOAD",
@@ -47,6 +50,9 @@ __all__ = [
     "VRING_STATE",
     "ConfigLayout",
     "HeaderLayout",
+    "InflightDescLayout",
+    "InflightHeaderLayout",
+    "InflightLayout",
     "MemRegion",
     "MemoryTableLayout",
     "Message",
@@ -57,6 +63,7 @@ __all__ = [
     "VringStateLayout",
     "check_fds",
     "decode_config",
+    "decode_inflight",
     "decode_mem_table",
     "decode_u64",
     "decode_vring_addr",
@@ -197,6 +204,34 @@ ConfigLayout = Struct(
     "payload" / Bytes(this.size),
 )
 CONFIG_HDR = struct.Struct("=III")
+
+#: GET_INFLIGHT_FD / SET_INFLIGHT_FD (``VhostUserInflight``; padded to 8 as in C)
+InflightLayout = Struct(
+    "mmap_size" / Int64un,
+    "mmap_offset" / Int64un,
+    "num_queues" / Int16un,
+    "queue_size" / Int16un,
+    Padding(4),
+)
+INFLIGHT = struct.Struct("=QQHH4x")
+
+#: The shared inflight region, per split queue ("Inflight I/O tracking"): a header
+#: (``VuVirtqInflight``) then ``desc_num`` entries (``VuDescStateSplit``).
+InflightHeaderLayout = Struct(
+    "features" / Int64un,
+    "version" / Int16un,
+    "desc_num" / Int16un,
+    "last_batch_head" / Int16un,
+    "used_idx" / Int16un,
+)
+INFLIGHT_HDR = struct.Struct("=QHHHH")
+InflightDescLayout = Struct(
+    "inflight" / Int8un,
+    Padding(5),
+    "next" / Int16un,
+    "counter" / Int64un,
+)
+INFLIGHT_DESC = struct.Struct("=B5xHQ")
 
 
 def reason(request: int) -> str:
@@ -423,3 +458,10 @@ def decode_config(msg: Message, *, with_payload: bool) -> tuple[int, int, int, b
     _size(msg, CONFIG_HDR.size + size)
     body = msg.payload[CONFIG_HDR.size :] if with_payload else b""
     return int(offset), int(size), int(flags), bytes(body)
+
+
+def decode_inflight(msg: Message) -> tuple[int, int, int, int]:
+    """``(mmap_size, mmap_offset, num_queues, queue_size)`` of GET/SET_INFLIGHT_FD."""
+    _size(msg, INFLIGHT.size)
+    size, offset, nq, qs = INFLIGHT.unpack(msg.payload)
+    return int(size), int(offset), int(nq), int(qs)
