@@ -43,6 +43,7 @@ from virtio.packed.layout import USED_BODY as _USED_STRUCT
 from virtio.packed.layout import WRITE as _WRITE
 from virtio.packed.state import PackedQueueState, state_problem
 from virtio.split.chain import Chain
+from virtio.split.device_base import DeviceQueueBase
 from virtio.split.faults import QueueBroken, RingError, RingFault
 from virtio.split.fence import full_fence
 
@@ -59,7 +60,7 @@ def _available(flags: int, wrap: int) -> bool:
     return a == wrap and (flags >> 15) != a
 
 
-class DeviceQueue:
+class DeviceQueue(DeviceQueueBase[PackedLayout]):
     """The device (host/backend) side of a packed ring. Every input is untrusted.
 
     Same shape and loop as :class:`virtio.split.DeviceQueue`::
@@ -85,22 +86,11 @@ class DeviceQueue:
         "_in_flight",
         "_inflight",
         "_inflight_slots",
-        "_mem",
         "_moved",
         "_next_avail",
         "_next_used",
         "_staged",
         "_used_wrap",
-        "broken",
-        "errors",
-        "event_idx",
-        "indirect",
-        "layout",
-        "notify_enabled",
-        "ready",
-        "require_readable",
-        "require_writable",
-        "size",
     )
 
     def __init__(
@@ -118,20 +108,7 @@ class DeviceQueue:
         Raises:
             RingError: bad size, misaligned part, ring outside memory.
         """
-        self.layout = layout
-        self.size = layout.size
-        self.event_idx = bool(features & Feature.EVENT_IDX)
-        self.indirect = bool(features & Feature.INDIRECT_DESC)
-        self.require_readable = require_readable
-        self.require_writable = require_writable
-        self.broken = False
-        self.errors = 0
-        self.ready = False
-        self.notify_enabled = True
-        self._mem = mem
-        bad = layout.problem(max_size)
-        if bad is not None:
-            self._fail(*bad)
+        self._setup(mem, layout, features, max_size, require_readable, require_writable)
         try:
             desc, drv, dev = ring_views(mem, layout, driver_w=False, device_w=True)
         except MemoryFault as e:
@@ -156,10 +133,6 @@ class DeviceQueue:
         self._dev_ev[0] = event_word(_DESC_EVENT, 0, 1) if self.event_idx else _ENABLE
 
     # -- lifecycle ---------------------------------------------------------
-    def activate(self) -> None:
-        """Allow consumption; call on DRIVER_OK (§3.1.1: none before it)."""
-        self.ready = True
-
     def reset(self) -> None:
         """Forget every position and in-flight id and clear the broken latch (§2.6)."""
         self._init_state()
@@ -213,18 +186,6 @@ class DeviceQueue:
         else:
             q.disable_notifications()
         return q
-
-    # -- errors ------------------------------------------------------------
-    def _fail(self, fault: RingFault, message: str) -> None:
-        self.broken = True
-        self.errors += 1
-        raise RingError(fault, message)
-
-    def _check_usable(self) -> None:
-        if self.broken:
-            raise QueueBroken("queue is broken after a ring error; reset the device")
-        if not self.ready:
-            raise LocalProtocolError("queue not activated: no buffer is used before DRIVER_OK")
 
     # -- consuming ---------------------------------------------------------
     @property

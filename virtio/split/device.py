@@ -21,6 +21,7 @@ from virtio.constants import VRING_SIZE_MAX, DescFlag, Feature, RingFlag
 from virtio.errors import LocalProtocolError
 from virtio.memory import ADDRESS_LIMIT, Memory, MemoryFault
 from virtio.split.chain import Chain
+from virtio.split.device_base import DeviceQueueBase
 from virtio.split.faults import QueueBroken, RingError, RingFault
 from virtio.split.fence import full_fence
 from virtio.split.layout import (
@@ -63,7 +64,7 @@ class QueueState:
     published_used: int | None = None
 
 
-class DeviceQueue:
+class DeviceQueue(DeviceQueueBase[SplitLayout]):
     """The device (host/backend) side of a split ring. Every input is untrusted.
 
     Typical loop in an adapter::
@@ -85,22 +86,11 @@ class DeviceQueue:
         "_desc",
         "_inflight",
         "_mask",
-        "_mem",
         "_next_avail",
         "_next_used",
         "_published_used",
         "_used_h",
         "_used_i",
-        "broken",
-        "errors",
-        "event_idx",
-        "indirect",
-        "layout",
-        "notify_enabled",
-        "ready",
-        "require_readable",
-        "require_writable",
-        "size",
     )
 
     def __init__(
@@ -118,20 +108,7 @@ class DeviceQueue:
         Raises:
             RingError: bad size, misaligned part, ring outside memory.
         """
-        self.layout = layout
-        self.size = layout.size
-        self.event_idx = bool(features & Feature.EVENT_IDX)
-        self.indirect = bool(features & Feature.INDIRECT_DESC)
-        self.require_readable = require_readable
-        self.require_writable = require_writable
-        self.broken = False
-        self.errors = 0
-        self.ready = False
-        self.notify_enabled = True
-        self._mem = mem
-        bad = layout.problem(max_size)
-        if bad is not None:
-            self._fail(*bad)
+        self._setup(mem, layout, features, max_size, require_readable, require_writable)
         try:
             desc, avail, used = ring_views(mem, layout, desc_w=False, avail_w=False, used_w=True)
         except MemoryFault as e:
@@ -148,10 +125,6 @@ class DeviceQueue:
         self._published_used = 0
 
     # -- lifecycle ---------------------------------------------------------
-    def activate(self) -> None:
-        """Allow consumption; call on DRIVER_OK (§3.1.1: none before it)."""
-        self.ready = True
-
     def reset(self) -> None:
         """Forget every index and in-flight head and clear the broken latch (§2.6)."""
         self._next_avail = self._next_used = self._published_used = 0
@@ -207,18 +180,6 @@ class DeviceQueue:
         q.ready = state.ready
         q.notify_enabled = state.notify_enabled
         return q
-
-    # -- errors ------------------------------------------------------------
-    def _fail(self, fault: RingFault, message: str) -> None:
-        self.broken = True
-        self.errors += 1
-        raise RingError(fault, message)
-
-    def _check_usable(self) -> None:
-        if self.broken:
-            raise QueueBroken("queue is broken after a ring error; reset the device")
-        if not self.ready:
-            raise LocalProtocolError("queue not activated: no buffer is used before DRIVER_OK")
 
     # -- consuming ---------------------------------------------------------
     @property
