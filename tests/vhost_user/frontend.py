@@ -28,6 +28,7 @@ from transport.vhost_user.protocol import (
     VRING_STATE,
     encode_mem_table,
 )
+from virtio import packed
 from virtio.blk import REQ_HEADER
 from virtio.constants import Feature
 from virtio.memory import FlatMemory
@@ -173,10 +174,17 @@ class FrontEnd:
         os.eventfd_read(fd)
 
     async def blk(
-        self, rtype: int, sector: int, out: bytes = b"", in_len: int = 0
+        self,
+        rtype: int,
+        sector: int,
+        out: bytes = b"",
+        in_len: int = 0,
+        *,
+        queue: DriverQueue[int] | packed.DriverQueue[int] | None = None,
     ) -> tuple[int, bytes]:
-        """One virtio-blk request; ``(status, data read)``."""
-        q = self.queue
+        """One virtio-blk request on ``queue`` (default: this front-end's split
+        queue); ``(status, data read)``."""
+        q = queue if queue is not None else self.queue
         assert q is not None
         view = self.mem.raw()
         hdr, data = GPA + DATA, GPA + DATA + 4096

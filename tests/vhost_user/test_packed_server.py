@@ -24,11 +24,10 @@ import pytest_asyncio
 from mic_host.backends.block import BlockBackend
 from mic_host.vhost_user import VhostUserServer
 from mic_host.vhost_user.packed import decode_base
-from tests.vhost_user.frontend import DATA, GPA, INDIRECT, RING, UVA, FrontEnd
+from tests.vhost_user.frontend import GPA, INDIRECT, RING, UVA, FrontEnd
 from transport.vhost_user import Request
 from transport.vhost_user.protocol import U64, VRING_ADDR, VRING_STATE, encode_mem_table
 from virtio import packed
-from virtio.blk import REQ_HEADER
 from virtio.constants import BlkReqType, BlkStatus, Feature
 from virtio.errors import RemoteProtocolError
 
@@ -94,27 +93,8 @@ class Packed:
     async def blk(
         self, rtype: int, sector: int, out: bytes = b"", in_len: int = 0
     ) -> tuple[int, bytes]:
-        """One virtio-blk request; ``(status, data read)`` (the frontend's buffers)."""
-        fe, q = self.fe, self.queue
-        view = fe.mem.raw()
-        hdr, data = GPA + DATA, GPA + DATA + 4096
-        view[DATA : DATA + 16] = REQ_HEADER.pack(rtype, sector)
-        readable = [(hdr, 16)]
-        writable = []
-        if out:
-            view[DATA + 4096 : DATA + 4096 + len(out)] = out
-            readable.append((data, len(out)))
-        if in_len:
-            writable.append((data, in_len))
-        status = data + 0x20000
-        writable.append((status, 1))
-        q.add(readable, writable, 1)
-        if q.publish():
-            os.eventfd_write(fe.kick, 1)
-        while q.get_used() is None:
-            if not q.enable_interrupts():
-                await fe.wait_fd(fe.call)
-        return view[status - GPA], bytes(view[DATA + 4096 : DATA + 4096 + in_len])
+        """One virtio-blk request on the packed ring (the frontend's buffers)."""
+        return await self.fe.blk(rtype, sector, out, in_len, queue=self.queue)
 
 
 async def _connect(srv: VhostUserServer, ring: int) -> tuple[FrontEnd, Packed]:
