@@ -21,15 +21,17 @@ from typing import Any
 import pytest
 
 import mic_host
-from mic_host.backends.block import BlockBackend
-from mic_host.backends.datapath import DMA_ALIGN
+from mic_host.backends.block import BlockBackend, _Io
+from mic_host.backends.datapath import DMA_ALIGN, DmaLease
 from mic_host.client import CardClient
 from mic_host.config import parse_config
 from tests.block import storm
 from tests.integration.helpers import micctl
 from transport.dma import DMA_ALIGN as ENGINE_ALIGN
-from virtio.constants import BlkStatus
+from transport.dma import DmaEngine
+from virtio.constants import BlkReqType, BlkStatus
 from virtio.errors import ConfigError, MicError
+from virtio.memory import FlatMemory
 
 SECTOR = 512
 DP = "tests.block.datapath_apps"
@@ -289,3 +291,31 @@ async def _neighbour_io(card: CardClient, want: str, stop: asyncio.Event) -> int
         rounds += 1
         if last:
             return rounds
+
+
+@pytest.mark.asyncio
+async def test_a_failed_dma_copy_is_an_ioerr_never_an_ack(tmp_path: Path) -> None:
+    """The engine closed under a request (a card going down) or an address the
+    card made unreachable: the request answers IOERR, its data is not claimed."""
+    img = tmp_path / "d.img"
+    img.write_bytes(os.urandom(1 << 16))
+    backend = BlockBackend(img, name="d", data_path="dma")
+    mem = FlatMemory(1 << 20)
+    bounce, card_buf = 1 << 19, 4096
+    try:
+        async with DmaEngine(mem) as engine:
+            backend.datapath.lease = DmaLease(engine, mem.view(bounce, 1 << 16, True), bounce)
+            view = mem.view(card_buf, 4096, True)
+            ok = _Io(BlkReqType.IN, 4096, 4096, [view], dma=[(card_buf, 4096)])
+            assert backend._execute(ok) == (BlkStatus.OK, 4096)
+            assert bytes(view) == img.read_bytes()[4096:8192]
+            unreachable = _Io(BlkReqType.IN, 0, 4096, [view], dma=[(2 << 20, 4096)])
+            assert backend._execute(unreachable) == (BlkStatus.IOERR, 0)
+        view[:] = bytes(4096)
+        late = _Io(BlkReqType.IN, 0, 4096, [view], dma=[(card_buf, 4096)])
+        assert backend._execute(late) == (BlkStatus.IOERR, 0)  # engine closed
+        assert bytes(view) == bytes(4096)
+        assert backend.stats()["dma_requests"] == 1
+        assert backend.stats()["io_errors"] == 0  # counted by _complete, not here
+    finally:
+        await backend.aclose()
