@@ -257,7 +257,7 @@ def _check_block(ctx: Ctx, key: str, out: dict[str, Any]) -> None:
 
     if _check_block_backend(ctx, key, out):
         return
-    if "data_path" in out:
+    if "data_path" in out or "dma_threshold" in out:
         _check_data_path(ctx, key, out)
     nq = out.get("num_queues", 1)
     if not 1 <= nq <= lim.BLOCK_MAX_QUEUES:
@@ -297,9 +297,11 @@ def _check_block(ctx: Ctx, key: str, out: dict[str, Any]) -> None:
 def _check_data_path(ctx: Ctx, key: str, out: dict[str, Any]) -> None:
     from mic_host.config.limits import BLOCK_DATA_PATHS as choices
 
-    dp = out["data_path"]
+    dp = out.get("data_path", choices[0])
     if dp not in choices:
         raise ctx.error(f"{key}.data_path", f"expected one of {', '.join(choices)}, got {dp!r}")
+    if "dma_threshold" in out and dp != "auto":
+        raise ctx.error(f"{key}.dma_threshold", 'only a data_path = "auto" disk has a threshold')
 
 
 #: the longest Unix socket path (``sun_path`` is 108 bytes with its NUL)

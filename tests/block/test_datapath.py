@@ -90,6 +90,9 @@ def test_bad_data_path_names_the_device_and_the_choices(tmp_path: Path) -> None:
     bad = text.replace('data_path = "gpu"', 'data_path = "auto", dma_threshold = -1')
     with pytest.raises(ConfigError, match="dma_threshold"):
         parse_config(bad, "mic.toml", state_dir=tmp_path)
+    stray = text.replace('data_path = "gpu"', 'data_path = "dma", dma_threshold = "64K"')
+    with pytest.raises(ConfigError, match=r"dma_threshold: only a data_path = \"auto\" disk"):
+        parse_config(stray, "mic.toml", state_dir=tmp_path)
 
 
 @pytest.mark.asyncio
