@@ -163,7 +163,7 @@ class SharedDma:
 
     def __init__(self, opener: Callable[[], AbstractAsyncContextManager[DmaEngineLike]]) -> None:
         self._opener = opener
-        self._cm: AbstractAsyncContextManager[DmaEngineLike] | None = None
+        self._stack: contextlib.AsyncExitStack | None = None  # holds the open engine
         self._engine: DmaEngineLike | None = None
         self._lock = asyncio.Lock()
         self.users = 0
@@ -179,18 +179,18 @@ class SharedDma:
         async with self._lock:  # two devices starting at once open one engine
             engine = self._engine
             if engine is None:
-                cm = self._opener()
-                engine = await cm.__aenter__()
-                self._cm, self._engine = cm, engine
+                stack = contextlib.AsyncExitStack()
+                engine = await stack.enter_async_context(self._opener())
+                self._stack, self._engine = stack, engine
                 self.opens += 1
             self.users += 1
         try:
             yield engine
         finally:
             self.users -= 1
-            if not self.users and self._cm is not None:
-                cm, self._cm, self._engine = self._cm, None, None
-                await cm.__aexit__(None, None, None)
+            if not self.users and self._stack is not None:
+                stack, self._stack, self._engine = self._stack, None, None
+                await stack.aclose()
 
     def stats(self) -> dict[str, Any]:
         return {"running": self.running, "users": self.users, "opens": self.opens}
