@@ -48,6 +48,7 @@ bench: install
 	$(BIN)/python -m bench.transport_bench
 	$(BIN)/python -m bench.boot
 	$(BIN)/python -m bench.block
+	$(BIN)/python -m bench.datapath
 	$(BIN)/python -m bench.accel
 	$(BIN)/python -m bench.net
 	$(BIN)/python -m bench.isolation

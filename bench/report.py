@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench import vhost_user
+from bench import datapath, vhost_user
 from bench.report_throughput import ab_sections, profile, scaling, scaling_targets
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -504,6 +504,7 @@ SUMMARIES = (
     ("latency", _latency_targets),
     ("vhost_user", vhost_user.targets),
     ("scaling", scaling_targets),
+    ("datapath", datapath.targets),
 )
 
 
@@ -573,6 +574,7 @@ def main() -> int:
         ("isolation", isolation),
         ("latency", latency),
         ("vhost_user", vhost_user.section),
+        ("datapath", datapath.section),
         ("profile", profile),
         ("profile_before", profile),
         ("scaling", scaling),

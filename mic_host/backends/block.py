@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mic_host.backends import BackendContext
+from mic_host.backends.datapath import DEFAULT_DATA_PATH, BlockDataPath
 from mic_host.backends.imagelock import lock_image
 from mic_host.config.files import open_image
 from mic_host.config.limits import (
@@ -176,6 +177,7 @@ class _Io:
     length: int = 0  # bytes
     bufs: list[memoryview] | None = None
     segments: list[tuple[int, int, int]] | None = None  # (offset, length, flags)
+    dma: list[tuple[int, int]] | None = None  # card segments to DMA (data_path), else CPU
 
 
 class BlockBackend:
@@ -188,8 +190,8 @@ class BlockBackend:
     ``queue_size`` (power of two 4..256), ``num_queues`` (1..4; more than one
     offers VIRTIO_BLK_F_MQ), ``blk_size`` (logical block size, power of two
     512..65536: requests must be whole, aligned blocks), ``discard`` (offer
-    DISCARD and WRITE_ZEROES, default true), ``thread_threshold`` (bytes),
-    ``force_share`` (skip the image lock check, QEMU's ``share-rw``). The
+    DISCARD and WRITE_ZEROES, default true), ``thread_threshold`` (bytes), ``force_share``
+    (QEMU's ``share-rw``), ``data_path`` and ``dma_threshold`` (:mod:`.datapath`). The
     caller may pass ``label`` (what errors call the device, "" for nothing but
     the path), ``card`` and ``state_dir`` (recorded with the image lock).
 
@@ -228,6 +230,8 @@ class BlockBackend:
         discard: bool = True,
         thread_threshold: int = THREAD_THRESHOLD,
         force_share: bool = False,
+        data_path: str = DEFAULT_DATA_PATH,
+        dma_threshold: int | None = None,
         label: str | None = None,
         card: str | None = None,
         state_dir: str | None = None,
@@ -243,6 +247,7 @@ class BlockBackend:
         self.blk_size = int(blk_size)
         self.discard = bool(discard) and not self.read_only
         self.thread_threshold = int(thread_threshold)
+        self.datapath = BlockDataPath(data_path, dma_threshold, where)
         if not 1 <= self.num_queues <= MAX_QUEUES:
             raise ConfigError(f"{where}num_queues {num_queues} outside 1..{MAX_QUEUES}")
         if self.queue_size < BLOCK_QUEUE_SIZE_MIN:  # VOP checks the power of two and the top
@@ -361,7 +366,7 @@ class BlockBackend:
             self._pool = ThreadPoolExecutor(
                 max_workers=max(2, self.num_queues + 1), thread_name_prefix=f"blk-{self.name}"
             )
-        async with asyncio.TaskGroup() as tg:
+        async with self.datapath.bind(ctx, log, self.name), asyncio.TaskGroup() as tg:
             for q in ctx.queues:
                 tg.create_task(self._serve(q, tg), name=f"{self.name}-q{q.index}")
 
@@ -387,6 +392,7 @@ class BlockBackend:
             self._features = self._ctx.features if self._ctx is not None else 0
             threshold = self.thread_threshold
             inline_out = not self._writethrough
+            dp = self.datapath if self.datapath.lease is not None else None
             for chain in batch:
                 checked = self._check(chain)
                 if not isinstance(checked, _Io):
@@ -394,6 +400,7 @@ class BlockBackend:
                 elif (
                     checked.kind == BlkReqType.IN or (checked.kind == BlkReqType.OUT and inline_out)
                 ) and checked.length <= threshold:
+                    checked.dma = dp.plan(chain, checked.kind, checked.length) if dp else None
                     done = self._execute(checked)
                     if trace.ON:
                         trace.mark(trace.IO_DONE)
@@ -515,12 +522,12 @@ class BlockBackend:
         kind = io.kind
         try:
             if kind == BlkReqType.IN:
-                self._pread(fd, io)
+                (self._pread if io.dma is None else self.datapath.read)(fd, io)
                 self.reads += 1
                 self.bytes_read += io.length
                 return BlkStatus.OK, io.length
             if kind == BlkReqType.OUT:
-                self._pwrite(fd, io)
+                (self._pwrite if io.dma is None else self.datapath.write)(fd, io)
                 if self._writethrough:
                     os.fdatasync(fd)
                 self.writes += 1
@@ -589,4 +596,5 @@ class BlockBackend:
             "io_errors": self.io_errors,
             "unsupported": self.unsupported,
             "malformed": self.malformed,
+            **self.datapath.stats(),
         }

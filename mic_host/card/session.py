@@ -55,6 +55,7 @@ from transport import (
     PcieHost,
     Perm,
 )
+from transport.dma import DmaEngine
 from transport.messages import (
     AppsReply,
     CardMessage,
@@ -159,6 +160,11 @@ class _Platform:
 
     def ring_card(self, db: int) -> None:
         self._pcie.mmio.doorbell(db).ring()
+
+    def dma(self) -> DmaEngine:
+        """The card's DMA engine (:class:`mic_host.backends.datapath.DmaPlatform`):
+        VOP opens it while a device's ``data_path`` uses it."""
+        return self._pcie.dma()
 
 
 class BootSession:

@@ -129,7 +129,8 @@ class CardClient:
 
         ``size`` (bytes or ``"64M"``) is the size of an image ``create`` makes
         when ``path`` is missing; ``options`` are further block options
-        (``num_queues``, ``queue_size``, ``blk_size``, ``discard``, ``name``).
+        (``num_queues``, ``queue_size``, ``blk_size``, ``discard``, ``name``,
+        ``data_path="cpu"|"dma"|"auto"``, ``dma_threshold``).
         A relative ``path`` is taken from the daemon's state directory.
 
         Raises:

@@ -40,6 +40,7 @@ from virtio.layouts import (
 )
 
 __all__ = [
+    "BLOCK_DATA_PATHS",
     "BLK_SIZE_MAX",
     "BLK_SIZE_MIN",
     "BLOCK_MAX_QUEUES",
@@ -78,6 +79,8 @@ BLOCK_QUEUE_SIZE_MIN = 4
 #: Most request queues of one block device (Linux VOP allowed 4 vqs per device;
 #: VOP here allows :data:`MAX_NUM_VQ`, the block backend and card driver 4).
 BLOCK_MAX_QUEUES = 4
+#: A block device's ``data_path`` choices (mic_host.backends.datapath).
+BLOCK_DATA_PATHS = ("cpu", "dma", "auto")
 #: Logical block sizes the backend and the card's driver accept (powers of two).
 BLK_SIZE_MIN = SECTOR_SIZE
 BLK_SIZE_MAX = 64 << 10

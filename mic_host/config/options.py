@@ -80,6 +80,15 @@ DEVICE_OPTIONS: dict[str, dict[str, OptionSpec]] = {
             "back-end such as qemu-storage-daemon serves the card's rings; docs/vhost-user.md)",
         ),
         "socket": OptionSpec("path", help="vhost-user: the back-end's Unix socket"),
+        "data_path": OptionSpec(
+            "str",
+            help='"cpu" (default: preadv/pwritev straight into card memory), "dma" (the '
+            'card\'s DMA engine through a host bounce buffer) or "auto" (DMA at or above '
+            "dma_threshold); docs/block.md",
+        ),
+        "dma_threshold": OptionSpec(
+            "size", help='data_path = "auto": requests of at least this size use DMA'
+        ),
     },
     "console": {},
     "net": {
@@ -248,6 +257,8 @@ def _check_block(ctx: Ctx, key: str, out: dict[str, Any]) -> None:
 
     if _check_block_backend(ctx, key, out):
         return
+    if "data_path" in out or "dma_threshold" in out:
+        _check_data_path(ctx, key, out)
     nq = out.get("num_queues", 1)
     if not 1 <= nq <= lim.BLOCK_MAX_QUEUES:
         raise ctx.error(f"{key}.num_queues", f"{nq} queues: expected 1..{lim.BLOCK_MAX_QUEUES}")
@@ -283,6 +294,16 @@ def _check_block(ctx: Ctx, key: str, out: dict[str, Any]) -> None:
         raise ctx.error(f"{key}.image", str(e)) from None
 
 
+def _check_data_path(ctx: Ctx, key: str, out: dict[str, Any]) -> None:
+    from mic_host.config.limits import BLOCK_DATA_PATHS as choices
+
+    dp = out.get("data_path", choices[0])
+    if dp not in choices:
+        raise ctx.error(f"{key}.data_path", f"expected one of {', '.join(choices)}, got {dp!r}")
+    if "dma_threshold" in out and dp != "auto":
+        raise ctx.error(f"{key}.dma_threshold", 'only a data_path = "auto" disk has a threshold')
+
+
 #: the longest Unix socket path (``sun_path`` is 108 bytes with its NUL)
 _SUN_PATH_MAX = 107
 #: block options that only a disk MIC-VOP serves itself has (a vhost-user back-end decides)
@@ -296,6 +317,8 @@ _FILE_ONLY = (
     "blk_size",
     "discard",
     "force_share",
+    "data_path",
+    "dma_threshold",
 )
 
 

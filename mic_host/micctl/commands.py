@@ -73,6 +73,8 @@ def attach_options(args: argparse.Namespace) -> dict[str, Any]:
         "ring": getattr(args, "ring", None),
         "backend": getattr(args, "backend", None),
         "socket": getattr(args, "socket", None),
+        "data_path": getattr(args, "data_path", None),
+        "dma_threshold": getattr(args, "dma_threshold", None),
     }
     for key, value in flags.items():
         if value is None:
@@ -243,6 +245,15 @@ def _conf_attach(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--socket", metavar="PATH", help="block: the vhost-user back-end's socket")
     p.add_argument(
+        "--data-path",
+        choices=("cpu", "dma", "auto"),
+        help="block: how request data moves: cpu (default), dma (the card's DMA engine "
+        "through a host bounce buffer) or auto (DMA at or above --dma-threshold)",
+    )
+    p.add_argument(
+        "--dma-threshold", type=size, metavar="SIZE", help="block: --data-path auto's threshold"
+    )
+    p.add_argument(
         "--opt",
         type=_opt,
         action="append",
@@ -276,7 +287,9 @@ def _conf_stats(p: argparse.ArgumentParser) -> None:
         "(doorbells that gave a waiting queue work), CHAINS (requests popped), "
         "BUFFERS (completions), INTERRUPTS (to the card), BYTES, ERRORS (ring "
         "faults). Then each backend's counters: block io_errors/unsupported/"
-        "malformed, console drops, net packets and drops by reason."
+        "malformed and its data path (data_path, dma_requests, dma_bytes, dma_fallbacks: "
+        "not 64 B-aligned, served by CPU; cpu_requests), "
+        "console drops, net packets and drops by reason."
     )
     with_card(p)
     p.add_argument("--json", action="store_true", help="print the raw result (for scripts)")

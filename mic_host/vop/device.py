@@ -18,11 +18,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
 
 from mic_host.backends import Backend, ExternalRings, RingSpec
+from mic_host.backends.datapath import DmaLease
 from mic_host.endpoint import EndpointState, QueueEndpoint
 from mic_host.events import MAX_MESSAGE, emit
 from virtio import packed
@@ -112,6 +114,9 @@ class DeviceOwner(Protocol):
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         """Run ``coro`` as a task the owner cancels when it closes."""
+
+    def open_dma(self, bounce_size: int) -> AbstractAsyncContextManager[DmaLease]:
+        """The card's DMA engine and a bounce buffer (:mod:`mic_host.backends.datapath`)."""
 
 
 class VopDeviceState(Enum):
@@ -203,6 +208,10 @@ class VopDevice:
     @property
     def features(self) -> int:
         return self.machine.features
+
+    def open_dma(self, bounce_size: int) -> AbstractAsyncContextManager[DmaLease]:
+        """Lend the card's DMA engine (:class:`mic_host.backends.datapath.DmaProvider`)."""
+        return self._owner.open_dma(bounce_size)
 
     async def update_config(self, config: bytes) -> None:
         """Write a new config space; if the card is using the device, run the

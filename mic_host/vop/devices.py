@@ -20,9 +20,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Coroutine, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
 from mic_host.backends import Backend
+from mic_host.backends.datapath import DmaLease, DmaPlatform, SharedDma, lease_dma
 from mic_host.endpoint import EndpointState
 from mic_host.vop.device import HOST_TRANSPORT_FEATURES, VopDevice, Vring
 from mic_host.vop.page import PAGE, DevicePage, HostRamAllocator, vring_alloc_size
@@ -125,6 +127,8 @@ class Vop:
         self.ring_failures = 0
         self.log_budget = log_budget or LogBudget("vop", _log, time.monotonic)
         self._log = self.log_budget.logger(_log)
+        #: the card's DMA engine, running while a device moves data with it
+        self.dma = SharedDma(platform.dma) if isinstance(platform, DmaPlatform) else None
 
     async def __aenter__(self) -> Vop:
         return self
@@ -151,6 +155,11 @@ class Vop:
     def in_host_ram(self, addr: int, length: int) -> bool:
         base = self.platform.host_ram_bus
         return addr < base + len(self._host_ram) and addr + length > base
+
+    def open_dma(self, bounce_size: int) -> AbstractAsyncContextManager[DmaLease]:
+        """The card's DMA engine and a bounce buffer in host RAM (``data_path``)."""
+        bus = self.platform.host_ram_bus
+        return lease_dma(self.dma, self.alloc, self._host_ram, bus, bounce_size)
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         if self._closed:
@@ -363,6 +372,7 @@ class Vop:
             "ring_failures": self.ring_failures,
             "devices": {name: d.stats() for name, d in self._devices.items()},
             "zombies": [d.name for d in self._zombies],
+            "dma_engine": self.dma.stats() if self.dma is not None else None,
         }
 
     async def aclose(self) -> None:
