@@ -20,8 +20,19 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+import hypothesis.strategies as st
+
 from virtio.errors import LocalProtocolError, WouldBlock
 from virtio.memory import FlatMemory
+
+#: Which popped chains the device completes (:func:`pop_all`).
+COMPLETE = st.lists(st.booleans(), min_size=1, max_size=4)
+#: The device queue's ``require_readable`` / ``require_writable``.
+REQUIRE = st.tuples(st.booleans(), st.booleans())
+#: The lists a driver adds (:func:`add_lists`): (readable, writable) counts, not both 0.
+LISTS = st.lists(
+    st.tuples(st.integers(0, 3), st.integers(0, 3)).filter(lambda t: sum(t) > 0), max_size=8
+)
 
 
 class RecordingMemory:

@@ -17,7 +17,16 @@ import hypothesis.strategies as st
 from hypothesis import given, settings
 
 from tests.virtio.packed_pair import AVAIL, USED
-from tests.virtio.ring_fuzz import RecordingMemory, add_lists, attempt, drain_used, pop_all
+from tests.virtio.ring_fuzz import (
+    COMPLETE,
+    LISTS,
+    REQUIRE,
+    RecordingMemory,
+    add_lists,
+    attempt,
+    drain_used,
+    pop_all,
+)
 from virtio import packed
 from virtio.constants import Feature, PackedDescFlag
 from virtio.memory import FlatMemory
@@ -76,8 +85,8 @@ def fuzz_device(
     size=FUZZ_SIZES,
     features=st.sampled_from([0, int(Feature.INDIRECT_DESC), int(Feature.EVENT_IDX)]),
     data=st.data(),
-    complete=st.lists(st.booleans(), min_size=1, max_size=4),
-    require=st.tuples(st.booleans(), st.booleans()),
+    complete=COMPLETE,
+    require=REQUIRE,
 )
 def test_fuzz_device_raw_bytes(
     size: int, features: int, data: st.DataObject, complete: list[bool], require: tuple[bool, bool]
@@ -121,8 +130,8 @@ def descriptor(size: int) -> st.SearchStrategy[bytes]:
         [0, int(Feature.INDIRECT_DESC), int(Feature.INDIRECT_DESC | Feature.EVENT_IDX)]
     ),
     data=st.data(),
-    complete=st.lists(st.booleans(), min_size=1, max_size=4),
-    require=st.tuples(st.booleans(), st.booleans()),
+    complete=COMPLETE,
+    require=REQUIRE,
 )
 def test_fuzz_device_structured(
     size: int, features: int, data: st.DataObject, complete: list[bool], require: tuple[bool, bool]
@@ -143,9 +152,7 @@ def test_fuzz_device_structured(
 @given(
     size=FUZZ_SIZES,
     event_idx=st.booleans(),
-    lists=st.lists(
-        st.tuples(st.integers(0, 3), st.integers(0, 3)).filter(lambda t: sum(t) > 0), max_size=8
-    ),
+    lists=LISTS,
     publish=st.integers(0, 8),
     used=st.data(),
 )

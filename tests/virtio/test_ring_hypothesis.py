@@ -16,7 +16,15 @@ import hypothesis.strategies as st
 import pytest
 from hypothesis import given, settings
 
-from tests.virtio.ring_fuzz import RecordingMemory, add_lists, drain_used, pop_all
+from tests.virtio.ring_fuzz import (
+    COMPLETE,
+    LISTS,
+    REQUIRE,
+    RecordingMemory,
+    add_lists,
+    drain_used,
+    pop_all,
+)
 from virtio import split
 from virtio.constants import DescFlag, Feature
 from virtio.memory import FlatMemory, MemoryFault
@@ -62,8 +70,8 @@ def fuzz_device(
     size=FUZZ_SIZES,
     indirect=st.booleans(),
     data=st.data(),
-    complete=st.lists(st.booleans(), min_size=1, max_size=4),
-    require=st.tuples(st.booleans(), st.booleans()),
+    complete=COMPLETE,
+    require=REQUIRE,
 )
 def test_fuzz_device_raw_bytes(
     size: int,
@@ -104,8 +112,8 @@ def descriptor(size: int) -> st.SearchStrategy[bytes]:
     size=FUZZ_SIZES,
     indirect=st.booleans(),
     data=st.data(),
-    complete=st.lists(st.booleans(), min_size=1, max_size=4),
-    require=st.tuples(st.booleans(), st.booleans()),
+    complete=COMPLETE,
+    require=REQUIRE,
 )
 def test_fuzz_device_structured(
     size: int,
@@ -132,10 +140,7 @@ def test_fuzz_device_structured(
 @given(
     size=FUZZ_SIZES,
     event_idx=st.booleans(),
-    chains=st.lists(
-        st.tuples(st.integers(0, 3), st.integers(0, 3)).filter(lambda t: sum(t) > 0),
-        max_size=8,
-    ),
+    chains=LISTS,
     publish=st.integers(0, 8),
     used=st.data(),
 )
