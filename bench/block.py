@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import config
+
 RESULTS = Path(__file__).with_name("results") / "block.json"
 MiB = 1 << 20
 PATTERNS = (
@@ -197,19 +199,6 @@ async def host_io(path: Path, seconds: float) -> dict[str, Any]:
     return out
 
 
-CONFIG = """
-[[cards]]
-name = "mic0"
-boot_at_start = true
-card_ram = "128M"
-heartbeat_timeout = 30.0
-
-[[cards.devices]]
-type = "block"
-options = {{ image = "{image}", num_queues = {nq} }}
-"""
-
-
 async def card_side(
     image: Path, seconds: float, runs: int, nq: int
 ) -> dict[tuple[str, bool], dict[str, Any]]:
@@ -217,7 +206,7 @@ async def card_side(
 
     out: dict[tuple[str, bool], dict[str, Any]] = {}
     sd = tempfile.mkdtemp(prefix="micb", dir="/tmp")
-    async with mic_host.launch(sd, CONFIG.format(image=image, nq=nq)) as client:
+    async with mic_host.launch(sd, config.card(config.block(image, num_queues=nq))) as client:
         card = client.card("mic0")
         await card.wait("online", timeout=60)
         cells = [(p, bs, d, True) for p, bs, d in PATTERNS] + [("seqread", MiB, 8, False)]

@@ -61,6 +61,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import config
 from virtio.errors import MicError
 
 RESULTS = Path(__file__).with_name("results") / "isolation.json"
@@ -88,35 +89,19 @@ HEARTBEAT_INTERVAL = 0.25
 HOSTILE_NICE = 19
 GOALS = {"missed_heartbeats": 0, "p99_ratio": 2.0, "rss_growth_mib": 64}
 
-_HEALTHY = """
-[[cards]]
-name = "mic0"
-card_ram = "64M"
-host_ram = "4M"
-heartbeat_interval = {hb}
-heartbeat_timeout = 5.0
-[[cards.devices]]
-type = "console"
-[[cards.devices]]
-type = "block"
-options = {{ image = "{sd}/mic0.img", size = "64M", create = true }}
-"""
-_HOSTILE = """
-[[cards]]
-name = "mic1"
-card_ram = "128M"
-host_ram = "4M"
-heartbeat_interval = {hb}
-heartbeat_timeout = 10.0
-[[cards.devices]]
-type = "console"
-[[cards.devices]]
-type = "block"
-options = {{ image = "{sd}/mic1.img", size = "4M", create = true }}
-[[cards.devices]]
-type = "block"
-options = {{ image = "{sd}/mic1-b.img", size = "4M", create = true }}
-"""
+
+def _card(sd: Path, name: str, card_ram: str, hb_timeout: float, disks: dict[str, str]) -> str:
+    """Card ``name``: a console and one created disk per ``{file: size}`` in ``sd``."""
+    return config.card(
+        config.device("console"),
+        *(config.block(sd / f, size=size, create=True) for f, size in disks.items()),
+        name=name,
+        card_ram=card_ram,
+        host_ram="4M",
+        boot_at_start=None,
+        heartbeat_interval=HEARTBEAT_INTERVAL,
+        heartbeat_timeout=hb_timeout,
+    )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -459,9 +444,9 @@ async def phase(
     import mic_host
 
     sd = Path(tempfile.mkdtemp(prefix="mici", dir="/tmp"))
-    cfg = "version = 1\n" + _HEALTHY.format(sd=sd, hb=HEARTBEAT_INTERVAL)
+    cfg = "version = 1\n" + _card(sd, "mic0", "64M", 5.0, {"mic0.img": "64M"})
     if attacks is not None:
-        cfg += _HOSTILE.format(sd=sd, hb=HEARTBEAT_INTERVAL)
+        cfg += _card(sd, "mic1", "128M", 10.0, {"mic1.img": "4M", "mic1-b.img": "4M"})
     try:
         async with mic_host.launch(sd, cfg) as client:
             pid = (await client.ping())["pid"]

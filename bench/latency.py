@@ -55,6 +55,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from bench import config
+
 RESULTS = Path(__file__).with_name("results") / "latency.json"
 MiB = 1 << 20
 #: Goals of issue 19 (ratios of p50 to the floor; p99 to the row's own p50).
@@ -107,22 +109,6 @@ async def card_block(card: Any, dev: str, write: bool, n: int) -> dict[str, Any]
 
 
 # ----------------------------------------------------------------- host side
-
-
-CONFIG = """
-[[cards]]
-name = "mic0"
-boot_at_start = true
-card_ram = "64M"
-heartbeat_timeout = 30.0
-
-[[cards.devices]]
-type = "console"
-
-[[cards.devices]]
-type = "block"
-options = {{ image = "{image}" }}
-"""
 
 
 def trace_env(trace_dir: Path | None) -> dict[str, str]:
@@ -195,7 +181,9 @@ async def block_and_console(
     res: dict[str, Any] = {}
     try:
         async with mic_host.launch(
-            tmp / "state", CONFIG.format(image=image), env=trace_env(trace_dir)
+            tmp / "state",
+            config.card(config.device("console"), config.block(image), card_ram="64M"),
+            env=trace_env(trace_dir),
         ) as client:
             card = client.card("mic0")
             await card.wait("online", timeout=60)

@@ -38,20 +38,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench import config
+
 RESULTS = Path(__file__).with_name("results") / "profile.json"
 MiB = 1 << 20
 TOP = 14
-BLOCK_CONFIG = """
-[[cards]]
-name = "mic0"
-boot_at_start = true
-card_ram = "128M"
-heartbeat_timeout = 30.0
-
-[[cards.devices]]
-type = "block"
-options = {{ image = "{image}" }}
-"""
 
 
 def cpu_seconds(pid: int) -> float:
@@ -168,7 +159,7 @@ async def block(pattern: str, seconds: float, rate: int, svg: Path | None) -> di
     try:
         image = tmp / "bench.img"
         make_image(image, 64 * MiB)
-        async with mic_host.launch(tmp / "state", BLOCK_CONFIG.format(image=image)) as client:
+        async with mic_host.launch(tmp / "state", config.card(config.block(image))) as client:
             card = client.card("mic0")
             await card.wait("online", timeout=60)
             pids = {"daemon": int((await client.ping())["pid"])}

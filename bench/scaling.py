@@ -34,20 +34,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import config
+
 RESULTS = Path(__file__).with_name("results") / "scaling.json"
 MiB = 1 << 20
 GOAL = 1.2
-CARD = """
-[[cards]]
-name = "mic{i}"
-boot_at_start = true
-card_ram = "64M"
-heartbeat_timeout = 30.0
-
-[[cards.devices]]
-type = "block"
-options = {{ image = "{image}" }}
-"""
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -88,7 +79,7 @@ async def amain(n: int, seconds: float, runs: int, env: dict[str, str]) -> dict[
         for i in range(n):
             image = tmp / f"card{i}.img"
             make_image(image, 64 * MiB)
-            cfg += CARD.format(i=i, image=image)
+            cfg += config.card(config.block(image), name=f"mic{i}", card_ram="64M")
         async with mic_host.launch(tmp / "state", cfg, env=env) as client:
             cards = [client.card(f"mic{i}") for i in range(n)]
             for c in cards:

@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import config
+
 RESULTS = Path(__file__).with_name("results") / "vhost_user.json"
 MiB = 1 << 20
 #: (name, pattern, block size, depth); QD1 cells also measure latency
@@ -96,23 +98,13 @@ async def card_latency(
 
 # ----------------------------------------------------------------- host side
 
-CONFIG = """
-[[cards]]
-name = "mic0"
-boot_at_start = true
-card_ram = "128M"
-heartbeat_timeout = 30.0
 
-[[cards.devices]]
-type = "block"
-name = "micvop"
-options = {{ image = "{image}" }}
-
-[[cards.devices]]
-type = "block"
-name = "qsd"
-options = {{ backend = "vhost-user", socket = "{sock}" }}
-"""
+def daemon_config(image: Path, sock: Path | str) -> str:
+    """mic0 with disk ``micvop`` (our backend on ``image``) and ``qsd`` (vhost-user at ``sock``)."""
+    return config.card(
+        config.block(image, name="micvop"),
+        config.device("block", name="qsd", backend="vhost-user", socket=sock),
+    )
 
 
 def make_images(a: Path, b: Path, size: int) -> None:
@@ -163,7 +155,7 @@ async def measure(image: Path, sock: Path, seconds: float, rounds: int) -> dict[
     }
     sd = tempfile.mkdtemp(prefix="micvu", dir="/tmp")
     try:
-        async with mic_host.launch(sd, CONFIG.format(image=image, sock=sock)) as client:
+        async with mic_host.launch(sd, daemon_config(image, sock)) as client:
             card = client.card("mic0")
             await card.wait("online", timeout=60)
             for _ in range(rounds):

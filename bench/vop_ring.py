@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import config
 from bench.block import MiB, make_image
 
 RESULTS = Path(__file__).with_name("results") / "vop_ring.json"
@@ -36,19 +37,6 @@ CELLS = (
     ("seqread", MiB, 8),
     ("randwrite", 4096, 32),
 )
-CONFIG = """
-[[cards]]
-name = "mic0"
-boot_at_start = true
-card_ram = "128M"
-heartbeat_timeout = 30.0
-"""
-DISK = """
-[[cards.devices]]
-type = "block"
-name = "{ring}"
-options = {{ image = "{image}", ring = "{ring}" }}
-"""
 
 
 async def one_layout(
@@ -59,8 +47,11 @@ async def one_layout(
     import mic_host
 
     second = "packed" if first == "split" else "split"
-    cfg = CONFIG + "".join(
-        DISK.format(ring=ring, image=img) for ring, img in zip((first, second), images, strict=True)
+    cfg = config.card(
+        *(
+            config.block(img, name=ring, ring=ring)
+            for ring, img in zip((first, second), images, strict=True)
+        )
     )
     sd = tempfile.mkdtemp(prefix="micr", dir="/tmp")
     out: dict[tuple[str, int, int], dict[str, list[float]]] = {}

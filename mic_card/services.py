@@ -20,7 +20,81 @@ from transport import Region
 from transport.messages import SHUTDOWN_STATUSES
 from virtio.memory import Memory
 
-__all__ = ["SHUTDOWN_STATUSES", "CardServices"]
+__all__ = ["SHUTDOWN_STATUSES", "CardBus", "CardServices", "DriverTable"]
+
+
+class DriverTable(Protocol):
+    """The card's driver table as apps see it (a ``mic_card.bus.DriverRegistry``):
+    what is registered and which driver serves which device type. Entries are
+    ``mic_card.bus.DriverEntry`` (``name``, ``device_type``, ``priority``,
+    ``origin``). Read-only: drivers come from the card's built-ins and the
+    ``mic_vop.drivers`` entry points (docs/extending.md)."""
+
+    def names(self) -> list[str]:
+        """Every registered driver name, in the order added."""
+        ...
+
+    def get(self, name: str) -> Any:
+        """The entry called ``name``.
+
+        Raises:
+            UnknownDriverError (a LocalProtocolError): no such driver (the
+                message lists the known ones).
+        """
+        ...
+
+    def for_type(self, device_type: int) -> list[Any]:
+        """The entries for ``device_type``, best first."""
+        ...
+
+    def default(self, device_type: int) -> Any:
+        """The entry that binds a new device of ``device_type`` (None: no driver)."""
+        ...
+
+    def contested(self) -> dict[int, list[Any]]:
+        """The device types more than one driver claims, entries best first."""
+        ...
+
+    def info(self) -> list[dict[str, object]]:
+        """Every driver as a dict: ``name``, ``type``, ``priority``, ``origin``, ``default``."""
+        ...
+
+
+class CardBus(Protocol):
+    """The card's device bus as apps see it (``card.bus``, a
+    ``mic_card.bus.VirtioBus``): what is on it, its drivers, and a way to wait
+    for it to change. Changing a binding goes through :class:`CardServices`
+    (``bind``, ``unbind``, ``claim``), which names the app that holds a device.
+    """
+
+    @property
+    def drivers(self) -> DriverTable: ...
+
+    @property
+    def generation(self) -> int:
+        """Grows by one at every change of the bus (a device added, removed,
+        bound, unbound, failed, claimed...)."""
+        ...
+
+    async def wait_changed(self, seen: int) -> int:
+        """Wait until :attr:`generation` differs from ``seen`` and return it:
+        ``seen = bus.generation; ...; seen = await bus.wait_changed(seen)``.
+        Bound it with ``asyncio.timeout``."""
+        ...
+
+    def devices(self) -> list[dict[str, Any]]:
+        """Every device as a dict (``name``, ``type``, ``driver``, ``state``,
+        ``error``, ``holder``, features, queue sizes...), in device-page order."""
+        ...
+
+    def device(self, name: str) -> Any:
+        """The bus's device object (``mic_card.bus.CardDevice``: ``info()``,
+        ``read_config()``, ``host_features()``, ``driver``...), bound or not.
+
+        Raises:
+            LocalProtocolError: no device of that name.
+        """
+        ...
 
 
 class CardServices(Protocol):
@@ -36,7 +110,9 @@ class CardServices(Protocol):
       card RAM region (its fd can be handed to a host script), ``alloc``/``free``
       hand out card RAM;
     - ``dmesg()``, ``log``, ``uptime``, ``boot_params``, ``shutdown(status)``;
-    - ``accelerators()`` starts the accelerator framework on first use.
+    - ``accelerators()`` starts the accelerator framework on first use;
+    - ``bus`` (:class:`CardBus`): the device bus itself: its devices, its
+      driver table (``bus.drivers``), and ``wait_changed`` to follow it.
     """
 
     @property
@@ -56,6 +132,11 @@ class CardServices(Protocol):
 
     @property
     def uptime(self) -> float: ...
+
+    @property
+    def bus(self) -> CardBus:
+        """The card's device bus (:class:`CardBus`)."""
+        ...
 
     def devices(self) -> list[dict[str, Any]]:
         """The bus's devices, one dict each (``name``, ``type``, ``driver``, ``state``...)."""

@@ -154,7 +154,9 @@ class Daemon:
 
     async def attach(self, card: str, type: str, options: dict[str, Any]) -> dict[str, Any]:  # noqa: A002
         res = await self._card(card).attach(type, options)
-        emit("device_added", card, name=res["name"], device=res.get("device"), type=type)
+        emit(
+            "device_added", card, name=res["name"], device=res.get("device"), type=type, boot=False
+        )
         return res
 
     async def detach(self, card: str, device: str) -> dict[str, Any]:

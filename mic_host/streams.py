@@ -7,7 +7,8 @@
   daemon's log lines about the card (:class:`~mic_host.hostlog.HostLog`), the
   recent ones and, with ``follow``, new ones until the card goes down (or, for
   a card that is down, until it has booted and gone down again).
-- :func:`watch_card`: publishes a card's lifecycle moves as events;
+- :func:`watch_card`: publishes a card's lifecycle moves as events, and
+  (:func:`announce_devices`) the devices it found at boot as it comes online;
   :func:`track_app`: ``app_started``/``app_ended`` around a ``run``.
 
 Daemon side, beside :mod:`mic_host.daemon` (which delegates here); imports
@@ -34,7 +35,7 @@ from mic_host.hostlog import HostLog
 from mic_host.lifecycle import CardState, Transition
 from virtio.errors import BrokenResourceError, LocalProtocolError
 
-__all__ = ["serve_events", "serve_logs", "track_app", "watch_card"]
+__all__ = ["announce_devices", "serve_events", "serve_logs", "track_app", "watch_card"]
 
 #: Seconds between looks at a followed console log (the writer batches 50 ms).
 FOLLOW_PERIOD = 0.2
@@ -58,9 +59,26 @@ def watch_card(bus: EventBus, m: CardManager) -> None:
         }
         if tr.new in (CardState.CRASHED, CardState.RESET_FAILED) and m.last_error:
             data["error"] = m.last_error[:MAX_MESSAGE]
+        if tr.new is CardState.ONLINE:
+            announce_devices(bus, m)
         bus.publish(str(tr.new), tr.card, **data)
 
     m.lifecycle.add_listener(on_transition)
+
+
+def announce_devices(bus: EventBus, m: CardManager) -> None:
+    """One ``device_added`` (``boot: true``) per device the card found at boot.
+
+    Published as the card comes online, just before its ``online`` event, as
+    Linux announces the devices present at boot with the same ``add`` uevents
+    as hot-plugged ones (udev's coldplug): a subscriber learns every device
+    and its card name (``vda``) from the stream alone, whether it was there at
+    boot or attached later (``boot: false``).
+    """
+    for d in m.status()["devices"]:
+        bus.publish(
+            "device_added", m.name, name=d["name"], device=d["device"], type=d["type"], boot=True
+        )
 
 
 _runs = itertools.count(1)

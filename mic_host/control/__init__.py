@@ -8,38 +8,11 @@ Two modules, one direction:
   (:class:`~mic_host.control.server.ControlServer`, the
   :class:`~mic_host.control.server.ControlHandler` seam); it imports the codec.
 
-This ``__init__`` re-exports the codec only, so importing the package (as the
-client does) never loads the server.
+This ``__init__`` re-exports the codec only (``wire.__all__``), so importing
+the package (as the client does) never loads the server.
 """
 
-from mic_host.control.wire import (
-    MAX_MESSAGE,
-    OPS,
-    PROTOCOL_VERSION,
-    ArgSpec,
-    BadRequest,
-    OpSpec,
-    Request,
-    Response,
-    decode_request,
-    decode_response,
-    encode_error,
-    encode_request,
-    encode_response,
-)
+from mic_host.control import wire
+from mic_host.control.wire import *  # noqa: F403
 
-__all__ = [
-    "PROTOCOL_VERSION",
-    "MAX_MESSAGE",
-    "OPS",
-    "ArgSpec",
-    "OpSpec",
-    "Request",
-    "Response",
-    "BadRequest",
-    "encode_request",
-    "decode_request",
-    "encode_response",
-    "encode_error",
-    "decode_response",
-]
+__all__ = [*wire.__all__]

@@ -51,7 +51,8 @@ def _buffer(text: str) -> int:
 def _conf_events(p: argparse.ArgumentParser) -> None:
     p.epilog = (
         "Events: booting, online, shutting_down, ready, resetting, reset_failed, crashed "
-        "(state); device_added, device_removed, device_needs_reset (device); link_up, "
+        "(state); device_added (also, with boot=True, for each device a card finds at boot, "
+        "just before its online), device_removed, device_needs_reset (device); link_up, "
         "link_down (net); app_started, app_ended (app); error; events_lost. Each has a "
         "card, data fields, a wall-clock timestamp, a monotonic time and a sequence number. "
         "Runs until Ctrl-C (exit 130); exit 1 when the daemon stops."

@@ -96,11 +96,14 @@ async def test_micctl_events_json_lifecycle_devices_apps(state_dir: Path) -> Non
     kinds = [e["event"] for e in got]
     assert [k for k in kinds if not k.startswith("app_")] == [
         "device_added", "device_removed",
-        "shutting_down", "ready", "booting", "online", "resetting", "ready",
+        "shutting_down", "ready", "booting", "device_added", "device_added", "online",
+        "resetting", "ready",
     ]  # fmt: skip
     added = got[kinds.index("device_added")]
     assert added["card"] == "mic0"
-    assert added["data"] == {"name": "block2", "device": "vdb", "type": "block"}
+    assert added["data"] == {"name": "block2", "device": "vdb", "type": "block", "boot": False}
+    at_boot = [e["data"] for e in got if e["event"] == "device_added" and e["data"]["boot"]]
+    assert {(d["device"], d["type"]) for d in at_boot} == {("vda", "block"), ("hvc0", "console")}
     assert got[kinds.index("device_removed")]["data"] == {"name": "block2"}
     mine = [e for e in got if e["data"].get("app") != app("echo")]  # not the markers
     started = [e for e in mine if e["event"] == "app_started"]
@@ -124,6 +127,36 @@ async def test_micctl_events_json_lifecycle_devices_apps(state_dir: Path) -> Non
     assert seqs == sorted(set(seqs))
     monos = [e["monotonic"] for e in got]
     assert monos == sorted(monos)
+
+
+async def test_devices_present_at_boot_are_announced_before_online(state_dir: Path) -> None:
+    """A subscriber learns every device from the stream: the ones the card finds at
+    boot come as ``device_added`` with ``boot: true`` just before ``online``, with
+    their card names; one attached while the card is down is announced then
+    (no card name yet) and again, named, when the card boots."""
+    async with daemon(state_dir) as client:
+        card = client.card("mic0")
+        async with card.events(["device", "state"]) as evs:
+            await card.attach_block(state_dir / "cold.img", size="1M", create=True)
+            cold = await evs.wait_for("device_added", "mic0", timeout=10)
+            assert cold.data == {"name": "block2", "device": None, "type": "block", "boot": False}
+            await card.boot(wait=True, timeout=30)
+            await evs.wait_for("online", "mic0", timeout=30)
+            devices = (await card.status())["devices"]
+            await card.shutdown(wait=True, timeout=30)
+            await card.boot(wait=False)
+            await evs.wait_for("online", "mic0", timeout=30)
+        boots = [i for i, e in enumerate(evs.seen) if e.kind == "booting"]
+        assert len(boots) == 2
+        expected = {(d["name"], d["device"], d["type"]) for d in devices}
+        assert {("disk", "vda", "block"), ("block2", "vdb", "block")} <= expected
+        assert len(expected) == 3  # and the console
+        for first in boots:  # both boots: booting, one device_added per device, online
+            run = evs.seen[first : first + len(expected) + 2]
+            assert [e.kind for e in run] == ["booting"] + ["device_added"] * 3 + ["online"]
+            added = [e.data for e in run[1:-1]]
+            assert all(d["boot"] is True for d in added)
+            assert {(d["name"], d["device"], d["type"]) for d in added} == expected
 
 
 async def test_micctl_events_human_lines_and_filters(state_dir: Path) -> None:

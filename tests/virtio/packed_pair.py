@@ -2,7 +2,8 @@
 
 :class:`PackedPair` puts a :class:`~virtio.packed.DriverQueue` and a
 :class:`~virtio.packed.DeviceQueue` over one :class:`~virtio.memory.FlatMemory`
-with the split pair's block pool; :class:`HostilePackedDriver` writes raw
+(the pool and the request pump are the split pair's
+:class:`~tests.virtio.pair.QueuePair`); :class:`HostilePackedDriver` writes raw
 descriptors (with whatever AVAIL/USED bits it likes) and the driver event word
 for a :class:`~virtio.packed.DeviceQueue` to judge. No processes, no asyncio.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
-from tests.virtio.pair import BLOCK, RING_BASE, BlockPool, features_of
+from tests.virtio.pair import RING_BASE, QueuePair
 from virtio.constants import PackedDescFlag
 from virtio.memory import FlatMemory
 from virtio.packed import DESC, DESC_SIZE, Chain, DeviceQueue, DriverQueue, PackedLayout
@@ -27,54 +28,19 @@ def avail_bits(wrap: int) -> int:
     return AVAIL if wrap else USED
 
 
-class PackedPair:
-    """A packed driver ring and a device ring over one flat memory.
+class PackedPair(QueuePair):
+    """A packed driver ring and a device ring over one flat memory (the ring at
+    ``RING_BASE``: descriptors, driver area, device area)."""
 
-    Memory map: the ring at ``RING_BASE`` (descriptors, driver area, device
-    area), the driver's indirect area, then the buffer pool.
-    """
+    DRIVER = DriverQueue
+    DEVICE = DeviceQueue
+    DESC_SIZE = DESC_SIZE
+    driver: DriverQueue[int]
+    device: DeviceQueue
 
-    def __init__(
-        self,
-        size: int = 8,
-        *,
-        event_idx: bool = False,
-        indirect: bool = False,
-        indirect_max: int = 4,
-        blocks: int | None = None,
-        require_readable: bool = False,
-        require_writable: bool = False,
-    ) -> None:
-        self.size = size
-        self.features = features_of(event_idx=event_idx, indirect=indirect)
-        self.layout = PackedLayout.contiguous(RING_BASE, size)
-        ring_end = RING_BASE + PackedLayout.contiguous_bytes(size)
-        self.indirect_area = (ring_end + 15) & ~15
-        self.indirect_max = indirect_max if indirect else 0
-        ind_end = self.indirect_area + size * max(self.indirect_max, 1) * DESC_SIZE
-        nblocks = blocks if blocks is not None else size * max(self.indirect_max, 2) + 4
-        self.pool = BlockPool((ind_end + 0xFF) & ~0xFF, BLOCK, nblocks)
-        self.flat = FlatMemory(self.pool.end)
-        self.driver: DriverQueue[int] = DriverQueue(
-            self.flat,
-            self.layout,
-            self.features,
-            indirect_area=self.indirect_area if indirect else None,
-            indirect_max=self.indirect_max,
-        )
-        self.device = DeviceQueue(
-            self.flat,
-            self.layout,
-            self.features,
-            require_readable=require_readable,
-            require_writable=require_writable,
-        )
-        self.device.activate()
-        self._bufs: dict[int, tuple[list[tuple[int, int]], list[tuple[int, int]]]] = {}
-        self._next_token = 1
-
-    def raw(self) -> memoryview:
-        return self.flat.raw()
+    @classmethod
+    def ring_layout(cls, size: int) -> tuple[PackedLayout, int]:
+        return PackedLayout.contiguous(RING_BASE, size), PackedLayout.contiguous_bytes(size)
 
     @property
     def driver_event(self) -> int:
@@ -96,70 +62,12 @@ class PackedPair:
     def write_desc(self, slot: int, addr: int, length: int, bid: int, flags: int) -> None:
         DESC.pack_into(self.raw(), self.layout.desc + slot * DESC_SIZE, addr, length, bid, flags)
 
-    def alloc(self, data: bytes) -> tuple[int, int]:
-        addr = self.pool.alloc(len(data))
-        self.raw()[addr : addr + len(data)] = data
-        return addr, len(data)
-
-    def alloc_out(self, length: int) -> tuple[int, int]:
-        addr = self.pool.alloc(length)
-        self.raw()[addr : addr + length] = b"\xee" * length
-        return addr, length
-
-    def add(
-        self, readable: Sequence[bytes], writable: Sequence[int], token: int | None = None
-    ) -> tuple[int, int]:
-        """Allocate buffers and add one list; returns (token, buffer id)."""
-        r = [self.alloc(d) for d in readable]
-        w = [self.alloc_out(n) for n in writable]
-        if token is None:
-            token = self._next_token
-            self._next_token += 1
-        try:
-            bid = self.driver.add(r, w, token)
-        except Exception:
-            for addr, _ in (*r, *w):
-                self.pool.free(addr)
-            raise
-        self._bufs[token] = (r, w)
-        return token, bid
-
-    def response(self, token: int, length: int) -> bytes:
-        _, w = self._bufs[token]
-        out = bytearray()
-        for addr, n in w:
-            out += self.raw()[addr : addr + n]
-        return bytes(out[:length])
-
-    def release(self, token: int) -> None:
-        r, w = self._bufs.pop(token)
-        for addr, _ in (*r, *w):
-            self.pool.free(addr)
-
     def request(
         self, readable: Sequence[bytes] = (b"ping",), writable: Sequence[int] = (16,)
     ) -> tuple[bool, bool, Chain, bytes]:
         """One request through both sides: (kick, interrupt, chain, response)."""
-        token, bid = self.add(readable, writable)
-        kick = self.driver.publish()
-        chain = self.device.pop()
-        assert chain is not None
-        assert chain.head == bid
-        n = chain.write(chain.read().upper())
-        irq = self.device.push_used(chain.head, n)
-        got = self.driver.get_used()
-        assert got is not None
-        assert got[0] == token
-        data = self.response(token, got[1])
-        self.release(token)
-        return kick, irq, chain, data
-
-    def reset(self) -> None:
-        self.driver.reset()
-        self.device.reset()
-        self._bufs.clear()
-        self.pool.reset()
-        self.device.activate()
+        rt = self.round_trip(readable, writable)
+        return rt.kick, rt.interrupt, rt.chain, rt.response
 
 
 class HostilePackedDriver:

@@ -1,9 +1,10 @@
 """In-memory pair helpers for the split ring (h11's ``ConnectionPair``, STYLE.md §7).
 
-:class:`RingPair` puts a :class:`~virtio.split.DriverQueue` and a
-:class:`~virtio.split.DeviceQueue` over one :class:`~virtio.memory.FlatMemory`,
-with a small block allocator for buffers and :meth:`RingPair.request` that
-pumps one request through both sides. :class:`HostileDriver` writes raw bytes
+:class:`QueuePair` puts a driver queue and a device queue of one ring format
+over one :class:`~virtio.memory.FlatMemory`, with a small block allocator for
+buffers and :meth:`QueuePair.round_trip` that pumps one request through both
+sides; :class:`RingPair` is the split one (``request`` is ``round_trip``), the
+packed one is :class:`tests.virtio.packed_pair.PackedPair`. :class:`HostileDriver` writes raw bytes
 into the descriptor table and the avail ring (the device side's adversary);
 :meth:`RingPair.put_used` does the same to the used ring (the driver side's).
 No processes, no asyncio.
@@ -15,10 +16,11 @@ import struct
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from virtio.constants import Feature
 from virtio.memory import FlatMemory, Memory
-from virtio.split import DESC, DESC_SIZE, USED_ELEM, Chain, DeviceQueue, DriverQueue, SplitLayout
+from virtio.split import DESC, DESC_SIZE, USED_ELEM, DeviceQueue, DriverQueue, SplitLayout
 
 _U16 = struct.Struct("<H")
 
@@ -64,7 +66,7 @@ class BlockPool:
 
 @dataclass(frozen=True, slots=True)
 class RoundTrip:
-    """What one :meth:`RingPair.request` saw on both sides."""
+    """What one :meth:`QueuePair.request` saw on both sides."""
 
     kick: bool
     interrupt: bool
@@ -73,19 +75,32 @@ class RoundTrip:
     response: bytes
     used_len: int
     segments: list[tuple[int, int, bool]]
+    chain: Any = None
 
 
-def echo_upper(chain: Chain) -> bytes:
+def echo_upper(chain: Any) -> bytes:
     return chain.read().upper()
 
 
-class RingPair:
-    """A driver ring and a device ring over one flat memory.
+class QueuePair:
+    """A driver queue and a device queue of one ring format over one flat memory,
+    with the buffer pool and the request pump both formats share.
 
-    Memory map: ``[RING_BASE, ...)`` the contiguous ring (Linux ``vring_init``
-    layout, 4096-aligned used ring), then the driver's indirect area
-    (``size * indirect_max`` descriptors), then the buffer pool.
+    Memory map: the ring at ``RING_BASE`` (:meth:`ring_layout`), then the
+    driver's indirect area (``size * indirect_max`` descriptors), then the
+    buffer pool. A subclass names its format: :meth:`ring_layout` and the
+    ``DRIVER``/``DEVICE`` queue classes and ``DESC_SIZE``; :class:`RingPair`
+    (split), :class:`tests.virtio.packed_pair.PackedPair`.
     """
+
+    DRIVER: ClassVar[Any]
+    DEVICE: ClassVar[Any]
+    DESC_SIZE: ClassVar[int]
+
+    @classmethod
+    def ring_layout(cls, size: int) -> tuple[Any, int]:
+        """The ring's layout at ``RING_BASE`` and how many bytes it takes."""
+        raise NotImplementedError
 
     def __init__(
         self,
@@ -102,23 +117,22 @@ class RingPair:
     ) -> None:
         self.size = size
         self.features = features_of(event_idx=event_idx, indirect=indirect)
-        self.layout = SplitLayout.contiguous(RING_BASE, size, 4096)
-        ring_end = RING_BASE + SplitLayout.contiguous_bytes(size, 4096)
-        self.indirect_area = (ring_end + 15) & ~15
+        self.layout, ring_bytes = self.ring_layout(size)
+        self.indirect_area = (RING_BASE + ring_bytes + 15) & ~15
         self.indirect_max = indirect_max if indirect else 0
-        ind_end = self.indirect_area + size * max(self.indirect_max, 1) * DESC_SIZE
+        ind_end = self.indirect_area + size * max(self.indirect_max, 1) * self.DESC_SIZE
         nblocks = blocks if blocks is not None else size * max(self.indirect_max, 2) + 4
         self.pool = BlockPool((ind_end + 0xFF) & ~0xFF, BLOCK, nblocks)
         self.flat = FlatMemory(self.pool.end)
         self.mem: Memory = memory(self.flat) if memory is not None else self.flat
-        self.driver: DriverQueue[int] = DriverQueue(
+        self.driver = self.DRIVER(
             self.mem,
             self.layout,
             self.features,
             indirect_area=self.indirect_area if indirect else None,
             indirect_max=self.indirect_max,
         )
-        self.device = DeviceQueue(
+        self.device = self.DEVICE(
             self.mem,
             self.layout,
             self.features,
@@ -130,10 +144,117 @@ class RingPair:
         self._bufs: dict[int, tuple[list[tuple[int, int]], list[tuple[int, int]]]] = {}
         self._next_token = 1
 
-    # -- raw access -------------------------------------------------------
     def raw(self) -> memoryview:
         return self.flat.raw()
 
+    # -- buffers and requests -----------------------------------------------
+    def alloc(self, data: bytes) -> tuple[int, int]:
+        addr = self.pool.alloc(len(data))
+        self.raw()[addr : addr + len(data)] = data
+        return addr, len(data)
+
+    def alloc_out(self, length: int) -> tuple[int, int]:
+        addr = self.pool.alloc(length)
+        self.raw()[addr : addr + length] = b"\xee" * length
+        return addr, length
+
+    def add(
+        self, readable: Sequence[bytes], writable: Sequence[int], token: int | None = None
+    ) -> tuple[int, int]:
+        """Allocate buffers (readable filled with data) and add one chain; returns
+        (token, head) -- the head is the buffer id on a packed ring.
+
+        On any error from ``add`` the buffers go back to the pool.
+        """
+        r = [self.alloc(d) for d in readable]
+        w = [self.alloc_out(n) for n in writable]
+        if token is None:
+            token = self._next_token
+            self._next_token += 1
+        try:
+            head = self.driver.add(r, w, token)
+        except Exception:
+            for addr, _ in (*r, *w):
+                self.pool.free(addr)
+            raise
+        self._bufs[token] = (r, w)
+        return token, int(head)
+
+    def response(self, token: int, length: int) -> bytes:
+        """The first ``length`` bytes of a completed token's writable buffers."""
+        _, w = self._bufs[token]
+        out = bytearray()
+        for addr, n in w:
+            out += self.raw()[addr : addr + n]
+        return bytes(out[:length])
+
+    def release(self, token: int) -> None:
+        r, w = self._bufs.pop(token)
+        for addr, _ in (*r, *w):
+            self.pool.free(addr)
+
+    def complete(self, token: int, length: int) -> bytes:
+        data = self.response(token, length)
+        self.release(token)
+        return data
+
+    def round_trip(
+        self,
+        readable: Sequence[bytes] = (b"ping",),
+        writable: Sequence[int] = (16,),
+        serve: Callable[[Any], bytes] = echo_upper,
+    ) -> RoundTrip:
+        """One request through both sides: add+publish, pop, serve, push_used, get_used."""
+        token, head = self.add(readable, writable)
+        kick = self.driver.publish()
+        chain = self.device.pop()
+        assert chain is not None, "device saw no chain after publish"
+        assert chain.head == head
+        request = chain.read()
+        n = chain.write(serve(chain))
+        interrupt = self.device.push_used(chain.head, n)
+        got = self.driver.get_used()
+        assert got is not None, "driver saw no completion after push_used"
+        got_token, used_len = got
+        assert got_token == token
+        return RoundTrip(
+            kick=kick,
+            interrupt=interrupt,
+            head=head,
+            request=request,
+            response=self.complete(token, used_len),
+            used_len=used_len,
+            segments=chain.segments,
+            chain=chain,
+        )
+
+    def reset(self) -> None:
+        """Reset both sides (and the pool), then activate the device again."""
+        self.driver.reset()
+        self.device.reset()  # split: scrubs used.flags/idx/avail_event; driver.reset() used_event
+        self._bufs.clear()
+        self.pool.reset()
+        self.device.activate()
+
+
+class RingPair(QueuePair):
+    """A split driver ring and device ring over one flat memory (Linux
+    ``vring_init`` layout, 4096-aligned used ring, at ``RING_BASE``)."""
+
+    DRIVER = DriverQueue
+    DEVICE = DeviceQueue
+    DESC_SIZE = DESC_SIZE
+    driver: DriverQueue[int]
+    device: DeviceQueue
+
+    @classmethod
+    def ring_layout(cls, size: int) -> tuple[SplitLayout, int]:
+        return (
+            SplitLayout.contiguous(RING_BASE, size, 4096),
+            SplitLayout.contiguous_bytes(size, 4096),
+        )
+
+    # -- raw access -------------------------------------------------------
     def read_u16(self, addr: int) -> int:
         return int(_U16.unpack_from(self.raw(), addr)[0])
 
@@ -175,92 +296,7 @@ class RingPair:
     def read_desc(self, index: int) -> tuple[int, int, int, int]:
         return DESC.unpack_from(self.raw(), self.layout.desc + index * DESC_SIZE)
 
-    # -- buffers and requests -----------------------------------------------
-    def alloc(self, data: bytes) -> tuple[int, int]:
-        addr = self.pool.alloc(len(data))
-        self.raw()[addr : addr + len(data)] = data
-        return addr, len(data)
-
-    def alloc_out(self, length: int) -> tuple[int, int]:
-        addr = self.pool.alloc(length)
-        self.raw()[addr : addr + length] = b"\xee" * length
-        return addr, length
-
-    def add(
-        self, readable: Sequence[bytes], writable: Sequence[int], token: int | None = None
-    ) -> tuple[int, int]:
-        """Allocate buffers (readable filled with data) and add one chain; returns (token, head).
-
-        On any error from ``add`` the buffers go back to the pool.
-        """
-        r = [self.alloc(d) for d in readable]
-        w = [self.alloc_out(n) for n in writable]
-        if token is None:
-            token = self._next_token
-            self._next_token += 1
-        try:
-            head = self.driver.add(r, w, token)
-        except Exception:
-            for addr, _ in (*r, *w):
-                self.pool.free(addr)
-            raise
-        self._bufs[token] = (r, w)
-        return token, head
-
-    def response(self, token: int, length: int) -> bytes:
-        """The first ``length`` bytes of a completed token's writable buffers."""
-        _, w = self._bufs[token]
-        out = bytearray()
-        for addr, n in w:
-            out += self.raw()[addr : addr + n]
-        return bytes(out[:length])
-
-    def release(self, token: int) -> None:
-        r, w = self._bufs.pop(token)
-        for addr, _ in (*r, *w):
-            self.pool.free(addr)
-
-    def complete(self, token: int, length: int) -> bytes:
-        data = self.response(token, length)
-        self.release(token)
-        return data
-
-    def request(
-        self,
-        readable: Sequence[bytes] = (b"ping",),
-        writable: Sequence[int] = (16,),
-        serve: Callable[[Chain], bytes] = echo_upper,
-    ) -> RoundTrip:
-        """One request through both sides: add+publish, pop, serve, push_used, get_used."""
-        token, head = self.add(readable, writable)
-        kick = self.driver.publish()
-        chain = self.device.pop()
-        assert chain is not None, "device saw no chain after publish"
-        assert chain.head == head
-        request = chain.read()
-        n = chain.write(serve(chain))
-        interrupt = self.device.push_used(chain.head, n)
-        got = self.driver.get_used()
-        assert got is not None, "driver saw no completion after push_used"
-        got_token, used_len = got
-        assert got_token == token
-        return RoundTrip(
-            kick=kick,
-            interrupt=interrupt,
-            head=head,
-            request=request,
-            response=self.complete(token, used_len),
-            used_len=used_len,
-            segments=chain.segments,
-        )
-
-    def reset(self) -> None:
-        """Reset both sides (and the pool), then activate the device again."""
-        self.driver.reset()
-        self.device.reset()  # scrubs used.flags/idx/avail_event; driver.reset() used_event
-        self._bufs.clear()
-        self.pool.reset()
-        self.device.activate()
+    request = QueuePair.round_trip
 
 
 class HostileDriver:

@@ -50,9 +50,8 @@ __all__ = [
     "UsedRingsTaken",
     "WriteStatus",
     "publish",
-    "TableEnum",
-    "step",
 ]
+# Not in __all__ (the halves import them from here): TableEnum, step.
 
 
 # ---------------------------------------------------------------------------
