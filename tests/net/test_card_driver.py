@@ -236,6 +236,16 @@ class OffloadFrames(NetDevice):
         return consistent(int(DEVICE_FEATURES) & dev.offered)
 
 
+class CsumFrames(NetDevice):
+    """Frames mode with GUEST_CSUM acked but no GUEST_TSO: 16 KiB mergeable
+    buffers, so a jumbo frame with a partial checksum spans several."""
+
+    @classmethod
+    def supported_features(cls, dev: Any) -> int:
+        tso = NetFeature.GUEST_TSO4 | NetFeature.GUEST_TSO6 | NetFeature.GUEST_ECN
+        return consistent(int(DEVICE_FEATURES) & ~int(tso) & dev.offered)
+
+
 # --------------------------------------------------------------------------
 # tests
 
@@ -385,6 +395,26 @@ async def test_mrg_rxbuf_reassembles_a_jumbo_frame(rig: NetRig) -> None:
     await dev.inject(eth(MAC, PEER, b"next"))
     assert await nic.recv() == eth(MAC, PEER, b"next")
     await until(lambda: nic.rxq.outstanding == QSIZE, "all four buffers reposted")
+    assert not nic.rx_dropped
+
+
+@pytest.mark.asyncio
+async def test_a_partial_checksum_across_buffers_is_finished_in_one_copy(rig: NetRig) -> None:
+    dev = RingNet(mtu=60000)
+    await rig.boot(dev, drivers={int(DeviceType.NET): CsumFrames})
+    nic = rig.nic()
+    assert nic.stats()["rx_buffer_size"] == MRG_BUFFER
+    frame, start, off = tcp_frame(50000)
+    used = await dev.inject(
+        frame, flags=int(NetHdrFlag.NEEDS_CSUM), csum_start=start, csum_offset=off
+    )
+    assert used == 4
+    got = await nic.recv()
+    assert isinstance(got, bytes)
+    assert len(got) == len(frame)
+    assert got[:50] == frame[:50]
+    assert got[52:] == frame[52:]
+    assert tcp_checksum_ok(got)
     assert not nic.rx_dropped
 
 
