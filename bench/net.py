@@ -14,7 +14,7 @@ Measured in one run, each for ``--seconds`` of iperf3 TCP, both directions:
   ``select`` + ``os.read``/``os.write``: what a naive userspace path gets.
 
 Target (issue "virtio-net end to end"): >= 0.5x veth and above the relay.
-Needs root, iproute2 and iperf3; run ``python -m bench.net [--seconds S]``;
+Needs root, iproute2 and iperf3; run ``python -m bench.net [--seconds S] [--no-relay]``;
 writes ``bench/results/net.json``.
 """
 

@@ -6,7 +6,8 @@ Owns: the 12-byte VERSION_1 header (``struct virtio_net_hdr_v1``, the same as
 space, the feature set a device offers and how it maps to offloads, checks of
 a header against the negotiated features in each direction, Ethernet address
 helpers, and software checksum completion (for a receiver that did not
-negotiate GUEST_CSUM).
+negotiate GUEST_CSUM), summed where the frame lies across its buffers
+(:func:`segments_checksum`, :func:`splice_segments`).
 
 A Linux TAP opened with ``IFF_VNET_HDR`` and ``TUNSETVNETHDRSZ 12`` reads and
 writes exactly this header in front of each frame, so a frame travels
