@@ -6,7 +6,8 @@ Owns: the 12-byte VERSION_1 header (``struct virtio_net_hdr_v1``, the same as
 space, the feature set a device offers and how it maps to offloads, checks of
 a header against the negotiated features in each direction, Ethernet address
 helpers, and software checksum completion (for a receiver that did not
-negotiate GUEST_CSUM).
+negotiate GUEST_CSUM), summed where the frame lies across its buffers
+(:func:`segments_checksum`, :func:`splice_segments`).
 
 A Linux TAP opened with ``IFF_VNET_HDR`` and ``TUNSETVNETHDRSZ 12`` reads and
 writes exactly this header in front of each frame, so a frame travels
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from virtio.constants import NetFeature, NetHdrFlag, NetHdrGso, NetStatus
@@ -43,6 +45,8 @@ __all__ = [
     "build_config",
     "check_header",
     "complete_checksum",
+    "segments_checksum",
+    "splice_segments",
     "format_mac",
     "guest_offloads",
     "host_offloads",
@@ -189,36 +193,89 @@ def check_header(
         raise FrameError(f"GSO frame of {frame_len} B over {MAX_FRAME}", reason="oversize")
 
 
-def complete_checksum(frame: memoryview, csum_start: int, csum_offset: int) -> None:
-    """Finish a partial checksum in place (what a NIC does for NEEDS_CSUM).
+def segments_checksum(
+    segments: Sequence[bytes | bytearray | memoryview], csum_start: int, csum_offset: int
+) -> bytes:
+    """The finished partial checksum of a frame held in ``segments`` (their
+    concatenation), as the 2 bytes to store at ``csum_start + csum_offset``.
 
-    The field at ``csum_start + csum_offset`` holds the pseudo-header sum the
-    sender seeded; the one's-complement sum runs from ``csum_start`` to the end
-    of the frame (Linux ``skb_checksum_help``). For a receiver that did not
-    negotiate GUEST_CSUM.
+    What a NIC does for NEEDS_CSUM (Linux ``skb_checksum_help``): the field
+    holds the pseudo-header sum the sender seeded and the one's-complement sum
+    runs from ``csum_start`` to the end of the frame. Reads the segments where
+    they are (ring buffers), without gathering them.
 
     Raises:
         LocalProtocolError: the offsets are outside the frame (check the header first).
     """
-    end = len(frame)
+    end = 0
+    for seg in segments:
+        end += len(memoryview(seg))
     where = csum_start + csum_offset
     if csum_start >= end or where + 2 > end:
         raise LocalProtocolError(f"checksum at {csum_start}+{csum_offset} outside {end} B")
-    data = frame[csum_start:]
-    n = len(data)
-    # Sum 16-bit words; the one's-complement sum is byte-order independent up
-    # to one final swap, so native (little-endian) words are fine.
-    even = n & ~1
-    total = sum(data[:even].cast("H")) if even else 0
-    if n & 1:
-        total += data[n - 1]  # the odd byte is the high-order (first) byte of a BE word: LE low
-    while total > 0xFFFF:
-        total = (total & 0xFFFF) + (total >> 16)
-    # The complement of a sum of little-endian words, stored little-endian, is
-    # the network-order checksum. 0 is sent as 0xFFFF (the same value in one's
-    # complement; UDP reserves 0 for "no checksum", Linux CSUM_MANGLED_0).
-    csum = (~total & 0xFFFF) or 0xFFFF
-    frame[where : where + 2] = csum.to_bytes(2, "little")
+    # The one's-complement sum of 16-bit words is their sum modulo 0xFFFF (2**16
+    # is 1 modulo 0xFFFF), so a run of bytes read as one little-endian integer
+    # sums its (little-endian) words in C; a run that starts at an odd offset
+    # from csum_start is shifted by one byte. Byte order: the sum of
+    # little-endian words, complemented and stored little-endian, is the
+    # network-order checksum.
+    total = 0
+    pos = 0
+    for seg in segments:
+        mv = memoryview(seg)
+        n = len(mv)
+        if pos + n > csum_start:
+            rel = pos - csum_start  # where this run starts, from csum_start
+            part = mv[-rel:] if rel < 0 else mv
+            value = int.from_bytes(part, "little")
+            total += value << 8 if rel > 0 and rel & 1 else value
+        pos += n
+    # 0 is sent as 0xFFFF (the same value in one's complement; UDP reserves 0
+    # for "no checksum", Linux CSUM_MANGLED_0). A sum that is 0 modulo 0xFFFF
+    # (0 or 0xFFFF folded) complements to 0 and is sent as 0xFFFF too.
+    csum = (~(total % 0xFFFF) & 0xFFFF) or 0xFFFF
+    return csum.to_bytes(2, "little")
+
+
+def splice_segments(
+    segments: Sequence[memoryview], where: int, data: bytes
+) -> list[memoryview | bytes]:
+    """``segments`` with the bytes at ``where`` (in their concatenation) replaced
+    by ``data``, as pieces to join: one copy of the frame, not two.
+
+    Raises:
+        LocalProtocolError: ``where + len(data)`` is beyond the segments.
+    """
+    out: list[memoryview | bytes] = []
+    pos = 0
+    lo, hi = where, where + len(data)
+    for seg in segments:
+        n = len(seg)
+        a, b = pos, pos + n
+        if b <= lo or a >= hi:
+            out.append(seg)
+        else:
+            if a < lo:
+                out.append(seg[: lo - a])
+            if a <= lo:
+                out.append(data)
+            if b > hi:
+                out.append(seg[hi - a :])
+        pos = b
+    if hi > pos:
+        raise LocalProtocolError(f"{len(data)} B at {where} outside {pos} B")
+    return out
+
+
+def complete_checksum(frame: memoryview, csum_start: int, csum_offset: int) -> None:
+    """Finish a partial checksum in place (what a NIC does for NEEDS_CSUM; see
+    :func:`segments_checksum`). For a receiver that did not negotiate GUEST_CSUM.
+
+    Raises:
+        LocalProtocolError: the offsets are outside the frame (check the header first).
+    """
+    where = csum_start + csum_offset
+    frame[where : where + 2] = segments_checksum((frame,), csum_start, csum_offset)
 
 
 # --- config space --------------------------------------------------------------

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from mic_card.drivers.net_base import (
     ERROR_REASONS,
     MAX_BIG_BUFFERS,
+    MRG_BIG_BUFFERS,
     MRG_BUFFER,
     RX_QUEUE_MAX,
     TX_SLOTS,
@@ -89,6 +90,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ERROR_REASONS",
     "FRAMES_FEATURES",
+    "MRG_BIG_BUFFERS",
     "MRG_BUFFER",
     "NetDevice",
     "merge_params",
@@ -214,10 +216,16 @@ class NetDevice(NetRx, NetTx):
     # -- buffers ------------------------------------------------------------------
     def _rx_pool(self) -> SlotPool:
         n = self.rxq.size
+        big = self._rx_accepts.tso4 or self._rx_accepts.tso6
+        if self._mrg and big:
+            # Whole 64 KiB segments arrive (tap mode): one buffer per packet, so
+            # one descriptor, one completion and one repost per packet instead
+            # of five (docs/net.md "Performance").
+            return SlotPool(self.dev, min(n, MRG_BIG_BUFFERS), MAX_PACKET, 8)
         if self._mrg:
             # §5.1.6.3.1: each mergeable buffer at least the header; one descriptor each.
             return SlotPool(self.dev, n, MRG_BUFFER, 8)
-        if self._rx_accepts.tso4 or self._rx_accepts.tso6:
+        if big:
             return SlotPool(self.dev, min(n, MAX_BIG_BUFFERS), MAX_PACKET, 4)
         return SlotPool(self.dev, n, NET_HDR_SIZE + self._rx_max, 8)
 

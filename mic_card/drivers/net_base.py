@@ -32,6 +32,7 @@ __all__ = [
     "ERROR_REASONS",
     "LOGGED",
     "MAX_BIG_BUFFERS",
+    "MRG_BIG_BUFFERS",
     "MRG_BUFFER",
     "RX_QUEUE_MAX",
     "TAP_BATCH",
@@ -41,9 +42,15 @@ __all__ = [
     "SlotPool",
 ]
 
-#: One mergeable receive buffer (one descriptor). Linux sizes them from an
-#: EWMA of packet sizes; a fixed 16 KiB keeps a 64 KiB segment at 5 buffers.
+#: One mergeable receive buffer (one descriptor) when the card takes no GSO
+#: (frames mode): a fixed 16 KiB holds any frame up to a 16 KiB MTU in one
+#: buffer. Linux sizes them from an EWMA of packet sizes.
 MRG_BUFFER = 16384
+#: With GUEST_TSO (tap mode) each mergeable buffer holds a whole 64 KiB
+#: segment (``MAX_PACKET``), as iperf3's traffic is: one descriptor, one
+#: completion and one repost per packet, not five 16 KiB pieces (0.8x the CPU
+#: per MB, docs/net.md "Performance"). At most this many (8 MiB of card RAM).
+MRG_BIG_BUFFERS = 128
 #: Transmit slots (card RAM the TAP is read into / frames are copied into).
 TX_SLOTS = 64
 #: Without MRG_RXBUF but with GUEST_TSO each buffer holds a whole 64 KiB

@@ -30,9 +30,9 @@ from virtio.net import (
     NUM_BUFFERS_OFFSET,
     FrameError,
     check_header,
-    complete_checksum,
+    segments_checksum,
+    splice_segments,
 )
-from virtio.split import gather_segments
 
 __all__ = ["NetRx"]
 
@@ -140,13 +140,16 @@ class NetRx(NetState):
         segs = [views[i0][NET_HDR_SIZE:n0], *(views[j][:n] for j, n in parts[1:])]
         if flags & NEEDS_CSUM:
             # Only when tap mode fell back to frames after GUEST_CSUM was acked:
-            # finish the checksum as a NIC would (Linux skb_checksum_help).
-            # One gather out of the ring; apps get immutable bytes (recv() -> bytes).
+            # finish the checksum as a NIC would (Linux skb_checksum_help), summed
+            # where the frame lies in the ring; apps get immutable bytes (recv() ->
+            # bytes), so the one copy out of the ring splices the 2 bytes in.
             _, _, _, _, start, offset, _ = NET_HDR.unpack_from(views[i0])
-            buf = bytearray(frame_len)
-            gather_segments(segs, memoryview(buf))
-            complete_checksum(memoryview(buf), start, offset)
-            frame = bytes(buf)
+            try:
+                csum = segments_checksum(segs, start, offset)
+            except LocalProtocolError:  # check_header bounds it; never from here
+                self.rx_dropped["bad_header"] += 1
+                return
+            frame = b"".join(splice_segments(segs, start + offset, csum))
         elif len(segs) == 1:
             frame = bytes(segs[0])
         else:

@@ -20,7 +20,7 @@ import pytest_asyncio
 
 from mic_card.bus import CardRamAllocator, VirtioBus
 from mic_card.drivers import DRIVERS
-from mic_card.drivers.net import MRG_BUFFER, NetDevice, merge_params
+from mic_card.drivers.net import MRG_BIG_BUFFERS, MRG_BUFFER, NetDevice, merge_params
 from mic_card.drivers.net_params import consistent
 from mic_host.backends import BackendContext
 from mic_host.vop import Vop
@@ -29,6 +29,7 @@ from virtio.constants import DeviceType, NetFeature, NetHdrFlag, NetHdrGso
 from virtio.errors import BrokenResourceError, LocalProtocolError, WouldBlock
 from virtio.net import (
     DEVICE_FEATURES,
+    MAX_PACKET,
     NET_HDR,
     NUM_BUFFERS,
     NUM_BUFFERS_OFFSET,
@@ -235,6 +236,16 @@ class OffloadFrames(NetDevice):
         return consistent(int(DEVICE_FEATURES) & dev.offered)
 
 
+class CsumFrames(NetDevice):
+    """Frames mode with GUEST_CSUM acked but no GUEST_TSO: 16 KiB mergeable
+    buffers, so a jumbo frame with a partial checksum spans several."""
+
+    @classmethod
+    def supported_features(cls, dev: Any) -> int:
+        tso = NetFeature.GUEST_TSO4 | NetFeature.GUEST_TSO6 | NetFeature.GUEST_ECN
+        return consistent(int(DEVICE_FEATURES) & ~int(tso) & dev.offered)
+
+
 # --------------------------------------------------------------------------
 # tests
 
@@ -337,11 +348,13 @@ async def test_transmit_slots_are_reaped_without_interrupts(rig: NetRig) -> None
 
 
 @pytest.mark.asyncio
-async def test_mrg_rxbuf_reassembles_a_64k_gso_packet(rig: NetRig) -> None:
+async def test_a_64k_gso_packet_takes_one_buffer(rig: NetRig) -> None:
     dev = RingNet()
     await rig.boot(dev, drivers={int(DeviceType.NET): OffloadFrames})
     nic = rig.nic()
-    assert nic.rxq.outstanding == QSIZE
+    # GUEST_TSO acked: each mergeable buffer holds a whole segment
+    assert nic.rxq.outstanding == MRG_BIG_BUFFERS
+    assert nic.stats()["rx_buffer_size"] >= MAX_PACKET
     frame, start, off = tcp_frame(65535 - 40)  # the largest IPv4 packet
     used = await dev.inject(
         frame,
@@ -352,7 +365,7 @@ async def test_mrg_rxbuf_reassembles_a_64k_gso_packet(rig: NetRig) -> None:
         csum_start=start,
         csum_offset=off,
     )
-    assert used == -(-(len(frame) + 12) // MRG_BUFFER) == 5
+    assert used == 1
     got = await nic.recv()
     assert len(got) == len(frame)
     assert got[:50] == frame[:50]
@@ -363,7 +376,45 @@ async def test_mrg_rxbuf_reassembles_a_64k_gso_packet(rig: NetRig) -> None:
     # a small packet right behind it is its own packet again
     await dev.inject(eth(MAC, PEER, b"next"))
     assert await nic.recv() == eth(MAC, PEER, b"next")
-    await until(lambda: nic.rxq.outstanding == QSIZE, "all five buffers reposted")
+    await until(lambda: nic.rxq.outstanding == MRG_BIG_BUFFERS, "both buffers reposted")
+    assert not nic.rx_dropped
+
+
+@pytest.mark.asyncio
+async def test_mrg_rxbuf_reassembles_a_jumbo_frame(rig: NetRig) -> None:
+    dev = RingNet(mtu=60000)
+    await rig.boot(dev)
+    nic = rig.nic()
+    assert nic.mode == "frames"
+    assert nic.rxq.outstanding == QSIZE
+    frame = eth(MAC, PEER, bytes(range(256)) * 200)  # 51,214 B: four 16 KiB buffers
+    used = await dev.inject(frame)
+    assert used == -(-(len(frame) + 12) // MRG_BUFFER) == 4
+    assert await nic.recv() == frame
+    assert nic.rx_largest == len(frame)
+    await dev.inject(eth(MAC, PEER, b"next"))
+    assert await nic.recv() == eth(MAC, PEER, b"next")
+    await until(lambda: nic.rxq.outstanding == QSIZE, "all four buffers reposted")
+    assert not nic.rx_dropped
+
+
+@pytest.mark.asyncio
+async def test_a_partial_checksum_across_buffers_is_finished_in_one_copy(rig: NetRig) -> None:
+    dev = RingNet(mtu=60000)
+    await rig.boot(dev, drivers={int(DeviceType.NET): CsumFrames})
+    nic = rig.nic()
+    assert nic.stats()["rx_buffer_size"] == MRG_BUFFER
+    frame, start, off = tcp_frame(50000)
+    used = await dev.inject(
+        frame, flags=int(NetHdrFlag.NEEDS_CSUM), csum_start=start, csum_offset=off
+    )
+    assert used == 4
+    got = await nic.recv()
+    assert isinstance(got, bytes)
+    assert len(got) == len(frame)
+    assert got[:50] == frame[:50]
+    assert got[52:] == frame[52:]
+    assert tcp_checksum_ok(got)
     assert not nic.rx_dropped
 
 

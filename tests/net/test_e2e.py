@@ -26,6 +26,7 @@ from mic_host.client import CardClient, Client
 from tests.integration.helpers import HEARTBEAT, booted, command, daemon, eventually, micctl
 from transport.tap import ip_sync, netns_exists, tap_privilege_problem
 from virtio.errors import MicError
+from virtio.net import MAX_PACKET
 
 APPS = "tests.net.apps"
 PROBLEM = tap_privilege_problem()
@@ -161,6 +162,15 @@ async def test_iperf3_tcp_uses_large_segments(state_dir: Path) -> None:
         assert {"tso4", "csum"} <= set(d["offloads"])
         assert d["counters"]["gso_packets"] > 0
         assert d["counters"]["max_packet"] > 1514 + 12
+        # ...and each took one receive buffer of the card's: one used element per
+        # packet on the receiveq, not one per 16 KiB piece
+        assert d["card"]["stats"]["rx_buffer_size"] >= MAX_PACKET
+        st = await card.stats()
+        (dev,) = (x for x in st["devices"] if x["type"] == "net")
+        rxq = dev["queues"][0]
+        packets = dev["backend"]["rx_packets"]
+        assert packets > 1000
+        assert rxq["buffers"] == packets, (rxq, dev["backend"])
 
 
 @needs_tap

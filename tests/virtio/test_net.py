@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import struct
 
@@ -114,6 +115,38 @@ def test_complete_checksum_matches_the_rfc1071_sum(length: int) -> None:
     seed = int.from_bytes(bytes(original[start + off : start + off + 2]), "big")
     check = (~_reference_checksum(bytes(frame[start:])) & 0xFFFF) + seed
     assert (check & 0xFFFF) + (check >> 16) == 0xFFFF
+
+
+@given(
+    st.binary(min_size=2, max_size=400),
+    st.data(),
+)
+def test_segments_checksum_sums_scattered_frames_in_place(
+    frame: bytes, data: st.DataObject
+) -> None:
+    # Any cut of the frame into segments (odd and even boundaries, empty ones)
+    # gives the checksum of the whole; the segments are only read.
+    start = data.draw(st.integers(0, len(frame) - 2))
+    off = data.draw(st.integers(0, len(frame) - start - 2))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(frame)), max_size=6)))
+    bounds = [0, *cuts, len(frame)]
+    segs = [memoryview(frame)[a:b] for a, b in itertools.pairwise(bounds)]
+    got = N.segments_checksum(segs, start, off)
+    assert int.from_bytes(got, "big") == _reference_checksum(frame[start:])
+    pieces = N.splice_segments(segs, start + off, got)
+    spliced = b"".join(pieces)
+    assert spliced == frame[: start + off] + got + frame[start + off + 2 :]
+    whole = bytearray(frame)
+    N.complete_checksum(memoryview(whole), start, off)
+    assert bytes(whole) == spliced
+
+
+def test_segments_checksum_of_zeros_is_sent_as_ffff() -> None:
+    assert N.segments_checksum([bytes(10), bytes(7)], 0, 4) == b"\xff\xff"
+    with pytest.raises(LocalProtocolError):
+        N.segments_checksum([bytes(10), bytes(7)], 10, 6)
+    with pytest.raises(LocalProtocolError):
+        N.splice_segments([memoryview(bytes(4))], 3, b"ab")
 
 
 def test_complete_checksum_refuses_offsets_outside_the_frame() -> None:

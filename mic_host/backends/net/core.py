@@ -54,15 +54,15 @@ from virtio.net import (
     Offloads,
     build_config,
     check_header,
-    complete_checksum,
     format_mac,
     guest_offloads,
     host_offloads,
     is_multicast,
     parse_mac,
     random_mac,
+    segments_checksum,
 )
-from virtio.split import Chain, gather_segments, scatter_segments
+from virtio.split import Chain, scatter_segments, slice_segments
 
 log = logging.getLogger("mic_host.backends.net")
 
@@ -470,20 +470,14 @@ class NetBackend:
                 if csum_start + csum_offset + 2 > frame_len:
                     self.rx_drops["bad_header"] += 1
                     return False
-                v0 = views[0]
-                whole = len(v0) >= n
-                # In place when the first buffer holds the packet; else one copy out.
-                mv = v0[NET_HDR_SIZE:n] if whole else memoryview(bytearray(frame_len))
-                if not whole:
-                    gather_segments(views, mv, NET_HDR_SIZE)
+                # Summed where the packet lies in the card's buffers, no gather.
+                frame = slice_segments(views, NET_HDR_SIZE, frame_len)
                 try:
-                    complete_checksum(mv, csum_start, csum_offset)
+                    csum = segments_checksum(frame, csum_start, csum_offset)
                 except LocalProtocolError:
                     self.rx_drops["bad_header"] += 1
                     return False
-                if not whole:
-                    where = csum_start + csum_offset
-                    scatter_segments(views, mv[where : where + 2], NET_HDR_SIZE + where)
+                scatter_segments(views, csum, NET_HDR_SIZE + csum_start + csum_offset)
             scatter_segments(views, b"\0")  # flags
         return True
 
