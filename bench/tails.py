@@ -1,0 +1,146 @@
+"""What a row's tail is made of: the tools :mod:`bench.latency` reports it with (issue 19).
+
+- :func:`preadv_floor`: the block read row's page-cache floor, a local
+  ``preadv`` loop in the bench process over the same image, in the same run:
+  if it had the same tail, the tail would be the machine's;
+- :func:`tail_breakdown`: which hop grows in the slowest 1% of a traced row
+  (``MIC_TRACE``), against the same hop in every request;
+- :func:`block_cost` (with :func:`proc_cost`): the daemon's and the card's
+  CPU time and wake-ups per block request, and how often the card's loop
+  slept: the mechanism of the tail, as a request in which either side slept
+  pays a full wake-up, and a figure that depends far less on the load.
+
+Standard library only (the card imports :mod:`bench.latency`, which imports this).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["POLL_COUNTERS", "block_cost", "preadv_floor", "proc_cost", "tail_breakdown"]
+
+#: ``transport.spinloop.SpinSelector`` counters the block rows report for the card's loop.
+POLL_COUNTERS = ("spins", "spin_hits", "contended", "preempted", "sleeps")
+
+
+def preadv_floor(image: Path, n: int) -> list[int]:
+    """``n`` 4 KiB random ``preadv`` of ``image`` in this process, timed: what the
+    page cache itself costs the block read row, and whether its tail is the
+    machine's (a cold page, a preempted syscall) rather than ours."""
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        nblocks = os.fstat(fd).st_size // 4096
+        rng = random.Random(19)
+        buf = bytearray(4096)
+        clock = time.perf_counter_ns
+        out: list[int] = []
+        warm = max(50, n // 10)
+        for i in range(n + warm):
+            off = rng.randrange(nblocks) * 4096
+            t0 = clock()
+            os.preadv(fd, [buf], off)
+            if i >= warm:
+                out.append(clock() - t0)
+        return out
+    finally:
+        os.close(fd)
+
+
+def tail_breakdown(
+    marks: list[tuple[int, int]], start: int, q: float = 0.99, max_episode_ns: int = 50_000_000
+) -> dict[str, Any]:
+    """Which step grows in the slow requests: in the slowest ``1 - q`` of the
+    episodes (as in :func:`virtio.trace.breakdown`), each step's median against
+    its median in all episodes, and how many slow episodes each step is the
+    main culprit of (the step with the largest excess over its own median)."""
+    from virtio.trace import HOPS
+
+    eps: list[list[tuple[int, int]]] = []
+    for hop, t in sorted(marks, key=lambda m: m[1]):
+        if hop == start:
+            eps.append([(hop, t)])
+        elif eps:
+            eps[-1].append((hop, t))
+    eps = [e for e in eps[:-1] if len(e) > 1 and e[-1][1] - e[0][1] <= max_episode_ns]
+    if len(eps) < 100:
+        return {"episodes": len(eps)}
+    per: list[tuple[int, dict[str, int]]] = []
+    for e in eps:
+        steps: dict[str, int] = {}
+        for (a, ta), (b, tb) in itertools.pairwise(e):
+            key = f"{HOPS[a]} -> {HOPS[b]}"
+            steps[key] = steps.get(key, 0) + tb - ta
+        per.append((e[-1][1] - e[0][1], steps))
+    per.sort(key=lambda p: p[0])
+    slow = [st for _, st in per[-max(1, round((1 - q) * len(per))) :]]
+    cut = per[-len(slow)][0]
+    typical = {
+        k: statistics.median(st.get(k, 0) for _, st in per)
+        for k in {k for _, st in per for k in st}
+    }
+    blamed: dict[str, int] = {}
+    for st in slow:
+        k = max(st, key=lambda k: st[k] - typical[k])
+        if st[k] > typical[k]:
+            blamed[k] = blamed.get(k, 0) + 1
+    rows: list[dict[str, Any]] = [
+        {
+            "step": k,
+            "p50_us": round(typical[k] / 1e3, 1),
+            "slow_p50_us": round(statistics.median(st.get(k, 0) for st in slow) / 1e3, 1),
+            "blamed": blamed.get(k, 0),
+        }
+        for k in typical
+    ]
+    rows.sort(key=lambda r: (-r["blamed"], -(r["slow_p50_us"] - r["p50_us"])))
+    return {
+        "q": q,
+        "episodes": len(per),
+        "slow": len(slow),
+        "threshold_us": round(cut / 1e3, 1),
+        "steps": [r for r in rows if r["blamed"] or r["slow_p50_us"] > r["p50_us"] + 1][:8],
+    }
+
+
+def proc_cost(pid: int) -> tuple[int, int]:
+    """(ns on a CPU, voluntary context switches i.e. sleeps) of every thread of ``pid``."""
+    ns = sleeps = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            ns += int((task / "schedstat").read_text().split()[0])
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    sleeps += int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that just ended
+    return ns, sleeps
+
+
+def block_cost(
+    before: dict[str, tuple[int, int]],
+    after: dict[str, tuple[int, int]],
+    n: int,
+    card_loop: dict[str, int] | None,
+) -> dict[str, float]:
+    """Per request of a ``bench.latency:card_block`` run of ``n`` timed requests:
+    CPU µs and wake-ups of each process (:func:`proc_cost` before and after the
+    run, so its warm-up counts too), and how often the card's loop slept and
+    stood down for crowding (its ``SpinSelector`` counters over the timed
+    requests). A request in which either side slept paid a full wake-up: when
+    they add up to more than ~1% of requests, the p99 holds one."""
+    reqs = n + max(50, n // 10)  # card_block's warm-up
+    cost = {
+        f"{k}_{what}": round((after[k][i] - before[k][i]) / div / reqs, 3)
+        for k in before
+        for i, what, div in ((0, "cpu_us", 1e3), (1, "wakeups", 1))
+    }
+    if card_loop and "sleeps" in card_loop:
+        cost["card_loop_sleeps"] = round(card_loop["sleeps"] / n, 4)
+        cost["card_loop_contended"] = round(card_loop.get("contended", 0) / n, 4)
+    return cost
