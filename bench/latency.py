@@ -62,7 +62,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from bench.tails import POLL_COUNTERS, block_cost, preadv_floor, tail_breakdown
+from bench.tails import (
+    POLL_COUNTERS,
+    block_cost,
+    net_cost,
+    preadv_floor,
+    tail_breakdown,
+    warm_page_cache,
+)
 from bench.tails import proc_cost as _proc_cost
 
 RESULTS = Path(__file__).with_name("results") / "latency.json"
@@ -221,6 +228,9 @@ async def block_and_console(
                     {"daemon": int((await client.ping())["pid"]), "card": int(st["pid"])}, idle_s
                 )
             if "block" in parts:
+                # Again, after the boot and the idle phase: this VM's DAMON pages
+                # out unmapped file pages idle for a minute (docs/latency.md, 18).
+                warm_page_cache(image)
                 res["preadv"] = [preadv_floor(image, n) for _ in range(runs)]
                 pids = {
                     "daemon": int((await client.ping())["pid"]),
@@ -364,24 +374,6 @@ def net_problem() -> str | None:
     except ImportError:  # pragma: no cover
         return None
     return tap_privilege_problem()
-
-
-async def net_cost(card: Any, pings: int, run: Any) -> dict[str, float]:
-    """CPU µs and wake-ups (voluntary context switches) per ping of the daemon and
-    the card while ``run()`` pings ``pings`` times: what the path costs, which
-    unlike the latency barely depends on what else the machine runs."""
-    pids = {
-        "daemon": int((await card.client.request("ping"))["pid"]),
-        "card": int((await card.status())["pid"]),
-    }
-    before = {k: _proc_cost(p) for k, p in pids.items()}
-    out = await run()
-    after = {k: _proc_cost(p) for k, p in pids.items()}
-    cost: dict[str, float] = {}
-    for k in pids:
-        cost[f"{k}_cpu_us"] = round((after[k][0] - before[k][0]) / 1e3 / pings, 1)
-        cost[f"{k}_wakeups"] = round((after[k][1] - before[k][1]) / pings, 2)
-    return {**cost, "samples": out}
 
 
 async def net(n: int, runs: int, trace_dir: Path | None, spaced: bool) -> dict[str, Any]:

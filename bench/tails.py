@@ -5,10 +5,13 @@
   if it had the same tail, the tail would be the machine's;
 - :func:`tail_breakdown`: which hop grows in the slowest 1% of a traced row
   (``MIC_TRACE``), against the same hop in every request;
-- :func:`block_cost` (with :func:`proc_cost`): the daemon's and the card's
-  CPU time and wake-ups per block request, and how often the card's loop
-  slept: the mechanism of the tail, as a request in which either side slept
-  pays a full wake-up, and a figure that depends far less on the load.
+- :func:`block_cost` and :func:`net_cost` (with :func:`proc_cost`): the
+  daemon's and the card's CPU time and wake-ups per block request or ping,
+  and how often the card's loop slept: the mechanism of the tail, as a
+  request in which either side slept pays a full wake-up, and a figure that
+  depends far less on the load than the latency;
+- :func:`warm_page_cache`: the block rows' image read through again right
+  before them (this VM's DAMON pages out file pages left idle for a minute).
 
 Standard library only (the card imports :mod:`bench.latency`, which imports this).
 """
@@ -23,20 +26,36 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["POLL_COUNTERS", "block_cost", "preadv_floor", "proc_cost", "tail_breakdown"]
+__all__ = [
+    "POLL_COUNTERS",
+    "block_cost",
+    "net_cost",
+    "preadv_floor",
+    "proc_cost",
+    "tail_breakdown",
+    "warm_page_cache",
+]
 
 #: ``transport.spinloop.SpinSelector`` counters the block rows report for the card's loop.
 POLL_COUNTERS = ("spins", "spin_hits", "contended", "preempted", "sleeps")
 
 
+def warm_page_cache(path: Path) -> None:
+    """Read ``path`` through, so the block rows find it in the page cache."""
+    with path.open("rb", buffering=0) as f:
+        while f.read(1 << 20):
+            pass
+
+
 def preadv_floor(image: Path, n: int) -> list[int]:
     """``n`` 4 KiB random ``preadv`` of ``image`` in this process, timed: what the
     page cache itself costs the block read row, and whether its tail is the
-    machine's (a cold page, a preempted syscall) rather than ours."""
+    machine's (a cold page, a preempted syscall) rather than ours. Its own
+    seed: the block rows' blocks (seed 19) are not read ahead of them."""
     fd = os.open(image, os.O_RDONLY)
     try:
         nblocks = os.fstat(fd).st_size // 4096
-        rng = random.Random(19)
+        rng = random.Random(20)
         buf = bytearray(4096)
         clock = time.perf_counter_ns
         out: list[int] = []
@@ -144,3 +163,21 @@ def block_cost(
         cost["card_loop_sleeps"] = round(card_loop["sleeps"] / n, 4)
         cost["card_loop_contended"] = round(card_loop.get("contended", 0) / n, 4)
     return cost
+
+
+async def net_cost(card: Any, pings: int, run: Any) -> dict[str, float]:
+    """CPU µs and wake-ups (voluntary context switches) per ping of the daemon and
+    the card while ``run()`` pings ``pings`` times: what the path costs, which
+    unlike the latency barely depends on what else the machine runs."""
+    pids = {
+        "daemon": int((await card.client.request("ping"))["pid"]),
+        "card": int((await card.status())["pid"]),
+    }
+    before = {k: proc_cost(p) for k, p in pids.items()}
+    out = await run()
+    after = {k: proc_cost(p) for k, p in pids.items()}
+    cost: dict[str, float] = {}
+    for k in pids:
+        cost[f"{k}_cpu_us"] = round((after[k][0] - before[k][0]) / 1e3 / pings, 1)
+        cost[f"{k}_wakeups"] = round((after[k][1] - before[k][1]) / pings, 2)
+    return {**cost, "samples": out}
