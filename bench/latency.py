@@ -64,13 +64,12 @@ from typing import Any
 
 from bench.tails import (
     POLL_COUNTERS,
-    block_cost,
+    block_run,
     net_cost,
     preadv_floor,
     tail_breakdown,
     warm_page_cache,
 )
-from bench.tails import proc_cost as _proc_cost
 
 RESULTS = Path(__file__).with_name("results") / "latency.json"
 MiB = 1 << 20
@@ -237,18 +236,13 @@ async def block_and_console(
                     "card": int((await card.status())["pid"]),
                 }
             for write in (False, True) if "block" in parts else ():
-                runs_, costs = [], []
                 key = "block_write" if write else "block_read"
-                for _ in range(runs):
-                    before = {k: _proc_cost(p) for k, p in pids.items()}
-                    r = await card.run("bench.latency:card_block", "vda", write, n)
-                    after = {k: _proc_cost(p) for k, p in pids.items()}
-                    runs_.append(r["value"]["lat_ns"])
-                    costs.append(block_cost(before, after, n, r["value"].get("card_loop")))
-                res[key] = runs_
+                got = [await block_run(card, pids, write, n) for _ in range(runs)]
+                res[key] = [lat for lat, _, _ in got]
                 res[f"{key}_cost"] = {
-                    k: round(statistics.median(c[k] for c in costs), 3) for k in costs[0]
+                    k: round(statistics.median(c[k] for _, c, _ in got), 3) for k in got[0][1]
                 }
+                res[f"{key}_neighbours"] = [near for _, _, near in got]
             if "console" in parts:
                 path = await card.console_path()
                 res["console"] = [
@@ -520,6 +514,9 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         "block_cost": {
             k: raw[f"block_{k}_cost"] for k in ("read", "write") if f"block_{k}_cost" in raw
         },
+        "block_neighbours": {
+            k: raw[f"block_{k}_neighbours"] for k in ("read", "write") if f"block_{k}_cost" in raw
+        },
         "floor_p99_vs_p50": fl_tail,
         "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "python": sys.version.split()[0],
@@ -582,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     for k, c in res["block_cost"].items():
         print(f"block {k}, per request (CPU µs, wake-ups; card loop sleeps): {c}")
+        print(f"block {k}, other tasks by CPU µs: {[r['top'] for r in res['block_neighbours'][k]]}")
     if res["net_cost"]:
         print(f"net ping, per ping (CPU µs, wake-ups): {res['net_cost']}")
     if res["idle"]:

@@ -4,6 +4,9 @@ page-cache floor of the block read row."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from bench import latency, tails
@@ -59,3 +62,32 @@ def test_the_floor_row_reports_its_own_tail(tmp_path: Path) -> None:
     floor = data["rows"][0]
     assert floor["p99_vs_p50"] == round(floor["p99_us"] / floor["p50_us"], 2)
     assert data["floor_p99_vs_p50"] == floor["p99_vs_p50"]
+
+
+def test_neighbours_name_what_other_tasks_ran(tmp_path: Path) -> None:
+    # A child that burns 30 ms of CPU (its own clock: load cannot shorten it),
+    # then waits: between two snapshots it is a neighbour that ran >= 30 ms.
+    burn = (
+        "import sys, time\n"
+        "t = time.process_time()\n"
+        "while time.process_time() - t < 0.03: pass\n"
+        "print('done', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    before = tails.tasks_cpu()
+    t0 = time.monotonic()
+    with subprocess.Popen(
+        [sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    ) as child:
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline() == b"done\n"
+            after = tails.tasks_cpu()
+            dt = time.monotonic() - t0
+        finally:
+            child.kill()
+    assert after[(child.pid, child.pid)][1] >= 30_000_000
+    with_child = tails.neighbours(before, after, set(), dt, top=100)
+    without = tails.neighbours(before, after, {child.pid}, dt, top=100)
+    assert with_child["others_cpu_pct"] - without["others_cpu_pct"] >= 100 * 0.03 / dt - 0.02
+    assert any(ns >= 30_000 for _, ns in with_child["top"])
