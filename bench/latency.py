@@ -9,6 +9,10 @@ Measured in one run (issue 19), every row as p50 / p99 and p50 / floor:
 - ``block read`` / ``block write``: 4 KiB random reads / writes at queue depth
   1 from a card app (``bench.latency:card_block``, run inside ``mic-card``)
   into a DMA buffer, timed on the card, back to back.
+  Each reports the daemon's and the card's CPU time and wake-ups per request
+  and how often the card's loop slept (:func:`bench.tails.block_cost`).
+- ``4 KiB random preadv``: the same reads by a local ``preadv`` loop on the
+  same image (:func:`bench.tails.preadv_floor`): the page cache's own share.
 - ``console echo``: one byte written on the host pty until the card shell's
   echo of it comes back, timed here (blocking reads, one wake-up).
 - ``pty echo, no card`` (:func:`bench.floors.pty_floor`): the same client
@@ -29,7 +33,10 @@ Measured in one run (issue 19), every row as p50 / p99 and p50 / floor:
 Goals (ratios to the floor of the same run): block and console p50 <= 2x,
 net ping p50 <= 3x, every row's p99 <= 2x its own p50, idle < 1% of a CPU
 each. ``MIC_TRACE`` (see ``virtio/trace.py``) adds a per-hop breakdown:
-``--trace`` runs the block, console and net rows once more with it on.
+``--trace`` runs the block, console and net rows once more with it on, and
+shows which hop grows in their slowest 1% (:func:`bench.tails.tail_breakdown`).
+The floor's own p99 / p50 is printed with the others: the machine's yardstick
+for the p99 goals.
 
 Run: ``python -m bench.latency [--quick] [--rows floor,block,console,net,idle]``;
 writes ``bench/results/latency.json``. The module imports only the standard
@@ -56,6 +63,14 @@ from pathlib import Path
 from typing import Any
 
 from bench import config
+from bench.tails import (
+    POLL_COUNTERS,
+    block_run,
+    net_cost,
+    preadv_floor,
+    tail_breakdown,
+    warm_page_cache,
+)
 
 RESULTS = Path(__file__).with_name("results") / "latency.json"
 MiB = 1 << 20
@@ -93,8 +108,14 @@ async def card_block(card: Any, dev: str, write: bool, n: int) -> dict[str, Any]
     clock = time.perf_counter_ns
     lat: list[int] = []
     warm = max(50, n // 10)
+    # The card loop's poll counters (transport.spinloop.SpinSelector; none on a
+    # plain loop): how often it slept, and why, over the timed requests.
+    sel = getattr(asyncio.get_running_loop(), "_selector", None)
+    c0: dict[str, int] = {}
     try:
         for i in range(n + warm):
+            if i == warm:
+                c0 = {k: getattr(sel, k) for k in POLL_COUNTERS if hasattr(sel, k)}
             sector = rng.randrange(nblocks) * 8
             t0 = clock()
             if write:
@@ -105,7 +126,7 @@ async def card_block(card: Any, dev: str, write: bool, n: int) -> dict[str, Any]
                 lat.append(clock() - t0)
     finally:
         buf.close()
-    return {"lat_ns": lat}
+    return {"lat_ns": lat, "card_loop": {k: getattr(sel, k) - v for k, v in c0.items()}}
 
 
 # ----------------------------------------------------------------- host side
@@ -192,12 +213,23 @@ async def block_and_console(
                 res["idle"] = await idle_cpu(
                     {"daemon": int((await client.ping())["pid"]), "card": int(st["pid"])}, idle_s
                 )
+            if "block" in parts:
+                # Again, after the boot and the idle phase: this VM's DAMON pages
+                # out unmapped file pages idle for a minute (docs/latency.md, 18).
+                warm_page_cache(image)
+                res["preadv"] = [preadv_floor(image, n) for _ in range(runs)]
+                pids = {
+                    "daemon": int((await client.ping())["pid"]),
+                    "card": int((await card.status())["pid"]),
+                }
             for write in (False, True) if "block" in parts else ():
-                runs_ = []
-                for _ in range(runs):
-                    r = await card.run("bench.latency:card_block", "vda", write, n)
-                    runs_.append(r["value"]["lat_ns"])
-                res["block_write" if write else "block_read"] = runs_
+                key = "block_write" if write else "block_read"
+                got = [await block_run(card, pids, write, n) for _ in range(runs)]
+                res[key] = [lat for lat, _, _ in got]
+                res[f"{key}_cost"] = {
+                    k: round(statistics.median(c[k] for _, c, _ in got), 3) for k in got[0][1]
+                }
+                res[f"{key}_neighbours"] = [near for _, _, near in got]
             if "console" in parts:
                 path = await card.console_path()
                 res["console"] = [
@@ -325,38 +357,6 @@ def net_problem() -> str | None:
     return tap_privilege_problem()
 
 
-def _proc_cost(pid: int) -> tuple[int, int]:
-    """(ns on a CPU, voluntary context switches i.e. sleeps) of every thread of ``pid``."""
-    ns = sleeps = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            ns += int((task / "schedstat").read_text().split()[0])
-            for line in (task / "status").read_text().splitlines():
-                if line.startswith("voluntary_ctxt_switches:"):
-                    sleeps += int(line.split()[1])
-        except (OSError, ValueError, IndexError):
-            continue  # a thread that just ended
-    return ns, sleeps
-
-
-async def net_cost(card: Any, pings: int, run: Any) -> dict[str, float]:
-    """CPU µs and wake-ups (voluntary context switches) per ping of the daemon and
-    the card while ``run()`` pings ``pings`` times: what the path costs, which
-    unlike the latency barely depends on what else the machine runs."""
-    pids = {
-        "daemon": int((await card.client.request("ping"))["pid"]),
-        "card": int((await card.status())["pid"]),
-    }
-    before = {k: _proc_cost(p) for k, p in pids.items()}
-    out = await run()
-    after = {k: _proc_cost(p) for k, p in pids.items()}
-    cost: dict[str, float] = {}
-    for k in pids:
-        cost[f"{k}_cpu_us"] = round((after[k][0] - before[k][0]) / 1e3 / pings, 1)
-        cost[f"{k}_wakeups"] = round((after[k][1] - before[k][1]) / pings, 2)
-    return {**cost, "samples": out}
-
-
 async def net(n: int, runs: int, trace_dir: Path | None, spaced: bool) -> dict[str, Any]:
     res: dict[str, Any] = {}
     a, b = f"mvla-{uuid.uuid4().hex[:5]}", f"mvlb-{uuid.uuid4().hex[:5]}"
@@ -394,13 +394,14 @@ async def net(n: int, runs: int, trace_dir: Path | None, spaced: bool) -> dict[s
 
 
 def collect_trace(trace_dir: Path, what: str) -> dict[str, Any]:
-    """Merge every process's trace file and break each request into hop-to-hop steps."""
+    """Merge every process's trace file and break each request into hop-to-hop steps;
+    ``tail``: the same for the slowest 1% (:func:`bench.tails.tail_breakdown`)."""
     from transport.tracing import load
     from virtio.trace import CARD_TAP_IN, PTY_IN, SUBMIT, breakdown
 
-    return breakdown(
-        load(trace_dir), start={"block": SUBMIT, "console": PTY_IN, "net": CARD_TAP_IN}[what]
-    )
+    marks = load(trace_dir)
+    start = {"block": SUBMIT, "console": PTY_IN, "net": CARD_TAP_IN}[what]
+    return {**breakdown(marks, start=start), "tail": tail_breakdown(marks, start)}
 
 
 # ----------------------------------------------------------------- main
@@ -421,6 +422,7 @@ ROWS: tuple[tuple[str, str, str | None], ...] = (
     # key, label, goal group
     ("block_read", "block 4 KiB random read, QD1", "block"),
     ("block_write", "block 4 KiB random write, QD1", "block"),
+    ("preadv", "4 KiB random preadv, no card (page cache)", None),
     ("console", "console echo (host pty)", "console"),
     ("pty", "pty echo, no card (kernel pty floor)", None),
     ("net", "net ping card -> host, back to back", "net"),
@@ -475,8 +477,12 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             finally:
                 shutil.rmtree(tdir, ignore_errors=True)
     fl = _median_stats(floors)
+    # The floor's own tail is the machine's yardstick for the p99 goals: what
+    # one wake-up on each side varies by here, with nothing of ours in it.
+    fl_tail = round(fl["p99_us"] / fl["p50_us"], 2)
     out_rows: list[dict[str, Any]] = [{"key": "floor", "label": "floor (eventfd ping-pong)", **fl,
-                                       "ratio": 1.0, "goal": None, "met": None}]  # fmt: skip
+                                       "ratio": 1.0, "p99_vs_p50": fl_tail, "goal": None,
+                                       "met": None}]  # fmt: skip
     for key, label, goal_key in ROWS:
         if key not in raw:
             continue
@@ -492,6 +498,13 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     idle = raw.get("idle")
     return {
         "net_cost": raw.get("net_cost"),
+        "block_cost": {
+            k: raw[f"block_{k}_cost"] for k in ("read", "write") if f"block_{k}_cost" in raw
+        },
+        "block_neighbours": {
+            k: raw[f"block_{k}_neighbours"] for k in ("read", "write") if f"block_{k}_cost" in raw
+        },
+        "floor_p99_vs_p50": fl_tail,
         "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "python": sys.version.split()[0],
         "code": args.label or _git_head(),
@@ -549,8 +562,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"{r['label']:40} p50 {r['p50_us']:8.1f} µs  p99 {r['p99_us']:8.1f} µs  "
-            f"x{r['ratio']:.2f}{goal}"
+            f"x{r['ratio']:.2f}  p99/p50 {r.get('p99_vs_p50', 0):.2f}{goal}"
         )
+    for k, c in res["block_cost"].items():
+        print(f"block {k}, per request (CPU µs, wake-ups; card loop sleeps): {c}")
+        print(f"block {k}, other tasks by CPU µs: {[r['top'] for r in res['block_neighbours'][k]]}")
     if res["net_cost"]:
         print(f"net ping, per ping (CPU µs, wake-ups): {res['net_cost']}")
     if res["idle"]:
@@ -558,7 +574,10 @@ def main(argv: list[str] | None = None) -> int:
     for k, why in res["skipped"].items():
         print(f"{k}: skipped ({why})")
     for what, t in res["trace"].items():
+        tail = t.pop("tail", None)
         print(f"trace {what}: {json.dumps(t)}")
+        print(f"trace {what}, slowest 1%: {json.dumps(tail)}")
+        t["tail"] = tail
     return 0
 
 

@@ -342,6 +342,25 @@ def latency(lat: dict[str, Any]) -> list[str]:
             "switches; far less load-dependent than the latency).",
             "",
         ]
+    if lat.get("floor_p99_vs_p50") is not None:
+        out += [
+            f"The floor's own p99 is {lat['floor_p99_vs_p50']:.2f}x its p50 in this run: "
+            "the machine's yardstick for the p99 goals (one wake-up on each side, nothing "
+            "of ours in it).",
+            "",
+        ]
+    for k, c in (lat.get("block_cost") or {}).items():
+        near = ((lat.get("block_neighbours") or {}).get(k) or [{}])[0].get("top", [])
+        out += [
+            f"Block {k}, per request: the daemon {c['daemon_cpu_us']:.0f} µs of CPU and "
+            f"{c['daemon_wakeups']:.3f} wake-ups, the card {c['card_cpu_us']:.0f} µs and "
+            f"{c['card_wakeups']:.3f}; the card's loop slept in "
+            f"{100 * c.get('card_loop_sleeps', 0):.1f}% of the requests (a request in which "
+            "either side slept pays a full wake-up: above ~1%, the p99 holds one); the "
+            f"machine's other tasks ran {c.get('others_cpu_pct', 0):.1f}% of a CPU meanwhile "
+            f"({', '.join(n for n, _ in near) or '-'} the most).",
+            "",
+        ]
     for key, why in lat.get("skipped", {}).items():
         out += [f"`{key}` rows skipped: {why}.", ""]
     ab = _load("throughput_ab")

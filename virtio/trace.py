@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import statistics
+from array import array
 from collections.abc import Callable, Iterable
 
 __all__ = [
@@ -73,15 +74,19 @@ HOPS = (
 #: True while tracing: call sites check it before calling :func:`mark`.
 ON = False
 _clock: Callable[[], int] | None = None
-_buf: list[tuple[int, int]] = []
+#: The marks, as flat ``hop, ns, hop, ns, ...`` machine integers: an array is
+#: not tracked by the cyclic GC, where a list of tuples made the collector run
+#: every ~80 traced requests and its full collections scan every mark so far,
+#: pauses the trace then blamed on the hops (issue 19, the tails).
+_buf: array[int] = array("q")
 _cap = 0
 
 
 def enable(clock: Callable[[], int], capacity: int = 1 << 20) -> None:
     """Start recording (at most ``capacity`` marks; later ones are dropped)."""
     global ON, _clock, _cap
-    _clock, _cap = clock, capacity
-    _buf.clear()
+    _clock, _cap = clock, 2 * capacity
+    del _buf[:]
     ON = True
 
 
@@ -93,12 +98,13 @@ def disable() -> None:
 def mark(hop: int) -> None:
     """Record ``hop`` now (only call it when :data:`ON`)."""
     if _clock is not None and len(_buf) < _cap:
-        _buf.append((hop, _clock()))
+        _buf.append(hop)
+        _buf.append(_clock())
 
 
 def records() -> list[tuple[int, int]]:
     """The marks recorded so far, ``(hop, ns)``."""
-    return list(_buf)
+    return list(zip(_buf[::2], _buf[1::2], strict=True))
 
 
 def breakdown(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 
 from virtio import trace
@@ -23,6 +24,25 @@ def test_enable_records_with_the_given_clock_and_disable_stops() -> None:
     finally:
         trace.disable()
     assert trace.ON is False
+
+
+def test_marks_give_the_cyclic_gc_nothing_to_count() -> None:
+    # A traced request must not make the collector run (its pauses would be
+    # blamed on the hops): a mark allocates no object the GC tracks.
+    ticks = itertools.count(1000, 10)
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        trace.enable(lambda: next(ticks))
+        before = gc.get_count()[0]
+        for _ in range(10_000):
+            trace.mark(trace.SUBMIT)
+        assert gc.get_count()[0] - before < 100
+        assert len(trace.records()) == 10_000
+    finally:
+        trace.disable()
+        if was:
+            gc.enable()
 
 
 def test_breakdown_merges_processes_and_orders_steps() -> None:
