@@ -84,6 +84,9 @@ MAX_QUEUES = BLOCK_MAX_QUEUES
 #: Requests moving more bytes than this run in a worker thread. Measured (bench/block.py,
 #: host_io): a 1 MiB preadv inline runs at ~5.8 GB/s, through a thread hop at ~3.3 GB/s.
 THREAD_THRESHOLD = 4 << 20
+#: A batch's first half is published once done if its last request moved this much:
+#: the card resubmits it while the host reads the rest (docs/throughput.md).
+PIPELINE_BYTES = 256 << 10
 #: Largest single data segment offered in ``size_max`` (VIRTIO_BLK_F_SIZE_MAX).
 SIZE_MAX = 4 << 20
 #: DISCARD / WRITE_ZEROES limits offered in the config space.
@@ -387,6 +390,7 @@ class BlockBackend:
             self._features = self._ctx.features if self._ctx is not None else 0
             threshold = self.thread_threshold
             inline_out = not self._writethrough
+            mid = batch[len(batch) // 2 - 1] if len(batch) > 1 else None  # PIPELINE_BYTES
             for chain in batch:
                 checked = self._check(chain)
                 if not isinstance(checked, _Io):
@@ -398,6 +402,8 @@ class BlockBackend:
                     if trace.ON:
                         trace.mark(trace.IO_DONE)
                     self._complete(q, chain, *done)
+                    if checked.length >= PIPELINE_BYTES and chain is mid:
+                        q.flush()  # the card resubmits the first half meanwhile
                 else:
                     tg.create_task(self._serve_in_thread(q, chain, checked))
 
