@@ -390,7 +390,7 @@ class BlockBackend:
             self._features = self._ctx.features if self._ctx is not None else 0
             threshold = self.thread_threshold
             inline_out = not self._writethrough
-            mid = batch[len(batch) // 2 - 1] if len(batch) > 1 else None  # PIPELINE_BYTES
+            pipe, mid = PIPELINE_BYTES, batch[len(batch) // 2 - 1] if len(batch) > 1 else None
             for chain in batch:
                 checked = self._check(chain)
                 if not isinstance(checked, _Io):
@@ -402,7 +402,7 @@ class BlockBackend:
                     if trace.ON:
                         trace.mark(trace.IO_DONE)
                     self._complete(q, chain, *done)
-                    if checked.length >= PIPELINE_BYTES and chain is mid:
+                    if checked.length >= pipe and chain is mid:
                         q.flush()  # the card resubmits the first half meanwhile
                 else:
                     tg.create_task(self._serve_in_thread(q, chain, checked))
