@@ -20,6 +20,10 @@ Measured in one run, on one image file:
 
 Target (issue "virtio-block end to end"): sequential card reads >= 0.7x local.
 Run: ``python -m bench.block [--quick]``; writes ``bench/results/block.json``.
+``python -m bench.block --ab TREE [--rounds N] [--queues Q]``: 1 MiB seqread QD8
+and 4 KiB randread QD32 of this tree against ``TREE`` (a ``git worktree add``
+of ``main``), alternating, each card run next to a local read of the same
+minute; writes ``bench/results/block-ab.json``.
 
 The module imports only the standard library at the top, so the card process
 can import :func:`card_io` without pulling in the host side.
