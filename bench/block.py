@@ -386,6 +386,15 @@ def ab(b_tree: Path, rounds: int, seconds: float, queues: int) -> dict[str, Any]
 
     root = Path(__file__).resolve().parent.parent
     trees = {"a": root, "b": b_tree.resolve()}
+    if not (trees["b"] / "bench" / "block.py").is_file():
+        raise SystemExit(f"--ab {b_tree}: not a MIC-VOP tree (no bench/block.py there)")
+    commits = {
+        v: subprocess.run(
+            ["git", "-C", str(t), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        or "?"
+        for v, t in trees.items()
+    }
     got: dict[str, list[dict[str, Any]]] = {"a": [], "b": []}
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     arg = json.dumps({"cells": AB_CELLS, "seconds": seconds, "queues": queues, "mib": 256})
@@ -416,7 +425,7 @@ def ab(b_tree: Path, rounds: int, seconds: float, queues: int) -> dict[str, Any]
 
         def med(v: str, key: str, name: str = name) -> float:
             return statistics.median(
-                run["cells"][name]["card_mb_s"] / run["cells"][name][key] for run in got[v]
+                float(run["cells"][name]["card_mb_s"] / run["cells"][name][key]) for run in got[v]
             )
 
         ratio = {v: med(v, "local_mb_s") for v in got}
@@ -436,6 +445,7 @@ def ab(b_tree: Path, rounds: int, seconds: float, queues: int) -> dict[str, Any]
     return {
         "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "b_tree": str(trees["b"]),
+        "commits": commits,
         "queues": queues,
         "seconds": seconds,
         "load": [run["load"] for v in ("a", "b") for run in got[v]],
