@@ -5,6 +5,10 @@ Measured in one run, on one image file:
 - ``local``: the host process reading/writing the image directly
   (``os.preadv``/``os.pwritev`` into a preallocated buffer, one request at a
   time: page-cache I/O gains nothing from queue depth in one Python thread);
+  ``ratio`` is against this. ``local_matched`` cycles through as many
+  buffers as the card app has requests in flight (8 MiB for 1 MiB at QD8,
+  where the card app uses 8 buffers and the one-buffer loop copies into a
+  cache-hot one): ``ratio_matched``;
 - ``card``: a card app (``bench.block:card_io``, run inside ``mic-card``)
   driving ``/dev/vda`` through the virtio-blk driver, the rings, the doorbells
   and the host backend: sequential 1 MiB reads and writes at queue depth 8,
@@ -16,6 +20,10 @@ Measured in one run, on one image file:
 
 Target (issue "virtio-block end to end"): sequential card reads >= 0.7x local.
 Run: ``python -m bench.block [--quick]``; writes ``bench/results/block.json``.
+``python -m bench.block --ab TREE [--rounds N] [--queues Q]``: 1 MiB seqread QD8
+and 4 KiB randread QD32 of this tree against ``TREE`` (a ``git worktree add``
+of ``main``), alternating, each card run next to a local read of the same
+minute; writes ``bench/results/block-ab.json``.
 
 The module imports only the standard library at the top, so the card process
 can import :func:`card_io` without pulling in the host side.
@@ -107,9 +115,12 @@ def make_image(path: Path, size: int) -> None:
     path.read_bytes()  # warm the page cache: both sides read from it
 
 
-def local(path: Path, pattern: str, bs: int, seconds: float) -> dict[str, Any]:
+def local(path: Path, pattern: str, bs: int, seconds: float, buffers: int = 1) -> dict[str, Any]:
+    """The host reading/writing the image itself, one request at a time. ``buffers``:
+    how many buffers it cycles through (1: always the same, cache-hot one; the
+    card app at depth D uses D buffers, one per request in flight)."""
     fd = os.open(path, os.O_RDWR)
-    buf = bytearray(os.urandom(bs))
+    bufs = [bytearray(os.urandom(bs)) for _ in range(buffers)]
     nblocks = os.fstat(fd).st_size // bs
     rng = random.Random(1)
     ops = pos = 0
@@ -122,6 +133,7 @@ def local(path: Path, pattern: str, bs: int, seconds: float) -> dict[str, Any]:
                     b, pos = pos, (pos + 1) % nblocks
                 else:
                     b = rng.randrange(nblocks)
+                buf = bufs[ops % buffers]
                 if "read" in pattern:
                     os.preadv(fd, [buf], b * bs)
                 else:
@@ -229,9 +241,12 @@ async def amain(quick: bool) -> dict[str, Any]:
     make_image(image, size)
     try:
         locals_: dict[str, dict[str, Any]] = {}
-        for pattern, bs, _ in PATTERNS:
+        matched: dict[str, dict[str, Any]] = {}
+        for pattern, bs, depth in PATTERNS:
             rs = [local(image, pattern, bs, seconds) for _ in range(runs)]
             locals_[pattern] = sorted(rs, key=lambda r: r["ops"] / r["seconds"])[len(rs) // 2]
+            rs = [local(image, pattern, bs, seconds, depth) for _ in range(runs)]
+            matched[pattern] = sorted(rs, key=lambda r: r["ops"] / r["seconds"])[len(rs) // 2]
         card1 = await card_side(image, seconds, runs, 1)
         card2 = await card_side(image, seconds, runs, 2)
         hio = await host_io(image, min(seconds, 0.5))
@@ -240,6 +255,7 @@ async def amain(quick: bool) -> dict[str, Any]:
     rows = []
     for pattern, bs, depth in PATTERNS:
         loc = _rates(locals_[pattern], bs)
+        loc_m = _rates(matched[pattern], bs)
         for nq, card in ((1, card1), (2, card2)):
             for zc in (True, False):
                 if (pattern, zc) not in card:
@@ -257,9 +273,14 @@ async def amain(quick: bool) -> dict[str, Any]:
                         "local_mb_s": loc["mb_s"],
                         "local_iops": loc["iops"],
                         "ratio": round(c["mb_s"] / loc["mb_s"], 3),
+                        "local_matched_mb_s": loc_m["mb_s"],
+                        "ratio_matched": round(c["mb_s"] / loc_m["mb_s"], 3),
                     }
                 )
     seq = [float(str(r["ratio"])) for r in rows if r["pattern"] == "seqread" and r["zero_copy"]]
+    seq_m = [
+        float(str(r["ratio_matched"])) for r in rows if r["pattern"] == "seqread" and r["zero_copy"]
+    ]
     return {
         "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "quick": quick,
@@ -272,16 +293,176 @@ async def amain(quick: bool) -> dict[str, Any]:
         "ratios": {
             "seqread_vs_local_best": max(seq),
             "seqread_vs_local_median": statistics.median(seq),
+            "seqread_vs_local_matched_best": max(seq_m),
+            "seqread_vs_local_matched_median": statistics.median(seq_m),
         },
         "target": {"seqread_vs_local": 0.7, "met": max(seq) >= 0.7},
         "host_io": hio,
     }
 
 
+#: One A/B cell, run with ``python -c SEQ_CELL ARGS_JSON`` in a tree: only what every
+#: tree has (``mic_host.launch``, this module's ``CONFIG``/``card_io``/``make_image``).
+SEQ_CELL = r"""
+import asyncio, json, os, random, shutil, sys, tempfile, time
+from pathlib import Path
+
+import mic_host
+from bench.block import CONFIG, MiB, make_image
+
+args = json.loads(sys.argv[1])
+
+
+def local(path, pattern, bs, seconds, buffers):
+    fd = os.open(path, os.O_RDONLY)
+    bufs = [bytearray(bs) for _ in range(buffers)]
+    nblocks = os.fstat(fd).st_size // bs
+    rng = random.Random(1)
+    ops = pos = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(16):
+            if pattern.startswith("seq"):
+                b, pos = pos, (pos + 1) % nblocks
+            else:
+                b = rng.randrange(nblocks)
+            os.preadv(fd, [bufs[ops % buffers]], b * bs)
+            ops += 1
+    os.close(fd)
+    return ops * bs / (time.perf_counter() - t0) / 1e6
+
+
+async def main():
+    tmp = Path(tempfile.mkdtemp(prefix="micsq", dir="/tmp"))
+    try:
+        image = tmp / "bench.img"
+        make_image(image, args["mib"] * MiB)
+        cfg = CONFIG.format(image=image, nq=args["queues"])
+        async with mic_host.launch(str(tmp / "s"), cfg) as client:
+            card = client.card("mic0")
+            await card.wait("online", timeout=60)
+            cells = {}
+            for name, (pattern, bs, depth) in args["cells"].items():
+                run = ("bench.block:card_io", "vda", pattern, bs, depth)
+                await card.run(*run, 0.2, True)  # warm up: buffers, the app's import
+                half = args["seconds"] / 2
+                loc = local(image, pattern, bs, half, 1)  # the card's run between the halves
+                loc_m = local(image, pattern, bs, half, depth)
+                r = (await card.run(*run, args["seconds"], True))["value"]
+                loc += local(image, pattern, bs, half, 1)
+                loc_m += local(image, pattern, bs, half, depth)
+                cells[name] = {
+                    "card_mb_s": r["ops"] * bs / r["seconds"] / 1e6,
+                    "local_mb_s": loc / 2,
+                    "local_matched_mb_s": loc_m / 2,
+                }
+            return cells
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+print("RESULT " + json.dumps(asyncio.run(main())), flush=True)
+"""
+AB_CELLS = {"seqread-8": ("seqread", MiB, 8), "randread-32": ("randread", 4096, 32)}
+
+
+def ab(b_tree: Path, rounds: int, seconds: float, queues: int) -> dict[str, Any]:
+    """This tree (A) against ``b_tree`` (B), interleaved: each round runs both, in a
+    fresh process in each tree (its daemon and card too), alternating which goes
+    first. Every run measures the local read next to the card's, so each ratio
+    is from one time window."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    trees = {"a": root, "b": b_tree.resolve()}
+    if not (trees["b"] / "bench" / "block.py").is_file():
+        raise SystemExit(f"--ab {b_tree}: not a MIC-VOP tree (no bench/block.py there)")
+    commits = {
+        v: subprocess.run(
+            ["git", "-C", str(t), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        or "?"
+        for v, t in trees.items()
+    }
+    got: dict[str, list[dict[str, Any]]] = {"a": [], "b": []}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    arg = json.dumps({"cells": AB_CELLS, "seconds": seconds, "queues": queues, "mib": 256})
+    for rnd in range(rounds):
+        for v in ("a", "b") if rnd % 2 == 0 else ("b", "a"):
+            load = os.getloadavg()[0]
+            r = subprocess.run(
+                [sys.executable, "-c", SEQ_CELL, arg],
+                cwd=trees[v], env=env, capture_output=True, text=True, timeout=600, check=False,
+            )  # fmt: skip
+            lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+            if not lines:
+                raise RuntimeError(f"A/B cell in {trees[v]} failed:\n{r.stderr[-2000:]}")
+            cells = json.loads(lines[0][7:])
+            got[v].append({"load": round(load, 2), "cells": cells})
+            print(
+                f"round {rnd + 1} {v}: load {load:.1f}  "
+                + "  ".join(
+                    f"{n} card {c['card_mb_s']:8.1f} local {c['local_mb_s']:8.1f} MB/s "
+                    f"x{c['card_mb_s'] / c['local_mb_s']:.3f} "
+                    f"(x{c['card_mb_s'] / c['local_matched_mb_s']:.3f} matched)"
+                    for n, c in cells.items()
+                ),
+                flush=True,
+            )
+    summary: dict[str, Any] = {}
+    for name in AB_CELLS:
+
+        def med(v: str, key: str, name: str = name) -> float:
+            return statistics.median(
+                float(run["cells"][name]["card_mb_s"] / run["cells"][name][key]) for run in got[v]
+            )
+
+        ratio = {v: med(v, "local_mb_s") for v in got}
+        matched = {v: med(v, "local_matched_mb_s") for v in got}
+        card = {
+            v: statistics.median(run["cells"][name]["card_mb_s"] for run in got[v]) for v in got
+        }
+        summary[name] = {
+            "a_ratio_to_local": round(ratio["a"], 3),
+            "b_ratio_to_local": round(ratio["b"], 3),
+            "a_ratio_to_local_matched": round(matched["a"], 3),
+            "b_ratio_to_local_matched": round(matched["b"], 3),
+            "a_card_mb_s": round(card["a"], 1),
+            "b_card_mb_s": round(card["b"], 1),
+            "card_a_over_b": round(card["a"] / card["b"], 3),
+        }
+    return {
+        "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "b_tree": str(trees["b"]),
+        "commits": commits,
+        "queues": queues,
+        "seconds": seconds,
+        "load": [run["load"] for v in ("a", "b") for run in got[v]],
+        "runs": got,
+        "summary": summary,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.block", description=__doc__)
     p.add_argument("--quick", action="store_true", help="short cells, one run each")
+    p.add_argument(
+        "--ab",
+        type=Path,
+        metavar="TREE",
+        help="A/B: 1 MiB seqread QD8 and 4 KiB randread QD32, this tree against TREE "
+        "(e.g. a `git worktree add` of main), interleaved; writes bench/results/block-ab.json",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="--ab rounds (each runs both trees)")
+    p.add_argument("--queues", type=int, default=1, help="--ab: the device's queues")
     args = p.parse_args(argv)
+    if args.ab is not None:
+        out = ab(args.ab, args.rounds, 0.5 if args.quick else 2.0, args.queues)
+        RESULTS.parent.mkdir(exist_ok=True)
+        RESULTS.with_name("block-ab.json").write_text(json.dumps(out, indent=1) + "\n")
+        for name, row in out["summary"].items():
+            print(f"{name}: {row}")
+        return 0
     res = asyncio.run(amain(args.quick))
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(res, indent=1) + "\n")
@@ -290,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['pattern']:9} bs={r['bs']:>7} qd={r['depth']:>2} q={r['queues']} "
             f"zc={'y' if r['zero_copy'] else 'n'}  card {r['card_mb_s']:8.1f} MB/s "
             f"{r['card_iops']:>7} IOPS | local {r['local_mb_s']:8.1f} MB/s "
-            f"{r['local_iops']:>7} IOPS | x{r['ratio']:.3f}"
+            f"{r['local_iops']:>7} IOPS | x{r['ratio']:.3f} "
+            f"(x{r['ratio_matched']:.3f} vs {r['depth']} local buffers)"
         )
     print("host_io:", json.dumps(res["host_io"]))
     print("ratios:", res["ratios"], "target met:", res["target"]["met"])

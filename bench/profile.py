@@ -7,6 +7,8 @@ time from ``/proc/PID/stat`` over the same window:
 - ``block-read`` / ``block-write``: the block bench's card app
   (``bench.block:card_io``), 4 KiB random at queue depth 32 into DMA buffers
   (zero-copy), one queue; a request is one 4 KiB read or write;
+- ``block-seqread``: the same app, 1 MiB sequential reads at queue depth 8
+  (the 1 MiB seqread cell of ``bench/block.py``); a request is one 1 MiB read;
 - ``net``: iperf3 TCP host -> card through the card's NIC (``tap`` backend,
   as ``bench/net.py``); a "request" is one packet the host backend moved.
   Needs root, iproute2 and iperf3.
@@ -16,7 +18,7 @@ Per process: CPU µs per request (user + system), and the top functions by
 µs per request: the sample fraction times the process's CPU per request.
 ``--svg DIR`` also writes py-spy flame graphs there.
 
-Run: ``python -m bench.profile [--workload block-read,block-write,net]
+Run: ``python -m bench.profile [--workload block-read,block-write,block-seqread,net]
 [--seconds S] [--rate HZ]``; writes ``bench/results/profile.json``
 (``--json``); ``bench/report.py`` renders it into ``docs/performance.md``.
 Needs ``py-spy`` on the PATH and the right to ptrace (root).
@@ -151,28 +153,31 @@ async def measure(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-async def block(pattern: str, seconds: float, rate: int, svg: Path | None) -> dict[str, Any]:
+async def block(
+    pattern: str, seconds: float, rate: int, svg: Path | None, bs: int = 4096, depth: int = 32
+) -> dict[str, Any]:
     import mic_host
     from bench.block import make_image
 
     tmp = Path(tempfile.mkdtemp(prefix="micp", dir="/tmp"))
     try:
         image = tmp / "bench.img"
-        make_image(image, 64 * MiB)
+        make_image(image, (256 if bs >= MiB else 64) * MiB)
         async with mic_host.launch(tmp / "state", config.card(config.block(image))) as client:
             card = client.card("mic0")
             await card.wait("online", timeout=60)
             pids = {"daemon": int((await client.ping())["pid"])}
             pids["card"] = int((await card.status())["pid"])
             # warm up (first touches of the buffers, the app's import)
-            await card.run("bench.block:card_io", "vda", pattern, 4096, 32, 0.3, True)
+            await card.run("bench.block:card_io", "vda", pattern, bs, depth, 0.3, True)
 
             async def work() -> int:
-                r = await card.run("bench.block:card_io", "vda", pattern, 4096, 32, seconds, True)
+                r = await card.run("bench.block:card_io", "vda", pattern, bs, depth, seconds, True)
                 return int(r["value"]["ops"])
 
             res = await measure(pids, seconds, rate, svg, pattern, work)
-            res["workload"] = f"block 4 KiB {pattern} QD32, 1 queue, zero-copy"
+            size = "1 MiB" if bs == MiB else f"{bs // 1024} KiB"
+            res["workload"] = f"block {size} {pattern} QD{depth}, 1 queue, zero-copy"
             return res
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -234,6 +239,8 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         if w in ("block-read", "block-write"):
             pattern = "randread" if w == "block-read" else "randwrite"
             out["runs"][w] = await block(pattern, args.seconds, args.rate, args.svg)
+        elif w == "block-seqread":
+            out["runs"][w] = await block("seqread", args.seconds, args.rate, args.svg, MiB, 8)
         elif w == "net":
             from bench.latency import net_problem
 
@@ -242,7 +249,9 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
                 {"skipped": why} if why else await net(args.seconds, args.rate, args.svg)
             )
         else:
-            raise SystemExit(f"unknown workload {w!r} (block-read, block-write, net)")
+            raise SystemExit(
+                f"unknown workload {w!r} (block-read, block-write, block-seqread, net)"
+            )
     return out
 
 

@@ -85,6 +85,9 @@ MAX_QUEUES = BLOCK_MAX_QUEUES
 #: Requests moving more bytes than this run in a worker thread. Measured (bench/block.py,
 #: host_io): a 1 MiB preadv inline runs at ~5.8 GB/s, through a thread hop at ~3.3 GB/s.
 THREAD_THRESHOLD = 4 << 20
+#: A batch's first half is published once done if its last request moved this much:
+#: the card resubmits it while the host reads the rest (docs/throughput.md).
+PIPELINE_BYTES = 256 << 10
 #: Largest single data segment offered in ``size_max`` (VIRTIO_BLK_F_SIZE_MAX).
 SIZE_MAX = 4 << 20
 #: DISCARD / WRITE_ZEROES limits offered in the config space.
@@ -393,6 +396,7 @@ class BlockBackend:
             threshold = self.thread_threshold
             inline_out = not self._writethrough
             dp = self.datapath if self.datapath.lease is not None else None
+            pipe, mid = PIPELINE_BYTES, batch[len(batch) // 2 - 1] if len(batch) > 1 else None
             for chain in batch:
                 checked = self._check(chain)
                 if not isinstance(checked, _Io):
@@ -405,6 +409,8 @@ class BlockBackend:
                     if trace.ON:
                         trace.mark(trace.IO_DONE)
                     self._complete(q, chain, *done)
+                    if checked.length >= pipe and chain is mid:
+                        q.flush()  # the card resubmits the first half meanwhile
                 else:
                     tg.create_task(self._serve_in_thread(q, chain, checked))
 
