@@ -27,7 +27,9 @@ chain's memoryviews (card memory), with no intermediate copy. Requests up to
 costs less than a thread hop); bigger ones, FLUSH, DISCARD and WRITE_ZEROES run
 in the backend's worker threads, so one slow ``fsync`` never stalls the other
 queues. ``bench/block.py`` measured the alternatives (``aiofiles``, the DMA
-engine through a host bounce buffer); see ``docs/block.md``.
+engine through a host bounce buffer); see ``docs/block.md``. What is done to the
+image file itself (creating it, punching holes, writing zeros) is in
+:mod:`mic_host.backends.imagefile`.
 
 Must not import ``transport`` or ``mic_card``.
 """
@@ -35,17 +37,16 @@ Must not import ``transport`` or ``mic_card``.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import errno
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from mic_host.backends import BackendContext
 from mic_host.backends.datapath import DEFAULT_DATA_PATH, BlockDataPath
+from mic_host.backends.imagefile import create_image, punch_hole, write_zeros
 from mic_host.backends.imagelock import lock_image
 from mic_host.config.files import open_image
 from mic_host.config.limits import (
@@ -55,7 +56,6 @@ from mic_host.config.limits import (
     BLOCK_QUEUE_SIZE,
     BLOCK_QUEUE_SIZE_MIN,
 )
-from mic_host.config.sizes import format_size
 from mic_host.endpoint import QueueEndpoint
 from virtio import trace
 from virtio.blk import ID_BYTES, STATUS_SIZE, WRITE_ZEROES_FLAG_UNMAP, segment_flags_ok
@@ -99,76 +99,6 @@ MAX_DISCARD_SEG = 32
 #: use it on names bound by an import; see ``virtio/split/device.py``).
 REQ_HEADER = _REQ_HEADER
 SEGMENT = _SEGMENT
-_ZEROS = bytes(1 << 20)
-
-# -- fallocate through ctypes (os has posix_fallocate, but no mode flags) ---------------
-
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_NOT_SUPPORTED = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
-
-
-def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).fallocate
-    except (OSError, AttributeError):  # pragma: no cover - not glibc/musl
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_fallocate = _load_fallocate()
-
-
-def punch_hole(fd: int, offset: int, length: int) -> bool:
-    """Deallocate ``[offset, offset+length)`` of ``fd`` (reads return zeros, size kept).
-
-    Returns False when the file system (or the platform) cannot punch holes.
-
-    Raises:
-        OSError: any other failure (EIO, EBADF...).
-    """
-    if _fallocate is None or length <= 0:
-        return _fallocate is not None
-    mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
-    if _fallocate(fd, mode, offset, length) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in _NOT_SUPPORTED:
-        return False
-    raise OSError(err, os.strerror(err))
-
-
-def _write_zeros(fd: int, offset: int, length: int) -> None:
-    while length > 0:
-        n = os.pwrite(fd, memoryview(_ZEROS)[: min(length, len(_ZEROS))], offset)
-        offset += n
-        length -= n
-
-
-def _create_image(label: str, path: Path, size: int) -> None:
-    """A new sparse image of ``size`` bytes, 0600 whatever the umask (it holds the
-    card's data); nothing is left behind if it cannot be made whole.
-
-    Raises:
-        ConfigError: it cannot be created (EFBIG: the file system's largest
-            file is smaller than ``size``).
-    """
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except OSError as e:
-        raise ConfigError(f"{label}cannot create {path}: {e.strerror}") from e
-    try:
-        os.ftruncate(fd, size)
-    except OSError as e:
-        os.close(fd)
-        path.unlink(missing_ok=True)
-        hint = ": the file system's largest file is smaller" if e.errno == errno.EFBIG else ""
-        raise ConfigError(
-            f"{label}cannot create {path} with size = {format_size(size)}: {e.strerror}{hint}"
-        ) from e
-    os.close(fd)
 
 
 @dataclass(slots=True)
@@ -273,7 +203,7 @@ class BlockBackend:
                     f"{where}cannot create {self.path}: size is needed, "
                     f"a positive multiple of {self.blk_size}"
                 )
-            _create_image(where, self.path, size)
+            create_image(where, self.path, size)
         try:
             fd, nbytes = open_image(self.path, os.O_RDONLY if read_only else os.O_RDWR, bs)
         except OSError as e:
@@ -547,9 +477,9 @@ class BlockBackend:
             for off, length, flags in io.segments:
                 if kind == BlkReqType.DISCARD or flags & WRITE_ZEROES_FLAG_UNMAP:
                     if not punch_hole(fd, off, length):
-                        _write_zeros(fd, off, length)
+                        write_zeros(fd, off, length)
                 else:
-                    _write_zeros(fd, off, length)
+                    write_zeros(fd, off, length)
             if self._writethrough:
                 os.fdatasync(fd)
             if kind == BlkReqType.DISCARD:
