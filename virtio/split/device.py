@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from mypy_extensions import mypyc_attr
+
 from virtio.constants import VRING_SIZE_MAX, DescFlag, Feature, RingFlag
 from virtio.errors import LocalProtocolError
 from virtio.memory import ADDRESS_LIMIT, Memory, MemoryFault
@@ -64,6 +66,8 @@ class QueueState:
     published_used: int | None = None
 
 
+# subclassed by interpreted code (mic_host.vhost_user.inflight.TrackedQueue)
+@mypyc_attr(allow_interpreted_subclasses=True)
 class DeviceQueue(DeviceQueueBase[SplitLayout]):
     """The device (host/backend) side of a split ring. Every input is untrusted.
 
@@ -145,7 +149,7 @@ class DeviceQueue(DeviceQueueBase[SplitLayout]):
             event_idx=self.event_idx,
             indirect=self.indirect,
             ready=self.ready,
-            inflight=tuple(i for i, f in enumerate(self._inflight) if f),
+            inflight=tuple(i for i in range(self.size) if self._inflight[i]),
             notify_enabled=self.notify_enabled,
             published_used=self._published_used,
         )
