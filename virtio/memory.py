@@ -12,6 +12,7 @@ with mypyc) and re-exported here. Must not import asyncio, the OS, or ``transpor
 from __future__ import annotations
 
 import bisect
+from typing import Final
 
 from mypy_extensions import mypyc_attr
 
@@ -28,7 +29,7 @@ __all__ = [
 ]
 
 #: Bus addresses are 64-bit; ``addr + length`` must not pass this.
-ADDRESS_LIMIT = 1 << 64
+ADDRESS_LIMIT: Final = 1 << 64
 
 
 def check_range(addr: int, length: int, base: int, size: int, write: bool) -> int:

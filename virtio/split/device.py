@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Final
 
 from mypy_extensions import mypyc_attr
 
@@ -37,17 +38,17 @@ from virtio.split.layout import DESC as _DESC_STRUCT
 
 __all__ = ["DeviceQueue", "QueueState"]
 
-_NEXT = int(DescFlag.NEXT)
-_WRITE = int(DescFlag.WRITE)
-_INDIRECT = int(DescFlag.INDIRECT)
-_NO_INTERRUPT = int(RingFlag.NO_INTERRUPT)
-_NO_NOTIFY = int(RingFlag.NO_NOTIFY)
-_U32_LIMIT = CHAIN_BYTES_LIMIT
+_NEXT: Final = int(DescFlag.NEXT)
+_WRITE: Final = int(DescFlag.WRITE)
+_INDIRECT: Final = int(DescFlag.INDIRECT)
+_NO_INTERRUPT: Final = int(RingFlag.NO_INTERRUPT)
+_NO_NOTIFY: Final = int(RingFlag.NO_NOTIFY)
+_U32_LIMIT: Final = CHAIN_BYTES_LIMIT
 #: Bound by assignment, not by the import: CPython 3.11 compiles
 #: ``NAME.method(...)`` without LOAD_METHOD (a bound method built per call) when
 #: ``NAME`` was bound by an import, and ``DESC.pack_into``/``unpack_from`` run
 #: once per descriptor.
-DESC = _DESC_STRUCT
+DESC: Final = _DESC_STRUCT
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,7 +260,7 @@ class DeviceQueue(DeviceQueueBase[SplitLayout]):
             self.pending()  # raises AVAIL_IDX_JUMP
         if n > limit:
             n = limit
-        size, mask, inflight, walk = self.size, self._mask, self._inflight, self._walk
+        size, mask, inflight = self.size, self._mask, self._inflight
         out: list[Chain] = []
         for _ in range(n):
             head = ah[2 + (nxt & mask)]
@@ -267,7 +268,8 @@ class DeviceQueue(DeviceQueueBase[SplitLayout]):
                 self._fail(RingFault.HEAD_OUT_OF_RANGE, f"avail head {head} >= size {size}")
             if inflight[head]:
                 self._fail(RingFault.HEAD_IN_USE, f"head {head} is already in flight")
-            out.append(walk(head))
+            # self._walk, not a bound method kept in a local: compiled, a native call
+            out.append(self._walk(head))
             inflight[head] = 1
             nxt = (nxt + 1) & 0xFFFF
             self._next_avail = nxt
