@@ -95,7 +95,7 @@ def up_to_date(root: Path = ROOT) -> bool:
 
 def _toolchain_problem() -> str | None:
     """Why no extension can be built here, or None."""
-    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(cc) is None:
         return f"no C compiler ({cc!r} is not on PATH; Debian: apt-get install gcc)"
     include = Path(sysconfig.get_paths()["include"])
