@@ -87,3 +87,10 @@ def test_interpreted_subclasses_of_compiled_classes_work() -> None:
     with pytest.raises(virtio.memory.MemoryFault, match="refused"):
         raise Fault(1, 2, False, "test")
     assert isinstance(mem, virtio.memory.Memory)
+
+
+def test_a_chain_says_what_it_holds() -> None:
+    chain = virtio.split.chain.Chain(3, [memoryview(b"ab")], [], 2, 0, [(0x1000, 2, False)])
+    assert repr(chain) == (
+        "Chain(head=3, readable_len=2, writable_len=0, segments=[(4096, 2, False)])"
+    )
