@@ -105,7 +105,7 @@ def _toolchain_problem() -> str | None:
         import mypyc  # noqa: F401
         import setuptools  # noqa: F401
     except ImportError as e:
-        return f"{e.name} is not installed (pip install 'mic-vop[mypyc]')"
+        return f"{e.name} is not installed (make install brings it: the test extra)"
     return None
 
 
