@@ -33,7 +33,17 @@ import sys
 import sysconfig
 from pathlib import Path
 
-__all__ = ["GROUP", "MODULES", "ROOT", "built_files", "main", "stale_sources"]
+__all__ = [
+    "GROUP",
+    "MODULES",
+    "ROOT",
+    "build",
+    "built_files",
+    "clean",
+    "main",
+    "stale_sources",
+    "up_to_date",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,7 +95,7 @@ def stale_sources(root: Path = ROOT) -> list[str]:
 def up_to_date(root: Path = ROOT) -> bool:
     """Is every module of :data:`MODULES` built, and newer than its source and this list?"""
     listed = {str(root / m.removesuffix(".py")) for m in MODULES}
-    built = {str(p).split(".", 1)[0] for p in built_files(root)}
+    built = {str(p.with_name(p.name.split(".", 1)[0])) for p in built_files(root)}
     if built != listed | {str(root / (GROUP.replace(".", "/") + "__mypyc"))}:
         return False
     oldest = min(p.stat().st_mtime for p in built_files(root))
