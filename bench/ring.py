@@ -18,7 +18,15 @@ and ``2proc`` (device in a forked process on the other core, both busy-poll
 over shared memory, as a PCIe peer would). Prints a table and writes
 ``bench/results/ring.json`` with the ratios.
 
-Run: ``python -m bench.ring [--quick] [--seconds S]``.
+The ring core runs as built: compiled with mypyc after ``make install``
+(``tools/mypyc_build.py``), or its Python sources with ``MIC_PURE_PYTHON=1``;
+``ring_core`` in the JSON says which. ``--ab-pure N`` measures both, A/B
+interleaved in the same minutes (N rounds of: compiled run, pure run, each a
+fresh process), and writes the medians and the compiled/pure ratios of every
+cell to ``bench/results/ring-ab-pure.json``.
+
+Run: ``python -m bench.ring [--quick] [--seconds S]``,
+``python -m bench.ring --ab-pure 3``.
 """
 
 from __future__ import annotations
@@ -31,15 +39,22 @@ import os
 import platform
 import statistics
 import struct
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from virtio import packed
-from virtio.constants import Feature
-from virtio.memory import FlatMemory
-from virtio.split import DeviceQueue, DriverQueue, SplitLayout
+from tools import pure_python
+
+pure_python.install_from_env()  # MIC_PURE_PYTHON=1: the ring core's sources (before virtio)
+
+import virtio.split.driver  # noqa: E402
+from virtio import packed  # noqa: E402
+from virtio.constants import Feature  # noqa: E402
+from virtio.memory import FlatMemory  # noqa: E402
+from virtio.split import DeviceQueue, DriverQueue, SplitLayout  # noqa: E402
 
 QSIZE = 256
 RING_BASE = 0
@@ -49,6 +64,13 @@ LOCAL_BASE = BUF_BASE + QSIZE * BUF_STRIDE
 CTRL = LOCAL_BASE + BUF_STRIDE  # stop flag + request counter for 2proc
 MEM_SIZE = CTRL + 4096
 RESULTS = Path(__file__).with_name("results") / "ring.json"
+AB_RESULTS = Path(__file__).with_name("results") / "ring-ab-pure.json"
+
+
+def ring_core() -> str:
+    """Which ring core this process runs: ``compiled`` (mypyc) or ``pure``."""
+    return "pure" if (virtio.split.driver.__file__ or "").endswith(".py") else "compiled"
+
 
 _DESC = struct.Struct("<QIHH")
 _ELEM = struct.Struct("<II")
@@ -183,6 +205,11 @@ def _make_packed(mem: FlatMemory, role: str) -> tuple[Callable[..., object], ...
     return (serve,)
 
 
+#: CPU µs per request of the last run_1proc call per kind (process time: what
+#: the ring costs, whatever else the machine runs)
+CPU_US: dict[str, list[float]] = {}
+
+
 def run_1proc(kind: str, batch: int, size: int, seconds: float) -> float:
     mv = memoryview(mmap.mmap(-1, MEM_SIZE))
     add, publish, reap = _make(kind, mv, "driver")
@@ -190,6 +217,7 @@ def run_1proc(kind: str, batch: int, size: int, seconds: float) -> float:
     local = memoryview(bytearray(BUF_STRIDE))
     payload = os.urandom(size)
     done = 0
+    c0 = time.process_time()
     t0 = time.perf_counter()
     deadline = t0 + seconds
     while True:
@@ -202,7 +230,9 @@ def run_1proc(kind: str, batch: int, size: int, seconds: float) -> float:
         done += reap()  # type: ignore[operator]
         if (done & 1023) < batch and time.perf_counter() > deadline:
             break
-    return done / (time.perf_counter() - t0)
+    rate = done / (time.perf_counter() - t0)
+    CPU_US.setdefault(kind, []).append((time.process_time() - c0) / done * 1e6)
+    return rate
 
 
 def _device_proc(kind: str, shm: mmap.mmap, cpu: int | None) -> None:
@@ -303,13 +333,115 @@ def median_of(runs: int, fn: Callable[..., float], *args: object) -> float:
     return statistics.median(fn(*args) for _ in range(runs))
 
 
+_AB_FIELDS = (
+    "micvop_rps",
+    "packed_rps",
+    "ceiling_rps",
+    "pipe_rps",
+    "micvop_cpu_us",
+    "packed_cpu_us",
+    "ceiling_cpu_us",
+)
+
+
+def run_ab_pure(rounds: int, seconds: float | None, runs: int, out: Path) -> int:
+    """Compiled against pure, interleaved: ``rounds`` x (compiled run, pure run)."""
+    cells: dict[str, dict[tuple[str, int, int], list[dict[str, object]]]] = {
+        "compiled": {},
+        "pure": {},
+    }
+    loads: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for variant in ("compiled", "pure"):
+                js = Path(tmp) / f"{variant}-{r}.json"
+                cmd = [sys.executable, "-m", "bench.ring", "--json", str(js), "--runs", str(runs)]
+                if seconds:
+                    cmd += ["--seconds", str(seconds)]
+                env = {k: v for k, v in os.environ.items() if k != "MIC_PURE_PYTHON"}
+                if variant == "pure":
+                    env["MIC_PURE_PYTHON"] = "1"
+                loads.append(os.getloadavg()[0])
+                print(f"round {r + 1}/{rounds}: {variant} (load {loads[-1]:.1f})", flush=True)
+                subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+                res = json.loads(js.read_text())
+                if res["ring_core"] != variant:
+                    print(f"{variant} run ran the {res['ring_core']} ring core: not built?")
+                    return 1
+                for row in res["rows"]:
+                    key = (row["mode"], row["size"], row["batch"])
+                    cells[variant].setdefault(key, []).append(row)
+    rows: list[dict[str, object]] = []
+    print(f"\ncompiled / pure, medians of {rounds} interleaved rounds; load {loads}")
+    print("rate: compiled/pure requests per second; cpu: pure/compiled CPU per request")
+    print(
+        f"{'mode':6} {'size':>5} {'batch':>5} {'split':>8} {'packed':>8}"
+        f" {'cpu split':>10} {'cpu packed':>10}  vs pipe (c / p)"
+    )
+    for key, comp in cells["compiled"].items():
+        pure = cells["pure"][key]
+        row: dict[str, object] = {"mode": key[0], "size": key[1], "batch": key[2]}
+        for f in _AB_FIELDS:
+            c = [x[f] for x in comp if x[f] is not None]
+            p = [x[f] for x in pure if x[f] is not None]
+            if c and p:
+                row[f"compiled_{f}"] = statistics.median(c)  # type: ignore[type-var]
+                row[f"pure_{f}"] = statistics.median(p)  # type: ignore[type-var]
+        ratio = {
+            f: row[f"compiled_{f}"] / row[f"pure_{f}"]  # type: ignore[operator]
+            for f in ("micvop_rps", "packed_rps")
+        }
+        row["ratio_split"] = round(ratio["micvop_rps"], 3)
+        row["ratio_packed"] = round(ratio["packed_rps"], 3)
+        cpu_txt = ""
+        for f in ("micvop", "packed"):
+            c, p = row.get(f"compiled_{f}_cpu_us"), row.get(f"pure_{f}_cpu_us")
+            if c and p:
+                row[f"cpu_speedup_{f}"] = round(p / c, 3)  # type: ignore[operator]
+                cpu_txt += f" {p / c:>9.2f}x"  # type: ignore[operator]
+            else:
+                cpu_txt += f" {'-':>10}"
+        vp = "-"
+        if "compiled_pipe_rps" in row:
+            cvp = row["compiled_micvop_rps"] / row["compiled_pipe_rps"]  # type: ignore[operator]
+            pvp = row["pure_micvop_rps"] / row["pure_pipe_rps"]  # type: ignore[operator]
+            row["compiled_vs_pipe"], row["pure_vs_pipe"] = round(cvp, 2), round(pvp, 2)
+            vp = f"{cvp:.2f}x / {pvp:.2f}x"
+        rows.append(row)
+        print(
+            f"{key[0]:6} {key[1]:>5} {key[2]:>5} {ratio['micvop_rps']:>7.2f}x"
+            f" {ratio['packed_rps']:>7.2f}x{cpu_txt}  {vp}"
+        )
+    result = {
+        "bench": "ring-ab-pure",
+        "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "rounds": rounds,
+        "load_avg_1min": loads,
+        "rows": rows,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
     ap.add_argument("--seconds", type=float, default=None, help="seconds per measurement")
     ap.add_argument("--runs", type=int, default=None, help="runs per cell (median)")
-    ap.add_argument("--json", type=Path, default=RESULTS, help="where to write the results")
+    ap.add_argument("--json", type=Path, default=None, help="where to write the results")
+    ap.add_argument(
+        "--ab-pure",
+        type=int,
+        metavar="ROUNDS",
+        default=0,
+        help="compiled vs pure-Python ring core, interleaved (needs make install's build)",
+    )
     args = ap.parse_args(argv)
+    if args.ab_pure:
+        return run_ab_pure(args.ab_pure, args.seconds, args.runs or 1, args.json or AB_RESULTS)
+    args.json = args.json or RESULTS
     seconds = args.seconds or (0.1 if args.quick else 0.4)
     runs = args.runs or (1 if args.quick else 3)
     cpus_avail = sorted(os.sched_getaffinity(0))
@@ -317,7 +449,10 @@ def main(argv: list[str] | None = None) -> int:
     cpus = (cpus_avail[0], cpus_avail[-1])
 
     rows: list[dict[str, object]] = []
-    print(f"ring bench: queue {QSIZE}, {seconds}s x {runs} runs per cell, cpus {cpus_avail}")
+    print(
+        f"ring bench: queue {QSIZE}, {seconds}s x {runs} runs per cell, cpus {cpus_avail},"
+        f" ring core {ring_core()}"
+    )
     hdr = f"{'mode':6} {'size':>5} {'batch':>5} {'ceiling':>12} {'mic-vop':>12} {'pipe':>10}"
     print(hdr + f" {'vs ceiling':>10} {'vs pipe':>8} {'packed':>12} {'pk/split':>8}")
     for mode in ("1proc", "2proc"):
@@ -326,10 +461,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for size in (64, 4096):
             for batch in (1, 32):
+                cpu: dict[str, float] = {}
                 if mode == "1proc":
+                    CPU_US.clear()
                     ceil = median_of(runs, run_1proc, "ceiling", batch, size, seconds)
                     ours = median_of(runs, run_1proc, "micvop", batch, size, seconds)
                     pk = median_of(runs, run_1proc, "packed", batch, size, seconds)
+                    cpu = {k: round(statistics.median(v), 3) for k, v in CPU_US.items()}
                     pipe = None
                 else:
                     ceil = median_of(runs, run_2proc, "ceiling", batch, size, seconds, cpus)
@@ -347,6 +485,10 @@ def main(argv: list[str] | None = None) -> int:
                     "ratio_vs_pipe": None if pipe is None else round(ours / pipe, 2),
                     "packed_rps": round(pk),
                     "ratio_packed_vs_split": round(pk / ours, 3),
+                    # 1proc only: CPU µs per request (driver + device + the bench's copies)
+                    "ceiling_cpu_us": cpu.get("ceiling"),
+                    "micvop_cpu_us": cpu.get("micvop"),
+                    "packed_cpu_us": cpu.get("packed"),
                 }
                 rows.append(row)
                 ps = "-" if pipe is None else f"{pipe:,.0f}"
@@ -365,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": seconds,
         "runs": runs,
         "quick": args.quick,
+        "ring_core": ring_core(),
         "targets": {"batch32_vs_ceiling": 0.5, "vs_pipe": 5.0},
         "rows": rows,
     }

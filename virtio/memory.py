@@ -4,15 +4,20 @@ The ring core never maps anything: it is handed an object that turns a bus
 address and a length into a bounds- and permission-checked ``memoryview``.
 ``transport`` provides the real ones (memfd regions seen through PCIe windows);
 :class:`FlatMemory` here is the plain one used by tests, benchmarks and
-single-process pairs. Must not import asyncio, the OS, or ``transport``.
+single-process pairs. The :class:`Memory` protocol and :class:`MemoryFault` are declared in
+:mod:`virtio.memory_protocol` (kept interpreted when this module is compiled
+with mypyc) and re-exported here. Must not import asyncio, the OS, or ``transport``.
 """
 
 from __future__ import annotations
 
 import bisect
-from typing import Protocol, runtime_checkable
+from typing import Final
 
-from virtio.errors import LocalProtocolError, MicError, ResourceError
+from mypy_extensions import mypyc_attr
+
+from virtio.errors import LocalProtocolError, ResourceError
+from virtio.memory_protocol import Memory, MemoryFault
 
 __all__ = [
     "ADDRESS_LIMIT",
@@ -24,36 +29,7 @@ __all__ = [
 ]
 
 #: Bus addresses are 64-bit; ``addr + length`` must not pass this.
-ADDRESS_LIMIT = 1 << 64
-
-
-class MemoryFault(MicError):
-    """An access outside the memory (or its open windows), or without permission.
-
-    Attributes say exactly what was refused so a fault can be counted and
-    reported; the access itself never happened.
-    """
-
-    def __init__(self, addr: int, length: int, write: bool, why: str) -> None:
-        kind = "write" if write else "read"
-        super().__init__(f"{kind} of {length} B at {addr:#x} refused: {why}")
-        self.addr = addr
-        self.length = length
-        self.write = write
-        self.why = why
-
-
-@runtime_checkable
-class Memory(Protocol):
-    """Bus memory as one side sees it.
-
-    ``view`` returns a writable-or-readonly memoryview of exactly ``length``
-    bytes starting at bus address ``addr``, or raises :class:`MemoryFault`
-    (outside memory, outside an open window, no permission, or address
-    overflow). It never returns a shorter view.
-    """
-
-    def view(self, addr: int, length: int, write: bool = False) -> memoryview: ...
+ADDRESS_LIMIT: Final = 1 << 64
 
 
 def check_range(addr: int, length: int, base: int, size: int, write: bool) -> int:
@@ -105,6 +81,8 @@ class FlatMemory:
         return self._mv
 
 
+# subclassed by the host's and the card's RAM allocators (interpreted code)
+@mypyc_attr(allow_interpreted_subclasses=True)
 class FirstFitAllocator:
     """First-fit allocator of blocks over addresses ``[start, end)``; adjacent free
     blocks are merged on :meth:`free`.

@@ -80,7 +80,7 @@ LAYERS: dict[str, tuple[tuple[str, ...], ...]] = {
         # can make us log is bounded; the clock is a parameter)
         ("errors", "constants", "ratelimit", "trace"),
         # the memory protocol and the byte layouts (construct declarations)
-        ("memory", "layouts"),
+        ("memory", "memory_protocol", "layouts"),
         # the ring cores (split: layout, chain, device side, driver side, faults, fence)
         ("split",),
         # the packed ring core (driver side, device side, layout; reuses

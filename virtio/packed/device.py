@@ -18,6 +18,7 @@ Imports the lower ``virtio.packed`` modules (layout, state), ``virtio.split.chai
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Final
 
 from virtio.constants import VRING_SIZE_MAX, Feature
 from virtio.errors import LocalProtocolError
@@ -50,8 +51,8 @@ from virtio.split.fence import full_fence
 __all__ = ["DeviceQueue"]
 
 #: Bound by assignment (see virtio.split.device: LOAD_METHOD on CPython 3.11).
-DESC = _DESC_STRUCT
-USED_BODY = _USED_STRUCT
+DESC: Final = _DESC_STRUCT
+USED_BODY: Final = _USED_STRUCT
 
 
 def _available(flags: int, wrap: int) -> bool:

@@ -17,7 +17,7 @@ import ``virtio.packed.device``, asyncio, the OS or ``transport``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 from virtio.constants import Feature
 from virtio.errors import LocalProtocolError, WouldBlock
@@ -47,8 +47,8 @@ from virtio.split.fence import full_fence
 __all__ = ["DriverQueue"]
 
 #: Bound by assignment (see virtio.split.driver: LOAD_METHOD on CPython 3.11).
-DESC = _DESC_STRUCT
-BODY = _BODY_STRUCT
+DESC: Final = _DESC_STRUCT
+BODY: Final = _BODY_STRUCT
 
 #: Ids' states: free, added (not visible to the device), published.
 _FREE, _ADDED, _PUBLISHED = 0, 1, 2

@@ -17,6 +17,7 @@ modules below ``virtio.split`` (constants, layouts, memory); must not import
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 from virtio.constants import VRING_SIZE_MAX, PackedDescFlag, PackedEventFlag
 from virtio.layouts import (
@@ -54,26 +55,26 @@ __all__ = [
 #: ``struct pvirtq_desc {le64 addr; le32 len; le16 id; le16 flags}`` (§2.8.13)
 #: and its body without ``flags``; ``len, id`` at offset 8 (what a used
 #: descriptor carries); ``struct pvirtq_event_suppress`` (§2.8.14).
-DESC = PACKED_DESC_STRUCT
-DESC_BODY = PACKED_DESC_BODY_STRUCT
-USED_BODY = PACKED_USED_STRUCT
-DESC_SIZE = DESC.size
-EVENT_SIZE = PACKED_EVENT_STRUCT.size
+DESC: Final = PACKED_DESC_STRUCT
+DESC_BODY: Final = PACKED_DESC_BODY_STRUCT
+USED_BODY: Final = PACKED_USED_STRUCT
+DESC_SIZE: Final = DESC.size
+EVENT_SIZE: Final = PACKED_EVENT_STRUCT.size
 
 #: the flag and event values as plain ints, for both sides' hot paths
-AVAIL = int(PackedDescFlag.AVAIL)
-USED = int(PackedDescFlag.USED)
-NEXT = int(PackedDescFlag.NEXT)
-WRITE = int(PackedDescFlag.WRITE)
-INDIRECT = int(PackedDescFlag.INDIRECT)
-EVENT_ENABLE = int(PackedEventFlag.ENABLE)
-EVENT_DISABLE = int(PackedEventFlag.DISABLE)
-EVENT_DESC = int(PackedEventFlag.DESC)
-U32_LIMIT = 1 << 32
+AVAIL: Final = int(PackedDescFlag.AVAIL)
+USED: Final = int(PackedDescFlag.USED)
+NEXT: Final = int(PackedDescFlag.NEXT)
+WRITE: Final = int(PackedDescFlag.WRITE)
+INDIRECT: Final = int(PackedDescFlag.INDIRECT)
+EVENT_ENABLE: Final = int(PackedEventFlag.ENABLE)
+EVENT_DISABLE: Final = int(PackedEventFlag.DISABLE)
+EVENT_DESC: Final = int(PackedEventFlag.DESC)
+U32_LIMIT: Final = 1 << 32
 _ENABLE, _DISABLE, _DESC_EVENT = EVENT_ENABLE, EVENT_DISABLE, EVENT_DESC
 
 #: §2.8.14: ``desc_event_off`` has 15 bits, so a packed ring has at most 2^15 entries.
-WRAP_BIT = 15
+WRAP_BIT: Final = 15
 
 
 def event_word(flags: int, off: int = 0, wrap: int = 0) -> int:

@@ -12,27 +12,45 @@ OS or ``transport``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 __all__ = ["Chain", "gather_segments", "scatter_segments", "slice_segments"]
 
 
-@dataclass(slots=True)
 class Chain:
     """One descriptor chain popped by the device.
 
     ``readable``/``writable`` are zero-copy views of the driver's buffers, in
     chain order; ``segments`` holds ``(addr, length, is_writable)`` for users
     that move data with a DMA engine instead. Release the views (drop the chain)
-    before the memory they point into is unmapped.
+    before the memory they point into is unmapped. Compared by identity (the
+    endpoints key chains by ``id``). A plain class, not a dataclass: compiled
+    with mypyc its constructor is then native too (a dataclass's generated
+    ``__init__`` stays interpreted), and one is built per request.
     """
 
-    head: int
-    readable: list[memoryview]
-    writable: list[memoryview]
-    readable_len: int
-    writable_len: int
-    segments: list[tuple[int, int, bool]]
+    __slots__ = ("head", "readable", "readable_len", "segments", "writable", "writable_len")
+
+    def __init__(
+        self,
+        head: int,
+        readable: list[memoryview],
+        writable: list[memoryview],
+        readable_len: int,
+        writable_len: int,
+        segments: list[tuple[int, int, bool]],
+    ) -> None:
+        self.head = head
+        self.readable = readable
+        self.writable = writable
+        self.readable_len = readable_len
+        self.writable_len = writable_len
+        self.segments = segments
+
+    def __repr__(self) -> str:
+        return (
+            f"Chain(head={self.head}, readable_len={self.readable_len}, "
+            f"writable_len={self.writable_len}, segments={self.segments})"
+        )
 
     def read(self) -> bytes:
         """All readable bytes, concatenated (one copy)."""

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Final
+
+from mypy_extensions import mypyc_attr
 
 from virtio.constants import VRING_SIZE_MAX, DescFlag, Feature, RingFlag
 from virtio.errors import LocalProtocolError
@@ -35,17 +38,17 @@ from virtio.split.layout import DESC as _DESC_STRUCT
 
 __all__ = ["DeviceQueue", "QueueState"]
 
-_NEXT = int(DescFlag.NEXT)
-_WRITE = int(DescFlag.WRITE)
-_INDIRECT = int(DescFlag.INDIRECT)
-_NO_INTERRUPT = int(RingFlag.NO_INTERRUPT)
-_NO_NOTIFY = int(RingFlag.NO_NOTIFY)
-_U32_LIMIT = CHAIN_BYTES_LIMIT
+_NEXT: Final = int(DescFlag.NEXT)
+_WRITE: Final = int(DescFlag.WRITE)
+_INDIRECT: Final = int(DescFlag.INDIRECT)
+_NO_INTERRUPT: Final = int(RingFlag.NO_INTERRUPT)
+_NO_NOTIFY: Final = int(RingFlag.NO_NOTIFY)
+_U32_LIMIT: Final = CHAIN_BYTES_LIMIT
 #: Bound by assignment, not by the import: CPython 3.11 compiles
 #: ``NAME.method(...)`` without LOAD_METHOD (a bound method built per call) when
 #: ``NAME`` was bound by an import, and ``DESC.pack_into``/``unpack_from`` run
 #: once per descriptor.
-DESC = _DESC_STRUCT
+DESC: Final = _DESC_STRUCT
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +67,8 @@ class QueueState:
     published_used: int | None = None
 
 
+# subclassed by interpreted code (mic_host.vhost_user.inflight.TrackedQueue)
+@mypyc_attr(allow_interpreted_subclasses=True)
 class DeviceQueue(DeviceQueueBase[SplitLayout]):
     """The device (host/backend) side of a split ring. Every input is untrusted.
 
@@ -145,7 +150,7 @@ class DeviceQueue(DeviceQueueBase[SplitLayout]):
             event_idx=self.event_idx,
             indirect=self.indirect,
             ready=self.ready,
-            inflight=tuple(i for i, f in enumerate(self._inflight) if f),
+            inflight=tuple(i for i in range(self.size) if self._inflight[i]),
             notify_enabled=self.notify_enabled,
             published_used=self._published_used,
         )
@@ -255,7 +260,7 @@ class DeviceQueue(DeviceQueueBase[SplitLayout]):
             self.pending()  # raises AVAIL_IDX_JUMP
         if n > limit:
             n = limit
-        size, mask, inflight, walk = self.size, self._mask, self._inflight, self._walk
+        size, mask, inflight = self.size, self._mask, self._inflight
         out: list[Chain] = []
         for _ in range(n):
             head = ah[2 + (nxt & mask)]
@@ -263,7 +268,8 @@ class DeviceQueue(DeviceQueueBase[SplitLayout]):
                 self._fail(RingFault.HEAD_OUT_OF_RANGE, f"avail head {head} >= size {size}")
             if inflight[head]:
                 self._fail(RingFault.HEAD_IN_USE, f"head {head} is already in flight")
-            out.append(walk(head))
+            # self._walk, not a bound method kept in a local: compiled, a native call
+            out.append(self._walk(head))
             inflight[head] = 1
             nxt = (nxt + 1) & 0xFFFF
             self._next_avail = nxt

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from typing import Generic, Protocol, TypeVar
 
-from virtio.constants import Feature
+from mypy_extensions import mypyc_attr
+
+from virtio.constants import VRING_SIZE_MAX, Feature
 from virtio.errors import LocalProtocolError
 from virtio.memory import Memory
 from virtio.split.faults import QueueBroken, RingError, RingFault
@@ -26,12 +28,14 @@ class _Layout(Protocol):
     @property
     def size(self) -> int: ...
 
-    def problem(self, max_size: int = ...) -> tuple[RingFault, str] | None: ...
+    def problem(self, max_size: int = VRING_SIZE_MAX) -> tuple[RingFault, str] | None: ...
 
 
 L = TypeVar("L", bound=_Layout)
 
 
+# subclassed by interpreted code (mic_host.vhost_user.inflight.TrackedQueue)
+@mypyc_attr(allow_interpreted_subclasses=True)
 class DeviceQueueBase(Generic[L]):
     """The state both device queues share; see the subclasses."""
 

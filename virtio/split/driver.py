@@ -14,7 +14,7 @@ or ``virtio.split.chain``, asyncio, the OS or ``transport``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 from virtio.constants import DescFlag, Feature, RingFlag
 from virtio.errors import LocalProtocolError, WouldBlock
@@ -32,17 +32,17 @@ from virtio.split.layout import DESC as _DESC_STRUCT
 
 __all__ = ["DriverQueue"]
 
-_NEXT = int(DescFlag.NEXT)
-_WRITE = int(DescFlag.WRITE)
-_INDIRECT = int(DescFlag.INDIRECT)
-_NO_INTERRUPT = int(RingFlag.NO_INTERRUPT)
-_NO_NOTIFY = int(RingFlag.NO_NOTIFY)
-_U32_LIMIT = CHAIN_BYTES_LIMIT
+_NEXT: Final = int(DescFlag.NEXT)
+_WRITE: Final = int(DescFlag.WRITE)
+_INDIRECT: Final = int(DescFlag.INDIRECT)
+_NO_INTERRUPT: Final = int(RingFlag.NO_INTERRUPT)
+_NO_NOTIFY: Final = int(RingFlag.NO_NOTIFY)
+_U32_LIMIT: Final = CHAIN_BYTES_LIMIT
 #: Bound by assignment, not by the import: CPython 3.11 compiles
 #: ``NAME.method(...)`` without LOAD_METHOD (a bound method built per call) when
 #: ``NAME`` was bound by an import, and ``DESC.pack_into``/``unpack_from`` run
 #: once per descriptor.
-DESC = _DESC_STRUCT
+DESC: Final = _DESC_STRUCT
 
 T = TypeVar("T")
 

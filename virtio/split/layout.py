@@ -15,6 +15,7 @@ Imports :mod:`virtio.split.faults` and the modules below ``virtio.split``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 from virtio.constants import VRING_SIZE_MAX
 from virtio.layouts import SPLIT_DESC_STRUCT, USED_ELEM_STRUCT, vring_offsets, vring_size
@@ -34,12 +35,12 @@ __all__ = [
 #: ``struct vring_desc {le64 addr; le32 len; le16 flags; le16 next}`` (§2.7.5) and
 #: ``struct vring_used_elem {le32 id; le32 len}`` (§2.7.8): the precompiled
 #: twins of the construct declarations, tested byte for byte against them.
-DESC = SPLIT_DESC_STRUCT
-DESC_SIZE = DESC.size
-USED_ELEM = USED_ELEM_STRUCT
+DESC: Final = SPLIT_DESC_STRUCT
+DESC_SIZE: Final = DESC.size
+USED_ELEM: Final = USED_ELEM_STRUCT
 
 #: §2.7.4: the total length of a chain must fit in 32 bits (``used.len`` is le32).
-CHAIN_BYTES_LIMIT = 1 << 32
+CHAIN_BYTES_LIMIT: Final = 1 << 32
 
 
 def need_event(event: int, new: int, old: int) -> bool:

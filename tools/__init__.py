@@ -1,0 +1,1 @@
+"""Build and development helpers of the repository (not installed with the package)."""
