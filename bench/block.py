@@ -302,15 +302,21 @@ async def amain(quick: bool) -> dict[str, Any]:
 
 
 #: One A/B cell, run with ``python -c SEQ_CELL ARGS_JSON`` in a tree: only what every
-#: tree has (``mic_host.launch``, this module's ``CONFIG``/``card_io``/``make_image``).
+#: tree has (``mic_host.launch``, this module's ``card_io``/``make_image``); it writes its
+#: own config, since older trees have no ``bench.config``.
 SEQ_CELL = r"""
 import asyncio, json, os, random, shutil, sys, tempfile, time
 from pathlib import Path
 
 import mic_host
-from bench.block import CONFIG, MiB, make_image
+from bench.block import MiB, make_image
 
 args = json.loads(sys.argv[1])
+CONFIG = (
+    '[[cards]]\nname = "mic0"\nboot_at_start = true\ncard_ram = "128M"\n'
+    'heartbeat_timeout = 30.0\n\n[[cards.devices]]\ntype = "block"\n'
+    "options = {{ image = {image}, num_queues = {nq} }}\n"
+)
 
 
 def local(path, pattern, bs, seconds, buffers):
@@ -337,7 +343,7 @@ async def main():
     try:
         image = tmp / "bench.img"
         make_image(image, args["mib"] * MiB)
-        cfg = CONFIG.format(image=image, nq=args["queues"])
+        cfg = CONFIG.format(image=json.dumps(str(image)), nq=args["queues"])
         async with mic_host.launch(str(tmp / "s"), cfg) as client:
             card = client.card("mic0")
             await card.wait("online", timeout=60)
