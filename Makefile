@@ -1,6 +1,8 @@
 # The two sacred commands: `make run` and `make test`. Both set everything up
 # on a fresh clone and are quick when nothing changed: `make run` installs what
-# running needs (the project and its runtime dependencies) into .venv, `make
+# running needs (the project, its runtime dependencies and mypyc to compile the
+# ring core) into .venv and compiles the ring core (a no-op when up to date, so
+# an edited ring module is rebuilt, never run stale), `make
 # test` adds the test extra (pytest, hypothesis, ruff, mypy...) on top, so a
 # `make run` first and a `make test` later installs only the tools.
 PY ?= python3
@@ -20,7 +22,7 @@ TEST_STAMP := $(VENV)/.installed-test
 install: $(TEST_STAMP) ringcore
 install-run: $(RUN_STAMP)
 
-ringcore: $(TEST_STAMP)
+ringcore: $(RUN_STAMP)
 	$(BIN)/python -m tools.mypyc_build
 
 pure:
@@ -29,7 +31,7 @@ pure:
 $(RUN_STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet -e '.[build]'
 	@touch $@
 
 # After the runtime install (so a changed pyproject.toml redoes both).
@@ -53,7 +55,7 @@ test: $(TEST_STAMP) ringcore
 # booted at start, with a console and a 64 MiB disk in the state directory).
 # The state directory is the one micctl and the client library find on their
 # own: $MIC_STATE_DIR if set, else ~/.local/state/mic-vop (mic_host/paths.py).
-run: $(RUN_STAMP)
+run: $(RUN_STAMP) ringcore
 	@echo "mic-host: state directory $${MIC_STATE_DIR:-$${XDG_STATE_HOME:-$$HOME/.local/state}/mic-vop}; Ctrl-C stops the daemon and its cards."
 	@echo "In another terminal:  $(BIN)/micctl status"
 	@echo "                      $(BIN)/micctl console mic0"

@@ -314,16 +314,19 @@ async def test_make_run_and_micctl_share_the_default_state_dir(state_dir: Path) 
 
 @pytest.mark.asyncio
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
-async def test_make_run_installs_runtime_only_and_test_adds_the_tools(state_dir: Path) -> None:
+async def test_make_run_installs_runtime_and_build_and_test_adds_the_tools(state_dir: Path) -> None:
     venv = state_dir / "venv"
-    # a fresh clone: `make run` creates the venv and installs the project alone
+    # a fresh clone: `make run` creates the venv, installs the project with what
+    # compiles the ring core (no test tools), and compiles it before the daemon starts
     r = await command("make", "-n", "run", f"VENV={venv}")
     assert r.rc == 0, r
     installs = [line for line in r.out.splitlines() if "pip install" in line]
     assert installs == [
         f"{venv}/bin/python -m pip install --quiet --upgrade pip",
-        f"{venv}/bin/python -m pip install --quiet -e .",
+        f"{venv}/bin/python -m pip install --quiet -e '.[build]'",
     ], r.out
+    build = r.out.index(f"{venv}/bin/python -m tools.mypyc_build\n")
+    assert build < r.out.index(f"{venv}/bin/mic-host\n"), r.out
     assert f"{venv}/bin/mic-host\n" in r.out  # no --state-dir: the shared default
     assert ".mic-state" not in r.out
     assert "MIC_STATE_DIR=" not in r.out
