@@ -459,6 +459,8 @@ class ControlServer:
         self.max_connections = max_connections
         self.budget = InputBudget(max_unfinished)
         self._server: asyncio.Server | None = None
+        #: (st_dev, st_ino) of the socket file this server made: aclose removes only that
+        self._inode: tuple[int, int] | None = None
         self._hangups: HangupWatch | None = None
         self._conns: set[asyncio.Task[None]] = set()
 
@@ -497,6 +499,8 @@ class ControlServer:
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
+        st = os.lstat(self.path)
+        self._inode = (st.st_dev, st.st_ino)
 
     async def _clear_stale(self) -> None:
         try:
@@ -537,7 +541,9 @@ class ControlServer:
             log.error("control: connection failed", exc_info=exc)
 
     async def aclose(self) -> None:
-        """Stop listening, cancel and reap the connections, remove the socket file."""
+        """Stop listening, cancel and reap the connections, remove the socket file
+        (if it is still the one this server made: a daemon started on the same
+        path after the state directory was removed keeps its own)."""
         server, self._server = self._server, None
         if server is not None:
             server.close()
@@ -552,7 +558,9 @@ class ControlServer:
         if server is not None:
             await server.wait_closed()
             with contextlib.suppress(OSError):
-                self.path.unlink(missing_ok=True)
+                st = os.lstat(self.path)
+                if (st.st_dev, st.st_ino) == self._inode:  # not another daemon's
+                    self.path.unlink()
 
     async def __aenter__(self) -> ControlServer:
         await self.start()

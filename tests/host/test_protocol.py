@@ -541,6 +541,20 @@ async def test_second_server_is_refused_and_stale_socket_replaced(
 
 
 @pytest.mark.asyncio
+async def test_a_stopping_server_leaves_a_newer_servers_socket(state_dir: Path) -> None:
+    """The state directory removed under a running daemon and a second one started
+    there: the first one's exit must not take the second one's socket with it."""
+    first = ControlServer(state_dir, FakeDaemon())
+    await first.start()
+    (state_dir / "control.sock").unlink()  # what `rm -rf STATE_DIR` does to it
+    async with ControlServer(state_dir, FakeDaemon()):
+        await first.aclose()
+        async with connect(state_dir) as c:
+            assert (await c.ping())["version"] == 1
+    assert not (state_dir / "control.sock").exists()  # the second one removes its own
+
+
+@pytest.mark.asyncio
 async def test_connect_without_daemon(state_dir: Path) -> None:
     with pytest.raises(
         BrokenResourceError, match=rf"^no mic-host daemon at {state_dir} \(control.sock missing\)$"
