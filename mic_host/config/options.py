@@ -295,11 +295,12 @@ def _check_block(ctx: Ctx, key: str, out: dict[str, Any]) -> None:
 
 
 def _check_data_path(ctx: Ctx, key: str, out: dict[str, Any]) -> None:
-    from mic_host.config.limits import BLOCK_DATA_PATHS as choices
+    import mic_host.config.limits as lim
 
-    dp = out.get("data_path", choices[0])
-    if dp not in choices:
-        raise ctx.error(f"{key}.data_path", f"expected one of {', '.join(choices)}, got {dp!r}")
+    dp = out.get("data_path")  # absent: the backend's default, which is not "auto"
+    if dp is not None and dp not in lim.BLOCK_DATA_PATHS:
+        choices = ", ".join(lim.BLOCK_DATA_PATHS)
+        raise ctx.error(f"{key}.data_path", f"expected one of {choices}, got {dp!r}")
     if "dma_threshold" in out and dp != "auto":
         raise ctx.error(f"{key}.dma_threshold", 'only a data_path = "auto" disk has a threshold')
 

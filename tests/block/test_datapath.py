@@ -93,6 +93,11 @@ def test_bad_data_path_names_the_device_and_the_choices(tmp_path: Path) -> None:
     stray = text.replace('data_path = "gpu"', 'data_path = "dma", dma_threshold = "64K"')
     with pytest.raises(ConfigError, match=r"dma_threshold: only a data_path = \"auto\" disk"):
         parse_config(stray, "mic.toml", state_dir=tmp_path)
+    default = text.replace('data_path = "gpu"', 'dma_threshold = "64K"')  # the default path
+    with pytest.raises(ConfigError, match=r"dma_threshold: only a data_path = \"auto\" disk"):
+        parse_config(default, "mic.toml", state_dir=tmp_path)
+    plain = parse_config(text.replace(', data_path = "gpu"', ""), "mic.toml", state_dir=tmp_path)
+    assert "data_path" not in plain.cards[0].devices[0].options  # the backend's default
 
 
 @pytest.mark.asyncio
