@@ -449,4 +449,6 @@ def _peer_pid(sock: socket.socket) -> int | None:
     except OSError:
         return None
     pid, _uid, _gid = struct.unpack("3i", creds)
-    return pid or None
+    # on a socket pair the kernel names the process that made it: if that is
+    # us, the peer is unknown here (the caller that spawned it knows)
+    return pid if pid and pid != os.getpid() else None

@@ -297,7 +297,7 @@ class BootSession:
 
     async def _accept(self, pcie: PcieHost, vop: Vop, tg: asyncio.TaskGroup) -> None:
         try:
-            raw = await pcie.accept()
+            raw = await pcie.accept(card_pid=self.pid)
         except BrokenResourceError as e:
             # the card OS hung up before the handshake: its exit status (the
             # process watcher) or the boot timeout says why

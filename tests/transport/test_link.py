@@ -344,6 +344,29 @@ async def test_socket_pair_only_the_given_end_reaches_the_link(sock_path: str) -
 
 
 @pytest.mark.asyncio
+async def test_socket_pair_names_the_card_process_the_caller_spawned() -> None:
+    """On a socket pair SO_PEERCRED names the pair's maker (us), not the card: the
+    host takes the pid of the process it spawned (the daemon's log and status
+    used to name the daemon itself). A card process spawned on the pair sees its
+    maker, the host; here both ends are this process, so neither names it."""
+    async with PcieHost(None, config=SMALL) as host:
+        end = socket.socket(fileno=os.dup(host.card_fd))
+        host.close_card_end()
+        accept = asyncio.create_task(host.accept(card_pid=4242))
+        async with PcieCard.connect(end, expect_card="mic0") as card:
+            await accept
+            assert host.card_pid == 4242
+            assert card.link.peer_pid is None  # the maker of the pair is this process
+    async with PcieHost(None, config=SMALL) as host:
+        end = socket.socket(fileno=os.dup(host.card_fd))
+        host.close_card_end()
+        accept = asyncio.create_task(host.accept())
+        async with PcieCard.connect(end, expect_card="mic0"):
+            await accept
+            assert host.card_pid is None  # unknown rather than our own pid
+
+
+@pytest.mark.asyncio
 async def test_socket_pair_a_failed_handshake_ends_accept() -> None:
     async with PcieHost(None, config=SMALL) as host:
         end = socket.socket(fileno=os.dup(host.card_fd))

@@ -235,8 +235,12 @@ class PcieHost:
     def card_pid(self) -> int | None:
         return self._link.peer_pid if self._link is not None else None
 
-    async def accept(self) -> MessageLink:
+    async def accept(self, *, card_pid: int | None = None) -> MessageLink:
         """Wait for the card to complete the handshake; returns the link.
+
+        ``card_pid`` names the card process when the caller spawned it on the
+        socket pair (``SO_PEERCRED`` there names the pair's creator, us); on a
+        path the kernel's credentials are used.
 
         On a path, a peer that fails the handshake is refused, recorded in
         ``refused``, and the host keeps waiting; peers are served concurrently,
@@ -254,12 +258,15 @@ class PcieHost:
             raise LocalProtocolError("a card is already connected to this PcieHost")
         if (self._sock is None and self._pair is None) or self._tg is None:
             raise ClosedResourceError("PcieHost is not open")
+        paired = self._pair is not None
         if self._pair is not None:
             fs = await self._accept_pair(self._pair)
         else:
             assert self._sock is not None
             fs = await self._accept_listening(self._sock)
         link = MessageLink(fs)
+        if card_pid is not None and paired:
+            link.peer_pid = card_pid
         self._link = link
         link.add_lost_callback(self.mmio.fail)
         self._reader = self._tg.create_task(link.run(), name=f"{self.identity.name}-link")
