@@ -11,6 +11,10 @@ the tests, the benchmarks) runs the compiled ring core. The sources stay the
 reference: nothing else changes, and without the built files everything runs
 as pure Python.
 
+The same build compiles the hand-written C of :data:`C_EXTENSIONS` in place:
+``transport/_pollguard.c``, which lets the event loop poll at the idle
+priority (``transport/pollguard.py``; without it the loop polls as before).
+
 Usage::
 
     python -m tools.mypyc_build           # build in place (a no-op when up to date)
@@ -34,6 +38,7 @@ import sysconfig
 from pathlib import Path
 
 __all__ = [
+    "C_EXTENSIONS",
     "GROUP",
     "MODULES",
     "ROOT",
@@ -70,19 +75,28 @@ MODULES = (
 #: One shared library for all of them (cross-module calls stay native C calls).
 GROUP = "virtio._ringcore"
 
+#: Hand-written C extensions built beside them: module name -> source. The poll
+#: guard (``transport/pollguard.py``) needs a thread that runs without the GIL.
+C_EXTENSIONS = {"transport._pollguard": "transport/_pollguard.c"}
+
 _EXT = importlib.machinery.EXTENSION_SUFFIXES
 
 
 def built_files(root: Path = ROOT) -> list[Path]:
     """The extension modules in ``virtio/`` (a build's, including any left by an
-    older build with another module list); empty: pure Python."""
-    return sorted({p for suf in _EXT for p in (root / "virtio").rglob("*" + suf)})
+    older build with another module list) and the :data:`C_EXTENSIONS`; empty:
+    pure Python."""
+    found = {p for suf in _EXT for p in (root / "virtio").rglob("*" + suf)}
+    for name in C_EXTENSIONS:
+        stem = root / name.replace(".", "/")
+        found |= {p for suf in _EXT if (p := stem.with_name(stem.name + suf)).exists()}
+    return sorted(found)
 
 
 def stale_sources(root: Path = ROOT) -> list[str]:
     """Compiled modules whose source changed after the build (rebuild them)."""
     out = []
-    for m in MODULES:
+    for m in (*MODULES, *C_EXTENSIONS.values()):
         src = root / m
         stem = src.with_suffix("")
         for suf in _EXT:
@@ -95,11 +109,13 @@ def stale_sources(root: Path = ROOT) -> list[str]:
 def up_to_date(root: Path = ROOT) -> bool:
     """Is every module of :data:`MODULES` built, and newer than its source and this list?"""
     listed = {str(root / m.removesuffix(".py")) for m in MODULES}
+    listed |= {str(root / n.replace(".", "/")) for n in C_EXTENSIONS}
     built = {str(p.with_name(p.name.split(".", 1)[0])) for p in built_files(root)}
     if built != listed | {str(root / (GROUP.replace(".", "/") + "__mypyc"))}:
         return False
     oldest = min(p.stat().st_mtime for p in built_files(root))
-    newest = max((root / m).stat().st_mtime for m in (*MODULES, "tools/mypyc_build.py"))
+    sources = (*MODULES, *C_EXTENSIONS.values(), "tools/mypyc_build.py")
+    newest = max((root / m).stat().st_mtime for m in sources)
     return oldest >= newest
 
 
@@ -130,11 +146,15 @@ def clean(root: Path = ROOT) -> int:
 def build(root: Path = ROOT) -> None:
     """Compile :data:`MODULES` in place (raises on a compile error)."""
     from mypyc.build import mypycify
-    from setuptools import Distribution
+    from setuptools import Distribution, Extension
 
     clean(root)
     os.chdir(root)  # mypyc takes the mypy configuration (pyproject.toml) from here
     exts = mypycify(list(MODULES), opt_level="3", group_name=GROUP, target_dir="build/mypyc")
+    exts += [
+        Extension(name, [src], extra_compile_args=["-O2", "-Wall"])
+        for name, src in C_EXTENSIONS.items()
+    ]
     # A bare Distribution: no pyproject.toml parsing, so any setuptools will do.
     dist = Distribution({"name": "mic-vop-ringcore", "ext_modules": exts})
     cmd = dist.get_command_obj("build_ext")

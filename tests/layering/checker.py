@@ -106,10 +106,15 @@ def _rel(path: Path, root: Path) -> str:
 
 
 def find_modules(root: Path, packages: Iterable[str]) -> dict[str, Path]:
-    """Every ``*.py`` module of ``packages`` under ``root``, by dotted name."""
+    """Every ``*.py`` module of ``packages`` under ``root``, by dotted name, and
+    every C extension module by its ``*.pyi`` stub (a stub with no ``.py`` beside it)."""
     modules: dict[str, Path] = {}
     for package in packages:
-        for path in sorted((root / package).rglob("*.py")):
+        found = sorted((root / package).rglob("*.py"))
+        found += [
+            p for p in sorted((root / package).rglob("*.pyi")) if not p.with_suffix(".py").exists()
+        ]
+        for path in found:
             parts = list(path.relative_to(root).with_suffix("").parts)
             if parts[-1] == INIT:
                 parts.pop()

@@ -96,6 +96,8 @@ LAYERS: dict[str, tuple[tuple[str, ...], ...]] = {
     ),
     "transport": (
         ("errors",),
+        # polls at the idle priority: the C guard thread and its Python face
+        ("_pollguard", "pollguard"),
         # regions, doorbells/interrupts, the typed control-link messages, tap
         ("region", "notify", "messages", "tap", "appcode", "tracing", "spinloop"),
         # which loop mic-host and mic-card run on (spin, asyncio, uvloop)

@@ -3,6 +3,10 @@
 Real processes: a forked peer writes an eventfd while the loop is still
 polling, and the loop must catch it without sleeping; an idle loop must stop
 polling (the idle-cost goal of issue 19).
+
+These are the rules of a poll at ``SCHED_OTHER`` (where ``transport.pollguard``
+is not available, and after it backs off): every test here runs without the
+guard. Polls at the idle priority: ``test_idle_poll.py``.
 """
 
 from __future__ import annotations
@@ -13,8 +17,13 @@ import time
 
 import pytest
 
-from transport import spinloop
+from transport import pollguard, spinloop
 from transport.spinloop import GROW_START_NS, SpinSelector
+
+
+@pytest.fixture(autouse=True)
+def _polls_at_sched_other(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pollguard, "for_this_thread", lambda: None)
 
 
 def test_budget_grows_after_short_sleeps_and_shrinks_after_long_ones() -> None:
