@@ -4,9 +4,10 @@ Every bench that starts a real daemon used to carry its own copy of the same
 ``[[cards]]`` table (``mic0``, booted at start, a relaxed heartbeat) with a
 block device under it. :func:`card` writes one card with its devices,
 :func:`device` / :func:`block` one device; values are rendered as TOML
-(strings quoted and escaped, booleans lower-case, None left out), so a path
-with a quote in it cannot break the file. The config format itself is
-``docs/config.md``.
+(strings quoted and escaped, booleans lower-case, lists as arrays, None left
+out), so a path with a quote in it cannot break the file. The integration
+tests' small configs (``tests/integration/helpers.py``) are written with it
+too. The config format itself is ``docs/config.md``.
 
     cfg = card(block(image, num_queues=2))                     # mic0, 128M, boots at start
     cfg = card(device("console"), block(image), card_ram="64M")
@@ -21,7 +22,8 @@ __all__ = ["block", "card", "device", "toml_value"]
 
 
 def toml_value(value: object) -> str:
-    """``value`` as a TOML value (str, Path, bool, int, float).
+    """``value`` as a TOML value (str, Path, bool, int, float, or a list or
+    tuple of those: an array, such as ``card_command``).
 
     Raises:
         TypeError: another type.
@@ -32,6 +34,8 @@ def toml_value(value: object) -> str:
         return repr(value)
     if isinstance(value, str | Path):
         return json.dumps(str(value))  # a JSON string is a TOML basic string
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     raise TypeError(f"no TOML form for {type(value).__name__} {value!r}")
 
 

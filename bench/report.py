@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import datapath, report_latency, vhost_user
+from bench.report_latency import met_cell
 from bench.report_throughput import ab_sections, profile, scaling, scaling_targets
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -372,10 +373,6 @@ def summary() -> list[dict[str, Any]]:
     return rows
 
 
-def _met(v: bool | None) -> str:
-    return "-" if v is None else ("yes" if v else "**no**")
-
-
 def summary_md(rows: list[dict[str, Any]]) -> list[str]:
     out = [
         "## Summary: every target",
@@ -386,7 +383,7 @@ def summary_md(rows: list[dict[str, Any]]) -> list[str]:
         "|---|---|---|---|---|",
     ]
     out.extend(
-        f"| {r['bench']} | {r['target']} | {r['measured']} | {r['goal']} | {_met(r['met'])} |"
+        f"| {r['bench']} | {r['target']} | {r['measured']} | {r['goal']} | {met_cell(r['met'])} |"
         for r in rows
     )
     out.append("")
@@ -395,7 +392,7 @@ def summary_md(rows: list[dict[str, Any]]) -> list[str]:
 
 def summary_text(rows: list[dict[str, Any]]) -> str:
     cols = ("bench", "target", "measured", "goal", "met")
-    cells = [[r[c] if c != "met" else _met(r[c]).strip("*") for c in cols] for r in rows]
+    cells = [[r[c] if c != "met" else met_cell(r[c]).strip("*") for c in cols] for r in rows]
     widths = [max(len(c), *(len(str(x[i])) for x in cells)) for i, c in enumerate(cols)]
     line = "  ".join(f"{c:<{w}}" for c, w in zip(cols, widths, strict=True))
     body = ["  ".join(f"{x!s:<{w}}" for x, w in zip(row, widths, strict=True)) for row in cells]

@@ -10,14 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["section", "targets"]
+__all__ = ["met_cell", "section", "targets"]
 
 
 def _target(target: str, measured: str, goal: str, met: bool | None) -> dict[str, Any]:
     return {"bench": "latency", "target": target, "measured": measured, "goal": goal, "met": met}
 
 
-def _met(v: bool | None) -> str:
+def met_cell(v: bool | None) -> str:
+    """A target's ``met`` as a table cell (also :mod:`bench.report`'s summary)."""
     return "-" if v is None else ("yes" if v else "**no**")
 
 
@@ -77,7 +78,7 @@ def section(lat: dict[str, Any], load: Callable[[str], dict[str, Any] | None]) -
             goal = "-" if r["goal"] is None else f"<= {r['goal']:g}x"
             out.append(
                 f"| {r['label']} | {bcells} | {r['p50_us']:.1f} | {r['p99_us']:.1f} | "
-                f"{r['ratio']:.2f}x | {goal} | {_met(r['met'])} |"
+                f"{r['ratio']:.2f}x | {goal} | {met_cell(r['met'])} |"
             )
     else:
         out += ["| row | p50 µs | p99 µs | ratio | goal | met |", "|---|---|---|---|---|---|"]
@@ -85,7 +86,7 @@ def section(lat: dict[str, Any], load: Callable[[str], dict[str, Any] | None]) -
             goal = "-" if r["goal"] is None else f"<= {r['goal']:g}x"
             out.append(
                 f"| {r['label']} | {r['p50_us']:.1f} | {r['p99_us']:.1f} | {r['ratio']:.2f}x | "
-                f"{goal} | {_met(r['met'])} |"
+                f"{goal} | {met_cell(r['met'])} |"
             )
     out.append("")
     idle = lat.get("idle")

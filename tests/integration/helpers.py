@@ -1,5 +1,6 @@
-"""Helpers of the integration tests: small configs (16 MiB card RAM, 1 MiB disks),
-a launched daemon, ``micctl``/``mic-host`` as subprocesses, processes in ``/proc``.
+"""Helpers of the integration tests: small configs (16 MiB card RAM, 1 MiB disks;
+the TOML is written by :mod:`bench.config`, the benches' config writer), a launched
+daemon, ``micctl``/``mic-host`` as subprocesses, processes in ``/proc``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 
 import mic_host
+from bench import config as bench_config
 from mic_host.client import CardClient, Client
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,21 +34,10 @@ def app(fn: str) -> str:
     return f"{APPS}:{fn}"
 
 
-def _toml(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return json.dumps(value)  # strings and arrays of strings are valid TOML this way
-
-
-def block_toml(image: str, *, size: str = "1M", name: str | None = None) -> str:
-    """One ``[[cards.devices]]`` block device table (``create = true``)."""
-    label = f'name = "{name}"\n' if name else ""
-    return (
-        f'[[cards.devices]]\ntype = "block"\n{label}'
-        f"options = {{ image = {_toml(image)}, size = {_toml(size)}, create = true }}\n"
-    )
+def block_toml(image: str, *, size: str = "1M", name: str | None = None, **options: Any) -> str:
+    """One ``[[cards.devices]]`` block device table (``create = true``); ``options``
+    are more block options (``num_queues``...)."""
+    return bench_config.block(image, name=name, size=size, create=True, **options)
 
 
 def card_toml(
@@ -59,14 +50,13 @@ def card_toml(
     """One ``[[cards]]`` table: small RAM, fast heartbeat, a console and a 1 MiB disk
     (``vda``) unless told otherwise; ``keys`` are more card keys (``boot_timeout``...).
     """
-    settings: dict[str, Any] = {"card_ram": "16M", "host_ram": "4M", **HEARTBEAT, **keys}
-    text = f'[[cards]]\nname = "{name}"\n'
-    text += "".join(f"{k} = {_toml(v)}\n" for k, v in settings.items())
-    if console:
-        text += '[[cards.devices]]\ntype = "console"\n'
+    # boot_at_start None: left out (the daemon's default, not booted) unless a key sets it
+    settings: dict[str, Any] = {"boot_at_start": None, "card_ram": "16M", "host_ram": "4M"}
+    settings |= HEARTBEAT | keys
+    devices = [bench_config.device("console")] if console else []
     if disk is not None:
-        text += block_toml(disk, name="disk")
-    return text
+        devices.append(block_toml(disk, name="disk"))
+    return bench_config.card(*devices, name=name, **settings)
 
 
 def config(*cards: str) -> str:

@@ -22,16 +22,6 @@ from tests.integration.helpers import (
 from virtio.errors import MicError
 
 
-def _block(image: str, **options: object) -> str:
-    extra = "".join(
-        f", {k} = {v!r}" if isinstance(v, str) else f", {k} = {v}" for k, v in options.items()
-    )
-    return (
-        '[[cards.devices]]\ntype = "block"\n'
-        f'options = {{ image = "{image}", size = "1M", create = true{extra} }}\n'
-    )
-
-
 def _cases(tmp: Path) -> list[tuple[str, str, str]]:
     """``(config text, key, problem)`` for each value of issue 14 item 9."""
     fifo = tmp / "fifo.img"
@@ -42,7 +32,7 @@ def _cases(tmp: Path) -> list[tuple[str, str, str]]:
     opt = "cards[0].devices[1].options"  # the disk, after the console
 
     def disk(image: str = img, **options: object) -> str:
-        return config(card_toml(disk=None) + _block(image, **options))
+        return config(card_toml(disk=None) + block_toml(image, **options))
 
     many = "".join(block_toml(f"{tmp}/{i}.img") for i in range(60))
     return [

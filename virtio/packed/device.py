@@ -50,7 +50,7 @@ from virtio.split.fence import full_fence
 
 __all__ = ["DeviceQueue"]
 
-#: Bound by assignment (see virtio.split.device: LOAD_METHOD on CPython 3.11).
+#: Bound by assignment (LOAD_METHOD on CPython 3.11: see virtio.split.layout.DESC).
 DESC: Final = _DESC_STRUCT
 USED_BODY: Final = _USED_STRUCT
 

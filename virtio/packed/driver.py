@@ -46,7 +46,7 @@ from virtio.split.fence import full_fence
 
 __all__ = ["DriverQueue"]
 
-#: Bound by assignment (see virtio.split.driver: LOAD_METHOD on CPython 3.11).
+#: Bound by assignment (LOAD_METHOD on CPython 3.11: see virtio.split.layout.DESC).
 DESC: Final = _DESC_STRUCT
 BODY: Final = _BODY_STRUCT
 

@@ -20,34 +20,30 @@ from typing import Final
 
 from mypy_extensions import mypyc_attr
 
-from virtio.constants import VRING_SIZE_MAX, DescFlag, Feature, RingFlag
+from virtio.constants import VRING_SIZE_MAX, Feature
 from virtio.errors import LocalProtocolError
 from virtio.memory import ADDRESS_LIMIT, Memory, MemoryFault
 from virtio.split.chain import Chain
 from virtio.split.device_base import DeviceQueueBase
 from virtio.split.faults import QueueBroken, RingError, RingFault
 from virtio.split.fence import full_fence
+from virtio.split.layout import CHAIN_BYTES_LIMIT as _U32_LIMIT
+from virtio.split.layout import DESC as _DESC_STRUCT
 from virtio.split.layout import (
-    CHAIN_BYTES_LIMIT,
     DESC_SIZE,
     SplitLayout,
     need_event,
     ring_views,
 )
-from virtio.split.layout import DESC as _DESC_STRUCT
+from virtio.split.layout import INDIRECT as _INDIRECT
+from virtio.split.layout import NEXT as _NEXT
+from virtio.split.layout import NO_INTERRUPT as _NO_INTERRUPT
+from virtio.split.layout import NO_NOTIFY as _NO_NOTIFY
+from virtio.split.layout import WRITE as _WRITE
 
 __all__ = ["DeviceQueue", "QueueState"]
 
-_NEXT: Final = int(DescFlag.NEXT)
-_WRITE: Final = int(DescFlag.WRITE)
-_INDIRECT: Final = int(DescFlag.INDIRECT)
-_NO_INTERRUPT: Final = int(RingFlag.NO_INTERRUPT)
-_NO_NOTIFY: Final = int(RingFlag.NO_NOTIFY)
-_U32_LIMIT: Final = CHAIN_BYTES_LIMIT
-#: Bound by assignment, not by the import: CPython 3.11 compiles
-#: ``NAME.method(...)`` without LOAD_METHOD (a bound method built per call) when
-#: ``NAME`` was bound by an import, and ``DESC.pack_into``/``unpack_from`` run
-#: once per descriptor.
+#: Bound by assignment (LOAD_METHOD on CPython 3.11: see virtio.split.layout.DESC).
 DESC: Final = _DESC_STRUCT
 
 

@@ -4,8 +4,9 @@ Owns :class:`SplitLayout` (size and the bus addresses of the descriptor table,
 avail ring and used ring; the legacy contiguous layout; the rules a layout
 must keep), the views a queue maps over a layout, the precompiled descriptor
 and used-element ``struct`` twins (declared in :mod:`virtio.layouts`, tested
-against the construct layouts there), and :func:`need_event`, the EVENT_IDX
-arithmetic (§2.7.10).
+against the construct layouts there), the flag bits as plain ints (the one
+copy both the device and the driver side use), and :func:`need_event`, the
+EVENT_IDX arithmetic (§2.7.10).
 
 Imports :mod:`virtio.split.faults` and the modules below ``virtio.split``
 (constants, layouts, memory); must not import ``chain``, ``device`` or
@@ -17,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
-from virtio.constants import VRING_SIZE_MAX
+from virtio.constants import VRING_SIZE_MAX, DescFlag, RingFlag
 from virtio.layouts import SPLIT_DESC_STRUCT, USED_ELEM_STRUCT, vring_offsets, vring_size
 from virtio.memory import ADDRESS_LIMIT, Memory
 from virtio.split.faults import RingFault
@@ -26,7 +27,12 @@ __all__ = [
     "CHAIN_BYTES_LIMIT",
     "DESC",
     "DESC_SIZE",
+    "INDIRECT",
+    "NEXT",
+    "NO_INTERRUPT",
+    "NO_NOTIFY",
     "USED_ELEM",
+    "WRITE",
     "SplitLayout",
     "need_event",
     "ring_views",
@@ -35,9 +41,21 @@ __all__ = [
 #: ``struct vring_desc {le64 addr; le32 len; le16 flags; le16 next}`` (§2.7.5) and
 #: ``struct vring_used_elem {le32 id; le32 len}`` (§2.7.8): the precompiled
 #: twins of the construct declarations, tested byte for byte against them.
+#: A module that calls ``DESC.pack_into``/``unpack_from`` per descriptor
+#: rebinds it by assignment (``DESC: Final = _DESC_STRUCT``), not by the import
+#: alone: CPython 3.11 compiles ``NAME.method(...)`` without LOAD_METHOD (a
+#: bound method built per call) when ``NAME`` was bound by an import.
 DESC: Final = SPLIT_DESC_STRUCT
 DESC_SIZE: Final = DESC.size
 USED_ELEM: Final = USED_ELEM_STRUCT
+
+#: The descriptor flags (§2.7.5) and the avail/used ring flags (§2.7.6, §2.7.8)
+#: as plain ints, for both sides' hot paths.
+NEXT: Final = int(DescFlag.NEXT)
+WRITE: Final = int(DescFlag.WRITE)
+INDIRECT: Final = int(DescFlag.INDIRECT)
+NO_INTERRUPT: Final = int(RingFlag.NO_INTERRUPT)
+NO_NOTIFY: Final = int(RingFlag.NO_NOTIFY)
 
 #: §2.7.4: the total length of a chain must fit in 32 bits (``used.len`` is le32).
 CHAIN_BYTES_LIMIT: Final = 1 << 32
