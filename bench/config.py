@@ -59,7 +59,7 @@ def block(image: Path | str, *, name: str | None = None, **options: object) -> s
 def card(
     *devices: str,
     name: str = "mic0",
-    card_ram: str = "128M",
+    card_ram: str | None = "128M",
     boot_at_start: bool | None = True,
     heartbeat_timeout: float | None = 30.0,
     **settings: object,

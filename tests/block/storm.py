@@ -32,6 +32,8 @@ import random
 import struct
 from dataclasses import dataclass
 
+from bench.config import block, card
+
 SECTOR = 512
 BLOCK_SECTORS = 8
 _MAGIC = 0x4D524F5453  # "STORM"
@@ -122,3 +124,19 @@ def check_image(image: bytes, seed: int, prefix: int) -> Verdict:
         elif want_seq is None or seq > want_seq:
             newer += 1
     return Verdict(prefix, len(need), newer, problems[:20])
+
+
+def card_config(
+    *, data: dict[str, object] | None = None, journal: dict[str, object] | None = None
+) -> str:
+    """The daemon config of a storm: card ``mic0`` (3 s heartbeat timeout) with the
+    storm's two disks made in the state directory, ``data`` (8M) and ``journal``
+    (64K); ``data`` and ``journal`` add options to each (``data_path``, ``num_queues``)."""
+    return card(
+        block("{state_dir}/data.img", name="data", size="8M", create=True, **(data or {})),
+        block(
+            "{state_dir}/journal.img", name="journal", size="64K", create=True, **(journal or {})
+        ),
+        card_ram=None,
+        heartbeat_timeout=3.0,
+    )

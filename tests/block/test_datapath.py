@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 import mic_host
+from bench import config as bench_config
 from mic_host.backends.block import BlockBackend, _Io
 from mic_host.backends.datapath import DMA_ALIGN, DmaLease
 from mic_host.client import CardClient
@@ -37,22 +38,6 @@ SECTOR = 512
 DP = "tests.block.datapath_apps"
 APPS = "tests.block.apps"
 IMAGE = 4 << 20
-
-CONFIG = """
-[[cards]]
-name = "mic0"
-boot_at_start = true
-
-[[cards.devices]]
-type = "block"
-name = "fast"
-options = {{ image = "{dma}", data_path = "dma" }}
-
-[[cards.devices]]
-type = "block"
-name = "auto"
-options = {{ image = "{auto}", data_path = "auto", dma_threshold = "64K" }}
-"""
 
 
 def _image(path: Path) -> bytes:
@@ -105,7 +90,12 @@ async def test_dma_disk_is_byte_exact_counts_and_falls_back(state_dir: Path) -> 
     dma_img, auto_img = state_dir / "dma.img", state_dir / "auto.img"
     _image(dma_img)
     _image(auto_img)
-    cfg = CONFIG.format(dma=dma_img, auto=auto_img)
+    cfg = bench_config.card(
+        bench_config.block(dma_img, name="fast", data_path="dma"),
+        bench_config.block(auto_img, name="auto", data_path="auto", dma_threshold="64K"),
+        card_ram=None,
+        heartbeat_timeout=None,
+    )
     async with mic_host.launch(state_dir, cfg) as client:
         card = client.card("mic0")
         await card.wait("online", timeout=60)
@@ -208,31 +198,16 @@ async def test_cpu_disk_opens_no_engine(state_dir: Path) -> None:
         assert c["cpu_requests"] == 0
 
 
-STORM = """
-[[cards]]
-name = "mic0"
-boot_at_start = true
-heartbeat_timeout = 3.0
-
-[[cards.devices]]
-type = "block"
-name = "data"
-options = {{ image = "{{state_dir}}/data.img", size = "8M", create = true, data_path = "dma" }}
-
-[[cards.devices]]
-type = "block"
-name = "journal"
-options = {{ image = "{{state_dir}}/journal.img", size = "64K", create = true, data_path = "dma" }}
-
-[[cards]]
-name = "mic1"
-boot_at_start = true
-
-[[cards.devices]]
-type = "block"
-name = "near"
-options = {{ image = "{near}", data_path = "dma" }}
-"""
+def _storm_and_neighbour(near: Path) -> str:
+    """The storm's card on DMA disks, and mic1 reading ``near`` through DMA beside it."""
+    dma = {"data_path": "dma"}
+    mic1 = bench_config.card(
+        bench_config.block(near, name="near", data_path="dma"),
+        name="mic1",
+        card_ram=None,
+        heartbeat_timeout=None,
+    )
+    return storm.card_config(data=dma, journal=dma) + "\n" + mic1
 
 
 async def _storm_until(card: CardClient, sd: Path, seed: int) -> asyncio.Task[Any]:
@@ -258,7 +233,7 @@ async def test_sigkill_card_mid_storm_on_dma_disk(state_dir: Path) -> None:
     seed = 31
     near = state_dir / "near.img"
     near_head = _image(near)[: 64 << 10].hex()
-    async with mic_host.launch(state_dir, STORM.format(near=near)) as client:
+    async with mic_host.launch(state_dir, _storm_and_neighbour(near)) as client:
         mic0, mic1 = client.card("mic0"), client.card("mic1")
         await mic0.wait("online", timeout=60)
         await mic1.wait("online", timeout=60)

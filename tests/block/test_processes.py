@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mic_host
+from bench.config import block, card
 from mic_host.client import Client
 from tests.block import storm
 from tests.block.conftest import RemoteDaemon
@@ -32,6 +33,11 @@ from virtio.errors import BrokenResourceError, MicError
 
 SECTOR = 512
 APPS = "tests.block.apps"
+
+
+def _one_disk(image: Path | str, **options: object) -> str:
+    """Card mic0 (the daemon's defaults) with one block disk on ``image``."""
+    return card(block(image, **options), card_ram=None, heartbeat_timeout=None)
 
 
 def app(name: str) -> str:
@@ -52,24 +58,6 @@ async def _wait_dead(pid: int, timeout: float) -> None:
     while _alive(pid):
         assert time.monotonic() < deadline, f"process {pid} still alive after {timeout}s"
         await asyncio.sleep(0.05)
-
-
-STORM_CONFIG = """
-[[cards]]
-name = "mic0"
-boot_at_start = true
-heartbeat_timeout = 3.0
-
-[[cards.devices]]
-type = "block"
-name = "data"
-options = {{ image = "{{state_dir}}/data.img", size = "8M", create = true, num_queues = {nq} }}
-
-[[cards.devices]]
-type = "block"
-name = "journal"
-options = {{ image = "{{state_dir}}/journal.img", size = "64K", create = true }}
-"""
 
 
 async def _storm_until(client: Client, sd: Path, seed: int) -> tuple[asyncio.Task[Any], int]:
@@ -107,7 +95,7 @@ async def _digest_matches(client: Client, sd: Path) -> None:
 @pytest.mark.asyncio
 async def test_sigkill_card_during_write_storm_keeps_flushed_writes(state_dir: Path) -> None:
     seed = 11
-    async with mic_host.launch(state_dir, STORM_CONFIG.format(nq=2)) as client:
+    async with mic_host.launch(state_dir, storm.card_config(data={"num_queues": 2})) as client:
         card = client.card("mic0")
         await card.wait("online", timeout=30)
         task, _ = await _storm_until(client, state_dir, seed)
@@ -129,7 +117,7 @@ async def test_sigkill_card_during_write_storm_keeps_flushed_writes(state_dir: P
 @pytest.mark.asyncio
 async def test_sigkill_daemon_during_write_storm_keeps_flushed_writes(state_dir: Path) -> None:
     seed = 23
-    config = STORM_CONFIG.format(nq=1)
+    config = storm.card_config(data={"num_queues": 1})
     card_pid = 0
     with contextlib.suppress(BrokenResourceError):
         async with mic_host.launch(state_dir, config) as client:
@@ -155,23 +143,13 @@ async def test_sigkill_daemon_during_write_storm_keeps_flushed_writes(state_dir:
         await _digest_matches(client, state_dir)
 
 
-RO_CONFIG = """
-[[cards]]
-name = "mic0"
-boot_at_start = true
-
-[[cards.devices]]
-type = "block"
-options = {{ image = "{ro}", read_only = true, serial = "RO-DISK-0001" }}
-"""
-
-
 @pytest.mark.asyncio
 async def test_read_only_and_out_of_range_refusals(state_dir: Path) -> None:
     ro = state_dir / "ro.img"
     ro.write_bytes(b"golden!!" * 2 * 1024 * 128)  # 2 MiB
     before = ro.read_bytes()
-    async with mic_host.launch(state_dir, RO_CONFIG.format(ro=ro)) as client:
+    cfg = _one_disk(ro, read_only=True, serial="RO-DISK-0001")
+    async with mic_host.launch(state_dir, cfg) as client:
         card = client.card("mic0")
         await card.wait("online", timeout=30)
         res = (await card.run(app("refusals"), "vda"))["value"]
@@ -268,15 +246,7 @@ async def test_micctl_attach_progress_and_detach(state_dir: Path) -> None:
 
 # -- Hypothesis across real processes: random I/O against a model of the disk ------------
 
-MODEL_CONFIG = """
-[[cards]]
-name = "mic0"
-boot_at_start = true
-
-[[cards.devices]]
-type = "block"
-options = { image = "{dir}/model.img", size = "256K", create = true, num_queues = 2 }
-"""
+MODEL_CONFIG = _one_disk("{dir}/model.img", size="256K", create=True, num_queues=2)
 MODEL_SECTORS = 512
 
 
@@ -355,17 +325,6 @@ def test_random_io_matches_model_across_processes(
     assert image.read_bytes() == bytes(model)
 
 
-CANCEL_CONFIG = """
-[[cards]]
-name = "mic0"
-boot_at_start = true
-
-[[cards.devices]]
-type = "block"
-options = {{ image = "{img}", num_queues = 2 }}
-"""
-
-
 @pytest.mark.asyncio
 async def test_cancelled_requests_give_their_header_slot_back(state_dir: Path) -> None:
     """The driver's per-request headers come from a pool of card-RAM slots: cancelled
@@ -373,7 +332,7 @@ async def test_cancelled_requests_give_their_header_slot_back(state_dir: Path) -
     flight ever share one (each read returns its own block)."""
     img = state_dir / "blocks.img"
     img.write_bytes(b"".join(b.to_bytes(8, "little") * 512 for b in range(256)))  # 1 MiB
-    async with mic_host.launch(state_dir, CANCEL_CONFIG.format(img=img)) as client:
+    async with mic_host.launch(state_dir, _one_disk(img, num_queues=2)) as client:
         card = client.card("mic0")
         await card.wait("online", timeout=30)
         res = (await card.run(app("cancel_storm"), "vda", 20))["value"]

@@ -12,18 +12,15 @@ from pathlib import Path
 import pytest
 
 import mic_host
+from bench import config as bench_config
 from transport.tracing import load
 from virtio import trace
 
-CONFIG = """
-[[cards]]
-name = "mic0"
-boot_at_start = true
 
-[[cards.devices]]
-type = "block"
-options = {{ image = "{image}", create = true, size = "4M" }}
-"""
+def _config(image: Path) -> str:
+    return bench_config.card(
+        bench_config.block(image, create=True, size="4M"), card_ram=None, heartbeat_timeout=None
+    )
 
 
 def _trace_files(where: Path) -> list[str]:
@@ -33,7 +30,7 @@ def _trace_files(where: Path) -> list[str]:
 @pytest.mark.asyncio
 async def test_trace_records_every_hop_of_a_block_request(state_dir: Path) -> None:
     out = state_dir / "trace"
-    cfg = CONFIG.format(image=state_dir / "disk.img")
+    cfg = _config(state_dir / "disk.img")
     async with mic_host.launch(state_dir, cfg, env={"MIC_TRACE": str(out)}) as client:
         card = client.card("mic0")
         await card.wait("online", timeout=30)
@@ -57,7 +54,7 @@ async def test_trace_records_every_hop_of_a_block_request(state_dir: Path) -> No
 
 @pytest.mark.asyncio
 async def test_no_trace_without_the_variable(state_dir: Path) -> None:
-    cfg = CONFIG.format(image=state_dir / "disk.img")
+    cfg = _config(state_dir / "disk.img")
     async with mic_host.launch(state_dir, cfg) as client:
         card = client.card("mic0")
         await card.wait("online", timeout=30)

@@ -16,17 +16,12 @@ from pathlib import Path
 import pytest
 
 import mic_host
+from bench import config as bench_config
 from tools import mypyc_build, pure_python
 
-CONFIG = """
-[[cards]]
-name = "mic0"
-boot_at_start = true
 
-[[cards.devices]]
-type = "block"
-options = {{ image = "{img}" }}
-"""
+def _config(image: Path) -> str:
+    return bench_config.card(bench_config.block(image), card_ram=None, heartbeat_timeout=None)
 
 
 def _maps(pid: int, module: str) -> bool:
@@ -41,7 +36,7 @@ async def test_daemon_and_card_run_the_compiled_ring_core(state_dir: Path) -> No
         pytest.skip("the ring core is not built here (pure Python)")
     img = state_dir / "disk.img"
     img.write_bytes(b"\xab" * (1 << 20))
-    async with mic_host.launch(state_dir, CONFIG.format(img=img)) as client:
+    async with mic_host.launch(state_dir, _config(img)) as client:
         card = client.card("mic0")
         await card.wait("online", timeout=30)
         info = (await card.run("tests.block.apps:info", "vda"))["value"]
